@@ -1,0 +1,270 @@
+"""Typed run configuration: dataclass sections, TOML in and out, ``section.key=value`` overrides, presets.
+
+Every hyper-parameter of a run is visible here, in one place.  Unknown sections or keys and values of the
+wrong type are errors that name the key; the resolved config is written to ``RUN_DIR/config.toml``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file, override or preset is invalid; the message names the key."""
+
+
+@dataclass
+class ModelSection:
+    size: str = "tiny"  # a name from layerwise.lab.model.SIZES; the fields below override it when nonzero
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    init_std: float = 0.02
+    parametrization: str = "sp"  # "sp" | "mup" (see layerwise.scaling)
+    base_hidden_size: int = 0  # muP base width (0 = this model's width)
+    attn_scale: str = "sqrt"  # "sqrt" | "mup" (1/head_dim)
+
+
+@dataclass
+class DataSection:
+    corpus: str = "shakespeare"  # "shakespeare", or a path to a text file, folder of text files, or .jsonl
+    valid: str = ""  # optional validation file/folder (else the corpus's own split)
+    vocab_size: int = 8192
+    seq_len: int = 128
+
+
+@dataclass
+class OptimSection:
+    name: str = "adamw"  # adamw | adam (coupled L2) | alphaadam | cautious_adamw | muon
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_frac: float = 0.1  # linear warm-up over this fraction of max_steps
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 = no clipping
+    fused: bool = True  # torch's fused AdamW/Adam where available
+    # parameter groups
+    multiplier_weight_decay: float = 2e-3
+    multiplier_lr_scale: float = 1.0
+    # width scaling (used when model.parametrization = "mup")
+    lr_exponent: float = 1.0
+    wd_exponent: float = 0.5  # 0.5 = Fan et al. (sqrt d); 1.0 = mup MuAdamW (lr*wd const); 0.0 = plain muP
+    # AlphaAdam / CautiousAdamW
+    mask_ref: str = "previous"
+    alpha_mode: str = "norm"
+    alpha_max: float = 10.0
+    floor: float = 0.0
+    # Muon (block matrices; the rest uses AdamW with lr above)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+
+
+@dataclass
+class DecaySection:
+    name: str = "none"  # none | uniform | alphadecay | awd | adadecay | typedecay
+    interval: int = 500
+    s1: float = 0.6666
+    s2: float = 3.0
+    estimator: str = "hill"
+    preserve_mean: bool = False
+    ema: float = 0.0  # 0 = no EMA of alpha
+    shape_correction: bool = False
+
+
+@dataclass
+class MultipliersSection:
+    kind: str = "none"  # none | rowcol | row | col | scalar
+    placement: str = "paper"  # paper | symmetry_free
+    clip_separately: float = 0.0  # > 0: clip the multipliers' own norm to this value
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 600
+    batch_size: int = 16  # global batch (sequences per optimizer step, across grad_accum and ranks)
+    grad_accum: int = 1
+    seed: int = 0
+    eval_every: int = 200  # 0 = only at the end
+    log_every: int = 10
+    ckpt_every: int = 0  # 0 = only at evaluations and at the end
+    device: str = "cpu"  # cpu | cuda
+    compile: bool = False
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    parallel: str = "none"  # none | ddp | fsdp
+    num_threads: int = 0  # torch intra-op threads (0 = torch default)
+    tensorboard: bool = True
+    progress: bool = True
+    spectral_every: int = 0  # log analyze() of the block matrices every N steps (0 = off)
+    diagnostics_every: int = 100  # method diagnostics (AlphaAdam mask density, multiplier norms, gains)
+    export_merged: bool = True  # with multipliers: also write checkpoints/merged.pt
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    decay: DecaySection = field(default_factory=DecaySection)
+    multipliers: MultipliersSection = field(default_factory=MultipliersSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def copy(self) -> "Config":
+        return from_dict(self.to_dict())
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = {name: get_type_hints(Config)[name] for name in SECTIONS}
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float and not isinstance(value, float):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if typ is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def apply(cfg: Config, section: str, key: str, value: Any) -> None:
+    """Set ``cfg.section.key = value`` with type checking; errors name the key."""
+    if section not in _SECTION_TYPES:
+        raise ConfigError(f"unknown config section {section!r} (in {section}.{key}); sections: {sorted(SECTIONS)}")
+    sec_type = _SECTION_TYPES[section]
+    hints = get_type_hints(sec_type)
+    if key not in hints:
+        raise ConfigError(f"unknown config key {section}.{key}; valid keys in [{section}]: {sorted(hints)}")
+    setattr(getattr(cfg, section), key, _coerce(f"{section}.{key}", value, hints[key]))
+
+
+def from_dict(d: dict, cfg: Config | None = None) -> Config:
+    cfg = cfg or Config()
+    for section, values in d.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section [{section}]; sections: {sorted(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of keys")
+        for key, value in values.items():
+            apply(cfg, section, key, value)
+    return cfg
+
+
+def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from e
+    try:
+        return from_dict(data, cfg)
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"optim.lr=1e-3"`` -> ("optim", "lr", 0.001).  Values are TOML; bare words are strings."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    lhs, raw = text.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    items = overrides.items() if isinstance(overrides, dict) else [
+        (f"{s}.{k}", v) for s, k, v in map(parse_override, overrides)]
+    for dotted, value in items:
+        section, key = dotted.split(".", 1)
+        apply(cfg, section, key, value)
+    return cfg
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- presets
+PRESETS: dict[str, dict[str, Any]] = {
+    # The demo: the tiny model on Shakespeare, a few minutes on a 2-core CPU.
+    "quick": {
+        "model.size": "tiny", "data.corpus": "shakespeare", "data.vocab_size": 8192, "data.seq_len": 128,
+        "train.max_steps": 400, "train.batch_size": 16, "train.eval_every": 200, "optim.lr": 3e-3,
+        "optim.weight_decay": 0.1, "train.num_threads": 2,
+    },
+    # Unit-test scale: seconds.
+    "smoke": {
+        "model.size": "nano", "data.vocab_size": 512, "data.seq_len": 32, "train.max_steps": 20,
+        "train.batch_size": 4, "train.eval_every": 10, "train.log_every": 5,
+    },
+    # The AlphaDecay paper's recipe (LLaMA on C4, 256-token sequences, batch 512, lr 1e-3, cosine with 10 %
+    # warm-up to 0.1x, no clipping) for GPU users: point data.corpus at your corpus.
+    "llama-60m": {
+        "model.size": "llama-60m", "data.vocab_size": 32000, "data.seq_len": 256, "train.batch_size": 512,
+        "train.grad_accum": 4, "train.max_steps": 10000, "optim.lr": 1e-3, "optim.weight_decay": 0.1,
+        "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0, "train.eval_every": 1000,
+        "train.device": "cuda", "decay.interval": 500,
+    },
+    "llama-135m": {
+        "model.size": "llama-135m", "data.vocab_size": 32000, "data.seq_len": 256, "train.batch_size": 512,
+        "train.grad_accum": 8, "train.max_steps": 20000, "optim.lr": 1e-3, "optim.weight_decay": 0.1,
+        "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0, "train.eval_every": 1000,
+        "train.device": "cuda", "decay.interval": 500,
+    },
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return apply_overrides(Config(), dict(PRESETS[name]))
+
+
+def resolve(preset_name: str | None = None, config_file: str | None = None,
+            overrides: list[str] | None = None) -> Config:
+    """Defaults <- preset <- config file <- overrides, in that order."""
+    cfg = preset(preset_name) if preset_name else Config()
+    if config_file:
+        cfg = load_toml(config_file, cfg)
+    return apply_overrides(cfg, overrides or [])

@@ -1,0 +1,232 @@
+"""The method registry: how a config turns into optimizer, weight-decay controller and model transform, and
+the named methods that ``layerwise compare`` runs (each a bundle of config overrides).
+
+The method issues extend the three builder tables and :data:`METHODS`; the trainer only calls
+:func:`build_optimizer`, :func:`build_decay` and :func:`transform_model`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from layerwise.lab.config import Config, ConfigError
+
+# --------------------------------------------------------------------------------------- optimizers
+def _betas(cfg: Config) -> tuple[float, float]:
+    return (cfg.optim.beta1, cfg.optim.beta2)
+
+
+def _adamw(groups, cfg: Config, device: str):
+    kw = dict(lr=cfg.optim.lr, betas=_betas(cfg), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    if cfg.optim.fused:
+        kw["fused"] = True
+    return torch.optim.AdamW(groups, **kw)
+
+
+def _adam_l2(groups, cfg: Config, device: str):
+    """torch Adam with coupled L2 (``grad += wd * param``): the AlphaDecay paper's main table."""
+    kw = dict(lr=cfg.optim.lr, betas=_betas(cfg), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    if cfg.optim.fused:
+        kw["fused"] = True
+    return torch.optim.Adam(groups, **kw)
+
+
+def _alphaadam(groups, cfg: Config, device: str):
+    from layerwise.optim import AlphaAdam
+
+    o = cfg.optim
+    return AlphaAdam(groups, lr=o.lr, betas=_betas(cfg), eps=o.eps, weight_decay=o.weight_decay,
+                     mask_ref=o.mask_ref, alpha_mode=o.alpha_mode, alpha_max=o.alpha_max, floor=o.floor)
+
+
+def _cautious(groups, cfg: Config, device: str):
+    from layerwise.optim import CautiousAdamW
+
+    o = cfg.optim
+    return CautiousAdamW(groups, lr=o.lr, betas=_betas(cfg), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def _muon(groups, cfg: Config, device: str):
+    from layerwise.optim import MuonAdamW
+
+    o = cfg.optim
+    return MuonAdamW(groups, lr=o.muon_lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
+                     adam_lr=o.lr, adam_betas=_betas(cfg), adam_eps=o.eps)
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    "adamw": _adamw, "adam": _adam_l2, "alphaadam": _alphaadam, "cautious_adamw": _cautious, "muon": _muon,
+}
+
+
+def width_rule(cfg: Config, model_cfg) -> Any:
+    """The :class:`layerwise.WidthScaling` rule of a muP run, else None."""
+    if cfg.model.parametrization != "mup":
+        return None
+    from layerwise.scaling import WidthScaling
+
+    return WidthScaling(base_width=model_cfg.base_hidden_size, width=model_cfg.hidden_size,
+                        lr_exponent=cfg.optim.lr_exponent, wd_exponent=cfg.optim.wd_exponent)
+
+
+def build_param_groups(model: nn.Module, cfg: Config, model_cfg) -> list[dict]:
+    from layerwise.optim import param_groups
+
+    return param_groups(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                        scaling=width_rule(cfg, model_cfg),
+                        multiplier_weight_decay=cfg.optim.multiplier_weight_decay,
+                        multiplier_lr_scale=cfg.optim.multiplier_lr_scale)
+
+
+def build_optimizer(model: nn.Module, cfg: Config, model_cfg, device: str):
+    name = cfg.optim.name
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name: unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[name](build_param_groups(model, cfg, model_cfg), cfg, device)
+
+
+# ------------------------------------------------------------------------------------ decay control
+DECAYS = ("none", "uniform", "alphadecay", "awd", "adadecay", "typedecay")
+
+
+def build_decay(optimizer, model: nn.Module, cfg: Config):
+    d = cfg.decay
+    if d.name not in DECAYS:
+        raise ConfigError(f"decay.name: unknown controller {d.name!r}; choose one of {list(DECAYS)}")
+    if d.name == "none":
+        return None
+    from layerwise.decay import build_decay as _build
+
+    opts: dict[str, Any] = {}
+    if d.name == "alphadecay":
+        opts = dict(interval=d.interval, s1=d.s1, s2=d.s2, estimator=d.estimator, preserve_mean=d.preserve_mean,
+                    ema=d.ema or None, shape_correction=d.shape_correction)
+    elif d.name == "adadecay":
+        opts = {}
+    elif d.name == "typedecay":
+        opts = dict(s_attn=d.s1, s_mlp=d.s2)
+    return _build(d.name, optimizer, model, **opts)
+
+
+# ------------------------------------------------------------------------------- model transforms
+def transform_model(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
+    """Apply the configured model transforms (learnable multipliers); returns parameters to exclude from the
+    gradient-clipping norm."""
+    if cfg.multipliers.kind == "none":
+        return []
+    from layerwise.multipliers import add_multipliers
+
+    return add_multipliers(model, kind=cfg.multipliers.kind, placement=cfg.multipliers.placement)
+
+
+# ------------------------------------------------------------------------------ compare's methods
+#: Named methods for ``layerwise compare``: each is a set of config overrides on top of the preset.
+#: ``a+b`` combines registered methods; ``name[section.key=value,...]`` adds overrides (e.g. a tuned
+#: uniform decay: ``adamw[optim.weight_decay=0.05]``).
+METHODS: dict[str, dict[str, Any]] = {
+    "adamw": {},
+    "adamw-nowd": {"optim.weight_decay": 0.0},
+    "alphadecay": {"decay.name": "alphadecay"},
+    "typedecay": {"decay.name": "typedecay"},
+    "awd": {"decay.name": "awd"},
+    "adadecay": {"decay.name": "adadecay"},
+    "alphaadam": {"optim.name": "alphaadam"},
+    "cautious": {"optim.name": "cautious_adamw"},
+    "multipliers": {"multipliers.kind": "rowcol", "multipliers.placement": "paper"},
+    "muon": {"optim.name": "muon"},
+    # muP + sqrt(d) weight decay with the base width at a quarter of the model's width: the base lr/wd are
+    # the ones tuned for the narrow proxy.
+    "scaling": {"model.parametrization": "mup", "model.base_hidden_size": -4, "optim.wd_exponent": 0.5},
+}
+#: What ``layerwise demo`` compares (one seed each).
+DEMO_METHODS = ("adamw", "alphadecay", "alphaadam", "cautious", "multipliers", "muon", "scaling")
+
+_METHOD_RE = re.compile(r"^(?P<name>[\w\-+]+)(?:\[(?P<over>[^\]]*)\])?$")
+
+
+def method_overrides(spec: str) -> dict[str, Any]:
+    """Config overrides for a method spec such as ``alphadecay``, ``muon+multipliers`` or
+    ``adamw[optim.weight_decay=0.05]``."""
+    from layerwise.lab.config import parse_override
+
+    m = _METHOD_RE.match(spec.strip())
+    if not m:
+        raise ConfigError(f"method {spec!r}: expected NAME, NAME+NAME or NAME[section.key=value,...]")
+    out: dict[str, Any] = {}
+    for part in m.group("name").split("+"):
+        if part not in METHODS:
+            raise ConfigError(f"unknown method {part!r} in {spec!r}; registered: {sorted(METHODS)}")
+        out.update(METHODS[part])
+    if m.group("over"):
+        for item in m.group("over").split(","):
+            s, k, v = parse_override(item)
+            out[f"{s}.{k}"] = v
+    return out
+
+
+def resolve_relative_widths(cfg: Config, hidden_size: int) -> None:
+    """``model.base_hidden_size < 0`` means ``hidden_size / |value|`` (used by the ``scaling`` method)."""
+    if cfg.model.base_hidden_size < 0:
+        div = -cfg.model.base_hidden_size
+        if hidden_size % div:
+            raise ConfigError(f"model.base_hidden_size=-{div}: hidden size {hidden_size} is not divisible by {div}")
+        cfg.model.base_hidden_size = hidden_size // div
+
+
+# ------------------------------------------------------------------------------------ diagnostics
+class Diagnostics:
+    """Method-specific numbers the trainer logs: AlphaAdam mask density / alpha, multiplier norms and the q/k
+    multiplier ratio, sub-layer gains (muP runs), the decay controller's per-module table and spectra."""
+
+    def __init__(self, model: nn.Module, optimizer, decay, cfg: Config):
+        self.model, self.optimizer, self.decay, self.cfg = model, optimizer, decay, cfg
+        self._decay_version = None
+        if hasattr(optimizer, "track_diagnostics"):
+            optimizer.track_diagnostics = True
+
+    def scalars(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        diag = getattr(self.optimizer, "diagnostics", None)
+        if callable(diag):
+            stats = diag()
+            if stats:
+                for key in ("density", "alpha"):
+                    vals = [float(v[key]) for v in stats.values() if key in v]
+                    if vals:
+                        out[f"{self.cfg.optim.name}/{key}_mean"] = sum(vals) / len(vals)
+                        out[f"{self.cfg.optim.name}/{key}_min"] = min(vals)
+                        out[f"{self.cfg.optim.name}/{key}_max"] = max(vals)
+        if self.cfg.multipliers.kind != "none":
+            from layerwise.multipliers import multiplier_stats
+
+            out.update({f"mult/{k}": float(v) for k, v in multiplier_stats(self.model).items()})
+        return out
+
+    def log_decay(self, path, step: int) -> None:
+        """Append the controller's per-module table to spectral.jsonl whenever it was recomputed."""
+        version = getattr(self.decay, "version", None)
+        if version is None or version == self._decay_version:
+            return
+        self._decay_version = version
+        rows = [{k: (float(v) if isinstance(v, (float, torch.Tensor)) else v) for k, v in r.items()}
+                for r in self.decay.table()]
+        import json
+        import math
+
+        rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, "kind": "decay", "controller": self.cfg.decay.name, "rows": rows}) + "\n")
+
+    def log_spectral(self, path, step: int) -> None:
+        import json
+
+        from layerwise.spectral import analyze
+
+        rep = analyze(self.model)
+        rows = json.loads(rep.to_json())
+        rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, "kind": "analyze", "rows": rows}) + "\n")

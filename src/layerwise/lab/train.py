@@ -1,0 +1,362 @@
+"""The training loop: one run from a resolved :class:`~layerwise.lab.config.Config` into a run directory.
+
+A run directory holds ``config.toml`` (the resolved config), ``metrics.jsonl`` (one JSON object per logged
+step: step, loss, lr, grad_norm, tokens_per_s, and val_loss/val_ppl at evaluations), TensorBoard events,
+``checkpoints/last.pt``, ``spectral.jsonl`` (per-module alpha / decay when a controller or spectral tracking is
+on) and ``summary.json`` (final_val_loss, final_val_ppl, steps, tokens, wall_s, ...).
+
+Reproducibility: initial weights depend only on ``train.seed``; batch ``step`` depends only on
+``(seed, step)``; the checkpoint carries model, optimizer, scheduler and controller state.  So a resumed run
+matches an uninterrupted one (up to CPU kernels' run-to-run rounding), and every method run with seed k starts
+from the same weights and sees the same batches — the basis of the paired differences in ``compare``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from layerwise.lab import methods
+from layerwise.lab.config import Config, ConfigError, load_toml, to_toml
+from layerwise.lab.data import BatchSampler, TokenData, eval_windows, prepare
+from layerwise.lab.model import LlamaModel, ModelConfig, model_config
+
+CKPT_NAME = "last.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def resolve_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
+    m = cfg.model
+    over = {k: getattr(m, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                       "num_kv_heads") if getattr(m, k)}
+    try:
+        base = model_config(m.size)
+        hidden = over.get("hidden_size", base.hidden_size)
+        methods.resolve_relative_widths(cfg, hidden)
+        return model_config(m.size, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, init_std=m.init_std,
+                            parametrization=m.parametrization, base_hidden_size=m.base_hidden_size,
+                            attn_scale=m.attn_scale, **over)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from e
+
+
+def validate(cfg: Config) -> None:
+    t, o = cfg.train, cfg.optim
+    checks = [
+        ("train.max_steps", t.max_steps >= 1), ("train.batch_size", t.batch_size >= 1),
+        ("train.grad_accum", t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0),
+        ("train.log_every", t.log_every >= 1), ("train.eval_every", t.eval_every >= 0),
+        ("train.device", t.device in ("cpu", "cuda")), ("train.dtype", t.dtype in ("auto", "fp32", "bf16")),
+        ("train.parallel", t.parallel in ("none", "ddp", "fsdp")), ("optim.lr", o.lr > 0),
+        ("optim.weight_decay", o.weight_decay >= 0), ("optim.warmup_frac", 0 <= o.warmup_frac < 1),
+        ("optim.min_lr_ratio", 0 <= o.min_lr_ratio <= 1), ("optim.grad_clip", o.grad_clip >= 0),
+        ("data.seq_len", cfg.data.seq_len >= 2),
+    ]
+    bad = [k for k, ok in checks if not ok]
+    if bad:
+        vals = ", ".join(f"{k}={getattr(getattr(cfg, k.split('.')[0]), k.split('.')[1])!r}" for k in bad)
+        raise ConfigError(f"invalid value(s): {vals} (grad_accum must divide batch_size)")
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but CUDA is not available here")
+    if t.parallel != "none":
+        raise ConfigError(f"train.parallel={t.parallel!r} is not implemented yet; use 'none'")
+
+
+def lr_factor(step: int, max_steps: int, warmup_frac: float, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup_frac`` of the run, then cosine from 1 to ``min_ratio``."""
+    warmup = int(warmup_frac * max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise RuntimeError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokens, seq_len: int, device: str, autocast, batch: int = 32) -> float:
+    """Exact token-weighted mean cross-entropy over every target of the validation split."""
+    was_training = model.training
+    model.eval()
+    windows = eval_windows(tokens, seq_len)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    by_len: dict[int, list[int]] = {}
+    for start, length in windows:
+        by_len.setdefault(length, []).append(start)
+    for length, starts in by_len.items():
+        for i in range(0, len(starts), batch):
+            s = torch.tensor(starts[i:i + batch])
+            idx = s[:, None] + torch.arange(length + 1)
+            win = torch.from_numpy(tokens[idx.numpy()].astype("int64")).to(device)
+            with autocast():
+                logits = model(win[:, :-1])
+            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), win[:, 1:].reshape(-1),
+                                     reduction="sum").double()
+            count += win[:, 1:].numel()
+    model.train(was_training)
+    return float(total / count)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard) writer; on resume, entries after the checkpoint's step are dropped."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self.file = open(self.path, "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        record = {k: _jsonable(v) for k, v in record.items()}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------------------------ the run
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: TokenData | None = None,
+          quiet: bool = False) -> dict:
+    """Train one run into ``run_dir`` and return its summary (also written to ``summary.json``).
+
+    With ``resume=True`` the run continues from ``run_dir/checkpoints/last.pt`` (if there is none it starts
+    from scratch); ``cfg`` must then be the run's config, possibly with a longer ``train.max_steps``.
+    """
+    run_dir = Path(run_dir)
+    validate(cfg)
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device = t.device
+    use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device == "cuda")
+
+    def autocast():
+        if use_bf16:
+            return torch.autocast(device_type=device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    data = data or prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.valid)
+    mcfg = resolve_model_config(cfg, data.vocab_size)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoints" / CKPT_NAME
+    ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+
+    torch.manual_seed(t.seed)
+    model = LlamaModel(mcfg)
+    exclude_from_clip = methods.transform_model(model, cfg)
+    model.to(device)
+    optimizer = methods.build_optimizer(model, cfg, mcfg, device)
+    decay = methods.build_decay(optimizer, model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.max_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio))
+    start_step, tokens_seen, wall_prev = 0, 0, 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if decay is not None and ckpt.get("decay") is not None:
+            decay.load_state_dict(ckpt["decay"])
+        start_step, tokens_seen, wall_prev = ckpt["step"], ckpt["tokens"], ckpt["wall_s"]
+        ratio = cfg.optim.lr / ckpt.get("optim_lr", cfg.optim.lr)
+        if ratio != 1.0:  # resumed with a different optim.lr (e.g. lower after a spike): rescale every group
+            scheduler.base_lrs = [b * ratio for b in scheduler.base_lrs]
+            for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                g["initial_lr"] = base
+                g["lr"] = base * lr_factor(start_step, t.max_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio)
+    fwd_model = torch.compile(model) if t.compile else model
+
+    sampler = BatchSampler(data.train, cfg.data.seq_len, t.batch_size, t.seed)
+    micro_bs = t.batch_size // t.grad_accum
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    clip_excluded = {id(p) for p in exclude_from_clip}
+    clip_params = [p for p in model.parameters() if p.requires_grad and id(p) not in clip_excluded]
+    log = MetricsLog(run_dir, start_step if ckpt is not None else None, t.tensorboard)
+    spectral_log = run_dir / "spectral.jsonl"
+    if ckpt is None and spectral_log.exists():
+        spectral_log.unlink()
+    diag = methods.Diagnostics(model, optimizer, decay, cfg)
+
+    def save(step: int) -> None:
+        atomic_torch_save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "decay": decay.state_dict() if decay is not None else None, "step": step, "tokens": tokens_seen,
+            "wall_s": wall_prev + (time.perf_counter() - t0), "model_config": mcfg.to_dict(), "optim_lr": cfg.optim.lr,
+        }, ckpt_path)
+
+    bar = None
+    if t.progress and not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=start_step, desc=run_dir.name, mininterval=1.0, leave=False)
+    t0 = time.perf_counter()
+    t_log, tok_log, eval_time = t0, tokens_seen, 0.0
+    val_loss = float("nan")
+    loss_sum = torch.zeros((), device=device)
+    n_loss = 0
+    model.train()
+    if start_step == 0 and decay is not None:
+        diag.log_decay(spectral_log, 0)
+    try:
+        for step in range(start_step, t.max_steps):
+            for micro in range(t.grad_accum):
+                x, y = sampler.get(step, micro)
+                if t.grad_accum > 1:
+                    x, y = x[:micro_bs], y[:micro_bs]
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast():
+                    _, loss = fwd_model(x, y)
+                (loss / t.grad_accum).backward()
+                loss_sum += loss.detach() / t.grad_accum
+            n_loss += 1
+            if cfg.optim.grad_clip > 0:
+                grad_norm = _clip(clip_params, exclude_from_clip, cfg)
+            else:
+                grad_norm = None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += tokens_per_step
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+            if device == "cpu" and not torch.isfinite(loss_sum):
+                _raise_nonfinite(done, float(loss_sum) / n_loss, ckpt_path)
+            if decay is not None:
+                diag.log_decay(spectral_log, done)
+            is_eval = done == t.max_steps or (t.eval_every and done % t.eval_every == 0)
+            if done % t.log_every == 0 or is_eval:
+                now = time.perf_counter()
+                mean_loss = float(loss_sum) / n_loss
+                if not math.isfinite(mean_loss):
+                    _raise_nonfinite(done, mean_loss, ckpt_path)
+                rec = {"step": done, "loss": mean_loss, "lr": cfg.optim.lr * lr_factor(step, t.max_steps, cfg.optim.warmup_frac,
+                                                                      cfg.optim.min_lr_ratio),
+                       "tokens": tokens_seen,
+                       "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log - eval_time, 1e-9)}
+                if grad_norm is not None:
+                    rec["grad_norm"] = float(grad_norm)
+                if t.diagnostics_every and done % t.diagnostics_every == 0:
+                    rec.update(diag.scalars())
+                if t.spectral_every and done % t.spectral_every == 0:
+                    diag.log_spectral(spectral_log, done)
+                eval_time = 0.0
+                if is_eval:
+                    te = time.perf_counter()
+                    val_loss = evaluate(fwd_model, data.val, cfg.data.seq_len, device, autocast)
+                    rec["val_loss"], rec["val_ppl"] = val_loss, math.exp(min(val_loss, 50.0))
+                    save(done)
+                    eval_time = time.perf_counter() - te
+                elif t.ckpt_every and done % t.ckpt_every == 0:
+                    save(done)
+                log.write(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                    **({"val": f"{val_loss:.3f}"} if is_eval else {}))
+                loss_sum.zero_()
+                n_loss = 0
+                t_log, tok_log = time.perf_counter(), tokens_seen
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+    if not math.isfinite(val_loss):  # resumed at the very end: evaluate the final weights once more
+        val_loss = evaluate(fwd_model, data.val, cfg.data.seq_len, device, autocast)
+    wall = wall_prev + time.perf_counter() - t0
+    summary = {
+        "final_val_loss": val_loss, "final_val_ppl": math.exp(min(val_loss, 50.0)), "steps": t.max_steps,
+        "tokens": tokens_seen, "wall_s": wall, "params": sum(p.numel() for p in model.parameters()),
+        "tokens_per_s": tokens_seen / wall if wall > 0 else None, "optimizer": cfg.optim.name,
+        "decay": cfg.decay.name, "multipliers": cfg.multipliers.kind, "parametrization": cfg.model.parametrization,
+        "seed": t.seed, "data_dir": str(data.dir),
+    }
+    if exclude_from_clip and t.export_merged:
+        from layerwise.multipliers import merge_multipliers_state_dict
+
+        atomic_torch_save({"model": merge_multipliers_state_dict(model.state_dict()), "step": t.max_steps,
+                           "model_config": mcfg.to_dict()}, run_dir / "checkpoints" / "merged.pt")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _clip(params, excluded, cfg: Config) -> torch.Tensor:
+    if excluded:
+        from layerwise.optim import clip_grad_norm_
+
+        sep = cfg.multipliers.clip_separately or None
+        return clip_grad_norm_(params + list(excluded), cfg.optim.grad_clip, exclude=excluded, clip_excluded=sep)
+    return torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
+
+
+def _raise_nonfinite(step: int, value: float, ckpt_path: Path) -> None:
+    where = f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
+    raise NonFiniteLossError(f"non-finite training loss ({value}) at step {step}; stopping — {where}. "
+                             "Lower optim.lr or enable optim.grad_clip.")
+
+
+def run_config(run_dir: str | Path) -> Config:
+    """The resolved config of an existing run directory."""
+    path = Path(run_dir) / "config.toml"
+    if not path.exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.toml)")
+    return load_toml(path)
