@@ -12,9 +12,12 @@ is measured against ``base_hidden_size`` (``m = d / d_base``):
 * hidden matrices (q/k/v/o, gate/up/down): init std ``init_std / sqrt(m)`` (variance ∝ 1/fan_in);
 * embedding: init std ``init_std`` (unchanged);
 * readout: logits multiplied by ``1/m`` (mup's ``MuReadout`` convention), init std ``init_std``;
-* attention logits scaled by ``1/head_dim`` instead of ``1/sqrt(head_dim)`` when ``attn_scale="mup"``.
+* attention logits scaled by ``1/head_dim`` instead of ``1/sqrt(head_dim)`` when ``attn_scale="mup"``
+  (a separate switch: it changes the model even at m = 1).
 
-At ``m = 1`` the μP model is exactly the standard one.
+``m`` is measured on ``hidden_size`` alone, so grow ``intermediate_size`` in proportion (as ``layerwise sweep``
+does) for ``down_proj``'s fan-in to scale with it.  At ``m = 1`` (and ``attn_scale="sqrt"``) the μP model is
+exactly the standard one.
 """
 from __future__ import annotations
 

@@ -1,0 +1,221 @@
+"""``layerwise sweep``: short runs over widths × learning rates × weight decays, and whether the optimum moves.
+
+Every width uses the same *base* (lr, wd) grid.  The parametrisation decides how those base values reach
+each parameter of a wider model:
+
+* ``sp``         — standard parametrisation: the values are used as they are at every width;
+* ``mup``        — μP (init ∝ 1/fan_in, readout × 1/m, matrix lr × 1/m), weight decay unchanged (exponent 0);
+* ``mup-sqrtwd`` — μP with matrix weight decay × √m (Fan et al.: λ ∝ √d);
+* ``mup-lrwd``   — μP with matrix weight decay × m (mup's MuAdamW: lr·λ constant).
+
+``m = width / base_width``; the base width is the narrowest width of the sweep unless ``--base-width`` says
+otherwise.  The **transfer shift** is how many grid steps the best (lr, wd) moves between the narrowest and
+the widest model: 0 means the hyper-parameters tuned on the proxy are still the best on the wide model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from layerwise.lab.config import Config, ConfigError, apply_overrides, resolve, to_toml
+
+PARAMETRIZATIONS = {
+    "sp": {"model.parametrization": "sp"},
+    "mup": {"model.parametrization": "mup", "optim.wd_exponent": 0.0},
+    "mup-sqrtwd": {"model.parametrization": "mup", "optim.wd_exponent": 0.5},
+    "mup-lrwd": {"model.parametrization": "mup", "optim.wd_exponent": 1.0},
+}
+HEAD_DIM = 32
+FFN_RATIO = 2.75
+
+
+def width_overrides(width: int, base_width: int) -> dict:
+    if width % HEAD_DIM:
+        raise ConfigError(f"sweep: width {width} must be a multiple of the head size {HEAD_DIM}")
+    ffn = int(round(width * FFN_RATIO / 8)) * 8
+    return {"model.hidden_size": width, "model.intermediate_size": ffn, "model.num_heads": width // HEAD_DIM,
+            "model.num_kv_heads": width // HEAD_DIM, "model.base_hidden_size": base_width}
+
+
+def run_dir(out: Path, param: str, width: int, lr: float, wd: float, seed: int) -> Path:
+    return out / param / f"w{width}" / f"lr{lr:g}_wd{wd:g}" / f"seed{seed}"
+
+
+def _run_one(job: tuple) -> tuple:
+    cfg_dict, path, threads = job
+    import torch
+
+    from layerwise.lab.config import from_dict
+    from layerwise.lab.train import train
+
+    torch.set_num_threads(threads)
+    cfg = from_dict(cfg_dict)
+    cfg.train.num_threads = threads
+    s = train(cfg, path, resume=True, quiet=True)
+    return str(path), s["final_val_loss"]
+
+
+def sweep(preset: str | None, widths: list[int], lrs: list[float], wds: list[float], parametrizations: list[str],
+          out: str | Path, *, seeds: int = 1, base_width: int | None = None, jobs: int = 1,
+          config_file: str | None = None, overrides: list[str] | None = None, quiet: bool = False) -> dict:
+    out = Path(out)
+    for p in parametrizations:
+        if p not in PARAMETRIZATIONS:
+            raise ConfigError(f"sweep: unknown parametrization {p!r}; choose from {sorted(PARAMETRIZATIONS)}")
+    if not widths or not lrs or not wds:
+        raise ConfigError("sweep: --widths, --lrs and --wds must each list at least one value")
+    widths, lrs, wds = sorted(widths), sorted(lrs), sorted(wds)
+    base_width = base_width or widths[0]
+    base = resolve(preset, config_file, overrides)
+    from layerwise.lab.data import prepare
+
+    prepare(base.data.corpus, base.data.vocab_size, base.data.valid, verbose=not quiet)  # once, before the pool
+    todo = []
+    for p in parametrizations:
+        for w in widths:
+            for lr in lrs:
+                for wd in wds:
+                    for seed in range(seeds):
+                        cfg = apply_overrides(base.copy(), {**PARAMETRIZATIONS[p], **width_overrides(w, base_width),
+                                                            "optim.lr": lr, "optim.weight_decay": wd,
+                                                            "train.seed": seed, "train.progress": False,
+                                                            "train.tensorboard": False})
+                        path = run_dir(out, p, w, lr, wd, seed)
+                        done = (path / "summary.json").exists() and (path / "config.toml").exists() and \
+                            (path / "config.toml").read_text() == to_toml(cfg)
+                        if not done:
+                            todo.append((cfg.to_dict(), path, max(1, (os.cpu_count() or 1) // jobs)))
+    if not quiet:
+        total = len(parametrizations) * len(widths) * len(lrs) * len(wds) * seeds
+        print(f"sweep: {total} runs, {total - len(todo)} already complete, {len(todo)} to run with {jobs} job(s)")
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+            for path, loss in ex.map(_run_one, todo):
+                if not quiet:
+                    print(f"  {path}: val loss {loss:.4f}")
+    else:
+        for job in todo:
+            path, loss = _run_one(job)
+            if not quiet:
+                print(f"  {path}: val loss {loss:.4f}")
+    return summarize_sweep(out, parametrizations, widths, lrs, wds, seeds, quiet=quiet)
+
+
+def _grid(out: Path, p: str, w: int, lrs, wds, seeds) -> list[list[float]]:
+    g = []
+    for lr in lrs:
+        row = []
+        for wd in wds:
+            vals = []
+            for s in range(seeds):
+                f = run_dir(out, p, w, lr, wd, s) / "summary.json"
+                if f.exists():
+                    v = json.loads(f.read_text())["final_val_loss"]
+                    vals.append(v if v is not None and math.isfinite(v) else float("inf"))
+            row.append(sum(vals) / len(vals) if vals else float("nan"))
+        g.append(row)
+    return g
+
+
+def _argmin(g: list[list[float]]) -> tuple[int, int]:
+    best, arg = float("inf"), (0, 0)
+    for i, row in enumerate(g):
+        for j, v in enumerate(row):
+            if v == v and v < best:
+                best, arg = v, (i, j)
+    return arg
+
+
+def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, quiet=False) -> dict:
+    result: dict = {"widths": widths, "lrs": lrs, "wds": wds, "seeds": seeds, "parametrizations": {}}
+    lines = ["| parametrization | " + " | ".join(f"best (lr, wd) @ w={w}" for w in widths)
+             + " | shift lr steps | shift wd steps | loss at proxy's optimum − best, widest |",
+             "|---|" + "---|" * len(widths) + "---|---|---|"]
+    for p in parametrizations:
+        grids = {w: _grid(out, p, w, lrs, wds, seeds) for w in widths}
+        best = {w: _argmin(grids[w]) for w in widths}
+        (i0, j0), (i1, j1) = best[widths[0]], best[widths[-1]]
+        g_wide = grids[widths[-1]]
+        regret = g_wide[i0][j0] - g_wide[i1][j1]
+        result["parametrizations"][p] = {"grids": {str(w): grids[w] for w in widths},
+                                         "best": {str(w): {"lr": lrs[best[w][0]], "wd": wds[best[w][1]],
+                                                           "val_loss": grids[w][best[w][0]][best[w][1]]}
+                                                  for w in widths},
+                                         "shift_lr": i1 - i0, "shift_wd": j1 - j0, "regret": regret}
+        cells = " | ".join(f"({lrs[best[w][0]]:g}, {wds[best[w][1]]:g}) {grids[w][best[w][0]][best[w][1]]:.4f}"
+                           for w in widths)
+        lines.append(f"| {p} | {cells} | {i1 - i0:+d} | {j1 - j0:+d} | {regret:+.4f} |")
+    md = "\n".join(lines) + "\n"
+    (out / "sweep.md").parent.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.md").write_text(md)
+    (out / "sweep.json").write_text(json.dumps(result, indent=1, default=lambda o: None))
+    plot_sweep(result, out / "plots")
+    if not quiet:
+        print(md)
+        print(f"wrote {out / 'sweep.md'} and heatmaps in {out / 'plots'}")
+    return result
+
+
+def plot_sweep(result: dict, plots: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    plots.mkdir(parents=True, exist_ok=True)
+    widths, lrs, wds = result["widths"], result["lrs"], result["wds"]
+    for p, r in result["parametrizations"].items():
+        fig, axes = plt.subplots(1, len(widths), figsize=(3.6 * len(widths), 3.4), squeeze=False)
+        finite = [v for g in r["grids"].values() for row in g for v in row if v == v and v != float("inf")]
+        vmin, vmax = (min(finite), min(max(finite), min(finite) + 1.0)) if finite else (0, 1)
+        for ax, w in zip(axes[0], widths):
+            g = np.array(r["grids"][str(w)], dtype=float)
+            im = ax.imshow(g, cmap="viridis_r", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
+            b = r["best"][str(w)]
+            ax.scatter([wds.index(b["wd"])], [lrs.index(b["lr"])], marker="*", s=220, c="red")
+            ax.set(title=f"{p}, width {w}", xlabel="weight decay", ylabel="learning rate",
+                   xticks=range(len(wds)), yticks=range(len(lrs)))
+            ax.set_xticklabels([f"{x:g}" for x in wds], fontsize=7)
+            ax.set_yticklabels([f"{x:g}" for x in lrs], fontsize=7)
+        fig.colorbar(im, ax=axes[0].tolist(), label="final val loss")
+        fig.savefig(plots / f"landscape_{p}.png", dpi=100)
+        plt.close(fig)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ConfigError(f"sweep: cannot read a number list from {text!r}") from e
+
+
+def cmd_sweep(args) -> int:
+    sweep(args.preset, [int(x) for x in _floats(args.widths)], _floats(args.lrs), _floats(args.wds),
+          [p.strip() for p in args.parametrization.split(",")], args.out or f"runs/sweep-{args.preset or 'custom'}",
+          seeds=args.seeds, base_width=args.base_width, jobs=args.jobs, config_file=args.config,
+          overrides=args.overrides)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="widths × lr × wd grid; optimum transfer across widths")
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--widths", required=True, help="e.g. 64,128,256 (multiples of 32)")
+    p.add_argument("--lrs", required=True, help="base learning rates, e.g. 1e-3,3e-3,1e-2")
+    p.add_argument("--wds", required=True, help="base weight decays, e.g. 0,0.05,0.1,0.2")
+    p.add_argument("--parametrization", default="mup-sqrtwd",
+                   help="comma-separated: " + ", ".join(PARAMETRIZATIONS))
+    p.add_argument("--base-width", type=int, default=None)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_sweep)

@@ -1,0 +1,230 @@
+"""Parameter groups from ordered name rules, with width scaling and a multiplier group.
+
+:func:`param_groups` turns a model (or ``(name, parameter)`` pairs) into ``torch.optim`` parameter groups,
+torchtitan-style: ordered regex rules over *canonical* names (first match wins), then the built-in
+classification of :func:`layerwise.scaling.classify_parameter`.  Every trainable parameter is assigned to
+exactly one group — checked: a parameter that no rule assigns, two different tensors under one name, or a
+tensor placed twice raises ``ValueError`` naming it.
+
+Group dicts follow the layerwise contract: ``"params"``, ``"lr"``, ``"weight_decay"``, ``"param_names"``
+(canonical names, same order as ``params``), ``"group"`` (a label: ``"embedding"``, ``"matrix"``,
+``"readout"``, ``"vector"``, ``"multiplier"`` or a user rule's label), plus ``"param_class"`` (the width
+class used for scaling), ``"lr_scale"`` (group lr / base lr) and ``"wd_scale"`` (the factor the width rule and
+the matching user rule put on the base decay; 1.0 without either).  Optimizers must tolerate extra keys;
+``torch.optim`` does.
+
+Weight decay is PyTorch's coupled convention: one step does ``θ ← θ·(1 − lr·λ)``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from layerwise.names import canonical_name, module_type
+from layerwise.scaling.rules import PARAM_CLASSES, WidthScaling, classify_parameter
+
+__all__ = ["param_groups", "RuleSpec"]
+
+#: A user rule's right-hand side: a class name, or a mapping with keys among
+#: ``group`` (label), ``param_class`` (one of PARAM_CLASSES), ``lr_scale``, ``wd_scale``, ``weight_decay``.
+RuleSpec = Union[str, Mapping[str, Any]]
+
+_SPEC_KEYS = frozenset({"group", "param_class", "lr_scale", "wd_scale", "weight_decay"})
+
+
+def _nonneg(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{field} must be a non-negative finite number, got {value!r}")
+    return float(value)
+
+
+def _named(model_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Canonical (name, tensor) pairs of the trainable parameters, deduplicated by identity (first name wins)."""
+    if isinstance(model_or_named_params, nn.Module):
+        items = list(model_or_named_params.named_parameters())
+    else:
+        try:
+            items = list(model_or_named_params)
+        except TypeError:
+            raise TypeError(
+                "param_groups expects an nn.Module or an iterable of (name, parameter) pairs, got "
+                f"{type(model_or_named_params).__name__}"
+            ) from None
+    out: list[tuple[str, torch.Tensor]] = []
+    seen_ids: set[int] = set()
+    by_name: dict[str, torch.Tensor] = {}
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise TypeError(f"param_groups expects (name, tensor) pairs; got an item of type {type(item).__name__}")
+        raw, p = item
+        name = canonical_name(raw)
+        if not p.requires_grad:
+            continue  # frozen parameters are skipped
+        if name in by_name and by_name[name] is not p:
+            raise ValueError(f"two different tensors share the canonical name {name!r}; parameter names must be unique")
+        if id(p) in seen_ids:
+            continue  # tied / shared parameter: keep the first name
+        seen_ids.add(id(p))
+        by_name[name] = p
+        out.append((name, p))
+    return out
+
+
+def _token_match(name: str, tokens: Sequence[str]) -> bool:
+    """A no-decay token matches the module type (``norm``, ``embed``, ``multiplier`` ...) or any dotted
+    component of the canonical name (``bias``)."""
+    parts = set(name.split("."))
+    kind = module_type(name)
+    return any(t == kind or t in parts for t in tokens)
+
+
+def _compile_rules(rules: Sequence[tuple[str, RuleSpec]] | None) -> list[tuple[re.Pattern[str], dict[str, Any]]]:
+    if rules is None:
+        return []
+    if isinstance(rules, (str, bytes, Mapping)):
+        raise TypeError("rules must be a sequence of (regex, spec) pairs")
+    compiled = []
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise TypeError(f"rules[{i}] must be a (regex, spec) pair, got {rule!r}")
+        pattern, spec = rule
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"rules[{i}] has an invalid regex {pattern!r}: {e}") from None
+        if isinstance(spec, str):
+            spec = {"param_class": spec}
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"rules[{i}] spec must be a class name or a mapping, got {type(spec).__name__}")
+        unknown = set(spec) - _SPEC_KEYS
+        if unknown:
+            raise ValueError(f"rules[{i}] ({pattern!r}) has unknown key(s) {sorted(unknown)}; valid: {sorted(_SPEC_KEYS)}")
+        spec = dict(spec)
+        if "param_class" in spec and spec["param_class"] not in PARAM_CLASSES:
+            raise ValueError(
+                f"rules[{i}] ({pattern!r}) param_class {spec['param_class']!r} is not one of {PARAM_CLASSES}"
+            )
+        if "group" in spec and not (isinstance(spec["group"], str) and spec["group"]):
+            raise ValueError(f"rules[{i}] ({pattern!r}) group label must be a non-empty str, got {spec['group']!r}")
+        for key in ("lr_scale", "wd_scale", "weight_decay"):
+            if key in spec:
+                spec[key] = _nonneg(f"rules[{i}] ({pattern!r}) {key}", spec[key])
+        compiled.append((regex, spec))
+    return compiled
+
+
+def param_groups(
+    model_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]],
+    lr: float,
+    weight_decay: float,
+    scaling: WidthScaling | None = None,
+    *,
+    multiplier_weight_decay: float = 2e-3,
+    multiplier_lr_scale: float = 1.0,
+    no_decay: Sequence[str] = ("norm", "bias", "multiplier"),
+    rules: Sequence[tuple[str, RuleSpec]] | None = None,
+    default_rules: bool = True,
+    per_parameter: bool = False,
+) -> list[dict[str, Any]]:
+    """Build ``torch.optim`` parameter groups: one group per class (or user label) and hyper-parameters.
+
+    Args:
+        model_or_named_params: a module (its ``named_parameters()``) or ``(name, tensor)`` pairs.  Names are
+            canonicalised; frozen tensors (``requires_grad=False``) are skipped; a tensor reachable under two
+            names (tied weights) is placed once, under its first name.
+        lr: base learning rate.
+        weight_decay: base weight decay λ, PyTorch's coupled convention (one step does ``θ ← θ·(1 − lr·λ)``).
+        scaling: a :class:`~layerwise.scaling.WidthScaling`; multiplies each class's (lr, λ) by its factors.
+            The model's hidden size must equal ``scaling.width`` when readable (``ValueError`` otherwise).
+            ``None`` (or a rule with ``base_width == width``) gives the unscaled groups.
+        multiplier_weight_decay: λ of learnable multipliers (the LRM paper's 2e-3), never width-scaled.
+        multiplier_lr_scale: multipliers' LR is ``lr × multiplier_lr_scale``.
+        no_decay: tokens naming parameters that do *not* take the main ``weight_decay``; a token matches the
+            module type (``norm``, ``embed``, ``head``, ``multiplier``, ``q`` ...) or any dotted component of
+            the canonical name (``bias``).  A matching multiplier gets ``multiplier_weight_decay`` instead,
+            every other matching parameter λ = 0.  (Drop ``"multiplier"`` to give multipliers the main λ;
+            add ``"embed"`` for Fan et al.'s undecayed embeddings.)  Vector-like parameters (norms, biases,
+            any tensor with < 2 dimensions) are never decayed, whatever the tokens.
+        rules: ordered ``(regex, spec)`` pairs tried before the built-in classes; ``re.search`` on the
+            canonical name, first match wins.  ``spec`` is a class name (``"vector"`` ...) or a mapping with
+            keys ``group`` (label; default: the class), ``param_class`` (width class; default: built-in
+            classification), ``lr_scale`` (extra LR factor), ``wd_scale`` (extra λ factor) and
+            ``weight_decay`` (this rule's base λ, replacing ``weight_decay`` / the no-decay choice; still
+            width-scaled by the class factor).
+        default_rules: if False, a parameter that matches no user rule is an error (``ValueError`` naming it).
+        per_parameter: one group per parameter instead of merging equal hyper-parameters (for controllers that
+            set a decay per module, e.g. AlphaDecay).
+
+    Returns:
+        A list of group dicts (see the module docstring), ordered by the first parameter of each group.
+        Parameters of one label with identical (lr, weight_decay, class) share a group.
+    """
+    lr = _nonneg("lr", lr)
+    weight_decay = _nonneg("weight_decay", weight_decay)
+    multiplier_weight_decay = _nonneg("multiplier_weight_decay", multiplier_weight_decay)
+    multiplier_lr_scale = _nonneg("multiplier_lr_scale", multiplier_lr_scale)
+    if isinstance(no_decay, str):
+        raise TypeError("no_decay must be a sequence of tokens such as ('norm', 'bias', 'multiplier'), not a str")
+    no_decay = tuple(no_decay)
+    if scaling is not None:
+        if not isinstance(scaling, WidthScaling):
+            raise TypeError(f"scaling must be a WidthScaling or None, got {type(scaling).__name__}")
+        if isinstance(model_or_named_params, nn.Module):
+            scaling.check_model(model_or_named_params)
+    compiled = _compile_rules(rules)
+
+    named = _named(model_or_named_params)
+    groups: dict[tuple, dict[str, Any]] = {}
+    assigned: dict[int, str] = {}
+    for name, p in named:
+        spec: dict[str, Any] | None = None
+        for regex, s in compiled:
+            if regex.search(name):
+                spec = s
+                break
+        if spec is None:
+            if not default_rules:
+                raise ValueError(f"parameter {name!r} (shape {tuple(p.shape)}) is not assigned by any rule")
+            spec = {}
+        cls = spec.get("param_class") or classify_parameter(name, p)
+        label = spec.get("group", cls)
+
+        # base (lr, λ) of the parameter before width scaling
+        p_lr = lr * (multiplier_lr_scale if cls == "multiplier" else 1.0)
+        if "weight_decay" in spec:
+            p_wd = spec["weight_decay"]
+        elif cls == "vector":
+            p_wd = 0.0
+        elif _token_match(name, no_decay):
+            p_wd = multiplier_weight_decay if cls == "multiplier" else 0.0
+        else:
+            p_wd = weight_decay
+        lr_factor = (scaling.lr_mult(cls) if scaling is not None else 1.0) * spec.get("lr_scale", 1.0)
+        wd_factor = (scaling.wd_mult(cls) if scaling is not None else 1.0) * spec.get("wd_scale", 1.0)
+        g_lr = p_lr * lr_factor
+        g_wd = p_wd * wd_factor
+        lr_scale = g_lr / lr if lr > 0 else (multiplier_lr_scale if cls == "multiplier" else 1.0) * lr_factor
+
+        key = (label, cls, g_lr, g_wd) if not per_parameter else (label, cls, g_lr, g_wd, name)
+        if id(p) in assigned:  # cannot happen after _named's dedupe; kept as the contract's check
+            raise ValueError(f"parameter {name!r} is assigned twice (also as {assigned[id(p)]!r})")
+        assigned[id(p)] = name
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = {
+                "params": [], "param_names": [], "group": label, "param_class": cls,
+                "lr": g_lr, "weight_decay": g_wd, "lr_scale": lr_scale, "wd_scale": wd_factor,
+            }
+        g["params"].append(p)
+        g["param_names"].append(name)
+
+    out = list(groups.values())
+    total = sum(len(g["params"]) for g in out)
+    if total != len(named) or len({id(p) for g in out for p in g["params"]}) != total:
+        raise ValueError("internal error: parameter groups do not cover every trainable parameter exactly once")
+    return out

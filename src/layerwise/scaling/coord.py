@@ -1,0 +1,233 @@
+"""Coordinate check (mup's visual test of a width parametrisation).
+
+Train a model at several widths for a few steps on random tokens and record the RMS of activations at a few
+sites before each update.  Under a correct μP, every site's RMS is (nearly) independent of width at every
+step: plotted against width, each step's curve is flat.  Under the standard parametrisation with a fixed LR,
+activations after the first updates grow with width.
+
+Sites (RMS over all elements of the batch): ``embedding`` (embedding output), ``attn`` and ``mlp`` (sub-layer
+outputs added to the residual, averaged over blocks), ``residual`` (output of the last block), ``logits``
+(the model output, after any readout multiplier).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerwise.scaling.diagnostics import _output_tensor, find_blocks
+from layerwise.scaling.rules import WidthScaling
+
+__all__ = ["CoordCheckResult", "coord_check", "plot_coord_check", "SITES"]
+
+SITES: tuple[str, ...] = ("embedding", "attn", "mlp", "residual", "logits")
+
+
+@dataclass
+class CoordCheckResult:
+    """``rms[site][width][step]`` and ``loss[width][step]`` (step t = before the t-th update)."""
+
+    widths: list[int]
+    steps: int
+    rms: dict[str, dict[int, list[float]]]
+    loss: dict[int, list[float]]
+    label: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def slope(self, site: str, step: int) -> float:
+        """Least-squares slope of log2 RMS against log2 width at one step (0 = width-invariant; 1 = RMS ∝ width)."""
+        if site not in self.rms:
+            raise KeyError(f"unknown site {site!r}; recorded sites: {sorted(self.rms)}")
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} out of range [0, {self.steps})")
+        xs = [math.log2(w) for w in self.widths]
+        ys = [math.log2(self.rms[site][w][step]) for w in self.widths]
+        xm, ym = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - xm) ** 2 for x in xs)
+        return sum((x - xm) * (y - ym) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One row per (width, step): ``{"width", "step", "loss", <site>: rms ...}``."""
+        rows = []
+        for w in self.widths:
+            for t in range(self.steps):
+                row: dict[str, Any] = {"width": w, "step": t, "loss": self.loss[w][t]}
+                row.update({s: self.rms[s][w][t] for s in self.rms})
+                rows.append(row)
+        return rows
+
+
+def _logits_of(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"coord_check: cannot find logits in the model output of type {type(out).__name__}")
+
+
+def _resolve_scaling(
+    parametrization: str | Callable[[int], WidthScaling | None] | None, width: int, base_width: int
+) -> WidthScaling | None:
+    if parametrization is None:
+        return None
+    if callable(parametrization):
+        rule = parametrization(width)
+        if rule is not None and not isinstance(rule, WidthScaling):
+            raise TypeError(f"coord_check: parametrization({width}) returned {type(rule).__name__}, not WidthScaling")
+        return rule
+    return WidthScaling.from_parametrization(parametrization, base_width, width)
+
+
+def coord_check(
+    widths: Sequence[int],
+    build_fn: Callable[[int], nn.Module],
+    steps: int = 4,
+    *,
+    lr: float = 1e-2,
+    weight_decay: float = 0.0,
+    parametrization: str | Callable[[int], WidthScaling | None] | None = "sp",
+    base_width: int | None = None,
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    optimizer_kwargs: dict[str, Any] | None = None,
+    batch_size: int = 4,
+    seq_len: int = 16,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    label: str = "",
+) -> CoordCheckResult:
+    """Record activation RMS per step per width for ``steps`` optimizer steps on random tokens.
+
+    Args:
+        widths: hidden sizes, e.g. ``[32, 64, 128]``.
+        build_fn: ``width -> model``; the model maps token ids ``(B, T)`` to logits (a tensor, a tuple whose first
+            item is the logits, or an object with ``.logits``).  Build μP models (init, readout multiplier) here.
+        steps: number of recorded forward passes; an update follows each one.
+        lr, weight_decay: base hyper-parameters, passed to :func:`layerwise.param_groups`.
+        parametrization: ``"sp"`` (no width scaling), ``"mup"``, ``"mup-sqrtwd"``, ``"mup-lrwd"``
+            (:meth:`WidthScaling.from_parametrization` with ``base_width``), or ``width -> WidthScaling | None``.
+        base_width: μP base width (default ``min(widths)``).
+        optimizer_cls, optimizer_kwargs: the optimizer, built on the parameter groups.
+        batch_size, seq_len, vocab_size: random-token batches (vocabulary: the first ``nn.Embedding``'s size by
+            default); step t uses the same tokens at every width.
+        seed: seeds model construction (``torch.manual_seed(seed)`` before each ``build_fn``) and batches.
+    """
+    from layerwise.optim.groups import param_groups
+
+    widths = [int(w) for w in widths]
+    if not widths or any(w <= 0 for w in widths):
+        raise ValueError(f"coord_check: widths must be a non-empty list of positive ints, got {widths!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"coord_check: steps must be a positive int, got {steps!r}")
+    base = min(widths) if base_width is None else int(base_width)
+    rms: dict[str, dict[int, list[float]]] = {s: {} for s in SITES}
+    losses: dict[int, list[float]] = {}
+
+    for width in widths:
+        torch.manual_seed(seed)
+        model = build_fn(width)
+        model.train()
+        device = next(model.parameters()).device
+        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+        vocab = vocab_size or (emb.num_embeddings if emb is not None else None)
+        if vocab is None:
+            raise ValueError("coord_check: pass vocab_size (the model has no nn.Embedding)")
+        blocks = find_blocks(model)
+        groups = param_groups(model, lr, weight_decay, _resolve_scaling(parametrization, width, base))
+        opt = optimizer_cls(groups, lr=lr, **(optimizer_kwargs or {}))
+
+        sums: dict[str, list[torch.Tensor]] = {s: [] for s in SITES}
+
+        def site_hook(site: str):
+            def hook(module, args, output):
+                y = _output_tensor(output)
+                if y is not None:
+                    sums[site].append(y.detach().float().pow(2).mean().sqrt())
+            return hook
+
+        handles = []
+        if emb is not None:
+            handles.append(emb.register_forward_hook(site_hook("embedding")))
+        for b in blocks:
+            if b.attn is not None:
+                handles.append(b.attn.register_forward_hook(site_hook("attn")))
+            if b.mlp is not None:
+                handles.append(b.mlp.register_forward_hook(site_hook("mlp")))
+        handles.append(blocks[-1].block.register_forward_hook(site_hook("residual")))
+
+        per_step: dict[str, list[float]] = {s: [] for s in SITES}
+        loss_w: list[float] = []
+        try:
+            for t in range(steps):
+                gen = torch.Generator().manual_seed(seed * 100003 + t)
+                idx = torch.randint(vocab, (batch_size, seq_len + 1), generator=gen).to(device)
+                for s in sums:
+                    sums[s].clear()
+                logits = _logits_of(model(idx[:, :-1]))
+                sums["logits"].append(logits.detach().float().pow(2).mean().sqrt())
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for s in SITES:
+                    vals = sums[s]
+                    per_step[s].append(float(torch.stack(vals).mean()) if vals else math.nan)
+                loss_w.append(float(loss.detach()))
+        finally:
+            for h in handles:
+                h.remove()
+        for s in SITES:
+            rms[s][width] = per_step[s]
+        losses[width] = loss_w
+
+    rms = {s: v for s, v in rms.items() if not all(math.isnan(x) for xs in v.values() for x in xs)}
+    meta = {"lr": lr, "weight_decay": weight_decay, "base_width": base, "seed": seed,
+            "parametrization": parametrization if isinstance(parametrization, str) or parametrization is None
+            else getattr(parametrization, "__name__", "callable")}
+    return CoordCheckResult(widths, steps, rms, losses, label=label, meta=meta)
+
+
+def plot_coord_check(result: CoordCheckResult, path: str, *, x: str = "width", title: str | None = None) -> str:
+    """Save a coordinate-check figure (matplotlib, Agg backend) to ``path``; returns ``path``.
+
+    ``x="width"`` (mup's layout): one panel per site, RMS against width (log-log), one line per step — flat
+    lines mean width-invariant activations.  ``x="step"``: RMS against step, one line per width — the lines
+    coincide under a width-invariant parametrisation.
+    """
+    if x not in ("width", "step"):
+        raise ValueError(f"plot_coord_check: x must be 'width' or 'step', got {x!r}")
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    sites = list(result.rms)
+    fig, axes = plt.subplots(1, len(sites), figsize=(3.2 * len(sites), 3.0), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, site in zip(axes[0], sites):
+        if x == "width":
+            for t in range(result.steps):
+                ys = [result.rms[site][w][t] for w in result.widths]
+                ax.plot(result.widths, ys, marker="o", color=cmap(t / max(1, result.steps - 1)), label=f"step {t}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("width")
+        else:
+            for i, w in enumerate(result.widths):
+                ax.plot(range(result.steps), result.rms[site][w], marker="o",
+                        color=cmap(i / max(1, len(result.widths) - 1)), label=f"width {w}")
+            ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.set_title(site)
+        ax.set_ylabel("RMS")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title if title is not None else (result.label or "coordinate check"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
