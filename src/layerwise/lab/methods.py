@@ -104,10 +104,8 @@ def build_decay(optimizer, model: nn.Module, cfg: Config):
     if d.name == "alphadecay":
         opts = dict(interval=d.interval, s1=d.s1, s2=d.s2, estimator=d.estimator, preserve_mean=d.preserve_mean,
                     ema=d.ema or None, shape_correction=d.shape_correction)
-    elif d.name == "adadecay":
-        opts = {}
     elif d.name == "typedecay":
-        opts = dict(s_attn=d.s1, s_mlp=d.s2)
+        opts = dict(attention=d.s1, mlp=d.s2)
     return _build(d.name, optimizer, model, **opts)
 
 
@@ -177,6 +175,12 @@ def resolve_relative_widths(cfg: Config, hidden_size: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ diagnostics
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 class Diagnostics:
     """Method-specific numbers the trainer logs: AlphaAdam mask density / alpha, multiplier norms and the q/k
     multiplier ratio, sub-layer gains (muP runs), the decay controller's per-module table and spectra."""
@@ -187,8 +191,18 @@ class Diagnostics:
         if hasattr(optimizer, "track_diagnostics"):
             optimizer.track_diagnostics = True
 
-    def scalars(self) -> dict[str, float]:
+    def scalars(self, batch: torch.Tensor | None = None, autocast=None) -> dict[str, float]:
         out: dict[str, float] = {}
+        if self.cfg.model.parametrization == "mup" and batch is not None:
+            from layerwise.scaling import SublayerGains, top_sv_metrics
+
+            was = self.model.training
+            self.model.eval()
+            with torch.no_grad(), SublayerGains(self.model) as gains, (autocast() if autocast else _null()):
+                self.model(batch)
+            self.model.train(was)
+            out.update({k: v for k, v in gains.metrics().items() if k.endswith("mean")})
+            out.update({k: v for k, v in top_sv_metrics(self.model).items() if k.endswith("/mean")})
         diag = getattr(self.optimizer, "diagnostics", None)
         if callable(diag):
             stats = diag()
@@ -205,10 +219,13 @@ class Diagnostics:
             out.update({f"mult/{k}": float(v) for k, v in multiplier_stats(self.model).items()})
         return out
 
-    def log_decay(self, path, step: int) -> None:
-        """Append the controller's per-module table to spectral.jsonl whenever it was recomputed."""
+    def log_decay(self, path, step: int, log_step: bool = True) -> None:
+        """Append the controller's per-module table to spectral.jsonl whenever it was recomputed (for
+        controllers that change every step, AWD and AdaDecay, only on logging steps)."""
         version = getattr(self.decay, "version", None)
         if version is None or version == self._decay_version:
+            return
+        if getattr(self.decay, "interval", None) == 1 and not log_step:
             return
         self._decay_version = version
         rows = [{k: (float(v) if isinstance(v, (float, torch.Tensor)) else v) for k, v in r.items()}

@@ -46,15 +46,11 @@ def run_dir(out: Path, param: str, width: int, lr: float, wd: float, seed: int) 
 
 
 def _run_one(job: tuple) -> tuple:
-    cfg_dict, path, threads = job
-    import torch
-
+    cfg_dict, path = job
     from layerwise.lab.config import from_dict
     from layerwise.lab.train import train
 
-    torch.set_num_threads(threads)
     cfg = from_dict(cfg_dict)
-    cfg.train.num_threads = threads
     s = train(cfg, path, resume=True, quiet=True)
     return str(path), s["final_val_loss"]
 
@@ -75,6 +71,7 @@ def sweep(preset: str | None, widths: list[int], lrs: list[float], wds: list[flo
 
     prepare(base.data.corpus, base.data.vocab_size, base.data.valid, verbose=not quiet)  # once, before the pool
     todo = []
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else base.train.num_threads
     for p in parametrizations:
         for w in widths:
             for lr in lrs:
@@ -83,12 +80,13 @@ def sweep(preset: str | None, widths: list[int], lrs: list[float], wds: list[flo
                         cfg = apply_overrides(base.copy(), {**PARAMETRIZATIONS[p], **width_overrides(w, base_width),
                                                             "optim.lr": lr, "optim.weight_decay": wd,
                                                             "train.seed": seed, "train.progress": False,
-                                                            "train.tensorboard": False})
+                                                            "train.tensorboard": False,
+                                                            "train.num_threads": threads})
                         path = run_dir(out, p, w, lr, wd, seed)
                         done = (path / "summary.json").exists() and (path / "config.toml").exists() and \
                             (path / "config.toml").read_text() == to_toml(cfg)
                         if not done:
-                            todo.append((cfg.to_dict(), path, max(1, (os.cpu_count() or 1) // jobs)))
+                            todo.append((cfg.to_dict(), path))
     if not quiet:
         total = len(parametrizations) * len(widths) * len(lrs) * len(wds) * seeds
         print(f"sweep: {total} runs, {total - len(todo)} already complete, {len(todo)} to run with {jobs} job(s)")

@@ -283,7 +283,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: Token
             if device == "cpu" and not torch.isfinite(loss_sum):
                 _raise_nonfinite(done, float(loss_sum) / n_loss, ckpt_path)
             if decay is not None:
-                diag.log_decay(spectral_log, done)
+                diag.log_decay(spectral_log, done, done % t.log_every == 0)
             is_eval = done == t.max_steps or (t.eval_every and done % t.eval_every == 0)
             if done % t.log_every == 0 or is_eval:
                 now = time.perf_counter()
@@ -297,7 +297,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: Token
                 if grad_norm is not None:
                     rec["grad_norm"] = float(grad_norm)
                 if t.diagnostics_every and done % t.diagnostics_every == 0:
-                    rec.update(diag.scalars())
+                    rec.update(diag.scalars(x, autocast))
                 if t.spectral_every and done % t.spectral_every == 0:
                     diag.log_spectral(spectral_log, done)
                 eval_time = 0.0

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerwise.lab.model import build_model
+
+VOCAB = 64
+
+
+def make_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model("nano", vocab_size=VOCAB)
+
+
+def batches(n: int, seed: int = 123, b: int = 2, t: int = 16) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (b, t), generator=g) for _ in range(n)]
+
+
+def train_step(model, opt, x: torch.Tensor) -> None:
+    _, loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+
+
+

@@ -1,0 +1,380 @@
+"""AlphaDecay: the map, the α it uses, when it recomputes, group splitting, optimizer semantics, state."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import layerwise.decay.alphadecay as ad_mod
+from layerwise.decay import AlphaDecay, linear_decay_map, split_groups
+from layerwise.names import block_linear_weights, named_parameters
+
+from _decay_helpers import batches, make_model, train_step
+
+
+# ------------------------------------------------------------------------------------------- the map
+
+
+def test_map_equals_formula():
+    alpha = [2.0, 3.5, 2.75, 5.0, 4.1]
+    wd0, s1, s2 = 0.1, 0.6666, 3.0
+    got = linear_decay_map(alpha, wd0, s1, s2)
+    lo, hi = min(alpha), max(alpha)
+    want = [wd0 * (s1 + (s2 - s1) * (a - lo) / (hi - lo)) for a in alpha]
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+    assert got[0] == pytest.approx(s1 * wd0) and got[3] == pytest.approx(s2 * wd0)
+
+
+def test_map_all_equal_alpha_gives_wd0():
+    assert linear_decay_map([2.3] * 4, 0.05).tolist() == [0.05] * 4
+    assert linear_decay_map([2.3], 0.05).tolist() == [0.05]
+
+
+def test_map_nan_alpha_gets_wd0_and_is_ignored_for_range():
+    got = linear_decay_map([2.0, float("nan"), 4.0, 3.0], 1.0, 0.5, 2.0)
+    assert got.tolist() == pytest.approx([0.5, 1.0, 2.0, 1.25])
+    assert linear_decay_map([float("nan")] * 3, 0.2).tolist() == [0.2] * 3
+
+
+def test_map_preserve_mean_and_per_module_base():
+    alpha, numel = [2.0, 3.0, 6.0], [100, 400, 50]
+    got = linear_decay_map(alpha, 0.1, numel=numel, preserve_mean=True)
+    n = torch.tensor(numel, dtype=torch.float64)
+    assert float((n * got).sum() / n.sum()) == pytest.approx(0.1, rel=1e-12)
+    plain = linear_decay_map(alpha, 0.1)
+    assert (got / plain).tolist() == pytest.approx([float(got[0] / plain[0])] * 3)  # one common factor
+    base = [0.1, 0.2, 0.4]
+    per = linear_decay_map(alpha, base, 1.0, 3.0)
+    assert per.tolist() == pytest.approx([0.1 * 1.0, 0.2 * (1 + 2 * 0.25), 0.4 * 3.0])
+    with pytest.raises(ValueError, match="numel"):
+        linear_decay_map(alpha, 0.1, preserve_mean=True)
+
+
+# --------------------------------------------------------------------------------- α and the decays
+
+
+def _hill_reference(w: torch.Tensor) -> float:
+    lam = torch.linalg.svdvals(w.detach().double()).pow(2).sort().values
+    i = lam.numel() // 2
+    tail = lam[i:]
+    return 1.0 + tail.numel() / float(torch.log(tail / lam[i]).sum())
+
+
+def test_alphadecay_alpha_and_decays_match_references():
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    dec = AlphaDecay(opt, model, interval=10)
+    rows = dec.table()
+    mats = block_linear_weights(model)
+    assert [r["name"] for r in rows] == [n for n, _ in mats]
+    assert len(rows) == 14  # 2 blocks x (q, k, v, o, gate, up, down)
+    ref = [_hill_reference(w) for _, w in mats]
+    assert [r["alpha"] for r in rows] == pytest.approx(ref, rel=1e-4)
+    lo, hi = min(ref), max(ref)
+    want = [0.1 * (0.6666 + (3.0 - 0.6666) * (a - lo) / (hi - lo)) for a in ref]
+    assert [r["weight_decay"] for r in rows] == pytest.approx(want, rel=1e-3, abs=1e-6)
+    # the optimizer's groups hold those decays, one group per analysed matrix
+    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for (name, w), r in zip(mats, rows):
+        g = by_id[id(w)]
+        assert len(g["params"]) == 1 and g["weight_decay"] == r["weight_decay"]
+
+
+def test_excluded_modules_keep_wd0_and_groups_keep_hyperparameters():
+    model = make_model()
+    names = dict(named_parameters(model))
+    mlp = [n for n in names if ".mlp." in n]
+    others = [n for n in names if n not in mlp]
+    groups = [
+        {"params": [names[n] for n in mlp + others if names[n].dim() == 2], "lr": 2e-3, "weight_decay": 0.1,
+         "param_names": [n for n in mlp + others if names[n].dim() == 2], "group": "matrix", "lr_scale": 0.5,
+         "betas": (0.8, 0.9)},
+        {"params": [names[n] for n in names if names[n].dim() < 2], "lr": 1e-3, "weight_decay": 0.0,
+         "param_names": [n for n in names if names[n].dim() < 2], "group": "vector"},
+    ]
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    dec = AlphaDecay(opt, model, interval=5, select=r"\.mlp\.")
+    assert [r["name"] for r in dec.table()] == mlp
+    for g in opt.param_groups:
+        pn = g["param_names"]
+        assert len(pn) == len(g["params"]) and all(p is names[n] for n, p in zip(pn, g["params"]))
+        if g["group"] == "vector":
+            assert g["weight_decay"] == 0.0
+            continue
+        assert g["lr"] == 2e-3 and g["lr_scale"] == 0.5 and g["betas"] == (0.8, 0.9)
+        if any(n in mlp for n in pn):
+            assert len(pn) == 1
+        else:  # embedding, attention, head: untouched remainder of the original group
+            assert g["weight_decay"] == 0.1 and all(n not in mlp for n in pn)
+    assert sorted(n for g in opt.param_groups for n in g["param_names"]) == sorted(names)
+
+
+def test_recomputation_exactly_at_0_interval_2interval(monkeypatch):
+    calls: list[int] = []
+    real = ad_mod.estimate_alphas
+    holder: dict = {}
+
+    def spy(*a, **k):
+        calls.append(holder["dec"].step if "dec" in holder else 0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ad_mod, "estimate_alphas", spy)
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    dec = AlphaDecay(opt, model, interval=3)
+    holder["dec"] = dec
+    assert calls == [0] and dec.version == 1 and dec.last_update_step == 0
+    seen = []
+    for i, x in enumerate(batches(7)):
+        before = [g["weight_decay"] for g in opt.param_groups]
+        train_step(model, opt, x)
+        seen.append((dec.step, dec.version, dec.last_update_step))
+        changed = [g["weight_decay"] for g in opt.param_groups] != before
+        assert changed == (dec.step % 3 == 0), f"decays changed at step {dec.step}"
+    assert calls == [0, 3, 6]
+    assert seen[-1] == (7, 3, 6)
+
+
+def test_new_decay_applies_from_next_step():
+    """The decay set after step k is the one step k+1 uses: check with zero gradients (AdamW: p *= 1 - lr*wd)."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, weight_decay=0.1)
+    dec = AlphaDecay(opt, model, interval=1)
+    w = model.layers[0].mlp.up_proj.weight
+    for _ in range(2):
+        wd = next(g["weight_decay"] for g in opt.param_groups if g["params"][0] is w)
+        before = w.detach().clone()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        torch.testing.assert_close(w.detach(), before * (1 - 0.5 * wd), rtol=1e-6, atol=1e-7)
+    assert dec.version == 3
+
+
+# ------------------------------------------------------------------- coupled vs decoupled, one step
+
+
+@pytest.mark.parametrize("kind", ["adam_l2", "adamw"])
+def test_one_step_matches_hand_computation(kind):
+    model = make_model()
+    lr, eps, wd0 = 0.1, 1.0, 0.5  # large eps keeps the update linear enough to depend on the decay
+    cls = torch.optim.Adam if kind == "adam_l2" else torch.optim.AdamW
+    opt = cls(model.parameters(), lr=lr, eps=eps, weight_decay=wd0)
+    dec = AlphaDecay(opt, model, interval=100)
+    lam = {r["name"]: r["weight_decay"] for r in dec.table()}
+    assert len(set(lam.values())) > 2
+    g = torch.Generator().manual_seed(5)
+    before = {}
+    for n, p in named_parameters(model):
+        p.grad = 0.01 * torch.randn(p.shape, generator=g)
+        before[n] = (p.detach().double().clone(), p.grad.double().clone())
+    opt.step()
+    for n, p in named_parameters(model):
+        w, gr = before[n]
+        wd = lam.get(n, wd0)
+        if kind == "adam_l2":  # g' = g + λw; first Adam step: m̂ = g', v̂ = g'^2
+            gp = gr + wd * w
+            want = w - lr * gp / (gp.abs() + eps)
+        else:  # decoupled: w(1 - lr λ) - lr g/(|g| + eps)
+            want = w * (1 - lr * wd) - lr * gr / (gr.abs() + eps)
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def _zero_grad_decay_check(model, opt, lr):
+    """With zero gradients a decoupled step multiplies each matrix by (1 - lr·λ) exactly."""
+    lam = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    before = {n: p.detach().clone() for n, p in named_parameters(model)}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in named_parameters(model):
+        torch.testing.assert_close(p.detach(), before[n] * (1 - lr * lam[id(p)]), rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_works_with_alphaadam():
+    alphaadam = pytest.importorskip("layerwise.optim.alphaadam")
+    model = make_model()
+    opt = alphaadam.AlphaAdam(model.parameters(), lr=0.5, weight_decay=0.1, fast=False)
+    dec = AlphaDecay(opt, model, interval=2)
+    _zero_grad_decay_check(model, opt, 0.5)
+    for x in batches(2):
+        train_step(model, opt, x)
+    assert dec.version == 2 and dec.step == 3
+
+
+def test_works_with_torch_muon_on_matrices_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16, bias=False), nn.Tanh(), nn.Linear(16, 16, bias=False),
+                          nn.Tanh(), nn.Linear(16, 8, bias=False))
+    opt = torch.optim.Muon(model.parameters(), lr=0.5, weight_decay=0.1)
+    dec = AlphaDecay(opt, model, interval=2)
+    assert len(dec.table()) == 3 and len(opt.param_groups) == 3
+    _zero_grad_decay_check(model, opt, 0.5)
+    x = torch.randn(4, 12)
+    for _ in range(3):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert dec.step == 4 and dec.version == 3
+
+
+def test_works_with_muon_adamw_wrapper():
+    muon = pytest.importorskip("layerwise.optim.muon")
+    model = make_model()
+    opt = muon.MuonAdamW(model, lr=0.5, weight_decay=0.1)
+    n_before = len(opt.param_groups)
+    dec = AlphaDecay(opt, model, interval=2)
+    assert len(opt.param_groups) == n_before + 13  # the 14 block matrices: one group each (one reused)
+    assert all(g["use_muon"] for g in opt.muon.param_groups)
+    inner_ids = {id(g) for g in opt.muon.param_groups} | {id(g) for g in opt.adamw.param_groups}
+    assert {id(g) for g in opt.param_groups} == inner_ids
+    _zero_grad_decay_check(model, opt, 0.5)
+    for x in batches(2):
+        train_step(model, opt, x)
+    assert dec.version == 2
+
+
+def test_split_keeps_optimizer_state_after_steps():
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for x in batches(2):
+        train_step(model, opt, x)
+    w = model.layers[1].mlp.down_proj.weight
+    exp_avg = opt.state[w]["exp_avg"].clone()
+    split_groups(opt, [w])
+    assert opt.state[w]["exp_avg"] is not None
+    torch.testing.assert_close(opt.state[w]["exp_avg"], exp_avg, rtol=0, atol=0)
+    assert float(opt.state[w]["step"]) == 2.0
+    train_step(model, opt, batches(1, seed=9)[0])  # keeps running
+    assert float(opt.state[w]["step"]) == 3.0
+
+
+# ------------------------------------------------------------------------------------ state / resume
+
+
+def _run(n_total: int, split_at: int | None, **opts) -> tuple[dict, list[dict]]:
+    data = batches(n_total)
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.2)
+    dec = AlphaDecay(opt, model, interval=3, **opts)
+    if split_at is None:
+        for x in data:
+            train_step(model, opt, x)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, dec.table()
+    for x in data[:split_at]:
+        train_step(model, opt, x)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "decay": dec.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    model2 = make_model(seed=1)  # different initial weights: everything must come from the checkpoint
+    model2.load_state_dict(ck["model"])
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=2e-2, weight_decay=0.2)
+    dec2 = AlphaDecay(opt2, model2, interval=3, **opts)  # before optimizer.load_state_dict (same split)
+    opt2.load_state_dict(ck["opt"])
+    dec2.load_state_dict(ck["decay"])
+    assert dec2.table() == dec.table() and dec2.state_dict() == dec.state_dict()
+    for x in data[split_at:]:
+        train_step(model2, opt2, x)
+    return {n: p.detach().clone() for n, p in model2.named_parameters()}, dec2.table()
+
+
+@pytest.mark.parametrize("opts", [{}, {"ema": 0.5, "preserve_mean": True}])
+def test_resume_equals_uninterrupted(opts):
+    full, table_full = _run(8, None, **opts)
+    resumed, table_res = _run(8, 4, **opts)
+    for n in full:
+        torch.testing.assert_close(resumed[n], full[n], rtol=1e-5, atol=1e-6, msg=n)
+    for a, b in zip(table_full, table_res):
+        assert a["name"] == b["name"]
+        assert a["weight_decay"] == pytest.approx(b["weight_decay"], rel=1e-4)
+
+
+def test_ema_smooths_alpha():
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-2, weight_decay=0.1)
+    dec = AlphaDecay(opt, model, interval=2, ema=0.75)
+    a0 = dec.alpha.clone()
+    for x in batches(2):
+        train_step(model, opt, x)
+    torch.testing.assert_close(dec.alpha, 0.75 * a0 + 0.25 * dec.alpha_raw, rtol=1e-12, atol=0)
+    assert not torch.equal(dec.alpha_raw, a0)
+
+
+def test_ks_estimator_and_shape_correction_rows():
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    dec = AlphaDecay(opt, model, estimator="ks")
+    rows = dec.table()
+    assert all({"name", "alpha", "weight_decay", "xmin", "ks"} <= set(r) for r in rows)
+    m1, m2 = make_model(), make_model()
+    plain = AlphaDecay(torch.optim.AdamW(m1.parameters(), weight_decay=0.1), m1)
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-3, weight_decay=0.1)
+    corrected = AlphaDecay(opt2, m2, shape_correction=True)
+    # the correction moves square (attention) and rectangular (MLP) matrices by different amounts
+    shift = corrected.alpha - plain.alpha
+    is_mlp = torch.tensor([".mlp." in n for n in corrected.names])
+    assert float(shift[is_mlp].mean()) < float(shift[~is_mlp].mean()) - 0.3
+
+
+def test_nan_alpha_module_gets_wd0():
+    model = make_model()
+    with torch.no_grad():
+        model.layers[0].self_attn.k_proj.weight.zero_()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    dec = AlphaDecay(opt, model)
+    row = next(r for r in dec.table() if r["name"] == "layers.0.self_attn.k_proj.weight")
+    assert row["alpha"] is None and row["weight_decay"] == 0.1
+
+
+# -------------------------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_field():
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), weight_decay=0.1)
+    with pytest.raises(ValueError, match="s1"):
+        AlphaDecay(opt, model, s1=3.0, s2=1.0)
+    with pytest.raises(ValueError, match="interval"):
+        AlphaDecay(opt, model, interval=0)
+    with pytest.raises(ValueError, match="estimator"):
+        AlphaDecay(opt, model, estimator="median")
+    with pytest.raises(ValueError, match="ema"):
+        AlphaDecay(opt, model, ema=1.0)
+    with pytest.raises(ValueError, match="no weight matrix"):
+        AlphaDecay(torch.optim.AdamW(nn.LayerNorm(4).parameters()), nn.LayerNorm(4))
+    partial = torch.optim.AdamW([p for n, p in model.named_parameters() if "up_proj" not in n])
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj\.weight"):
+        AlphaDecay(partial, model)
+    two = torch.optim.AdamW(
+        [{"params": [p for n, p in model.named_parameters() if "mlp" in n], "weight_decay": 0.1},
+         {"params": [p for n, p in model.named_parameters() if "mlp" not in n], "weight_decay": 0.05}]
+    )
+    with pytest.raises(ValueError, match="wd0 is ambiguous"):
+        AlphaDecay(two, model)
+    dec = AlphaDecay(two, model, wd0="group")
+    assert dec.wd0 == [0.1 if ".mlp." in n else 0.05 for n in dec.names]
+
+
+def test_scheduler_created_before_split_is_an_error():
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), weight_decay=0.1)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(ValueError, match="scheduler"):
+        AlphaDecay(opt, model)
+    assert len(opt.param_groups) == 1 and len(opt.state) == 0  # nothing changed, no hook left
+    assert not opt._optimizer_step_post_hooks
+
+
+def test_state_dict_rejects_other_matrices():
+    model = make_model()
+    dec = AlphaDecay(torch.optim.AdamW(model.parameters(), weight_decay=0.1), model)
+    state = dec.state_dict()
+    state["names"] = state["names"][::-1]
+    with pytest.raises(ValueError, match="different matrices"):
+        dec.load_state_dict(state)
+    assert math.isfinite(dec.table()[0]["alpha"])

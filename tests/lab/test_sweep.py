@@ -1,0 +1,36 @@
+import json
+
+import pytest
+
+from layerwise.lab.cli import main
+from layerwise.lab.config import ConfigError
+from layerwise.lab.sweep import _argmin, width_overrides
+
+
+def test_sweep_tiny_grid_table_plots_and_resume(tmp_path, corpus_file, capsys):
+    out = tmp_path / "sw"
+    args = ["sweep", "--preset", "smoke", "--widths", "32,64", "--lrs", "1e-3,1e-2", "--wds", "0,0.1",
+            "--parametrization", "sp,mup-sqrtwd", "--out", str(out), "--set", f"data.corpus={corpus_file}",
+            "--set", "train.max_steps=4", "--set", "train.eval_every=0"]
+    assert main(args) == 0
+    res = json.loads((out / "sweep.json").read_text())
+    for p in ("sp", "mup-sqrtwd"):
+        r = res["parametrizations"][p]
+        grid = r["grids"]["64"]
+        assert len(grid) == 2 and len(grid[0]) == 2
+        best = r["best"]["64"]
+        assert best["val_loss"] == min(v for row in grid for v in row)
+        assert (out / "plots" / f"landscape_{p}.png").stat().st_size > 1000
+    # mu-P at width 64 with base 32: the resolved run config says so
+    cfg = (out / "mup-sqrtwd/w64/lr0.001_wd0.1/seed0/config.toml").read_text()
+    assert 'parametrization = "mup"' in cfg and "base_hidden_size = 32" in cfg and "hidden_size = 64" in cfg
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "16 already complete, 0 to run" in capsys.readouterr().out
+
+
+def test_sweep_helpers_and_errors():
+    assert _argmin([[3.0, 2.0], [float("nan"), 1.5]]) == (1, 1)
+    assert width_overrides(128, 64)["model.intermediate_size"] == 352
+    with pytest.raises(ConfigError, match="multiple of the head size"):
+        width_overrides(100, 64)
