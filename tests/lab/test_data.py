@@ -96,3 +96,10 @@ def test_eval_windows_cover_every_target_once():
 def test_vocab_size_bounds():
     with pytest.raises(ValueError, match="vocab_size"):
         D.train_tokenizer(["abc"], 70000)
+
+
+def test_unigram_entropy_matches_formula():
+    train = np.array([0, 0, 1, 2], dtype=np.uint16)
+    val = np.array([0, 1], dtype=np.uint16)
+    p = np.array([3, 2, 2, 1]) / 8  # add-one smoothed counts over a vocab of 4
+    assert D.unigram_entropy(train, val, 4) == pytest.approx(-(np.log(p[0]) + np.log(p[1])) / 2)

@@ -79,6 +79,13 @@ def cmd_demo(args) -> int:
 
     print(f"layerwise demo: preset 'quick', methods {', '.join(DEMO_METHODS)}, one seed each")
     res = compare("quick", list(DEMO_METHODS), 1, args.out, overrides=args.overrides)
+    from layerwise.lab.config import preset
+    from layerwise.lab.data import prepare, unigram_entropy
+
+    q = preset("quick")
+    td = prepare(q.data.corpus, q.data.vocab_size)
+    print(f"unigram entropy of the validation split (context-free baseline): "
+          f"{unigram_entropy(td.train, td.val, td.vocab_size):.4f} nats/token")
     best = min(res["rows"], key=lambda r: r["val_loss"])
     print(f"lowest final validation loss: {best['method']} {best['val_loss']:.4f} "
           "(one seed: differences this small are within seed noise; run `layerwise compare --seeds 3`)")

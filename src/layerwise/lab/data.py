@@ -344,3 +344,11 @@ def eval_windows(tokens: np.ndarray, seq_len: int) -> list[tuple[int, int]]:
     """Contiguous (start, length) windows covering every validation target exactly once."""
     n_targets = tokens.size - 1
     return [(s, min(seq_len, n_targets - s)) for s in range(0, n_targets, seq_len)]
+
+
+def unigram_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the validation split under the training split's unigram distribution
+    (add-one smoothed): the loss of a model that ignores context.  A language model must go well below it."""
+    counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(val, dtype=np.int64)].mean())
