@@ -219,6 +219,7 @@ class AlphaDecay(DecayController):
             alpha=self.alpha.tolist(),
             alpha_raw=self.alpha_raw.tolist(),
             weight_decay=self.decays.tolist(),
+            wd0=[float(w) for w in self.wd0],
             extra={k: v.tolist() for k, v in self.extra.items()},
         )
         return state
@@ -234,6 +235,8 @@ class AlphaDecay(DecayController):
         self.alpha = torch.tensor(state["alpha"], dtype=torch.float64)
         self.alpha_raw = torch.tensor(state["alpha_raw"], dtype=torch.float64)
         self.decays = torch.tensor(state["weight_decay"], dtype=torch.float64)
+        if "wd0" in state:
+            self.wd0 = [float(w) for w in state["wd0"]]
         self.extra = {k: torch.tensor(v, dtype=torch.float64) for k, v in state.get("extra", {}).items()}
         self._apply()
 
