@@ -81,9 +81,12 @@ def test_batch_sampler_is_a_function_of_seed_and_step():
     x2, y2 = D.BatchSampler(tokens, 16, 4, seed=3).get(7)
     assert (x1 == x2).all() and (y1[:, :-1] == x1[:, 1:]).all()
     assert not (s.get(8)[0] == x1).all()
-    # two ranks together see the global batch
-    r0, r1 = s.get(7, rank=0, world_size=2)[0], s.get(7, rank=1, world_size=2)[0]
-    assert (np.concatenate([r0, r1]) == x1.numpy()).all()
+    # two ranks x two micro-batches together see the global batch, whatever the split
+    parts = [s.get(7, micro=m, rank=r, world_size=2, grad_accum=2)[0] for r in range(2) for m in range(2)]
+    assert (np.concatenate(parts) == x1.numpy()).all()
+    assert (np.concatenate([s.get(7, micro=m, grad_accum=4)[0] for m in range(4)]) == x1.numpy()).all()
+    with pytest.raises(ValueError, match="divisible"):
+        s.get(7, world_size=3)
 
 
 def test_eval_windows_cover_every_target_once():

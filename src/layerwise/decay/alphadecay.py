@@ -34,10 +34,20 @@ def estimate_alphas(
     mode: ``α − α_noise(shape) + 2``, so Gaussian noise of any shape reads 2).
     One host synchronisation per call.
     """
-    from layerwise import spectral
-
     if estimator not in _ESTIMATORS:
         raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _estimate_sharded(weights, estimator, shape_correction)
+    return _estimate_local(weights, estimator, shape_correction)
+
+
+def _estimate_local(weights: list[torch.Tensor], estimator: str, shape_correction: bool) -> dict[str, torch.Tensor]:
+    from layerwise import spectral
+
+    if not weights:
+        return {"alpha": torch.zeros(0, dtype=torch.float64)}
     eigs = spectral.gram_eigvals([w.detach() for w in weights])
     out: dict[str, torch.Tensor] = {}
     if estimator == "hill":
@@ -55,6 +65,68 @@ def estimate_alphas(
             ]
         )
     out["alpha"] = alpha
+    return out
+
+
+def owners(shapes: list[tuple[int, ...]], world_size: int) -> list[int]:
+    """Owner rank of each matrix: greedy longest-processing-time balance of the eigen-solve cost
+    (``m·n·min(m, n)``), the same on every rank."""
+    cost = [float(s[0]) * s[1] * min(s[0], s[1]) for s in shapes]
+    load = [0.0] * world_size
+    out = [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        out[i] = r
+        load[r] += cost[i]
+    return out
+
+
+def _estimate_sharded(weights: list[torch.Tensor], estimator: str, shape_correction: bool) -> dict[str, torch.Tensor]:
+    """Distributed α: each matrix is analysed on one owner rank and the small result vectors are summed.
+
+    Replicated weights (DDP) need no communication: the owner uses its own copy.  FSDP2-sharded weights
+    (DTensor, row-sharded) are gathered to their owner only (``dist.gather``), never to every rank, so one
+    recomputation moves each matrix once.  Every rank ends with identical α.
+    """
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shapes = [tuple(w.shape) for w in weights]
+    own = owners(shapes, world)
+    mine: list[torch.Tensor] = []
+    mine_idx: list[int] = []
+    for i, w in enumerate(weights):
+        w = w.detach()
+        if hasattr(w, "to_local"):  # DTensor shard: gather rows to the owner
+            local = w.to_local()
+            rows = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
+            all_rows = [torch.zeros_like(rows) for _ in range(world)]
+            dist.all_gather(all_rows, rows)
+            n_max = max(int(r) for r in all_rows)
+            padded = local.new_zeros((n_max,) + tuple(local.shape[1:]))
+            padded[: local.shape[0]] = local
+            bucket = [torch.empty_like(padded) for _ in range(world)] if rank == own[i] else None
+            dist.gather(padded, bucket, dst=own[i])
+            if rank == own[i]:
+                full = torch.cat([b[: int(r)] for b, r in zip(bucket, all_rows)])
+                mine.append(full)
+                mine_idx.append(i)
+        elif rank == own[i]:
+            mine.append(w)
+            mine_idx.append(i)
+    est = _estimate_local(mine, estimator, shape_correction)
+    out: dict[str, torch.Tensor] = {}
+    device = weights[0].device if weights else torch.device("cpu")
+    keys = ["alpha"] + (["xmin", "ks"] if estimator == "ks" else [])
+    packed = torch.zeros(len(keys), len(weights), dtype=torch.float64)
+    for k, key in enumerate(keys):
+        for j, i in enumerate(mine_idx):
+            packed[k, i] = est[key][j]
+    packed = packed.to(device if device.type != "meta" else "cpu")
+    dist.all_reduce(packed)  # one small all-reduce: only the owner's entries are non-zero
+    packed = packed.cpu()
+    for k, key in enumerate(keys):
+        out[key] = packed[k]
     return out
 
 

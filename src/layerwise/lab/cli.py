@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,12 @@ def cmd_train(args) -> int:
         cfg = resolve(args.preset, args.config, args.overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / (args.preset or "train")
     summary = train(cfg, run_dir, resume=bool(args.resume))
+    if "stopped_at" in summary:
+        print(f"stopped after step {summary['stopped_at']} of {summary['steps']} (train.stop_at); continue with "
+              f"`layerwise train --resume {run_dir}`")
+        return 0
+    if os.environ.get("RANK", "0") != "0":  # a non-zero rank of a distributed run: rank 0 reports
+        return 0
     print(f"final val loss {summary['final_val_loss']:.4f}  ppl {summary['final_val_ppl']:.2f}  "
           f"steps {summary['steps']}  tokens {summary['tokens']:,}  {summary['wall_s']:.1f}s  -> {run_dir}")
     return 0

@@ -99,6 +99,8 @@ class TrainSection:
     eval_every: int = 200  # 0 = only at the end
     log_every: int = 10
     ckpt_every: int = 0  # 0 = only at evaluations and at the end
+    stop_at: int = 0  # > 0: checkpoint and end this invocation after this step (the schedule still runs to
+    #                   max_steps; continue with --resume) — for preemptible or time-limited allocations
     device: str = "cpu"  # cpu | cuda
     compile: bool = False
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16

@@ -331,11 +331,19 @@ class BatchSampler:
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
         self._offsets = np.arange(seq_len + 1)
 
-    def get(self, step: int, micro: int = 0, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro])
+    def get(self, step: int, micro: int = 0, rank: int = 0, world_size: int = 1,
+            grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of micro-batch ``micro`` of ``rank``: the global batch of ``step`` is split into
+        ``world_size`` equal rank slices, each into ``grad_accum`` equal micro-batches."""
+        per_rank = self.batch_size // world_size
+        per_micro = per_rank // grad_accum
+        if per_micro * grad_accum * world_size != self.batch_size:
+            raise ValueError(f"train.batch_size={self.batch_size} must be divisible by world size ({world_size}) "
+                             f"x train.grad_accum ({grad_accum})")
+        rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, self.tokens.size - self.seq_len - 1, size=self.batch_size)
-        per = self.batch_size // world_size
-        starts = starts[rank * per:(rank + 1) * per]
+        lo = rank * per_rank + micro * per_micro
+        starts = starts[lo:lo + per_micro]
         win = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
         return win[:, :-1], win[:, 1:]
 

@@ -57,6 +57,7 @@ def validate(cfg: Config) -> None:
         ("train.max_steps", t.max_steps >= 1), ("train.batch_size", t.batch_size >= 1),
         ("train.grad_accum", t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0),
         ("train.log_every", t.log_every >= 1), ("train.eval_every", t.eval_every >= 0),
+        ("train.stop_at", t.stop_at >= 0),
         ("train.device", t.device in ("cpu", "cuda")), ("train.dtype", t.dtype in ("auto", "fp32", "bf16")),
         ("train.parallel", t.parallel in ("none", "ddp", "fsdp")), ("optim.lr", o.lr > 0),
         ("optim.weight_decay", o.weight_decay >= 0), ("optim.warmup_frac", 0 <= o.warmup_frac < 1),
@@ -69,8 +70,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"invalid value(s): {vals} (grad_accum must divide batch_size)")
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but CUDA is not available here")
-    if t.parallel != "none":
-        raise ConfigError(f"train.parallel={t.parallel!r} is not implemented yet; use 'none'")
 
 
 def lr_factor(step: int, max_steps: int, warmup_frac: float, min_ratio: float) -> float:
@@ -107,28 +106,34 @@ def load_checkpoint(path: Path) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens, seq_len: int, device: str, autocast, batch: int = 32) -> float:
-    """Exact token-weighted mean cross-entropy over every target of the validation split."""
+def evaluate(model: torch.nn.Module, tokens, seq_len: int, device: str, autocast, batch: int = 32, ctx=None) -> float:
+    """Exact token-weighted mean cross-entropy over every target of the validation split.
+
+    With a distributed ``ctx`` the batches are dealt round-robin to the ranks and the sums all-reduced; every
+    rank runs the same number of forward passes (FSDP's collectives need that), padding with unweighted ones.
+    """
     was_training = model.training
     model.eval()
-    windows = eval_windows(tokens, seq_len)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
     by_len: dict[int, list[int]] = {}
-    for start, length in windows:
+    for start, length in eval_windows(tokens, seq_len):
         by_len.setdefault(length, []).append(start)
-    for length, starts in by_len.items():
-        for i in range(0, len(starts), batch):
-            s = torch.tensor(starts[i:i + batch])
-            idx = s[:, None] + torch.arange(length + 1)
-            win = torch.from_numpy(tokens[idx.numpy()].astype("int64")).to(device)
-            with autocast():
-                logits = model(win[:, :-1])
-            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), win[:, 1:].reshape(-1),
-                                     reduction="sum").double()
-            count += win[:, 1:].numel()
+    batches = [(length, starts[i:i + batch]) for length, starts in by_len.items() for i in range(0, len(starts), batch)]
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None and ctx.active else (0, 1)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of targets)
+    for i in range(rank, -(-len(batches) // world) * world, world):
+        length, starts = batches[i] if i < len(batches) else batches[0]
+        idx = torch.tensor(starts)[:, None] + torch.arange(length + 1)
+        win = torch.from_numpy(tokens[idx.numpy()].astype("int64")).to(device)
+        with autocast():
+            logits = model(win[:, :-1])
+        if i < len(batches):
+            total[0] += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), win[:, 1:].reshape(-1),
+                                        reduction="sum").double()
+            total[1] += win[:, 1:].numel()
+    if ctx is not None:
+        ctx.all_reduce_sum(total)
     model.train(was_training)
-    return float(total / count)
+    return float(total[0] / total[1])
 
 
 def _jsonable(v: Any) -> Any:
@@ -179,41 +184,78 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: Token
           quiet: bool = False) -> dict:
     """Train one run into ``run_dir`` and return its summary (also written to ``summary.json``).
 
-    With ``resume=True`` the run continues from ``run_dir/checkpoints/last.pt`` (if there is none it starts
-    from scratch); ``cfg`` must then be the run's config, possibly with a longer ``train.max_steps``.
+    With ``resume=True`` the run continues from its last checkpoint (``checkpoints/last.pt``, or the sharded
+    ``checkpoints/last.dcp/`` of an FSDP run; without one it starts from scratch); ``cfg`` must then be the
+    run's config, possibly with a longer ``train.max_steps`` or a different ``optim.lr``.
+
+    Under ``train.parallel = "ddp" | "fsdp"`` (launched with torchrun) every rank calls this; rank 0 writes
+    logs, metrics and the summary.  ``train.batch_size`` is the global batch.
     """
+    from layerwise.lab import distributed as D
+
     run_dir = Path(run_dir)
     validate(cfg)
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    device = t.device
-    use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device == "cuda")
+    ctx = D.setup(t.parallel, t.device)
+    try:
+        return _train(cfg, run_dir, resume, data, quiet, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, quiet: bool, ctx) -> dict:
+    from layerwise.lab import distributed as D
+
+    t = cfg.train
+    device = t.device if t.device == "cpu" or not ctx.active else f"cuda:{ctx.local_rank}"
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and dev_type == "cuda")
+    if t.batch_size % (ctx.world_size * t.grad_accum):
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by world size ({ctx.world_size}) "
+                          f"x train.grad_accum ({t.grad_accum})")
 
     def autocast():
         if use_bf16:
-            return torch.autocast(device_type=device, dtype=torch.bfloat16)
+            return torch.autocast(device_type=dev_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     data = data or prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.valid)
     mcfg = resolve_model_config(cfg, data.vocab_size)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / "checkpoints" / CKPT_NAME
-    ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = ckpt_dir / CKPT_NAME
+    dcp_path = ckpt_dir / "last.dcp"
+    sharded = t.parallel == "fsdp"
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+    ckpt, dcp_found = None, None
+    if resume:
+        if sharded:
+            dcp_found = D.sharded_checkpoint(dcp_path)
+            ckpt = load_checkpoint(dcp_found / "extra.pt") if dcp_found else None
+        elif ckpt_path.exists():
+            ckpt = load_checkpoint(ckpt_path)
+    if ctx.is_main:
+        (run_dir / "config.toml").write_text(to_toml(cfg))
 
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # same initial weights on every rank, for every method with this seed
     model = LlamaModel(mcfg)
     exclude_from_clip = methods.transform_model(model, cfg)
     model.to(device)
+    fwd_model = D.wrap(model, ctx, dev_type)
     optimizer = methods.build_optimizer(model, cfg, mcfg, device)
     decay = methods.build_decay(optimizer, model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.max_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio))
     start_step, tokens_seen, wall_prev = 0, 0, 0.0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if sharded:
+            D.load_sharded(dcp_found, model, optimizer)
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if decay is not None and ckpt.get("decay") is not None:
             decay.load_state_dict(ckpt["decay"])
@@ -224,28 +266,35 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: Token
             for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
                 g["initial_lr"] = base
                 g["lr"] = base * lr_factor(start_step, t.max_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio)
-    fwd_model = torch.compile(model) if t.compile else model
+    if t.compile:
+        fwd_model = torch.compile(fwd_model)
 
     sampler = BatchSampler(data.train, cfg.data.seq_len, t.batch_size, t.seed)
-    micro_bs = t.batch_size // t.grad_accum
     tokens_per_step = t.batch_size * cfg.data.seq_len
     clip_excluded = {id(p) for p in exclude_from_clip}
     clip_params = [p for p in model.parameters() if p.requires_grad and id(p) not in clip_excluded]
-    log = MetricsLog(run_dir, start_step if ckpt is not None else None, t.tensorboard)
+    main = ctx.is_main
+    log = MetricsLog(run_dir, start_step if ckpt is not None else None, t.tensorboard) if main else None
     spectral_log = run_dir / "spectral.jsonl"
-    if ckpt is None and spectral_log.exists():
+    if main and ckpt is None and spectral_log.exists():
         spectral_log.unlink()
     diag = methods.Diagnostics(model, optimizer, decay, cfg)
 
     def save(step: int) -> None:
-        atomic_torch_save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "decay": decay.state_dict() if decay is not None else None, "step": step, "tokens": tokens_seen,
-            "wall_s": wall_prev + (time.perf_counter() - t0), "model_config": mcfg.to_dict(), "optim_lr": cfg.optim.lr,
-        }, ckpt_path)
+        extra = {"scheduler": scheduler.state_dict(), "decay": decay.state_dict() if decay is not None else None,
+                 "step": step, "tokens": tokens_seen, "wall_s": wall_prev + (time.perf_counter() - t0),
+                 "model_config": mcfg.to_dict(), "optim_lr": cfg.optim.lr, "parallel": t.parallel,
+                 "world_size": ctx.world_size}
+        if sharded:
+            D.save_sharded(dcp_path, model, optimizer, extra, ctx, atomic_torch_save)
+        else:
+            if main:
+                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra},
+                                  ckpt_path)
+            ctx.barrier()
 
     bar = None
-    if t.progress and not quiet:
+    if t.progress and not quiet and main:
         from tqdm import tqdm
 
         bar = tqdm(total=t.max_steps, initial=start_step, desc=run_dir.name, mininterval=1.0, leave=False)
@@ -254,25 +303,22 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: Token
     val_loss = float("nan")
     loss_sum = torch.zeros((), device=device)
     n_loss = 0
+    check_every_step = dev_type == "cpu" and ctx.world_size == 1
     model.train()
-    if start_step == 0 and decay is not None:
+    if start_step == 0 and decay is not None and main:
         diag.log_decay(spectral_log, 0)
+    x = None
     try:
         for step in range(start_step, t.max_steps):
             for micro in range(t.grad_accum):
-                x, y = sampler.get(step, micro)
-                if t.grad_accum > 1:
-                    x, y = x[:micro_bs], y[:micro_bs]
+                x, y = sampler.get(step, micro, ctx.rank, ctx.world_size, t.grad_accum)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast():
+                with D.set_grad_sync(fwd_model, ctx, micro == t.grad_accum - 1), autocast():
                     _, loss = fwd_model(x, y)
-                (loss / t.grad_accum).backward()
+                    (loss / t.grad_accum).backward()
                 loss_sum += loss.detach() / t.grad_accum
             n_loss += 1
-            if cfg.optim.grad_clip > 0:
-                grad_norm = _clip(clip_params, exclude_from_clip, cfg)
-            else:
-                grad_norm = None
+            grad_norm = _clip(clip_params, exclude_from_clip, cfg) if cfg.optim.grad_clip > 0 else None
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -280,62 +326,72 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: Token
             done = step + 1
             if bar is not None:
                 bar.update(1)
-            if device == "cpu" and not torch.isfinite(loss_sum):
+            if check_every_step and not torch.isfinite(loss_sum):
                 _raise_nonfinite(done, float(loss_sum) / n_loss, ckpt_path)
-            if decay is not None:
+            if decay is not None and main:
                 diag.log_decay(spectral_log, done, done % t.log_every == 0)
             is_eval = done == t.max_steps or (t.eval_every and done % t.eval_every == 0)
             if done % t.log_every == 0 or is_eval:
                 now = time.perf_counter()
-                mean_loss = float(loss_sum) / n_loss
+                mean_loss = float(ctx.all_reduce_sum(loss_sum.clone())) / n_loss / ctx.world_size
                 if not math.isfinite(mean_loss):
-                    _raise_nonfinite(done, mean_loss, ckpt_path)
-                rec = {"step": done, "loss": mean_loss, "lr": cfg.optim.lr * lr_factor(step, t.max_steps, cfg.optim.warmup_frac,
-                                                                      cfg.optim.min_lr_ratio),
+                    _raise_nonfinite(done, mean_loss, dcp_path if sharded else ckpt_path)
+                rec = {"step": done, "loss": mean_loss,
+                       "lr": cfg.optim.lr * lr_factor(step, t.max_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio),
                        "tokens": tokens_seen,
                        "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log - eval_time, 1e-9)}
                 if grad_norm is not None:
-                    rec["grad_norm"] = float(grad_norm)
-                if t.diagnostics_every and done % t.diagnostics_every == 0:
+                    rec["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                             else grad_norm)
+                if t.diagnostics_every and done % t.diagnostics_every == 0 and not ctx.active:
                     rec.update(diag.scalars(x, autocast))
-                if t.spectral_every and done % t.spectral_every == 0:
+                if t.spectral_every and done % t.spectral_every == 0 and main and not sharded:
                     diag.log_spectral(spectral_log, done)
                 eval_time = 0.0
                 if is_eval:
                     te = time.perf_counter()
-                    val_loss = evaluate(fwd_model, data.val, cfg.data.seq_len, device, autocast)
+                    val_loss = evaluate(fwd_model, data.val, cfg.data.seq_len, device, autocast, ctx=ctx)
                     rec["val_loss"], rec["val_ppl"] = val_loss, math.exp(min(val_loss, 50.0))
                     save(done)
                     eval_time = time.perf_counter() - te
-                elif t.ckpt_every and done % t.ckpt_every == 0:
+                elif (t.ckpt_every and done % t.ckpt_every == 0) or done == t.stop_at:
                     save(done)
-                log.write(rec)
+                if log is not None:
+                    log.write(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                     **({"val": f"{val_loss:.3f}"} if is_eval else {}))
                 loss_sum.zero_()
                 n_loss = 0
                 t_log, tok_log = time.perf_counter(), tokens_seen
+            if done == t.stop_at and done < t.max_steps:
+                if done % t.log_every and not is_eval:
+                    save(done)
+                return {"stopped_at": done, "steps": t.max_steps, "tokens": tokens_seen}
     finally:
         if bar is not None:
             bar.close()
-        log.close()
+        if log is not None:
+            log.close()
     if not math.isfinite(val_loss):  # resumed at the very end: evaluate the final weights once more
-        val_loss = evaluate(fwd_model, data.val, cfg.data.seq_len, device, autocast)
+        val_loss = evaluate(fwd_model, data.val, cfg.data.seq_len, device, autocast, ctx=ctx)
     wall = wall_prev + time.perf_counter() - t0
     summary = {
         "final_val_loss": val_loss, "final_val_ppl": math.exp(min(val_loss, 50.0)), "steps": t.max_steps,
         "tokens": tokens_seen, "wall_s": wall, "params": sum(p.numel() for p in model.parameters()),
         "tokens_per_s": tokens_seen / wall if wall > 0 else None, "optimizer": cfg.optim.name,
         "decay": cfg.decay.name, "multipliers": cfg.multipliers.kind, "parametrization": cfg.model.parametrization,
-        "seed": t.seed, "data_dir": str(data.dir),
+        "seed": t.seed, "data_dir": str(data.dir), "parallel": t.parallel, "world_size": ctx.world_size,
     }
     if exclude_from_clip and t.export_merged:
         from layerwise.multipliers import merge_multipliers_state_dict
 
-        atomic_torch_save({"model": merge_multipliers_state_dict(model.state_dict()), "step": t.max_steps,
-                           "model_config": mcfg.to_dict()}, run_dir / "checkpoints" / "merged.pt")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        full = D.model_state(model, ctx)
+        if main:
+            atomic_torch_save({"model": merge_multipliers_state_dict(full), "step": t.max_steps,
+                               "model_config": mcfg.to_dict()}, ckpt_dir / "merged.pt")
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
