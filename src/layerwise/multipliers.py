@@ -1,0 +1,482 @@
+"""Learnable multipliers on matrix layers (Velikanov et al., arXiv 2601.04890).
+
+Weight decay pins the norm of every matrix at an equilibrium set by the learning rate and the decay, not by
+the data.  Learnable multipliers free that scale: a matrix ``W`` is used as
+
+    W̃ = diag(r) · W · diag(c) · s
+
+with a *row* multiplier ``r`` (one entry per row of the stored weight), a *column* multiplier ``c`` (one per
+column) and/or a *scalar* multiplier ``s``.  All start at 1, so wrapping does not change the model's function.
+
+Conventions
+-----------
+* **Rows and columns follow the stored weight tensor.**  For ``nn.Linear`` (weight ``(out_features,
+  in_features)``) ``row_multiplier`` has ``out_features`` entries (it scales outputs) and ``col_multiplier``
+  has ``in_features`` entries (it scales inputs).  For ``nn.Embedding`` (weight ``(num_embeddings,
+  embedding_dim)``) ``row_multiplier`` has one entry per *vocabulary* entry (a learnable per-token scale) and
+  ``col_multiplier`` one per *hidden* dimension (a learnable scale of each residual-stream channel).  The same
+  formula ``W̃ = r[:, None] * W * c[None, :] * s`` therefore merges every wrapped weight, which is what lets
+  :func:`merge_multipliers_state_dict` work on a bare state dict.
+* **Names are preserved.**  The wrapped module keeps ``<module>.weight`` (the *same* ``Parameter`` object, so
+  optimizers and name-based rules keep working) and ``<module>.bias``; the multipliers are
+  ``<module>.row_multiplier`` / ``<module>.col_multiplier`` / ``<module>.scalar_multiplier``
+  (:data:`layerwise.names.MULTIPLIER_SUFFIXES`).  ``scalar_multiplier`` has shape ``(1,)`` (not ``()``, so
+  it can be sharded like any other 1-D parameter).  Multipliers have the weight's device and dtype.
+* Wrappers subclass ``nn.Linear`` / ``nn.Embedding`` (so ``isinstance`` checks keep working) and the linear
+  wrapper carries ``_layerwise_linear = True``.  A bias is *not* multiplied: ``y = W̃ x + b``.
+* Gradients (``G = ∂L/∂W̃``): ``∂L/∂W = s · r cᵀ ⊙ G``, ``∂L/∂r_i = s Σ_j W_ij c_j G_ij``,
+  ``∂L/∂c_j = s Σ_i r_i W_ij G_ij``, ``∂L/∂s = Σ_ij r_i W_ij c_j G_ij``.
+* Multipliers are meant to get a small weight decay (2e-3 in the paper, PyTorch's coupled convention
+  ``θ ← θ·(1 − lr·λ)``) and to be left out of the global gradient-norm clip
+  (:func:`layerwise.optim.clip.clip_grad_norm_` with ``exclude=``); under Muon they go to the AdamW side.
+
+Forward implementations (``impl=``), all exact, chosen per module:
+
+* ``"materialize"`` (default for Linear, the reference): ``F.linear(x, r[:, None] * W * c)`` - weight-sized
+  extra work, which is much smaller than activation-sized work whenever tokens per batch exceed the layer
+  width (always, in LM training);
+* ``"io"`` (default for Embedding): scale the input by ``c`` and the output by ``r`` - activation-sized work;
+  for an embedding the row factor is gathered per token (``r[idx]``) instead of scaling the whole table;
+* ``"function"``: a hand-written ``torch.autograd.Function`` for Linear (materialised weight, explicit
+  backward from the formulas above).  No autocast support; for measurements.
+  See ``benchmarks/multipliers_overhead.py`` and ``benchmarks/results/multipliers.md`` for timings.
+
+Placements (``placement=``):
+
+* ``"paper"``: every ``nn.Linear`` inside the transformer blocks and the token embedding; never the LM head.
+* ``"symmetry_free"``: only multipliers that do not create a continuous symmetry among themselves or with a
+  decayed weight: MLP ``down`` rows+cols, ``gate`` rows; attention ``o`` rows+cols, ``q`` rows (``k`` rows
+  would trade scale with ``q``, ``up`` rows with ``down`` cols, ``v`` rows with ``o`` cols); no embedding
+  (its column scale would trade with the ``o``/``down`` row scales through the residual stream).
+  ``kind`` intersects with this map: ``"row"`` keeps the row parts, ``"col"`` the column parts, ``"scalar"``
+  puts one scalar on each selected module, ``"rowcol"`` (default) keeps the map as is.
+* a callable ``placement(name, module) -> kind | True | None``: the kind for that module (``True`` = the
+  ``kind`` argument, ``None``/``False`` = leave it alone).  It is called for every ``nn.Linear`` and
+  ``nn.Embedding``; ``name`` is the canonical module name.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerwise.names import MULTIPLIER_SUFFIXES, canonical_name, is_multiplier, layer_index, module_type
+
+KINDS = ("rowcol", "row", "col", "scalar")
+PLACEMENTS = ("paper", "symmetry_free")
+IMPLS = ("materialize", "io", "function")
+
+Placement = Union[str, Callable[[str, nn.Module], Union[str, bool, None]]]
+
+#: symmetry-free placement: module type -> kind
+SYMMETRY_FREE: dict[str, str] = {"down": "rowcol", "gate": "row", "o": "rowcol", "q": "row"}
+
+_PARTS = {"rowcol": ("row", "col"), "row": ("row",), "col": ("col",), "scalar": ("scalar",)}
+
+
+def _check_kind(kind: object, what: str = "kind") -> str:
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ValueError(f"invalid multiplier {what} {kind!r}; choose one of {list(KINDS)}")
+    return kind
+
+
+def _check_impl(impl: object) -> str:
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"invalid multiplier impl {impl!r}; choose one of {list(IMPLS)}")
+    return impl
+
+
+def _ones(n: int, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(torch.ones(n, device=like.device, dtype=like.dtype))
+
+
+class _MultipliedLinearFn(torch.autograd.Function):
+    """y = x (s·diag(r) W diag(c))ᵀ + b with the backward written from the formulas (None = absent)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, r, c, s, bias):  # type: ignore[override]
+        scale = None  # broadcastable to weight: outer(r, c) * s, or a factor of it
+        for t in (r[:, None] if r is not None else None, c, s):
+            if t is not None:
+                scale = t if scale is None else scale * t
+        w_eff = weight * scale
+        ctx.save_for_backward(x, weight, w_eff, scale, r, c, s)
+        ctx.has_bias = bias is not None
+        return F.linear(x, w_eff, bias)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, w_eff, scale, r, c, s = ctx.saved_tensors
+        dx = dw = dr = dc = ds = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ w_eff
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        g = dy2.t() @ x.reshape(-1, x.shape[-1])  # ∂L/∂W̃, (out, in)
+        if ctx.needs_input_grad[1]:
+            dw = g * scale
+        if any(ctx.needs_input_grad[2:5]):
+            gw = g * weight
+            if r is not None and ctx.needs_input_grad[2]:
+                dr = gw @ c if c is not None else gw.sum(1)
+                dr = dr * s if s is not None else dr
+            if c is not None and ctx.needs_input_grad[3]:
+                dc = r @ gw if r is not None else gw.sum(0)
+                dc = dc * s if s is not None else dc
+            if s is not None and ctx.needs_input_grad[4]:
+                t = gw if r is None else gw * r[:, None]
+                t = t if c is None else t * c
+                ds = t.sum().reshape(s.shape)
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            db = dy2.sum(0)
+        return dx, dw, dr, dc, ds, db
+
+
+class _MultiplierMixin:
+    """Shared bits of the wrappers: which multipliers exist, the effective weight."""
+
+    kind: str
+    impl: str
+    weight: nn.Parameter
+
+    def _init_multipliers(self, kind: str) -> None:
+        parts = _PARTS[kind]
+        w = self.weight
+        self.row_multiplier = _ones(w.shape[0], w) if "row" in parts else None
+        self.col_multiplier = _ones(w.shape[1], w) if "col" in parts else None
+        self.scalar_multiplier = _ones(1, w) if "scalar" in parts else None
+        self.kind = kind
+
+    def multipliers(self) -> dict[str, nn.Parameter]:
+        """The present multipliers by suffix (``row_multiplier`` ...)."""
+        return {n: getattr(self, n) for n in MULTIPLIER_SUFFIXES if getattr(self, n, None) is not None}
+
+    def effective_weight(self) -> torch.Tensor:
+        """W̃ = r[:, None] · W · c[None, :] · s (differentiable)."""
+        w = self.weight
+        if self.row_multiplier is not None:
+            w = w * self.row_multiplier[:, None]
+        if self.col_multiplier is not None:
+            w = w * self.col_multiplier
+        if self.scalar_multiplier is not None:
+            w = w * self.scalar_multiplier
+        return w
+
+
+class MultipliedLinear(_MultiplierMixin, nn.Linear):
+    """``nn.Linear`` whose weight is used as ``diag(r) W diag(c) s``; shares the original weight and bias."""
+
+    _layerwise_linear = True
+
+    def __init__(self, linear: nn.Linear, kind: str = "rowcol", impl: str = "materialize"):
+        nn.Module.__init__(self)  # do not allocate a new weight: reuse the wrapped module's
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._init_multipliers(_check_kind(kind))
+        self.impl = _check_impl(impl)
+        self.train(linear.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, c, s = self.row_multiplier, self.col_multiplier, self.scalar_multiplier
+        if self.impl == "materialize":
+            return F.linear(x, self.effective_weight(), self.bias)
+        if self.impl == "function":
+            return _MultipliedLinearFn.apply(x, self.weight, r, c, s, self.bias)
+        if c is not None:
+            x = x * c
+        y = F.linear(x, self.weight)
+        if r is not None:
+            y = y * r
+        if s is not None:
+            y = y * s
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kind={self.kind!r}, impl={self.impl!r}"
+
+
+class MultipliedEmbedding(_MultiplierMixin, nn.Embedding):
+    """``nn.Embedding`` whose table is used as ``diag(r) E diag(c) s`` (r over vocabulary, c over hidden)."""
+
+    def __init__(self, emb: nn.Embedding, kind: str = "rowcol", impl: str = "io"):
+        if emb.max_norm is not None or emb.sparse:
+            raise ValueError("add_multipliers does not support nn.Embedding with max_norm or sparse=True")
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = emb.padding_idx, None, emb.norm_type
+        self.scale_grad_by_freq, self.sparse = emb.scale_grad_by_freq, False
+        self.weight = emb.weight
+        self._init_multipliers(_check_kind(kind))
+        if _check_impl(impl) == "function":
+            raise ValueError("impl='function' exists for Linear only; use 'io' or 'materialize' for embeddings")
+        self.impl = impl
+        self.train(emb.training)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.impl == "materialize":
+            w = self.effective_weight()
+            return F.embedding(idx, w, self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
+        y = F.embedding(idx, self.weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
+        if self.col_multiplier is not None:
+            y = y * self.col_multiplier
+        if self.row_multiplier is not None:
+            y = y * self.row_multiplier[idx].unsqueeze(-1)
+        if self.scalar_multiplier is not None:
+            y = y * self.scalar_multiplier
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kind={self.kind!r}, impl={self.impl!r}"
+
+
+_WRAPPERS = (MultipliedLinear, MultipliedEmbedding)
+
+
+def _placement_kind(placement: Placement, kind: str, name: str, module: nn.Module) -> str | None:
+    """The kind of multiplier ``module`` gets under ``placement`` (None = none)."""
+    mtype = module_type(name)
+    if callable(placement):
+        out = placement(name, module)
+        if out is None or out is False:
+            return None
+        if out is True:
+            return kind
+        return _check_kind(out, what=f"kind returned by the placement callable for module {name!r}")
+    if placement == "paper":
+        if layer_index(name) is not None:  # every matrix inside a block (whatever its type is called)
+            return kind if isinstance(module, nn.Linear) else None
+        return kind if isinstance(module, nn.Embedding) and mtype == "embed" else None
+    # symmetry_free
+    if layer_index(name) is None or not isinstance(module, nn.Linear) or mtype not in SYMMETRY_FREE:
+        return None
+    if kind == "scalar":
+        return "scalar"
+    parts = [p for p in _PARTS[SYMMETRY_FREE[mtype]] if p in _PARTS[kind]]
+    if not parts:
+        return None
+    return "rowcol" if len(parts) == 2 else parts[0]
+
+
+def add_multipliers(
+    model: nn.Module,
+    kind: str = "rowcol",
+    placement: Placement = "paper",
+    *,
+    impl: str | None = None,
+) -> list[nn.Parameter]:
+    """Add learnable multipliers (initialised to 1) to the selected Linear / Embedding modules, in place.
+
+    Args:
+        model: any ``nn.Module`` (our reference LLaMA, ``transformers``' ``LlamaForCausalLM``, ...).  Apply
+            before wrapping it with DDP / FSDP / ``torch.compile``.
+        kind: ``"rowcol"`` | ``"row"`` | ``"col"`` | ``"scalar"`` (see the module docstring for row/column).
+        placement: ``"paper"`` | ``"symmetry_free"`` | ``callable(name, module) -> kind | True | None``.
+        impl: forward implementation for every wrapped module; default ``"materialize"`` for Linear and
+            ``"io"`` for Embedding.  Change later with :func:`set_multiplier_impl`.
+
+    Returns:
+        The new multiplier parameters, in module order.  Names are ``<module>.row_multiplier`` etc.; the
+        wrapped module keeps ``<module>.weight``.  They are not in any existing optimizer: build the
+        optimizer after this call.
+
+    Raises:
+        ValueError: unknown ``kind``/``placement``/``impl``, or the model already has multipliers.
+    """
+    _check_kind(kind)
+    if not callable(placement) and (not isinstance(placement, str) or placement not in PLACEMENTS):
+        raise ValueError(
+            f"invalid multiplier placement {placement!r}; choose one of {list(PLACEMENTS)} or pass a callable "
+            "(name, module) -> kind | None"
+        )
+    if impl is not None:
+        _check_impl(impl)
+    existing = [canonical_name(n) for n, m in model.named_modules() if isinstance(m, _WRAPPERS)]
+    if existing:
+        raise ValueError(
+            f"model already has multipliers (e.g. on {existing[0]!r}, {len(existing)} modules); "
+            "call merge_multipliers(model) first to fold them in"
+        )
+    chosen: list[tuple[str, nn.Module, str]] = []
+    for name, mod in model.named_modules():
+        if type(mod) not in (nn.Linear, nn.Embedding) and not (
+            callable(placement) and isinstance(mod, (nn.Linear, nn.Embedding))
+        ):
+            continue
+        k = _placement_kind(placement, kind, canonical_name(name), mod)
+        if k is not None:
+            chosen.append((name, mod, k))
+    new_params: list[nn.Parameter] = []
+    for name, mod, k in chosen:
+        if isinstance(mod, nn.Embedding):
+            wrapper: nn.Module = MultipliedEmbedding(mod, k, impl or "io")
+        else:
+            wrapper = MultipliedLinear(mod, k, impl or "materialize")
+        _set_submodule(model, name, wrapper)
+        new_params.extend(wrapper.multipliers().values())
+    return new_params
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("add_multipliers/merge_multipliers cannot replace the root module itself")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def set_multiplier_impl(model: nn.Module, impl: str) -> None:
+    """Switch every wrapped Linear (and, for ``io``/``materialize``, Embedding) to forward ``impl``."""
+    _check_impl(impl)
+    for mod in model.modules():
+        if isinstance(mod, MultipliedLinear) or (isinstance(mod, MultipliedEmbedding) and impl != "function"):
+            mod.impl = impl
+
+
+def multiplier_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(canonical name, parameter)`` of every multiplier in ``model`` (e.g. for ``clip_grad_norm_``)."""
+    return [(canonical_name(n), p) for n, p in model.named_parameters() if is_multiplier(n)]
+
+
+@torch.no_grad()
+def merge_multipliers(model: nn.Module) -> nn.Module:
+    """Fold every multiplier into its weight and turn wrappers back into plain ``nn.Linear``/``nn.Embedding``.
+
+    In place, same module and parameter names, same device and dtype; the weight ``Parameter`` object is
+    updated in place (so existing references see the merged weight) unless it is shared with another module
+    (tied weights), in which case the merged module gets a new ``Parameter`` and the other user keeps the
+    unmerged one.  The product is computed in at least float32.  Returns ``model``.
+    """
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, _WRAPPERS)]
+    for name, mod in wrapped:
+        w = mod.weight
+        merged = _merge_tensor(w, mod.row_multiplier, mod.col_multiplier, mod.scalar_multiplier)
+        if counts.get(id(w), 1) > 1:
+            weight = nn.Parameter(merged, requires_grad=w.requires_grad)
+        else:
+            w.copy_(merged)
+            weight = w
+        if isinstance(mod, MultipliedLinear):
+            plain: nn.Module = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+            plain.bias = mod.bias
+        else:
+            plain = nn.Embedding(
+                mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx,
+                scale_grad_by_freq=mod.scale_grad_by_freq, device="meta",
+            )
+        plain.weight = weight
+        plain.train(mod.training)
+        _set_submodule(model, name, plain)
+    return model
+
+
+def _merge_tensor(
+    w: torch.Tensor, r: torch.Tensor | None, c: torch.Tensor | None, s: torch.Tensor | None
+) -> torch.Tensor:
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    out = w.detach().to(dtype)
+    if r is not None:
+        out = out * r.detach().to(dtype)[:, None]
+    if c is not None:
+        out = out * c.detach().to(dtype)
+    if s is not None:
+        out = out * s.detach().to(dtype)
+    return out.to(w.dtype)
+
+
+def merge_multipliers_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pure version of :func:`merge_multipliers` on a state dict: returns a new dict without multiplier
+    entries whose ``<module>.weight`` entries hold ``r[:, None] · W · c · s``.  Keys keep any wrapper prefix
+    (``module.``, ``_orig_mod.``); the input is not modified.
+
+    Raises:
+        ValueError: a multiplier entry has no ``<module>.weight`` beside it, or its shape does not fit.
+    """
+    out = dict(state_dict)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, val in state_dict.items():
+        prefix, _, suffix = key.rpartition(".")
+        if suffix in MULTIPLIER_SUFFIXES:
+            groups.setdefault(prefix, {})[suffix] = val
+            del out[key]
+    for prefix, mults in groups.items():
+        wkey = f"{prefix}.weight" if prefix else "weight"
+        if wkey not in state_dict:
+            raise ValueError(f"multiplier(s) {sorted(mults)} of {prefix!r} have no weight entry {wkey!r}")
+        w = state_dict[wkey]
+        r, c, s = (mults.get(n) for n in MULTIPLIER_SUFFIXES)
+        if w.ndim != 2 or (r is not None and r.shape != (w.shape[0],)) or (
+            c is not None and c.shape != (w.shape[1],)
+        ) or (s is not None and s.numel() != 1):
+            raise ValueError(
+                f"multiplier shapes of {prefix!r} do not fit weight {tuple(w.shape)}: "
+                + ", ".join(f"{k}={tuple(v.shape)}" for k, v in mults.items())
+            )
+        out[wkey] = _merge_tensor(w, r, c, s.reshape(()) if s is not None else None)
+    return out
+
+
+@torch.no_grad()
+def multiplier_stats(model: nn.Module) -> dict[str, float]:
+    """Diagnostics for logging (one host sync).
+
+    Keys (``T`` a module type such as ``q``/``down``/``embed``, ``P`` in ``row``/``col``/``scalar``):
+
+    * ``"T/P_mean"``, ``"T/P_rms"``: mean and root-mean-square of all ``P`` multipliers of modules of type
+      ``T`` (over all layers);
+    * ``"qk_ratio/layer{i}"``: RMS of the q output scale over RMS of the k output scale in block ``i`` (output
+      scale = row multiplier × scalar multiplier, 1 where absent) - q and k can trade scale freely, so its
+      drift away from 1 measures motion along that symmetry;
+    * ``"qk_ratio/max_abs_log"``: ``max_i |log qk_ratio_i|``.
+
+    Empty dict when the model has no multipliers.
+    """
+    per_type: dict[str, list[torch.Tensor]] = {}
+    out_scale: dict[tuple[int, str], torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, _WRAPPERS):
+            continue
+        cname = canonical_name(name)
+        mtype = module_type(cname)
+        for suffix, p in mod.multipliers().items():
+            per_type.setdefault(f"{mtype}/{suffix.split('_')[0]}", []).append(p.detach().float().reshape(-1))
+        li = layer_index(cname)
+        if li is not None and mtype in ("q", "k"):
+            scale = torch.ones((), device=mod.weight.device)
+            if mod.row_multiplier is not None:
+                scale = mod.row_multiplier.detach().float().pow(2).mean().sqrt()
+            if mod.scalar_multiplier is not None:
+                scale = scale * mod.scalar_multiplier.detach().float().abs().reshape(())
+            out_scale[(li, mtype)] = scale
+    keys: list[str] = []
+    vals: list[torch.Tensor] = []
+    for key, ts in sorted(per_type.items()):
+        v = torch.cat(ts)
+        keys += [f"{key}_mean", f"{key}_rms"]
+        vals += [v.mean(), v.pow(2).mean().sqrt()]
+    layers = sorted({li for li, _ in out_scale})
+    ratios = []
+    for li in layers:
+        one = torch.ones((), device=next(iter(out_scale.values())).device)
+        q, k = out_scale.get((li, "q"), one), out_scale.get((li, "k"), one)
+        ratios.append((q / k).to(one.device))
+        keys.append(f"qk_ratio/layer{li}")
+    vals += ratios
+    if ratios:
+        keys.append("qk_ratio/max_abs_log")
+        vals.append(torch.stack(ratios).log().abs().max())
+    if not vals:
+        return {}
+    dev = vals[0].device
+    return dict(zip(keys, torch.stack([v.to(dev).reshape(()) for v in vals]).tolist()))
+
+
+__all__ = [
+    "KINDS", "PLACEMENTS", "IMPLS", "SYMMETRY_FREE", "MultipliedLinear", "MultipliedEmbedding", "add_multipliers",
+    "merge_multipliers", "merge_multipliers_state_dict", "multiplier_parameters", "multiplier_stats",
+    "set_multiplier_impl",
+]
