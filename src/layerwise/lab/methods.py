@@ -53,7 +53,7 @@ def _muon(groups, cfg: Config, device: str):
     from layerwise.optim import MuonAdamW
 
     o = cfg.optim
-    return MuonAdamW(groups, lr=o.muon_lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
+    return MuonAdamW(groups, lr=o.muon_lr or o.lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
                      adam_lr=o.lr, adam_betas=_betas(cfg), adam_eps=o.eps)
 
 
@@ -193,6 +193,8 @@ class Diagnostics:
 
     def scalars(self, batch: torch.Tensor | None = None, autocast=None) -> dict[str, float]:
         out: dict[str, float] = {}
+        if self.cfg.multipliers.kind != "none" and batch is not None:
+            out.update(residual_rms(self.model, batch, autocast))
         if self.cfg.model.parametrization == "mup" and batch is not None:
             from layerwise.scaling import SublayerGains, top_sv_metrics
 
@@ -247,3 +249,24 @@ class Diagnostics:
         rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
         with open(path, "a") as f:
             f.write(json.dumps({"step": step, "kind": "analyze", "rows": rows}) + "\n")
+
+
+@torch.no_grad()
+def residual_rms(model: nn.Module, batch: torch.Tensor, autocast=None) -> dict[str, float]:
+    """RMS of the residual stream after each transformer block (one extra forward on ``batch``)."""
+    rms: list[torch.Tensor] = []
+    hooks = [blk.register_forward_hook(lambda m, a, out: rms.append(out.float().pow(2).mean().sqrt()))
+             for blk in getattr(model, "layers", [])]
+    was = model.training
+    model.eval()
+    try:
+        with (autocast() if autocast else _null()):
+            model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    if not rms:
+        return {}
+    vals = torch.stack(rms).tolist()
+    return {"resid_rms/last": vals[-1], "resid_rms/mean": sum(vals) / len(vals)}
