@@ -75,6 +75,12 @@ def test_fsdp_equals_single_process_and_dcp_resume(single, tmp_path, corpus_file
     assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-6)
     full = _weights(tmp_path / "fsdp", sharded=True)
     _close(_weights(single), full)
+    # the sharded checkpoint is readable in one process by `layerwise analyze`
+    from layerwise.lab.cli import main
+
+    assert main(["analyze", str(tmp_path / "fsdp"), "--no-plots"]) == 0
+    rows = json.loads((tmp_path / "fsdp" / "spectral.json").read_text())["rows"]
+    assert len(rows) == 14 and all(r["alpha"] is not None for r in rows)
     # sharded save at step 4, a new launch resumes from it: equals the uninterrupted run
     run = tmp_path / "resumed"
     _run(["train"], 2, run, corpus_file, fs + ["--set", "train.stop_at=4"])

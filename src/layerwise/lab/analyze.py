@@ -78,6 +78,11 @@ def load_state_dict(path: str | os.PathLike) -> tuple[Mapping[str, torch.Tensor]
         last = p / "checkpoints" / "last.pt"
         if last.is_file():
             return _load_pt(last), p
+        from layerwise.lab.distributed import load_sharded_model_state, sharded_checkpoint
+
+        dcp_dir = sharded_checkpoint(p / "checkpoints" / "last.dcp") or sharded_checkpoint(p)
+        if dcp_dir is not None:  # a torch.distributed.checkpoint folder (FSDP run), read in this one process
+            return load_sharded_model_state(dcp_dir), p if dcp_dir != p else p.parent
         if (p / "model.safetensors").is_file():
             return _load_safetensors(p / "model.safetensors"), p
         shards = sorted(p.glob("model-*.safetensors"))
@@ -94,7 +99,7 @@ def load_state_dict(path: str | os.PathLike) -> tuple[Mapping[str, torch.Tensor]
             for b in bins:
                 sd.update(_load_pt(b))
             return sd, p
-        raise AnalyzeError(f"{p}: directory holds none of checkpoints/last.pt, model.safetensors, "
+        raise AnalyzeError(f"{p}: directory holds none of checkpoints/last.pt, checkpoints/last.dcp/, model.safetensors, "
                            f"model-*.safetensors, pytorch_model.bin")
     if p.suffix == ".safetensors":
         return _load_safetensors(p), p.parent
