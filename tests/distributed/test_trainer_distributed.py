@@ -93,3 +93,14 @@ def test_fsdp_equals_single_process_and_dcp_resume(single, tmp_path, corpus_file
     s3 = json.loads((run / "summary.json").read_text())
     assert s3["final_val_loss"] == pytest.approx(s2["final_val_loss"], rel=1e-6)
     _close(full, _weights(run, sharded=True))
+
+
+def test_alphaadam_fsdp_equals_single_process(tmp_path, corpus_file):
+    """AlphaAdam on FSDP2-sharded parameters: per-tensor statistics from local shards + one all-reduce."""
+    extra = ["--set", "optim.name=alphaadam"]
+    _run(["train"], 1, tmp_path / "one", corpus_file, extra)
+    _run(["train"], 2, tmp_path / "two", corpus_file, extra + ["--set", "train.parallel=fsdp"])
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-5)
+    _close(_weights(tmp_path / "one"), _weights(tmp_path / "two", sharded=True), rtol=1e-3, atol=1e-5)

@@ -209,7 +209,7 @@ class Diagnostics:
         if callable(diag):
             stats = diag()
             if stats:
-                for key in ("density", "alpha"):
+                for key in ("mask_density", "alpha"):
                     vals = [float(v[key]) for v in stats.values() if key in v]
                     if vals:
                         out[f"{self.cfg.optim.name}/{key}_mean"] = sum(vals) / len(vals)

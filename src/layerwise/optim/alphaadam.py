@@ -1,0 +1,436 @@
+"""AlphaAdam (masked AdamW with per-tensor compensation) and CautiousAdamW, its closest peer.
+
+AlphaAdam (Chang, Li, Yuan, arXiv 2501.18094) has no public code; this is our documented
+reconstruction (``shared/METHODS.md`` section 2), with the open choices kept as options.  For every
+parameter tensor, with gradient ``g`` and step ``t``:
+
+* Adam moments, updated densely (the mask never touches optimizer state)::
+
+      m_t = beta1 m_{t-1} + (1 - beta1) g          v_t = beta2 v_{t-1} + (1 - beta2) g^2
+      u   = m_hat / (sqrt(v_hat) + eps)              (torch AdamW's convention for eps)
+
+* mask ``M = 1[m_ref * g > 0]`` with ``m_ref = m_{t-1}`` (``mask_ref="previous"``, default: the
+  paper's "historical momentum") or ``m_t`` (``"current"``, the Cautious rule); ``M = 1`` wherever
+  ``m_ref == 0`` (so the first step, where ``m_0 = 0``, is an ordinary AdamW step).
+* per-coordinate weight ``w = M + floor * (1 - M)`` (``floor`` gamma = 0 by default);
+* per-tensor ("intra-layer") compensation, clamped to ``[1, alpha_max]``:
+  ``alpha_mode="norm"`` (default) ``alpha = ||u|| / ||w * u||`` keeps the tensor's update norm;
+  ``"density"`` ``alpha = 1 / mean(w)``.  At ``floor = 0`` these are ``||u|| / ||M * u||`` and
+  ``1 / mean(M)``; with ``floor > 0`` we compensate only for the step actually removed, so
+  ``floor = 1`` gives exactly AdamW (our choice; the paper has no floor).
+* decoupled weight decay on every element, PyTorch's coupled-``lr`` convention, then the update::
+
+      p <- p * (1 - lr * weight_decay) - lr * alpha * (w * u)     (lr * u = step_size * m / denom)
+
+* ``masking=False`` is ``torch.optim.AdamW`` (to float32 rounding).
+
+:class:`CautiousAdamW` (Liang et al., "Cautious Optimizers", C-Optim / timm rule) uses the same
+machinery with ``M = 1[u * g > 0]`` (no exception at zero) and scale ``1 / max(mean(M), 1e-3)``.
+
+State and checkpoints: per-parameter state is exactly torch AdamW's (``step`` a float32 scalar tensor
+on the CPU, ``exp_avg``, ``exp_avg_sq`` like the parameter: same dtype, device and layout), no extra
+tensors, so AdamW state dicts load into these optimizers and back.  Moments are stored in the
+parameter's dtype (like torch AdamW, and what ``Optimizer.load_state_dict`` casts to); the arithmetic is
+always fp32, so bf16 parameters get fp32 math with bf16 storage.
+
+Speed: by default (``fast=None``) every tensor goes through compiled kernels (``torch.compile``,
+``dynamic=True`` on flat 1-D aliases: one compilation serves every shape; hyper-parameters travel in
+a small tensor, so learning-rate schedules never recompile).  A masked update takes two passes over a
+tensor (``alpha`` needs the whole tensor first): pass 1 moves the moments and writes ``w * u`` into a
+scratch buffer, pass 2 updates the parameter (see :mod:`layerwise.optim._masked_kernels`).  Extra
+memory: one fp32 scratch buffer per device, the size of the largest masked parameter, kept between
+steps (not part of the state dict).  Kernels are compiled lazily at the first step (seconds on a
+CPU); if compiling fails the optimizer warns once and uses the eager reference path.  ``fast=False``
+selects the eager path (the reference the tests compare against; several temporaries per tensor);
+``fast=True`` makes compile errors raise.  Under an enclosing ``torch.compile`` the eager ops are
+traced instead.  No step reads a device tensor on the host: the only host reads are the CPU
+``step`` counters, as in torch's own non-fused AdamW.
+
+Diagnostics: each step keeps references to the per-tensor ``alpha`` and mask density it computed
+anyway (0-d tensors, no copy, no sync); :meth:`diagnostics` turns them into floats on request.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _masked_kernels as K
+
+__all__ = ["AlphaAdam", "CautiousAdamW"]
+
+_FAST_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def _is_dtensor(x: Any) -> bool:
+    return hasattr(x, "to_local") and hasattr(x, "device_mesh")
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.numel() == 1 and not x.is_complex()
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class _MaskedAdamW(Optimizer):
+    """Shared machinery: validation, state, the per-tensor dispatch (compiled / eager), diagnostics."""
+
+    _NAME = "MaskedAdamW"
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], fast: bool | None) -> None:
+        if fast not in (None, True, False):
+            raise ValueError(f"{self._NAME}: invalid fast={fast!r}: must be None, True or False")
+        self.fast = fast
+        self._last_stats: list[tuple[int, int, tuple[Tensor, Tensor] | None]] = []
+        self._scratch: dict[torch.device, Tensor] = {}
+        super().__init__(params, defaults)
+
+    # -- subclass hooks -------------------------------------------------------------------------
+    def _rule(self, group: dict[str, Any]) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def _alpha_max(self, group: dict[str, Any]) -> float:
+        raise NotImplementedError
+
+    def _floor(self, group: dict[str, Any]) -> float:
+        raise NotImplementedError
+
+    def _validate_extra(self, group: dict[str, Any], where: str) -> None:
+        pass
+
+    # -- validation -----------------------------------------------------------------------------
+    def _validate(self, group: dict[str, Any], where: str) -> None:
+        n = self._NAME
+        lr = group["lr"]
+        if not _is_number(lr) or not float(lr) >= 0.0:
+            raise ValueError(f"{n}: invalid lr={lr!r}{where}: must be a number >= 0")
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{n}: invalid betas={betas!r}{where}: must be a pair (beta1, beta2)")
+        for i, b in enumerate(betas):
+            if not _is_number(b) or not 0.0 <= float(b) < 1.0:
+                raise ValueError(f"{n}: invalid betas[{i}]={b!r}{where}: must be in [0, 1)")
+        eps = group["eps"]
+        if not _is_number(eps) or not float(eps) >= 0.0:
+            raise ValueError(f"{n}: invalid eps={eps!r}{where}: must be a number >= 0")
+        wd = group["weight_decay"]
+        if not _is_number(wd) or not float(wd) >= 0.0:
+            raise ValueError(f"{n}: invalid weight_decay={wd!r}{where}: must be a number >= 0")
+        self._validate_extra(group, where)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        i = len(self.param_groups) - 1
+        self._validate(self.param_groups[i], f" (param group {i})")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if not hasattr(self, "_last_stats"):
+            self._last_stats = []
+        if not hasattr(self, "fast"):
+            self.fast = None
+        if not hasattr(self, "_scratch"):
+            self._scratch = {}
+        # groups loaded from a torch AdamW checkpoint lack our keys: fall back to the constructor's
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # -- step -----------------------------------------------------------------------------------
+    def _param_name(self, gi: int, pi: int) -> str:
+        names = self.param_groups[gi].get("param_names")
+        if names is not None and pi < len(names):
+            return str(names[pi])
+        return f"group{gi}.param{pi}"
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        else:
+            step = state["step"]
+            if not isinstance(step, Tensor):
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+            elif step.device.type != "cpu" or step.dtype != torch.float32:
+                # e.g. loaded from a fused / capturable AdamW: one host read, once, after loading
+                state["step"] = step.detach().to("cpu", torch.float32)
+        return state
+
+    def _use_fast(self) -> bool:
+        if self.fast is False:
+            return False
+        if torch.compiler.is_compiling():  # the caller compiles the whole step: trace the eager ops
+            return False
+        return True
+
+    def _scratch_for(self, device: torch.device, numel: int) -> Tensor:
+        """The fp32 scratch buffer of ``device`` (grown to ``numel`` if needed), not part of the state."""
+        buf = self._scratch.get(device)
+        if buf is None or buf.numel() < numel:
+            self._scratch[device] = buf = torch.empty(numel, dtype=torch.float32, device=device)
+        return buf
+
+    def _run(self, rule: str, mode: str, fast: bool, p: Tensor, g: Tensor, m: Tensor, v: Tensor,
+             h: Tensor) -> tuple[Tensor, Tensor] | None:
+        pd = p.detach()
+        n = pd.numel()
+        buf = None if rule == "none" else self._scratch_for(pd.device, n)[:n]
+        if (fast and pd.device.type in _FAST_DEVICES and pd.is_contiguous() and g.is_contiguous()
+                and m.is_contiguous() and v.is_contiguous() and g.shape == pd.shape
+                and m.shape == pd.shape and v.shape == pd.shape):
+            # ``view(-1).detach()`` is a flat alias that is not a view (no ``_base``): the compiled
+            # kernels' guards then see plain 1-D tensors, whatever the parameter's shape
+            p1, g1, m1, v1 = (t.view(-1).detach() for t in (pd, g, m, v))
+            b1 = None if buf is None else buf.detach()
+            return K.update_(p1, g1, m1, v1, h, rule, mode, b1, fast=True, strict=self.fast is True)
+        return K.update_(pd, g, m, v, h, rule, mode, None if buf is None else buf.view(pd.shape),
+                         fast=False)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step (see the module docstring for the update).  Parameters whose ``grad``
+        is ``None`` are skipped (their state and ``step`` are untouched)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        fast = self._use_fast()
+        # validate everything before the first tensor moves (an error never leaves a half step)
+        # and size the scratch buffer once
+        need: dict[torch.device, int] = {}
+        for gi, group in enumerate(self.param_groups):
+            for flag in ("amsgrad", "maximize"):
+                if group.get(flag):
+                    raise ValueError(f"{self._NAME}: {flag}=True (param group {gi}) is not supported")
+            masked = self._rule(group)[0] != "none"
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"{self._NAME} does not support sparse gradients "
+                                       f"(parameter {self._param_name(gi, pi)!r})")
+                if p.is_complex():
+                    raise RuntimeError(f"{self._NAME} does not support complex parameters "
+                                       f"(parameter {self._param_name(gi, pi)!r})")
+                if masked:
+                    need[p.device] = max(need.get(p.device, 0), p.numel())
+        if any(_is_dtensor(p) for group in self.param_groups for p in group["params"] if p.grad is not None):
+            self._last_stats = self._step_sharded()
+            return loss
+        for device, numel in need.items():
+            self._scratch_for(device, numel)
+        stats: list[tuple[int, int, tuple[Tensor, Tensor] | None]] = []
+        for gi, group in enumerate(self.param_groups):
+            rule, mode = self._rule(group)
+            lr = float(group["lr"])
+            beta1, beta2 = (float(b) for b in group["betas"])
+            eps = float(group["eps"])
+            wd = float(group["weight_decay"])
+            alpha_max = self._alpha_max(group)
+            floor = self._floor(group)
+            h_cache: dict[tuple[torch.device, float], Tensor] = {}
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                state = self._init_state(p)
+                step_t = state["step"]
+                step_t += 1.0
+                t = float(step_t)  # CPU scalar: no device synchronisation
+                key = (p.device, t)
+                h = h_cache.get(key)
+                if h is None:
+                    h = torch.tensor(
+                        [1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+                         lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t), alpha_max, floor],
+                        dtype=torch.float32, device=p.device)
+                    h_cache[key] = h
+                out = self._run(rule, mode, fast, p, g, state["exp_avg"], state["exp_avg_sq"], h)
+                stats.append((gi, pi, out))
+        self._last_stats = stats
+        return loss
+
+    def _h(self, group: dict[str, Any], t: float, device: torch.device) -> Tensor:
+        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return torch.tensor([1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, eps, lr / (1.0 - beta1 ** t),
+                             math.sqrt(1.0 - beta2 ** t), self._alpha_max(group), self._floor(group)],
+                            dtype=torch.float32, device=device)
+
+    def _step_sharded(self) -> list[tuple[int, int, tuple[Tensor, Tensor] | None]]:
+        """The step for sharded (DTensor, e.g. FSDP2) parameters.
+
+        Element-wise math runs on each rank's local shard (eager fp32 ops); the per-tensor statistics that
+        ``alpha`` needs (``sum u^2``, ``sum (w u)^2``, mask count, element count) are partial sums stacked into
+        one small tensor and summed with **one all-reduce per step** over the parameters' process group —
+        never ``full_tensor()``.  Results equal the unsharded optimizer's up to reduction order.  Extra memory:
+        ``w * u`` of the local shards in fp32 until the step ends.
+        """
+        import torch.distributed as dist
+
+        work = []  # (gi, pi, p_local, h, wu, rule, mode)
+        partial = []
+        group_pg = None
+        for gi, group in enumerate(self.param_groups):
+            rule, mode = self._rule(group)
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                state = self._init_state(p)
+                state["step"] += 1.0
+                t = float(state["step"])
+                loc = (lambda x: x.to_local() if _is_dtensor(x) else x)
+                pl, gl, ml, vl = loc(p.detach()), loc(p.grad), loc(state["exp_avg"]), loc(state["exp_avg_sq"])
+                if _is_dtensor(p) and group_pg is None:
+                    group_pg = p.device_mesh.get_group()
+                h = self._h(group, t, pl.device)
+                gf, mf, m_new, v_new, u = K._moments(gl, ml, vl, h)
+                if rule == "none":
+                    wu = u
+                    partial.append(torch.zeros(4, device=pl.device))
+                else:
+                    maskf = K._mask(rule, gf, mf, m_new).to(torch.float32)
+                    wu = (maskf + h[8] * (1.0 - maskf)) * u
+                    partial.append(torch.stack([(u * u).sum(), (wu * wu).sum(), maskf.sum(),
+                                                torch.tensor(float(maskf.numel()), device=pl.device)]))
+                ml.copy_(m_new)
+                vl.copy_(v_new)
+                work.append((gi, pi, pl, h, wu, rule, mode))
+        if not work:
+            return []
+        sums = torch.stack(partial)
+        if group_pg is not None and dist.get_world_size(group_pg) > 1:
+            dist.all_reduce(sums, group=group_pg)
+        stats = []
+        for (gi, pi, pl, h, wu, rule, mode), (uu, ww, cnt, n) in zip(work, sums):
+            if rule == "none":
+                pl.copy_(pl.to(torch.float32) * h[0] - h[5] * wu)
+                stats.append((gi, pi, None))
+                continue
+            density = cnt / n.clamp_min(1.0)
+            if mode == "norm":
+                alpha = (uu / ww.clamp_min(K._TINY)).sqrt()
+            else:
+                alpha = 1.0 / torch.maximum(density + h[8] * (1.0 - density), 1.0 / h[7])
+            alpha = torch.minimum(alpha.clamp_min(1.0), h[7])
+            pl.copy_(pl.to(torch.float32) * h[0] - (h[5] * alpha) * wu)
+            stats.append((gi, pi, (alpha, density)))
+        return stats
+
+    # -- diagnostics ----------------------------------------------------------------------------
+    def diagnostics(self) -> dict[str, dict[str, float]]:
+        """Per-parameter ``{"alpha": ..., "mask_density": ...}`` of the most recent step.
+
+        Keys are ``group["param_names"][j]`` when the group has names, else ``"group{i}.param{j}"``.
+        Only parameters updated in that step appear.  Unmasked updates (``masking=False``) report
+        ``alpha = mask_density = 1``.  The values were computed by the step anyway; this call does
+        one host transfer per device (call it on logging steps only).
+        """
+        result: dict[str, dict[str, float]] = {}
+        by_device: dict[torch.device, list[tuple[str, Tensor, Tensor]]] = {}
+        for gi, pi, out in self._last_stats:
+            name = self._param_name(gi, pi)
+            if out is None:
+                result[name] = {"alpha": 1.0, "mask_density": 1.0}
+            else:
+                alpha, density = out
+                by_device.setdefault(alpha.device, []).append((name, alpha, density))
+        for items in by_device.values():
+            values = torch.stack([torch.stack((a, d)) for _, a, d in items]).tolist()
+            for (name, _, _), (a, d) in zip(items, values):
+                result[name] = {"alpha": float(a), "mask_density": float(d)}
+        return result
+
+
+class AlphaAdam(_MaskedAdamW):
+    """AdamW whose update is masked by gradient/momentum sign agreement, with per-tensor compensation.
+
+    Args:
+        params: parameters or parameter groups (groups may carry ``param_names``, ``group`` and other
+            extra keys; any hyper-parameter below may be overridden per group).
+        lr: learning rate (>= 0).
+        betas: ``(beta1, beta2)``, each in ``[0, 1)``.
+        eps: added to ``sqrt(v_hat)`` (torch AdamW convention), >= 0.
+        weight_decay: decoupled decay, PyTorch's coupled convention: one step does
+            ``p <- p * (1 - lr * weight_decay)`` on every element (mask or no mask).
+        mask_ref: ``"previous"`` (mask from ``m_{t-1}``, default) or ``"current"`` (from ``m_t``).
+        alpha_mode: ``"norm"`` (``||u|| / ||w * u||``, default) or ``"density"`` (``1 / mean(w)``).
+        alpha_max: upper bound of alpha (>= 1, default 10); alpha is always >= 1.
+        floor: gamma in ``[0, 1]``, the update weight kept by masked coordinates (default 0).
+        masking: ``False`` gives plain AdamW (equal to ``torch.optim.AdamW``).
+        fast: ``None`` (default: compiled kernel, eager fallback with one warning), ``True`` (compiled,
+            errors raise), ``False`` (eager reference path).
+
+    See the module docstring for the full update, the state layout and :meth:`diagnostics`.
+    """
+
+    _NAME = "AlphaAdam"
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, *, mask_ref: str = "previous",
+                 alpha_mode: str = "norm", alpha_max: float = 10.0, floor: float = 0.0,
+                 masking: bool = True, fast: bool | None = None) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mask_ref=mask_ref,
+                        alpha_mode=alpha_mode, alpha_max=alpha_max, floor=floor, masking=masking)
+        super().__init__(params, defaults, fast)
+
+    def _validate_extra(self, group: dict[str, Any], where: str) -> None:
+        n = self._NAME
+        if group["mask_ref"] not in ("previous", "current"):
+            raise ValueError(f"{n}: invalid mask_ref={group['mask_ref']!r}{where}: "
+                             "must be 'previous' or 'current'")
+        if group["alpha_mode"] not in K.ALPHA_MODES:
+            raise ValueError(f"{n}: invalid alpha_mode={group['alpha_mode']!r}{where}: "
+                             "must be 'norm' or 'density'")
+        am = group["alpha_max"]
+        if not _is_number(am) or not 1.0 <= float(am) < math.inf:
+            raise ValueError(f"{n}: invalid alpha_max={am!r}{where}: must be a finite number >= 1")
+        fl = group["floor"]
+        if not _is_number(fl) or not 0.0 <= float(fl) <= 1.0:
+            raise ValueError(f"{n}: invalid floor={fl!r}{where}: must be in [0, 1]")
+        if not isinstance(group["masking"], bool):
+            raise ValueError(f"{n}: invalid masking={group['masking']!r}{where}: must be a bool")
+
+    def _rule(self, group: dict[str, Any]) -> tuple[str, str]:
+        if not group["masking"]:
+            return "none", "norm"
+        return group["mask_ref"], group["alpha_mode"]
+
+    def _alpha_max(self, group: dict[str, Any]) -> float:
+        return float(group["alpha_max"])
+
+    def _floor(self, group: dict[str, Any]) -> float:
+        return float(group["floor"])
+
+
+class CautiousAdamW(_MaskedAdamW):
+    """Cautious AdamW (Liang et al., C-Optim; the timm rule), sharing AlphaAdam's machinery.
+
+    ``M = 1[u * g > 0]`` with ``u`` the AdamW update direction (``sign(u) = sign(m_t)``); the update is
+    ``p <- p * (1 - lr * weight_decay) - lr * (M * u) / max(mean(M), 1e-3)``.  Weight decay is PyTorch's
+    coupled convention on every element; moments are updated densely; state is torch AdamW's.
+    ``fast`` as in :class:`AlphaAdam`; :meth:`diagnostics` reports the scale as ``alpha``.
+    """
+
+    _NAME = "CautiousAdamW"
+    MIN_DENSITY = 1e-3
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, *, fast: bool | None = None) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, fast)
+
+    def _rule(self, group: dict[str, Any]) -> tuple[str, str]:
+        return "cautious", "density"
+
+    def _alpha_max(self, group: dict[str, Any]) -> float:
+        return 1.0 / self.MIN_DENSITY
+
+    def _floor(self, group: dict[str, Any]) -> float:
+        return 0.0
