@@ -33,7 +33,7 @@ def test_method_specs():
 
 def test_compare_runs_resumes_and_reports(tmp_path, corpus_file, capsys):
     out = tmp_path / "cmp"
-    args = ["compare", "--preset", "smoke", "--methods", "adamw,adamw-nowd", "--seeds", "2", "--out", str(out),
+    args = ["compare", "--preset", "smoke", "--methods", "adamw,adamw-nowd", "--seeds", "2", "--out", str(out), "--jobs", "2",
             "--set", f"data.corpus={corpus_file}", "--set", "train.max_steps=6", "--set", "train.progress=false",
             "--set", "train.tensorboard=false"]
     assert main(args) == 0

@@ -54,7 +54,7 @@ def cmd_compare(args) -> int:
     specs = [s for s in _split_methods(args.methods) if s]
     out = args.out or f"runs/compare-{args.preset or 'custom'}"
     compare(args.preset, specs, args.seeds, out, config_file=args.config, overrides=args.overrides,
-            seed_offset=args.seed_offset)
+            seed_offset=args.seed_offset, jobs=args.jobs)
     return 0
 
 
@@ -85,7 +85,7 @@ def cmd_demo(args) -> int:
     from layerwise.lab.methods import DEMO_METHODS
 
     print(f"layerwise demo: preset 'quick', methods {', '.join(DEMO_METHODS)}, one seed each")
-    res = compare("quick", list(DEMO_METHODS), 1, args.out, overrides=args.overrides)
+    res = compare("quick", list(DEMO_METHODS), 1, args.out, overrides=args.overrides, jobs=args.jobs)
     from layerwise.lab.config import preset
     from layerwise.lab.data import prepare, unigram_entropy
 
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "muon+multipliers,adamw[optim.weight_decay=0.05]")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed-offset", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; threads are split)")
     p.add_argument("--out", help="output folder (default runs/compare-<preset>)")
     p.set_defaults(func=cmd_compare)
 
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="prepare Shakespeare and compare every registered method (one seed)")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2: one per core)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 from pathlib import Path
@@ -44,7 +45,7 @@ def method_config(base: Config, spec: str, seed: int) -> Config:
 
 def compare(preset: str | None, method_specs: list[str], seeds: int, out: str | Path, *,
             config_file: str | None = None, overrides: list[str] | None = None, seed_offset: int = 0,
-            quiet: bool = False) -> dict:
+            quiet: bool = False, jobs: int = 1) -> dict:
     """Run every method × seed into ``out/<method>/seed<k>`` and write ``out/results.{md,json}`` and plots."""
     out = Path(out)
     if not method_specs:
@@ -55,6 +56,9 @@ def compare(preset: str | None, method_specs: list[str], seeds: int, out: str | 
     for spec in method_specs:  # validate every spec before spending time on runs
         method_config(base, spec, 0)
     data = prepare(base.data.corpus, base.data.vocab_size, base.data.valid, verbose=not quiet)
+    if jobs > 1:  # share the cores: one torch thread per job unless the config says otherwise
+        base.train.num_threads = max(1, (os.cpu_count() or 1) // jobs)
+    todo = []
     for seed in range(seed_offset, seed_offset + seeds):
         for spec in method_specs:
             cfg = method_config(base, spec, seed)
@@ -67,6 +71,21 @@ def compare(preset: str | None, method_specs: list[str], seeds: int, out: str | 
                     if not quiet:
                         print(f"[skip] {spec} seed {seed}: already complete")
                     continue
+            todo.append((spec, seed, cfg, run_dir))
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        cfg_jobs = [(cfg.to_dict(), str(run_dir)) for _, _, cfg, run_dir in todo]
+        if not quiet:
+            print(f"running {len(todo)} runs, {jobs} at a time")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+            for (spec, seed, _, run_dir), s in zip(todo, ex.map(_train_job, cfg_jobs)):
+                if not quiet:
+                    print(f"[done] {spec} seed {seed}: final val loss {s['final_val_loss']:.4f}  "
+                          f"ppl {s['final_val_ppl']:.2f}  {s['wall_s']:.0f}s")
+    else:
+        for spec, seed, cfg, run_dir in todo:
             if not quiet:
                 print(f"[run ] {spec} seed {seed} -> {run_dir}")
             s = train(cfg, run_dir, resume=True, data=data, quiet=quiet)
@@ -76,6 +95,14 @@ def compare(preset: str | None, method_specs: list[str], seeds: int, out: str | 
     from layerwise.lab.report import report
 
     return report([out], out, quiet=quiet, method_order=[run_name(s) for s in method_specs])
+
+
+def _train_job(job: tuple[dict, str]) -> dict:
+    """One run in a worker process (``compare --jobs N``)."""
+    from layerwise.lab.config import from_dict
+
+    cfg_dict, run_dir = job
+    return train(from_dict(cfg_dict), run_dir, resume=True, quiet=True)
 
 
 def _same_after_resolution(done_cfg: str, cfg: Config) -> bool:
