@@ -95,7 +95,7 @@ def cmd_demo(args) -> int:
           f"{unigram_entropy(td.train, td.val, td.vocab_size):.4f} nats/token")
     best = min(res["rows"], key=lambda r: r["val_loss"])
     print(f"lowest final validation loss: {best['method']} {best['val_loss']:.4f} "
-          "(one seed: differences this small are within seed noise; run `layerwise compare --seeds 3`)")
+          "(one seed per method: for mean ± s.e. and paired differences run `layerwise compare --seeds 3`)")
     return 0
 
 

@@ -230,12 +230,12 @@ def to_toml(cfg: Config) -> str:
 
 # ------------------------------------------------------------------------------------------- presets
 PRESETS: dict[str, dict[str, Any]] = {
-    # The demo: the tiny model (1.8M parameters with a 4096-token BPE) on Shakespeare, 512k training tokens,
-    # about 1.5 minutes on a 2-core CPU.  AlphaDecay recomputes every 25 of the 250 steps (the paper: every
+    # The demo: the tiny model (1.8M parameters with a 4096-token BPE) on Shakespeare, 450k training tokens,
+    # about 1.5 minutes on a 2-core CPU.  AlphaDecay recomputes every 25 of the 220 steps (the paper: every
     # 500 of 10k-20k steps).
     "quick": {
         "model.size": "tiny", "data.corpus": "shakespeare", "data.vocab_size": 4096, "data.seq_len": 128,
-        "train.max_steps": 250, "train.batch_size": 16, "train.eval_every": 125, "optim.lr": 3e-3,
+        "train.max_steps": 220, "train.batch_size": 16, "train.eval_every": 110, "optim.lr": 3e-3,
         "optim.weight_decay": 0.1, "train.num_threads": 2, "decay.interval": 25,
     },
     # Unit-test scale: seconds.
