@@ -68,9 +68,6 @@ def validate(cfg: Config) -> None:
     if bad:
         vals = ", ".join(f"{k}={getattr(getattr(cfg, k.split('.')[0]), k.split('.')[1])!r}" for k in bad)
         raise ConfigError(f"invalid value(s): {vals} (grad_accum must divide batch_size)")
-    if t.parallel == "fsdp" and o.name == "muon":
-        raise ConfigError("optim.name='muon' with train.parallel='fsdp' is not supported yet (Muon needs whole "
-                          "matrices; FSDP shards them): use train.parallel='ddp'")
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but CUDA is not available here")
 

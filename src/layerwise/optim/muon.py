@@ -18,12 +18,27 @@ applies it with the unadjusted lr).  ``adjust_lr_fn`` defaults to ``"match_rms_a
 matched to AdamW's, ``lr · 0.2·sqrt(max(A, B))``), so one learning rate and weight decay tuned for AdamW can be
 used on both sides; pass ``"original"`` (Keller: ``lr · sqrt(max(1, A/B))``, typical lr 0.02) with a separate
 ``adam_lr`` otherwise.
+
+Sharded matrices (FSDP2): when the Muon-side parameters are ``DTensor`` shards (``Shard(d)`` on a 1-D device
+mesh, as ``fully_shard`` makes them), :meth:`MuonAdamW.step` does not call ``torch.optim.Muon`` (whose
+Newton–Schulz iteration needs whole matrices) but :func:`sharded_muon_step`: the momentum update is
+element-wise and runs on the local shards; each matrix's update is then gathered (``dist.gather``) to **one
+owner rank** (:func:`muon_owners`: balanced by Newton–Schulz cost, the same on every rank), orthogonalised
+there once with the same arithmetic as ``torch.optim.Muon`` (:func:`newton_schulz`, in bfloat16), and its
+rows are scattered back (``dist.scatter``) so every rank applies its own shard.  Since the iteration starts
+by casting to bfloat16, both transfers move bfloat16: about ``2·m·n`` bytes gathered plus ``2·m·n`` scattered
+per ``m×n`` matrix per step, in total over all ranks (never a full copy on every rank).  The state key is
+torch Muon's ``"momentum_buffer"`` (a DTensor shaped like the parameter), so
+``torch.distributed.checkpoint``'s ``get_state_dict`` / ``set_state_dict`` work unchanged.  Plain tensors
+(one process, DDP) take the unchanged ``torch.optim.Muon`` path.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import math
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import AdamW, Muon, Optimizer
 
@@ -244,7 +259,10 @@ class MuonAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._muon is not None:
-            self._muon.step()
+            if has_sharded_params(self._muon):
+                sharded_muon_step(self._muon)
+            else:
+                self._muon.step()
         if self._adamw is not None:
             self._adamw.step()
         return loss
@@ -264,4 +282,222 @@ class MuonAdamW(Optimizer):
         return self._adamw
 
 
-__all__ = ["MuonAdamW", "muon_param_groups", "is_muon_param"]
+# ---------------------------------------------------------------------------------------------- sharded Muon
+def newton_schulz(
+    update: torch.Tensor, ns_coefficients: Sequence[float], ns_steps: int, eps: float
+) -> torch.Tensor:
+    """Approximate orthogonalisation of a 2-D matrix by the quintic Newton–Schulz iteration, in bfloat16.
+
+    The same arithmetic, op for op, as ``torch.optim.Muon`` (so a matrix gives bit-identical results): cast to
+    bfloat16, work on the wide orientation (transpose when rows > columns), divide by the Frobenius norm
+    (clamped below by ``eps``), then ``ns_steps`` times ``X ← a·X + (b·G + c·G²)·X`` with ``G = X·Xᵀ``.
+    Returns a bfloat16 matrix of ``update``'s shape.
+    """
+    if update.ndim != 2:
+        raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(update.shape)}")
+    if len(ns_coefficients) != 3:
+        raise ValueError(f"ns_coefficients must be 3 numbers (a, b, c), got {tuple(ns_coefficients)}")
+    if not 0 <= ns_steps < 100:
+        raise ValueError(f"ns_steps must be in [0, 100), got {ns_steps}")
+    a, b, c = ns_coefficients
+    tall = update.size(0) > update.size(1)
+    x = update.bfloat16()
+    if x is update:  # already bfloat16: do not scale the caller's tensor in place
+        x = x.clone()
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, poly, x, beta=a)
+    return x.T if tall else x
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
+    """Muon's shape-dependent learning rate for an ``A×B`` matrix, as ``torch.optim.Muon``: ``"original"`` /
+    None: ``lr·sqrt(max(1, A/B))``; ``"match_rms_adamw"``: ``lr·0.2·sqrt(max(A, B))``."""
+    rows, cols = int(shape[0]), int(shape[1])
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
+
+
+def muon_owners(shapes: Sequence[Sequence[int]], world_size: int) -> list[int]:
+    """Owner rank (0 … ``world_size``−1) of each matrix for the sharded Newton–Schulz step.
+
+    Greedy longest-processing-time balance of the iteration's cost, ``min(m, n)²·max(m, n)`` for an ``m×n``
+    matrix (ties broken by index and by the lower rank), so the result depends only on the shapes and is the
+    same on every rank.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    cost = [float(min(s[0], s[1])) ** 2 * max(s[0], s[1]) for s in shapes]
+    load = [0.0] * world_size
+    out = [0] * len(cost)
+    for i in sorted(range(len(cost)), key=lambda i: (-cost[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        out[i] = r
+        load[r] += cost[i]
+    return out
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "placements") and hasattr(t, "to_local") and hasattr(t, "device_mesh")
+
+
+def has_sharded_params(muon: Optimizer) -> bool:
+    """True when some parameter of ``muon`` is a DTensor with a non-replicated placement (e.g. FSDP2)."""
+    for group in muon.param_groups:
+        for p in group["params"]:
+            if _is_dtensor(p) and not all(pl.is_replicate() for pl in p.placements):
+                return True
+    return False
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor (an alias: in-place ops write through), or ``t`` itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_dim(p: torch.Tensor, name: str) -> int | None:
+    """The sharded dim of a DTensor on a 1-D mesh (None: replicated, or a plain tensor)."""
+    if not _is_dtensor(p):
+        return None
+    if p.device_mesh.ndim != 1 or len(p.placements) != 1:
+        raise NotImplementedError(
+            f"MuonAdamW: parameter {name} is a DTensor on a {p.device_mesh.ndim}-D mesh with placements "
+            f"{p.placements}; only 1-D meshes (FSDP2 fully_shard) are supported"
+        )
+    pl = p.placements[0]
+    if pl.is_replicate():
+        return None
+    if not pl.is_shard():
+        raise NotImplementedError(f"MuonAdamW: parameter {name} has unsupported placement {pl}")
+    return pl.dim % p.ndim
+
+
+def _chunk_rows(n: int, world: int) -> tuple[int, list[int]]:
+    """``torch.chunk`` split of ``n`` rows over ``world`` ranks: (rows per full chunk, rows of each rank)."""
+    size = -(-n // world)
+    return size, [max(0, min(size, n - r * size)) for r in range(world)]
+
+
+def sharded_muon_step(muon: Optimizer) -> None:
+    """One ``torch.optim.Muon`` step for DTensor (FSDP2-sharded) parameters, Newton–Schulz once per matrix.
+
+    ``muon`` is a ``torch.optim.Muon`` (its ``param_groups`` hyper-parameters and ``state`` are used).  The
+    momentum (``state["momentum_buffer"]``, a DTensor like the gradient: ``B ← μ·B + (1−μ)·g``; Nesterov
+    ``U = (1−μ)·g + μ·B``, else ``U = B``) runs on local shards; ``U`` is cast to bfloat16 and gathered to its
+    owner (:func:`muon_owners`), orthogonalised there (:func:`newton_schulz`), and scattered back; every rank
+    then applies ``θ ← θ·(1 − lr·λ) − lr_adj·O`` to its shard (coupled decay with the unadjusted lr,
+    :func:`adjusted_lr`).  Replicated DTensors and plain tensors are updated locally.  A collective: every rank
+    of the mesh must call it, with gradients on the same parameters.
+    """
+    # 1. momentum on local shards; collect the update of every parameter with a gradient
+    jobs: list[dict[str, Any]] = []
+    for group in muon.param_groups:
+        lr = group["lr"]
+        lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+        mom = float(group["momentum"])
+        names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
+        for p, name in zip(group["params"], names):
+            if p.grad is None:
+                continue
+            if torch.is_complex(p):
+                raise RuntimeError(f"MuonAdamW: Muon does not support complex parameters ({name})")
+            if p.grad.is_sparse:
+                raise RuntimeError(f"MuonAdamW: Muon does not support sparse gradients ({name})")
+            if p.ndim != 2:
+                raise ValueError(f"MuonAdamW: Muon parameter {name} must be 2-D, got shape {tuple(p.shape)}")
+            state = muon.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            g, buf = _local(p.grad), _local(state["momentum_buffer"])
+            if g.shape != _local(p).shape or buf.shape != g.shape:
+                raise RuntimeError(
+                    f"MuonAdamW: parameter {name}: local shard {tuple(_local(p).shape)}, gradient {tuple(g.shape)} "
+                    f"and momentum buffer {tuple(buf.shape)} differ (placements must match)"
+                )
+            buf.lerp_(g, 1 - mom)
+            update = g.lerp(buf, mom) if group["nesterov"] else buf
+            jobs.append({"p": p, "group": group, "lr": lr, "update": update, "dim": _shard_dim(p, name),
+                         "name": name})
+
+    # 2. sharded matrices: gather bfloat16 updates to owners (per process group, in parameter order)
+    by_pg: dict[int, list[dict[str, Any]]] = {}
+    pgs: dict[int, Any] = {}
+    for j in jobs:
+        if j["dim"] is None:
+            continue
+        mesh = j["p"].device_mesh
+        if mesh.size() == 1:  # one rank: the local shard is the whole matrix
+            j["dim"] = None
+            continue
+        pg = mesh.get_group()
+        pgs[id(pg)] = pg
+        by_pg.setdefault(id(pg), []).append(j)
+    for key, js in by_pg.items():
+        pg = pgs[key]
+        world, me = dist.get_world_size(pg), dist.get_rank(pg)
+        own = muon_owners([tuple(j["p"].shape) for j in js], world)
+        works = []
+        for j, o in zip(js, own):
+            d = j["dim"]
+            local = j["update"].bfloat16().movedim(d, 0)
+            size, rows = _chunk_rows(j["p"].shape[d], world)
+            if local.shape[0] != rows[me]:
+                raise RuntimeError(
+                    f"MuonAdamW: parameter {j['name']} has {local.shape[0]} rows along dim {d} on rank {me}; "
+                    f"expected torch.chunk's {rows[me]}"
+                )
+            send = local.new_zeros((size,) + tuple(local.shape[1:]))
+            send[: local.shape[0]] = local
+            send = send.view(torch.uint8)  # data movement only: every backend moves bytes
+            recv = [torch.empty_like(send) for _ in range(world)] if me == o else None
+            j.update(owner=o, size=size, rows=rows, recv=recv, local_rows=local.shape[0])
+            works.append(dist.gather(send, recv, dst=dist.get_global_rank(pg, o), group=pg, async_op=True))
+        for w in works:
+            w.wait()
+        # 3. owners orthogonalise their matrices once; 4. rows scattered back
+        works = []
+        for j in js:
+            d, size, rows = j["dim"], j["size"], j["rows"]
+            g = j["group"]
+            if me == j["owner"]:
+                full = torch.cat([b.view(torch.bfloat16)[:r] for b, r in zip(j["recv"], rows)])
+                full = full.movedim(0, d).contiguous()
+                ortho = newton_schulz(full, g["ns_coefficients"], g["ns_steps"], g["eps"]).movedim(d, 0)
+                chunks = []
+                for r, n in enumerate(rows):
+                    c = ortho.new_zeros((size,) + tuple(ortho.shape[1:]))
+                    c[:n] = ortho[r * size: r * size + n]
+                    chunks.append(c.view(torch.uint8))
+                j["recv"] = None
+            else:
+                chunks = None
+            out = torch.empty((size,) + tuple(j["update"].movedim(d, 0).shape[1:]), dtype=torch.bfloat16,
+                              device=j["update"].device).view(torch.uint8)
+            j["out"] = out
+            works.append(dist.scatter(out, chunks, src=dist.get_global_rank(pg, j["owner"]), group=pg,
+                                      async_op=True))
+        for w in works:
+            w.wait()
+        for j in js:
+            j["ortho"] = j.pop("out").view(torch.bfloat16)[: j["local_rows"]].movedim(0, j["dim"])
+
+    # 5. every rank applies its shard (coupled decay with the unadjusted lr, as torch.optim.Muon)
+    for j in jobs:
+        g = j["group"]
+        ortho = j.get("ortho")
+        if ortho is None:  # replicated / plain / one-rank mesh: the whole matrix is here
+            ortho = newton_schulz(j["update"], g["ns_coefficients"], g["ns_steps"], g["eps"])
+        p = _local(j["p"])
+        p.mul_(1 - j["lr"] * g["weight_decay"])
+        p.add_(ortho, alpha=-adjusted_lr(j["lr"], g["adjust_lr_fn"], j["p"].shape))
+
+
+__all__ = ["MuonAdamW", "muon_param_groups", "is_muon_param", "sharded_muon_step", "newton_schulz",
+           "adjusted_lr", "muon_owners", "has_sharded_params"]

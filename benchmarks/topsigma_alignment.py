@@ -1,0 +1,83 @@
+"""Top singular values of the same matrix across widths, from the checkpoints of a `layerwise sweep`.
+
+    PYTHONPATH=src python benchmarks/topsigma_alignment.py runs/sweep [--lr 1e-2 --wd 0.1]
+
+For each parametrization, at one (lr, wd) cell (default: the narrowest width's optimum), reads
+``checkpoints/last.pt`` at every width, computes the top singular value of every block matrix, and reports the
+ratio σ_top(widest) / σ_top(narrowest) (geometric mean over matrices, and per module type).  Fan et al.'s
+claim: under μP with weight decay ∝ √d the top singular values align across widths (ratio ≈ 1), while other
+weight-decay exponents let them drift.  Writes ``topsigma.md`` and ``plots/topsigma.png`` in the sweep folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from layerwise.names import layer_index, module_type
+from layerwise.spectral import gram_eigvals
+
+
+def top_sigmas(ckpt: Path) -> dict[str, float]:
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    names = [k for k, v in sd.items() if v.ndim == 2 and layer_index(k) is not None]
+    eigs = gram_eigvals([sd[k] for k in names])
+    return {k: float(e[-1].clamp_min(0).sqrt()) for k, e in zip(names, eigs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("sweep", type=Path)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--wd", type=float)
+    args = ap.parse_args()
+    res = json.loads((args.sweep / "sweep.json").read_text())
+    widths = res["widths"]
+    lines = ["| parametrization | (lr, wd) | σ_top ratio w=%d/w=%d (geo-mean) | attention | MLP |" % (widths[-1], widths[0]),
+             "|---|---|---|---|---|"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = list(res["parametrizations"])
+    fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.6), squeeze=False)
+    for ax, p in zip(axes[0], params):
+        best = res["parametrizations"][p]["best"][str(widths[0])]
+        lr = args.lr if args.lr is not None else best["lr"]
+        wd = args.wd if args.wd is not None else best["wd"]
+        by_w = {}
+        for w in widths:
+            ck = args.sweep / p / f"w{w}" / f"lr{lr:g}_wd{wd:g}" / "seed0" / "checkpoints" / "last.pt"
+            if ck.exists():
+                by_w[w] = top_sigmas(ck)
+        if widths[0] not in by_w or widths[-1] not in by_w:
+            continue
+        lo, hi = by_w[widths[0]], by_w[widths[-1]]
+        ratios = {k: hi[k] / lo[k] for k in lo}
+
+        def gm(keys):
+            keys = list(keys)
+            return math.exp(sum(math.log(ratios[k]) for k in keys) / len(keys)) if keys else float("nan")
+
+        attn = [k for k in ratios if module_type(k) in ("q", "k", "v", "o")]
+        mlp = [k for k in ratios if module_type(k) in ("gate", "up", "down")]
+        lines.append(f"| {p} | ({lr:g}, {wd:g}) | {gm(ratios):.3f} | {gm(attn):.3f} | {gm(mlp):.3f} |")
+        order = sorted(lo, key=lambda k: (layer_index(k), module_type(k)))
+        for w, sig in sorted(by_w.items()):
+            ax.plot(range(len(order)), [sig[k] for k in order], marker="o", ms=3, label=f"width {w}")
+        ax.set(title=f"{p} (lr {lr:g}, wd {wd:g})", xlabel="block matrix (layer, type)", ylabel="top σ")
+        ax.legend(fontsize=7)
+    md = "\n".join(lines) + "\n"
+    (args.sweep / "topsigma.md").write_text(md)
+    (args.sweep / "plots").mkdir(exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(args.sweep / "plots" / "topsigma.png", dpi=100)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
