@@ -1,13 +1,16 @@
 """Optimizer step time on the llama-60m parameter shapes, interleaved against fused AdamW.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/optimizer_step.py [--rounds 15] [--threads N]
+    PYTHONPATH=src .venv/bin/python benchmarks/optimizer_step.py [--rounds 15] [--threads N] [--clock cpu]
 
 Shapes (58.1M parameters, the LLaMA-60M of the GaLore/AlphaDecay papers): embed 32000x512,
 lm_head 32000x512, 8 blocks of q/k/v/o 512x512, gate/up 1376x512, down 512x1376, two RMSNorm 512,
 final norm 512.  Every optimizer works on the same parameter and gradient tensors (each keeps its own
 state), so the only difference between timings is the step itself.  Each round times one step of
 every optimizer in a rotated order; we report per-optimizer medians and the median over rounds of
-the per-round ratio to ``torch.optim.AdamW(fused=True)`` (robust to other load on the machine).
+the per-round ratio to ``torch.optim.AdamW(fused=True)`` (robust to other load on the machine), and the
+ratio of the per-optimizer minimum step times.  ``--clock cpu`` times with the process CPU clock (with
+``--threads 1``: time spent running, not waiting for a core other processes hold).  Every optimizer gets
+its own parameter-group dict (torch's ``add_param_group`` writes defaults into the dict it is given).
 
 Peak extra memory: per optimizer, the peak resident set size during one step minus the resident size
 before it (``/proc/self/clear_refs`` resets the peak; glibc's mmap threshold is pinned so freed
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-eager", action="store_true", help="skip the slow eager reference")
     ap.add_argument("--one-tensor", action="store_true",
                     help="only the 32000x512 embedding (kernel cost without per-tensor overhead)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: perf_counter; cpu: process CPU time (all threads), less sensitive to other "
+                    "processes on a loaded machine (use with --threads 1)")
     ap.add_argument("--only", default="", help="comma-separated substrings: time only matching optimizers"
                     " (fused AdamW always runs)")
     args = ap.parse_args(argv)
@@ -100,18 +106,29 @@ def main(argv: list[str] | None = None) -> None:
         params.append(p)
         names.append(name)
     n_params = sum(p.numel() for p in params)
-    group = [{"params": params, "param_names": names}]
+
+    def group() -> list[dict]:
+        # a fresh group dict per optimizer: ``Optimizer.add_param_group`` fills defaults into the dict
+        # it is given (``setdefault``), so a shared dict would carry the first optimizer's settings
+        # (e.g. ``masking=True``) into every later one
+        return [{"params": params, "param_names": names}]
+
     kw = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     opts: dict[str, torch.optim.Optimizer] = {
-        "AdamW fused": torch.optim.AdamW(group, fused=True, **kw),
-        "AdamW foreach": torch.optim.AdamW(group, foreach=True, **kw),
-        "AlphaAdam fast (norm, previous)": AlphaAdam(group, **kw),
-        "AlphaAdam fast (density, previous)": AlphaAdam(group, alpha_mode="density", **kw),
-        "AlphaAdam fast masking=False": AlphaAdam(group, masking=False, **kw),
-        "CautiousAdamW fast": CautiousAdamW(group, **kw),
+        "AdamW fused": torch.optim.AdamW(group(), fused=True, **kw),
+        "AdamW foreach": torch.optim.AdamW(group(), foreach=True, **kw),
+        "AlphaAdam fast (norm, previous)": AlphaAdam(group(), **kw),
+        "AlphaAdam fast (density, previous)": AlphaAdam(group(), alpha_mode="density", **kw),
+        "AlphaAdam fast masking=False": AlphaAdam(group(), masking=False, **kw),
+        "CautiousAdamW fast": CautiousAdamW(group(), **kw),
     }
     if not args.no_eager:
-        opts["AlphaAdam eager (reference)"] = AlphaAdam(group, fast=False, **kw)
+        opts["AlphaAdam eager (reference)"] = AlphaAdam(group(), fast=False, **kw)
+    for name, opt in opts.items():  # guard against the shared-dict mistake above
+        g0 = opt.param_groups[0]
+        if isinstance(opt, AlphaAdam):
+            assert g0["masking"] == ("masking=False" not in name), name
+            assert g0["alpha_mode"] == ("density" if "density" in name else "norm"), name
     base = "AdamW fused"
     if args.only:
         keep = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -128,13 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {n: [] for n in opts}
     ratios: dict[str, list[float]] = {n: [] for n in opts}
     order = list(opts)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     for r in range(args.rounds):
         k = r % len(order)
         this_round: dict[str, float] = {}
         for name in order[k:] + order[:k]:
-            t0 = time.perf_counter()
+            t0 = clock()
             opts[name].step()
-            this_round[name] = time.perf_counter() - t0
+            this_round[name] = clock() - t0
         for name, t in this_round.items():
             times[name].append(t)
             ratios[name].append(t / this_round[base])
@@ -145,15 +163,17 @@ def main(argv: list[str] | None = None) -> None:
     what = "one 32000x512 tensor" if args.one_tensor else "llama-60m shapes"
     print(f"## optimizer step, {what} ({n_params / 1e6:.1f}M params, fp32), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, "
+          f"{args.clock} clock, "
           f"load average {os.getloadavg()[0]:.1f}")
     print()
     print("| optimizer | median step (s) | min step (s) | median ratio to fused AdamW | "
-          "first step incl. compile (s) | peak extra memory in a step (MiB) |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "ratio of min steps | first step incl. compile (s) | peak extra memory in a step (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in opts:
         m = mem[name]
         print(f"| {name} | {statistics.median(times[name]):.4f} | {min(times[name]):.4f} | "
-              f"{statistics.median(ratios[name]):.2f}x | {compile_s[name]:.2f} | "
+              f"{statistics.median(ratios[name]):.2f}x | {min(times[name]) / min(times[base]):.2f}x | "
+              f"{compile_s[name]:.2f} | "
               f"{'n/a' if m is None else f'{m:.0f}'} |")
     print()
     print(f"(one state copy = exp_avg + exp_avg_sq = {state_mib:.0f} MiB; params {state_mib / 2:.0f} MiB; "

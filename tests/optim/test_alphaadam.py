@@ -165,6 +165,75 @@ def test_fast_matches_eager(cls, kw):
         assert df[name]["mask_density"] == de[name]["mask_density"]
 
 
+def test_fast_buckets_match_eager(monkeypatch):
+    """The compiled path batches tensors (same device, step count, dtypes and threading) into calls of
+    up to ``K.BUCKET_SIZE``: mixed sizes (several equal), a bf16 tensor, one above the parallel
+    threshold and a tensor one step behind (its grad was None once) must all match the eager path."""
+    shapes = [(5, 3), (15,), (7, 2), (4, 4), (16,), (3, 5), (9,), (2, 2, 2), (6,), (11,)]
+    a, b = make_params(5, shapes), make_params(5, shapes)
+    for ps in (a, b):
+        ps.append(torch.nn.Parameter(torch.randn(12, generator=torch.Generator().manual_seed(7))
+                                     .to(torch.bfloat16)))
+        ps.append(torch.nn.Parameter(torch.randn(K.PARALLEL_MIN_NUMEL + 5,
+                                                 generator=torch.Generator().manual_seed(8))))
+    names = [f"p{i}" for i in range(len(a))]
+    eager = AlphaAdam([{"params": a, "param_names": names}], lr=1e-2, weight_decay=0.1, fast=False)
+    fast = AlphaAdam([{"params": b, "param_names": names}], lr=1e-2, weight_decay=0.1, fast=True)
+    lengths = []
+    real = K.update_many_
+
+    def spy(ps, *args, **kwargs):
+        lengths.append(len(ps))
+        return real(ps, *args, **kwargs)
+
+    monkeypatch.setattr(K, "update_many_", spy)
+    for step in range(3):
+        grads = grads_for(step, a)
+        set_grads(a, grads)
+        set_grads(b, grads)
+        if step == 0:
+            a[3].grad = b[3].grad = None  # p3 lags one step: its own bucket afterwards
+        eager.step()
+        fast.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+    assert fast.state[b[3]]["step"].item() == 2.0
+    de, df = eager.diagnostics(), fast.diagnostics()
+    assert list(df) == names
+    for name in de:
+        assert df[name]["alpha"] == pytest.approx(de[name]["alpha"], rel=1e-5)
+        assert df[name]["mask_density"] == de[name]["mask_density"]
+    # step 0: 9 fp32 serial tensors -> 8 + 1, bf16 1, parallel 1; later steps: the same plus p3 alone
+    assert lengths[:4] == [K.BUCKET_SIZE, 1, 1, 1]
+    assert sorted(lengths[4:9], reverse=True) == [K.BUCKET_SIZE, 1, 1, 1, 1]
+    assert sum(lengths) == 11 + 2 * 12 and max(lengths) == K.BUCKET_SIZE
+
+
+def test_fast_bucket_lengths_are_powers_of_two(monkeypatch):
+    """Leftover buckets are split into power-of-two lengths (bounded number of compilations); a
+    one-element parameter (e.g. a scalar multiplier) gets a bucket of its own kind."""
+    shapes = [(3,)] * 7 + [(1,)]
+    a, b = make_params(6, shapes), make_params(6, shapes)
+    lengths = []
+    real = K.update_many_
+
+    def spy(ps, *args, **kwargs):
+        lengths.append(tuple(p.numel() for p in ps))
+        return real(ps, *args, **kwargs)
+
+    monkeypatch.setattr(K, "update_many_", spy)
+    eager, fast = CautiousAdamW(a, lr=1e-2, fast=False), CautiousAdamW(b, lr=1e-2, fast=True)
+    for step in range(2):
+        grads = grads_for(step, a)
+        set_grads(a, grads)
+        set_grads(b, grads)
+        eager.step()
+        fast.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+    assert lengths[:4] == [(3,) * 4, (3,) * 2, (3,), (1,)]
+
+
 # ---------------------------------------------------------------------------------------------
 # mask semantics
 

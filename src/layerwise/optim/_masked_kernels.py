@@ -1,26 +1,25 @@
 """Per-tensor update kernels shared by :class:`~layerwise.optim.AlphaAdam` and
 :class:`~layerwise.optim.CautiousAdamW`.
 
-A masked update needs a per-tensor statistic (``alpha``) before any parameter can move, so one
-tensor is updated in two passes, each a function written in plain torch ops with fp32 arithmetic
-whatever the storage dtypes:
+A masked update needs a per-tensor statistic (``alpha``) before any parameter can move, so every
+element is visited twice.  All functions are plain torch ops with fp32 arithmetic whatever the
+storage dtypes.
 
-* :func:`masked_stage_` (pass 1: reads ``g, m, v``; writes ``m, v`` and ``buf = w * u``) returns the
-  per-tensor ``alpha`` and mask density.  ``m_{t-1}`` is read before it is overwritten, element by
-  element, so the ``"previous"`` mask needs no extra state;
-* :func:`masked_finish_` (pass 2: reads ``p, buf``; writes ``p``) applies decay and the update.
-
-``buf`` is a caller-owned fp32 scratch tensor the size of the parameter (the optimizers keep one,
-the size of their largest parameter, and reuse it for every tensor).  Compared with recomputing the
-moments in pass 2 this does the square root and division once per element (the step is
-compute-bound on CPUs with few threads) for one extra write and read of ``buf``.
-``rule="none"`` (plain AdamW) is one pass, :func:`adamw_`.
-
-* The **eager reference path** (:func:`masked_adamw_`) calls these functions as they are;
-* the **fast path** (:func:`update_` with ``fast=True``) calls them through
-  ``torch.compile(dynamic=True, fullgraph=True)`` on flat 1-D tensors, so one compiled kernel per
-  variant serves every tensor shape, and every hyper-parameter arrives in a small fp32 tensor ``h``
-  (learning-rate schedules never recompile).
+* The **compiled path** (:func:`update_many_`, :func:`update_`): :func:`masked_fused_` is one
+  function, compiled to one kernel with two loops: a read-only reduction loop (``g, m, v`` ->
+  ``alpha``, density) and the update loop, which recomputes ``u`` and the mask and writes
+  ``p, m, v``.  No scratch memory.  (Inductor never puts stores in a reduction loop, so a design
+  that writes ``w * u`` to a buffer in pass 1 costs a third loop; materialising ``u`` costs
+  full-size temporaries.  Recomputing is the fastest of the three on CPUs.)  ``rule="none"``
+  (plain AdamW) is one loop, :func:`adamw_`.  Functions are compiled with
+  ``torch.compile(dynamic=True, fullgraph=True)`` on flat 1-D tensors, so one compilation serves
+  every shape; every hyper-parameter arrives in a small fp32 tensor ``h`` (learning-rate schedules
+  never recompile); up to :data:`BUCKET_SIZE` tensors share one compiled call (a call costs tens
+  of microseconds of Python and guard overhead).
+* The **eager reference path** (:func:`masked_adamw_`): :func:`masked_stage_` (reads ``g, m, v``;
+  writes ``m, v`` and a caller-owned fp32 scratch ``buf = w * u``; returns ``alpha``, density), then
+  :func:`masked_finish_` (reads ``p, buf``; writes ``p``).  ``m_{t-1}`` is read before it is
+  overwritten, so the ``"previous"`` mask needs no extra state.
 
 Hyper-parameter vector ``h`` (fp32, on the parameter's device), index: meaning
 
@@ -51,8 +50,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_", "masked_stage_", "masked_finish_", "masked_adamw_", "update_", "RULES",
-           "ALPHA_MODES", "H_SIZE", "PARALLEL_MIN_NUMEL"]
+__all__ = ["adamw_", "masked_stage_", "masked_finish_", "masked_fused_", "masked_adamw_", "update_", "RULES",
+           "ALPHA_MODES", "H_SIZE", "PARALLEL_MIN_NUMEL", "BUCKET_SIZE", "update_many_"]
 
 RULES = ("none", "previous", "current", "cautious")
 ALPHA_MODES = ("norm", "density")
@@ -91,26 +90,57 @@ def adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> None:
     v.copy_(v_new)
 
 
-def masked_stage_(g: Tensor, m: Tensor, v: Tensor, h: Tensor, buf: Tensor, rule: str,
-                  alpha_mode: str) -> tuple[Tensor, Tensor]:
-    """Pass 1: update the moments densely, write ``buf = w * u`` (fp32) and return ``(alpha, density)``
-    as fp32 0-d tensors (``density`` = fraction of coordinates with mask 1; alpha in ``[1, alpha_max]``)."""
+def _weighted_stats(rule: str, alpha_mode: str, gf: Tensor, mf: Tensor, m_new: Tensor, v_new: Tensor,
+                    u: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(w * u, alpha, density)``: the masked update direction and its per-tensor statistics."""
     f32 = torch.float32
-    gf, mf, m_new, v_new, u = _moments(g, m, v, h)
     mask = _mask(rule, gf, mf, m_new)
     maskf = mask.to(f32)
     floor, alpha_max = h[8], h[7]
-    wu = (maskf + floor * (1.0 - maskf)) * u
+    w = maskf + floor * (1.0 - maskf)
+    wu = w * u
     density = mask.sum(dtype=torch.int64).to(f32) / mask.numel()
     if alpha_mode == "norm":
-        alpha = ((u * u).sum() / (wu * wu).sum().clamp_min(_TINY)).sqrt()
+        # ||u|| / ||w u|| is invariant to scaling u, so the statistic uses
+        # u' = u / sqrt(1 - beta2^t) = m_t / (sqrt(v_t) + eps sqrt(1 - beta2^t)): one division per
+        # element instead of two (it is recomputed in the compiled kernel's reduction loop)
+        us = m_new / (v_new.sqrt() + h[6] * h[4])
+        wus = w * us
+        alpha = ((us * us).sum() / (wus * wus).sum().clamp_min(_TINY)).sqrt()
     elif alpha_mode == "density":
         mean_w = density + floor * (1.0 - density)
         alpha = 1.0 / torch.maximum(mean_w, 1.0 / alpha_max)
     else:  # pragma: no cover - validated by the optimizers
         raise ValueError(f"unknown alpha_mode {alpha_mode!r}")
     alpha = torch.minimum(alpha.clamp_min(1.0), alpha_max)
+    return wu, alpha, density
+
+
+def masked_stage_(g: Tensor, m: Tensor, v: Tensor, h: Tensor, buf: Tensor, rule: str,
+                  alpha_mode: str) -> tuple[Tensor, Tensor]:
+    """Pass 1 of the eager path: update the moments densely, write ``buf = w * u`` (fp32) and return
+    ``(alpha, density)`` as fp32 0-d tensors (``density`` = fraction of coordinates with mask 1; alpha
+    in ``[1, alpha_max]``)."""
+    gf, mf, m_new, v_new, u = _moments(g, m, v, h)
+    wu, alpha, density = _weighted_stats(rule, alpha_mode, gf, mf, m_new, v_new, u, h)
     buf.copy_(wu)
+    m.copy_(m_new)
+    v.copy_(v_new)
+    return alpha, density
+
+
+def masked_fused_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: str,
+                  alpha_mode: str) -> tuple[Tensor, Tensor]:
+    """The whole masked update as one function (the compiled path): the same arithmetic as
+    :func:`masked_stage_` then :func:`masked_finish_`, without the scratch buffer.
+
+    Compiled, it is one kernel with two loops over the tensor: a read-only reduction loop (``alpha``
+    and the density from ``g, m, v``) and the update loop, which recomputes ``u`` and the mask and
+    writes ``p, m, v`` (inductor orders the writes after the reduction; ``m_{t-1}`` is still in ``m``).
+    """
+    gf, mf, m_new, v_new, u = _moments(g, m, v, h)
+    wu, alpha, density = _weighted_stats(rule, alpha_mode, gf, mf, m_new, v_new, u, h)
+    p.copy_(p.to(torch.float32) * h[0] - (h[5] * alpha) * wu)
     m.copy_(m_new)
     v.copy_(v_new)
     return alpha, density
@@ -137,49 +167,45 @@ def masked_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: s
 
 # One distinct top-level function per variant: dynamo keys its cache (and its recompile limit) on
 # the code object, so separate functions keep variants from evicting each other.
-def _s_previous_norm(g, m, v, h, buf):
-    return masked_stage_(g, m, v, h, buf, "previous", "norm")
+def _u_previous_norm(p, g, m, v, h):
+    return masked_fused_(p, g, m, v, h, "previous", "norm")
 
 
-def _s_previous_density(g, m, v, h, buf):
-    return masked_stage_(g, m, v, h, buf, "previous", "density")
+def _u_previous_density(p, g, m, v, h):
+    return masked_fused_(p, g, m, v, h, "previous", "density")
 
 
-def _s_current_norm(g, m, v, h, buf):
-    return masked_stage_(g, m, v, h, buf, "current", "norm")
+def _u_current_norm(p, g, m, v, h):
+    return masked_fused_(p, g, m, v, h, "current", "norm")
 
 
-def _s_current_density(g, m, v, h, buf):
-    return masked_stage_(g, m, v, h, buf, "current", "density")
+def _u_current_density(p, g, m, v, h):
+    return masked_fused_(p, g, m, v, h, "current", "density")
 
 
-def _s_cautious_norm(g, m, v, h, buf):
-    return masked_stage_(g, m, v, h, buf, "cautious", "norm")
+def _u_cautious_norm(p, g, m, v, h):
+    return masked_fused_(p, g, m, v, h, "cautious", "norm")
 
 
-def _s_cautious_density(g, m, v, h, buf):
-    return masked_stage_(g, m, v, h, buf, "cautious", "density")
-
-
-def _f_finish(p, buf, h, alpha):
-    masked_finish_(p, buf, h, alpha)
+def _u_cautious_density(p, g, m, v, h):
+    return masked_fused_(p, g, m, v, h, "cautious", "density")
 
 
 def _f_adamw(p, g, m, v, h):
     adamw_(p, g, m, v, h)
 
 
-_STAGE: dict[tuple[str, str], Callable] = {
-    ("previous", "norm"): _s_previous_norm,
-    ("previous", "density"): _s_previous_density,
-    ("current", "norm"): _s_current_norm,
-    ("current", "density"): _s_current_density,
-    ("cautious", "norm"): _s_cautious_norm,
-    ("cautious", "density"): _s_cautious_density,
+_FUSED: dict[tuple[str, str], Callable] = {
+    ("previous", "norm"): _u_previous_norm,
+    ("previous", "density"): _u_previous_density,
+    ("current", "norm"): _u_current_norm,
+    ("current", "density"): _u_current_density,
+    ("cautious", "norm"): _u_cautious_norm,
+    ("cautious", "density"): _u_cautious_density,
 }
 
-_COMPILED: dict[tuple[Callable, bool], Callable] = {}
-_BROKEN: set[Callable] = set()
+_COMPILED: dict[tuple, Callable] = {}
+_BROKEN: set = set()
 _WARNED = False
 _LOCK = threading.Lock()
 
@@ -219,55 +245,106 @@ def _compiled(fn: Callable, parallel: bool) -> Callable | None:
     return c
 
 
+#: at most this many tensors go through one compiled call (:func:`update_many_`): one call costs
+#: tens of microseconds of Python/guard overhead, as much as updating a 100k-element tensor, so small
+#: and medium tensors are batched; larger buckets would mean longer compiles for little gain.
+#: A power of two: the optimizers split leftover buckets into power-of-two lengths, so at most
+#: ``log2(BUCKET_SIZE) + 1`` lengths are compiled per variant and threading choice.
+BUCKET_SIZE = 8
+
+
+def _many(rule: str, alpha_mode: str) -> Callable:
+    if rule == "none":
+        def many(ps, gs, ms, vs, h):
+            for i in range(len(ps)):
+                adamw_(ps[i], gs[i], ms[i], vs[i], h)
+            return []
+    else:
+        def many(ps, gs, ms, vs, h):
+            return [masked_fused_(ps[i], gs[i], ms[i], vs[i], h, rule, alpha_mode) for i in range(len(ps))]
+    return many
+
+
+def _compiled_many(rule: str, alpha_mode: str, parallel: bool, k: int) -> Callable | None:
+    key = (rule, alpha_mode, parallel, k)
+    if key in _BROKEN:
+        return None
+    c = _COMPILED.get(key)
+    if c is None:
+        with _LOCK:
+            c = _COMPILED.get(key)
+            if c is None:
+                # a code object of its own per (variant, threading, bucket length): dynamo's cache and
+                # recompile limit are per code object
+                tag = f"{rule}_{alpha_mode}_{'parallel' if parallel else 'serial'}_{k}"
+                target = _clone(_many(rule, alpha_mode), tag)
+                c = torch.compile(target, dynamic=True, fullgraph=True, options=_OPTIONS[parallel])
+                _COMPILED[key] = c
+    return c
+
+
+def update_many_(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], h: Tensor,
+                 rule: str, alpha_mode: str, *, parallel: bool,
+                 strict: bool = False) -> list[tuple[Tensor, Tensor] | None]:
+    """Update up to :data:`BUCKET_SIZE` tensors with one compiled call; returns one
+    ``(alpha, density)`` (``None`` for ``rule="none"``) per tensor.
+
+    Every tensor must be flat, contiguous and not a view; all share ``h`` (same step count and
+    device).  ``parallel`` picks the multi-threaded kernels (for tensors above
+    :data:`PARALLEL_MIN_NUMEL` elements).  Sizes are symbolic and compiled without duck sizing, so
+    one compilation per bucket length serves every bucket of that length.  Compile errors: as
+    :func:`update_` (warn once and fall back to the eager path, or raise when ``strict``).
+    """
+    k = len(ps)
+    key = (rule, alpha_mode, parallel, k)
+    try:
+        fn = _compiled_many(rule, alpha_mode, parallel, k)
+        if fn is not None:
+            with _NO_DUCK():
+                out = fn(ps, gs, ms, vs, h)
+            return [None] * k if rule == "none" else list(out)
+    except Exception as exc:  # raised while compiling: nothing was written yet
+        if strict:
+            raise
+        _mark_broken(key, exc)
+    return [masked_adamw_(p, g, m, v, h, rule, alpha_mode) for p, g, m, v in zip(ps, gs, ms, vs)]
+
+
+def _NO_DUCK():
+    # without duck sizing, tensors of equal size get distinct size symbols: one graph per bucket
+    # length instead of one per pattern of equal sizes
+    from torch.fx.experimental import _config as fx_config
+    return fx_config.patch(use_duck_shape=False)
+
+
 def update_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: str, alpha_mode: str,
             buf: Tensor | None, *, fast: bool, strict: bool = False) -> tuple[Tensor, Tensor] | None:
     """Update one tensor in place; returns ``(alpha, density)`` (``None`` for ``rule="none"``).
 
-    ``fast=True`` runs the compiled passes (``p, g, m, v, buf`` must then be flat contiguous tensors
-    that are not views, ``buf`` fp32 with ``p``'s numel); if compiling fails it warns once, disables
-    that variant for the process and runs the eager path, unless ``strict`` (the error propagates).
-    Compilation happens before a kernel writes anything, so the fallback never updates twice.
+    ``fast=True`` runs one compiled kernel (:func:`adamw_` or :func:`masked_fused_`; ``p, g, m, v``
+    must then be flat contiguous tensors that are not views; ``buf`` is not used).  If compiling fails
+    it warns once, disables that variant for the process and runs the eager path, unless ``strict``
+    (the error propagates).  Compilation happens before the kernel writes anything, so the fallback
+    never updates twice.  The eager path uses ``buf`` (fp32, ``p``'s shape) when given.
     """
     if fast:
         parallel = p.numel() > PARALLEL_MIN_NUMEL
+        fn_src = _f_adamw if rule == "none" else _FUSED[(rule, alpha_mode)]
         try:
-            if rule == "none":
-                fn = _compiled(_f_adamw, parallel)
-                if fn is not None:
-                    fn(p, g, m, v, h)
-                    return None
-            else:
-                stage = _compiled(_STAGE[(rule, alpha_mode)], parallel)
-                finish = _compiled(_f_finish, parallel)
-                if stage is not None and finish is not None:
-                    out = stage(g, m, v, h, buf)
-                    _finish(finish, p, buf, h, out[0], rule, alpha_mode, strict)
-                    return out
+            fn = _compiled(fn_src, parallel)
+            if fn is not None:
+                out = fn(p, g, m, v, h)
+                return None if rule == "none" else out
         except Exception as exc:  # raised while compiling: nothing was written yet
             if strict:
                 raise
-            _mark_broken(rule, alpha_mode, exc)
+            _mark_broken(fn_src, exc)
     return masked_adamw_(p, g, m, v, h, rule, alpha_mode, buf)
 
 
-def _finish(finish: Callable, p: Tensor, buf: Tensor, h: Tensor, alpha: Tensor, rule: str,
-            alpha_mode: str, strict: bool) -> None:
-    try:
-        finish(p, buf, h, alpha)
-    except Exception as exc:
-        masked_finish_(p, buf, h, alpha)  # pass 1 already moved the moments: complete the update
-        if strict:
-            raise
-        _mark_broken(rule, alpha_mode, exc)
-
-
-def _mark_broken(rule: str, alpha_mode: str, exc: BaseException) -> None:
+def _mark_broken(key, exc: BaseException) -> None:
     global _WARNED
-    if rule == "none":
-        _BROKEN.add(_f_adamw)
-    else:
-        _BROKEN.add(_STAGE[(rule, alpha_mode)])
-        _BROKEN.add(_f_finish)
+    _BROKEN.add(key)
     if not _WARNED:
         _WARNED = True
         first = str(exc).splitlines()[0] if str(exc) else ""

@@ -35,16 +35,19 @@ always fp32, so bf16 parameters get fp32 math with bf16 storage.
 
 Speed: by default (``fast=None``) every tensor goes through compiled kernels (``torch.compile``,
 ``dynamic=True`` on flat 1-D aliases: one compilation serves every shape; hyper-parameters travel in
-a small tensor, so learning-rate schedules never recompile).  A masked update takes two passes over a
-tensor (``alpha`` needs the whole tensor first): pass 1 moves the moments and writes ``w * u`` into a
-scratch buffer, pass 2 updates the parameter (see :mod:`layerwise.optim._masked_kernels`).  Extra
-memory: one fp32 scratch buffer per device, the size of the largest masked parameter, kept between
-steps (not part of the state dict).  Kernels are compiled lazily at the first step (seconds on a
-CPU); if compiling fails the optimizer warns once and uses the eager reference path.  ``fast=False``
-selects the eager path (the reference the tests compare against; several temporaries per tensor);
-``fast=True`` makes compile errors raise.  Under an enclosing ``torch.compile`` the eager ops are
-traced instead.  No step reads a device tensor on the host: the only host reads are the CPU
-``step`` counters, as in torch's own non-fused AdamW.
+a small tensor, so learning-rate schedules never recompile).  Tensors that share device, step count,
+dtypes and threading choice are batched, up to ``BUCKET_SIZE`` (8) per compiled call, since a call's
+fixed cost (tens of microseconds) is that of updating a 100k-element tensor.  A masked update visits
+every element twice (``alpha`` needs the whole tensor before any parameter moves): a read-only
+reduction loop, then the update loop that recomputes ``u`` (see :mod:`layerwise.optim._masked_kernels`);
+no extra memory.  Kernels are compiled lazily at the first step (seconds per bucket length on a CPU,
+cached on disk by inductor); if compiling fails the optimizer warns once and uses the eager reference
+path.  ``fast=False`` selects the eager path (the reference the tests compare against; several
+temporaries per tensor and one fp32 scratch buffer per device, the size of the largest masked
+parameter, kept between steps and not part of the state dict); ``fast=True`` makes compile errors
+raise.  Under an enclosing ``torch.compile`` the eager ops are traced instead.  No step reads a
+device tensor on the host: the only host reads are the CPU ``step`` counters, as in torch's own
+non-fused AdamW.
 
 Diagnostics: each step keeps references to the per-tensor ``alpha`` and mask density it computed
 anyway (0-d tensors, no copy, no sync); :meth:`diagnostics` turns them into floats on request.
@@ -175,21 +178,26 @@ class _MaskedAdamW(Optimizer):
             self._scratch[device] = buf = torch.empty(numel, dtype=torch.float32, device=device)
         return buf
 
-    def _run(self, rule: str, mode: str, fast: bool, p: Tensor, g: Tensor, m: Tensor, v: Tensor,
-             h: Tensor) -> tuple[Tensor, Tensor] | None:
+    def _fast_ok(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
+        """Whether the compiled kernels can take this tensor (flat contiguous aliases of equal shape)."""
+        return (p.device.type in _FAST_DEVICES and p.is_contiguous() and g.is_contiguous()
+                and m.is_contiguous() and v.is_contiguous() and g.shape == p.shape
+                and m.shape == p.shape and v.shape == p.shape and g.device == p.device)
+
+    def _run_eager(self, rule: str, mode: str, p: Tensor, g: Tensor, m: Tensor, v: Tensor,
+                   h: Tensor) -> tuple[Tensor, Tensor] | None:
         pd = p.detach()
         n = pd.numel()
-        buf = None if rule == "none" else self._scratch_for(pd.device, n)[:n]
-        if (fast and pd.device.type in _FAST_DEVICES and pd.is_contiguous() and g.is_contiguous()
-                and m.is_contiguous() and v.is_contiguous() and g.shape == pd.shape
-                and m.shape == pd.shape and v.shape == pd.shape):
-            # ``view(-1).detach()`` is a flat alias that is not a view (no ``_base``): the compiled
-            # kernels' guards then see plain 1-D tensors, whatever the parameter's shape
-            p1, g1, m1, v1 = (t.view(-1).detach() for t in (pd, g, m, v))
-            b1 = None if buf is None else buf.detach()
-            return K.update_(p1, g1, m1, v1, h, rule, mode, b1, fast=True, strict=self.fast is True)
-        return K.update_(pd, g, m, v, h, rule, mode, None if buf is None else buf.view(pd.shape),
-                         fast=False)
+        buf = None if rule == "none" else self._scratch_for(pd.device, n)[:n].view(pd.shape)
+        return K.update_(pd, g, m, v, h, rule, mode, buf, fast=False)
+
+    def _run_fast(self, rule: str, mode: str, bucket: list[tuple[int, Tensor, Tensor, Tensor, Tensor]],
+                  h: Tensor, parallel: bool) -> list[tuple[int, tuple[Tensor, Tensor] | None]]:
+        # ``view(-1).detach()`` is a flat alias that is not a view (no ``_base``): the compiled
+        # kernels' guards then see plain 1-D tensors, whatever the parameters' shapes
+        flat = [[t.view(-1).detach() for t in ts] for ts in zip(*(item[1:] for item in bucket))]
+        outs = K.update_many_(*flat, h, rule, mode, parallel=parallel, strict=self.fast is True)
+        return [(item[0], out) for item, out in zip(bucket, outs)]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -201,7 +209,7 @@ class _MaskedAdamW(Optimizer):
                 loss = closure()
         fast = self._use_fast()
         # validate everything before the first tensor moves (an error never leaves a half step)
-        # and size the scratch buffer once
+        # and size the eager path's scratch buffer once
         need: dict[torch.device, int] = {}
         for gi, group in enumerate(self.param_groups):
             for flag in ("amsgrad", "maximize"):
@@ -218,7 +226,7 @@ class _MaskedAdamW(Optimizer):
                 if p.is_complex():
                     raise RuntimeError(f"{self._NAME} does not support complex parameters "
                                        f"(parameter {self._param_name(gi, pi)!r})")
-                if masked:
+                if masked and not fast:
                     need[p.device] = max(need.get(p.device, 0), p.numel())
         if any(_is_dtensor(p) for group in self.param_groups for p in group["params"] if p.grad is not None):
             self._last_stats = self._step_sharded()
@@ -235,6 +243,10 @@ class _MaskedAdamW(Optimizer):
             alpha_max = self._alpha_max(group)
             floor = self._floor(group)
             h_cache: dict[tuple[torch.device, float], Tensor] = {}
+            # compiled path: tensors sharing (device, step, dtypes, threading) go in buckets of
+            # K.BUCKET_SIZE (a power of two), one compiled call per bucket (in parameter order)
+            buckets: dict[tuple, list[tuple[int, Tensor, Tensor, Tensor, Tensor]]] = {}
+            group_stats: list[tuple[int, tuple[Tensor, Tensor] | None]] = []
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -251,8 +263,27 @@ class _MaskedAdamW(Optimizer):
                          lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t), alpha_max, floor],
                         dtype=torch.float32, device=p.device)
                     h_cache[key] = h
-                out = self._run(rule, mode, fast, p, g, state["exp_avg"], state["exp_avg_sq"], h)
-                stats.append((gi, pi, out))
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                pd = p.detach()
+                if fast and self._fast_ok(pd, g, m, v):
+                    parallel = pd.numel() > K.PARALLEL_MIN_NUMEL
+                    # one-element tensors apart: dynamo specialises sizes of 1
+                    bkey = (key, pd.dtype, g.dtype, m.dtype, v.dtype, pd.numel() == 1, parallel)
+                    bucket = buckets.setdefault(bkey, [])
+                    bucket.append((pi, pd, g, m, v))
+                    if len(bucket) == K.BUCKET_SIZE:
+                        group_stats += self._run_fast(rule, mode, bucket, h, parallel)
+                        del buckets[bkey]
+                else:
+                    group_stats.append((pi, self._run_eager(rule, mode, p, g, m, v, h)))
+            for bkey, bucket in buckets.items():
+                # the rest in power-of-two lengths: at most log2(BUCKET_SIZE) + 1 compiled lengths
+                while bucket:
+                    k = 1 << (len(bucket).bit_length() - 1)
+                    group_stats += self._run_fast(rule, mode, bucket[:k], h_cache[bkey[0]], bkey[-1])
+                    bucket = bucket[k:]
+            group_stats.sort(key=lambda item: item[0])
+            stats += [(gi, pi, out) for pi, out in group_stats]
         self._last_stats = stats
         return loss
 
