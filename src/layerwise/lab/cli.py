@@ -76,7 +76,7 @@ def _split_methods(text: str) -> list[str]:
 def cmd_report(args) -> int:
     from layerwise.lab.report import report
 
-    report(args.runs, args.out or args.runs[0])
+    report(args.runs, args.out or args.runs[0], method_order=[args.ref] if args.ref else None)
     return 0
 
 
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables and plots from finished runs")
     p.add_argument("runs", nargs="+", help="run directories or folders of runs")
     p.add_argument("--out", help="where to write results.md and plots/ (default: the first RUN)")
+    p.add_argument("--ref", help="method that paired differences are taken against (default: the order of an "
+                   "earlier compare in that folder, else the first name)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="prepare Shakespeare and compare every registered method (one seed)")

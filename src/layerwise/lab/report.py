@@ -39,6 +39,12 @@ def report(paths: list[str | Path], out: str | Path, *, quiet: bool = False,
     """Write ``results.md``/``results.json`` and ``plots/`` under ``out``; returns {"rows", "markdown"}."""
     out = Path(out)
     found = find_runs([Path(p) for p in paths])
+    if method_order is None:  # keep the order (and so the paired reference) of an earlier compare's table
+        for p in [out, *map(Path, paths)]:
+            prev = Path(p) / "results.json"
+            if prev.exists():
+                method_order = [r["method"] for r in json.loads(prev.read_text()).get("rows", [])]
+                break
     if not found:
         raise FileNotFoundError(f"report: no finished runs (summary.json) under {', '.join(map(str, paths))}")
     order = [m for m in (method_order or []) if m in found] + sorted(m for m in found if m not in (method_order or []))
@@ -71,8 +77,9 @@ def plot_loss_curves(found: dict[str, dict[int, Path]], order: list[str], path: 
     import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    cmap = plt.get_cmap("tab10" if len(order) <= 10 else "tab20")
     for i, m in enumerate(order):
-        color = f"C{i % 10}"
+        color = cmap(i % cmap.N)
         train_curves, val_curves = [], []
         for run in found[m].values():
             recs = _read_metrics(run)
