@@ -69,16 +69,10 @@ def _estimate_local(weights: list[torch.Tensor], estimator: str, shape_correctio
 
 
 def owners(shapes: list[tuple[int, ...]], world_size: int) -> list[int]:
-    """Owner rank of each matrix: greedy longest-processing-time balance of the eigen-solve cost
-    (``m·n·min(m, n)``), the same on every rank."""
-    cost = [float(s[0]) * s[1] * min(s[0], s[1]) for s in shapes]
-    load = [0.0] * world_size
-    out = [0] * len(shapes)
-    for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        out[i] = r
-        load[r] += cost[i]
-    return out
+    """Owner rank of each matrix (see :func:`layerwise._sharding.owner_ranks`), the same on every rank."""
+    from layerwise._sharding import owner_ranks
+
+    return owner_ranks(shapes, world_size)
 
 
 def _estimate_sharded(weights: list[torch.Tensor], estimator: str, shape_correction: bool) -> dict[str, torch.Tensor]:

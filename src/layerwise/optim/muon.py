@@ -326,22 +326,12 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> fl
 
 
 def muon_owners(shapes: Sequence[Sequence[int]], world_size: int) -> list[int]:
-    """Owner rank (0 … ``world_size``−1) of each matrix for the sharded Newton–Schulz step.
+    """Owner rank (0 … ``world_size``−1) of each matrix for the sharded Newton–Schulz step: a greedy balance
+    of the iteration's cost ``min(m, n)²·max(m, n)`` (:func:`layerwise._sharding.owner_ranks`), the same on
+    every rank."""
+    from layerwise._sharding import owner_ranks
 
-    Greedy longest-processing-time balance of the iteration's cost, ``min(m, n)²·max(m, n)`` for an ``m×n``
-    matrix (ties broken by index and by the lower rank), so the result depends only on the shapes and is the
-    same on every rank.
-    """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    cost = [float(min(s[0], s[1])) ** 2 * max(s[0], s[1]) for s in shapes]
-    load = [0.0] * world_size
-    out = [0] * len(cost)
-    for i in sorted(range(len(cost)), key=lambda i: (-cost[i], i)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        out[i] = r
-        load[r] += cost[i]
-    return out
+    return owner_ranks(shapes, world_size)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
