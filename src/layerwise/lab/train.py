@@ -221,7 +221,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
             return torch.autocast(device_type=dev_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    data = data or prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.valid)
+    if data is None:
+        if ctx.active and ctx.world_size > 1:  # rank 0 builds the cache entry; the others then load it
+            if ctx.is_main:
+                prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.valid)
+            ctx.barrier()
+        data = prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.valid)
     mcfg = resolve_model_config(cfg, data.vocab_size)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = ckpt_dir / CKPT_NAME
