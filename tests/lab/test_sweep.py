@@ -10,11 +10,11 @@ from layerwise.lab.sweep import _argmin, width_overrides
 def test_sweep_tiny_grid_table_plots_and_resume(tmp_path, corpus_file, capsys):
     out = tmp_path / "sw"
     args = ["sweep", "--preset", "smoke", "--widths", "32,64", "--lrs", "1e-3,1e-2", "--wds", "0,0.1",
-            "--parametrization", "sp,mup-sqrtwd", "--out", str(out), "--set", f"data.corpus={corpus_file}",
+            "--parametrization", "sp,mup-sqrtwd,mup-lrwd", "--out", str(out), "--set", f"data.corpus={corpus_file}",
             "--set", "train.max_steps=4", "--set", "train.eval_every=0"]
     assert main(args) == 0
     res = json.loads((out / "sweep.json").read_text())
-    for p in ("sp", "mup-sqrtwd"):
+    for p in ("sp", "mup-sqrtwd", "mup-lrwd"):
         r = res["parametrizations"][p]
         grid = r["grids"]["64"]
         assert len(grid) == 2 and len(grid[0]) == 2
@@ -24,9 +24,17 @@ def test_sweep_tiny_grid_table_plots_and_resume(tmp_path, corpus_file, capsys):
     # mu-P at width 64 with base 32: the resolved run config says so
     cfg = (out / "mup-sqrtwd/w64/lr0.001_wd0.1/seed0/config.toml").read_text()
     assert 'parametrization = "mup"' in cfg and "base_hidden_size = 32" in cfg and "hidden_size = 64" in cfg
+    # at the base width both muP variants are plain muP: one shared set of runs, under mup/
+    assert not (out / "mup-sqrtwd" / "w32").exists() and not (out / "mup-lrwd" / "w32").exists()
+    assert (out / "mup/w32/lr0.01_wd0.1/seed0/summary.json").exists()
+    assert res["parametrizations"]["mup-sqrtwd"]["grids"]["32"] == res["parametrizations"]["mup-lrwd"]["grids"]["32"]
+    # ... while the wide runs differ by the decay exponent
+    sq = (out / "mup-sqrtwd/w64/lr0.001_wd0.1/seed0/config.toml").read_text()
+    lw = (out / "mup-lrwd/w64/lr0.001_wd0.1/seed0/config.toml").read_text()
+    assert "wd_exponent = 0.5" in sq and "wd_exponent = 1.0" in lw
     capsys.readouterr()
     assert main(args) == 0
-    assert "16 already complete, 0 to run" in capsys.readouterr().out
+    assert "sweep: 20 runs, 20 already complete, 0 to run" in capsys.readouterr().out
 
 
 def test_sweep_helpers_and_errors():

@@ -11,6 +11,10 @@ each parameter of a wider model:
 ``m = width / base_width``; the base width is the narrowest width of the sweep unless ``--base-width`` says
 otherwise.  The **transfer shift** is how many grid steps the best (lr, wd) moves between the narrowest and
 the widest model: 0 means the hyper-parameters tuned on the proxy are still the best on the wide model.
+
+At the base width the three μP variants are the same model and the same optimiser (every width factor is 1),
+so they share one set of runs, stored under ``mup/``.  Runs are scheduled widest first, so that the long ones
+do not end up alone at the tail of a parallel sweep.
 """
 from __future__ import annotations
 
@@ -39,6 +43,14 @@ def width_overrides(width: int, base_width: int) -> dict:
     ffn = int(round(width * FFN_RATIO / 8)) * 8
     return {"model.hidden_size": width, "model.intermediate_size": ffn, "model.num_heads": width // HEAD_DIM,
             "model.num_kv_heads": width // HEAD_DIM, "model.base_hidden_size": base_width}
+
+
+def run_key(param: str, width: int, base_width: int) -> str:
+    """The parametrization whose runs stand for ``param`` at ``width``: at the base width every μP variant is
+    plain μP (the decay exponent multiplies by (width/base)^e = 1), so they share ``mup``'s runs."""
+    if width == base_width and PARAMETRIZATIONS[param]["model.parametrization"] == "mup":
+        return "mup"
+    return param
 
 
 def run_dir(out: Path, param: str, width: int, lr: float, wd: float, seed: int) -> Path:
@@ -70,25 +82,29 @@ def sweep(preset: str | None, widths: list[int], lrs: list[float], wds: list[flo
     from layerwise.lab.data import prepare
 
     prepare(base.data.corpus, base.data.vocab_size, base.data.valid, verbose=not quiet)  # once, before the pool
-    todo = []
+    todo, seen = [], set()
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else base.train.num_threads
-    for p in parametrizations:
-        for w in widths:
+    for w in sorted(widths, reverse=True):  # widest (slowest) first
+        for p in parametrizations:
+            key = run_key(p, w, base_width)
             for lr in lrs:
                 for wd in wds:
                     for seed in range(seeds):
-                        cfg = apply_overrides(base.copy(), {**PARAMETRIZATIONS[p], **width_overrides(w, base_width),
+                        path = run_dir(out, key, w, lr, wd, seed)
+                        if path in seen:
+                            continue
+                        seen.add(path)
+                        cfg = apply_overrides(base.copy(), {**PARAMETRIZATIONS[key], **width_overrides(w, base_width),
                                                             "optim.lr": lr, "optim.weight_decay": wd,
                                                             "train.seed": seed, "train.progress": False,
                                                             "train.tensorboard": False,
                                                             "train.num_threads": threads})
-                        path = run_dir(out, p, w, lr, wd, seed)
                         done = (path / "summary.json").exists() and (path / "config.toml").exists() and \
                             (path / "config.toml").read_text() == to_toml(cfg)
                         if not done:
                             todo.append((cfg.to_dict(), path))
     if not quiet:
-        total = len(parametrizations) * len(widths) * len(lrs) * len(wds) * seeds
+        total = len(seen)
         print(f"sweep: {total} runs, {total - len(todo)} already complete, {len(todo)} to run with {jobs} job(s)")
     if jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
@@ -102,10 +118,11 @@ def sweep(preset: str | None, widths: list[int], lrs: list[float], wds: list[flo
             path, loss = _run_one(job)
             if not quiet:
                 print(f"  {path}: val loss {loss:.4f}")
-    return summarize_sweep(out, parametrizations, widths, lrs, wds, seeds, quiet=quiet)
+    return summarize_sweep(out, parametrizations, widths, lrs, wds, seeds, base_width=base_width, quiet=quiet)
 
 
-def _grid(out: Path, p: str, w: int, lrs, wds, seeds) -> list[list[float]]:
+def _grid(out: Path, p: str, w: int, lrs, wds, seeds, base_width: int) -> list[list[float]]:
+    p = run_key(p, w, base_width)
     g = []
     for lr in lrs:
         row = []
@@ -130,13 +147,16 @@ def _argmin(g: list[list[float]]) -> tuple[int, int]:
     return arg
 
 
-def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, quiet=False) -> dict:
-    result: dict = {"widths": widths, "lrs": lrs, "wds": wds, "seeds": seeds, "parametrizations": {}}
+def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, base_width: int | None = None,
+                    quiet=False) -> dict:
+    base_width = base_width or widths[0]
+    result: dict = {"widths": widths, "lrs": lrs, "wds": wds, "seeds": seeds, "base_width": base_width,
+                    "parametrizations": {}}
     lines = ["| parametrization | " + " | ".join(f"best (lr, wd) @ w={w}" for w in widths)
              + " | shift lr steps | shift wd steps | loss at proxy's optimum − best, widest |",
              "|---|" + "---|" * len(widths) + "---|---|---|"]
     for p in parametrizations:
-        grids = {w: _grid(out, p, w, lrs, wds, seeds) for w in widths}
+        grids = {w: _grid(out, p, w, lrs, wds, seeds, base_width) for w in widths}
         best = {w: _argmin(grids[w]) for w in widths}
         (i0, j0), (i1, j1) = best[widths[0]], best[widths[-1]]
         g_wide = grids[widths[-1]]
