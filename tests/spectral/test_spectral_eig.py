@@ -6,12 +6,13 @@ from layerwise.spectral import gram_eigvals, gram_matrices
 SHAPES = [(7, 7), (12, 5), (5, 12), (1, 9), (9, 1), (33, 16)]
 
 
+@pytest.mark.parametrize("solver", ["lapack", "torch"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_eigvals_are_squared_singular_values(shape):
+def test_eigvals_are_squared_singular_values(shape, solver):
     torch.manual_seed(0)
     w = torch.randn(*shape, dtype=torch.float64)
     ref = torch.linalg.svdvals(w).flip(0) ** 2  # ascending
-    got = gram_eigvals([w], torch.float64)[0]
+    got = gram_eigvals([w], torch.float64, solver=solver)[0]
     assert got.shape == (min(shape),)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     assert bool((got[1:] >= got[:-1]).all())
@@ -25,14 +26,14 @@ def test_gram_is_smaller_side():
     assert g1.shape == g2.shape == (4, 4)
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
-def test_batched_equals_per_matrix(workers):
+@pytest.mark.parametrize("solver,workers", [("torch", 1), ("torch", 2), ("torch", 3), ("lapack", 1), ("auto", 2)])
+def test_batched_equals_per_matrix(solver, workers):
     torch.manual_seed(1)
     ws = [torch.randn(20, 20), torch.randn(40, 20), torch.randn(20, 20), torch.randn(20, 50), torch.randn(8, 3),
           torch.randn(20, 20)]
-    batched = gram_eigvals(ws, workers=workers)
+    batched = gram_eigvals(ws, workers=workers, solver=solver)
     for w, b in zip(ws, batched):
-        single = gram_eigvals(w, workers=1)
+        single = gram_eigvals(w, workers=1, solver=solver)
         assert isinstance(single, torch.Tensor) and single.ndim == 1
         torch.testing.assert_close(b, single, rtol=1e-5, atol=1e-6)
 
@@ -70,3 +71,28 @@ def test_errors():
     with pytest.raises(ValueError, match="non-empty"):
         gram_eigvals([torch.randn(0, 3)])
     assert gram_eigvals([]) == []
+
+
+def test_lapack_and_torch_solvers_agree_and_leave_inputs_alone():
+    torch.manual_seed(2)
+    ws = [torch.randn(64, 64) * 0.02, torch.randn(96, 64) * 0.02, torch.randn(64, 96) * 0.02]
+    before = [w.clone() for w in ws]
+    a = gram_eigvals(ws, solver="lapack")
+    b = gram_eigvals(ws, solver="torch")
+    ref = [torch.linalg.svdvals(w.double()).flip(0) ** 2 for w in ws]
+    for x, y, r, w, w0 in zip(a, b, ref, ws, before):
+        assert x.dtype == torch.float32
+        tol = 1e-6 * float(r.max())  # fp32 eigenvalues: absolute error ~ eps * lambda_max
+        torch.testing.assert_close(x.double(), r, rtol=1e-4, atol=tol)
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=tol)
+        assert torch.equal(w, w0)  # the solver overwrites only its own copy
+    # a NaN matrix is isolated on the LAPACK path too
+    bad = torch.randn(64, 64)
+    bad[3, 4] = float("nan")
+    out = gram_eigvals([ws[0], bad], solver="lapack")
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+
+
+def test_solver_errors():
+    with pytest.raises(ValueError, match="solver must be one of"):
+        gram_eigvals([torch.randn(4, 4)], solver="magma")

@@ -255,6 +255,7 @@ def analyze(
     top_k: int = 5,
     dtype: torch.dtype = torch.float32,
     workers: int | None = None,
+    solver: str = "auto",
     keep_eigs: bool = False,
 ) -> SpectralReport:
     """HT-SR analysis of the selected weight matrices of a model or a state dict.
@@ -271,6 +272,7 @@ def analyze(
         top_k: how many top singular values each row lists.
         dtype: eigenvalue compute dtype (float32 default, float64 option).
         workers: CPU threads for the eigensolver (see :func:`gram_eigvals`).
+        solver: the eigensolver, ``"auto"`` | ``"lapack"`` | ``"torch"`` (see :func:`gram_eigvals`).
         keep_eigs: keep each matrix's eigenvalues in ``report.eigs`` (for ESD plots).
     """
     t0 = time.perf_counter()
@@ -304,7 +306,7 @@ def analyze(
 
     eig_list: list[torch.Tensor | None] = [None] * len(rows)
     for chunk in _chunks(mats):
-        evs = gram_eigvals([t for _, t in chunk], dtype, workers=workers)
+        evs = gram_eigvals([t for _, t in chunk], dtype, workers=workers, solver=solver)
         for (r, _), ev in zip(chunk, evs):
             eig_list[r] = ev
     eigs = [e for e in eig_list]  # all filled
