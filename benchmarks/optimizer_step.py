@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         "AlphaAdam fast (density, previous)": AlphaAdam(group(), alpha_mode="density", **kw),
         "AlphaAdam fast masking=False": AlphaAdam(group(), masking=False, **kw),
         "CautiousAdamW fast": CautiousAdamW(group(), **kw),
+        # the inductor-compiled kernels (the default where the C kernel cannot be built, and for bf16)
+        "AlphaAdam compiled (norm, previous)": AlphaAdam(group(), cpu_kernel=False, **kw),
+        "AlphaAdam compiled masking=False": AlphaAdam(group(), masking=False, cpu_kernel=False, **kw),
+        "CautiousAdamW compiled": CautiousAdamW(group(), cpu_kernel=False, **kw),
     }
     if not args.no_eager:
         opts["AlphaAdam eager (reference)"] = AlphaAdam(group(), fast=False, **kw)
@@ -178,6 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"(one state copy = exp_avg + exp_avg_sq = {state_mib:.0f} MiB; params {state_mib / 2:.0f} MiB; "
           f"malloc pinned: {pinned}; python {sys.version.split()[0]})")
+    from layerwise.optim import _cpu_kernel as CK
+
+    print(f"C kernel: {'loaded' if CK.load() is not None else 'unavailable (' + str(CK.error()) + ')'}; "
+          "the fast rows use it for fp32 CPU tensors.  Its persistent scratch (not in the table: allocated at "
+          f"the first step): {max(p.numel() for p in params) * 4 / 2**20:.1f} MiB per optimizer "
+          "(fp32, largest parameter).")
     sample = next((o for n, o in opts.items() if n.startswith("AlphaAdam fast (norm")), None)
     if sample is not None:
         print("diagnostics sample (AlphaAdam fast norm):", dict(list(sample.diagnostics().items())[:2]))

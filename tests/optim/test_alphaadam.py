@@ -178,7 +178,7 @@ def test_fast_buckets_match_eager(monkeypatch):
                                                  generator=torch.Generator().manual_seed(8))))
     names = [f"p{i}" for i in range(len(a))]
     eager = AlphaAdam([{"params": a, "param_names": names}], lr=1e-2, weight_decay=0.1, fast=False)
-    fast = AlphaAdam([{"params": b, "param_names": names}], lr=1e-2, weight_decay=0.1, fast=True)
+    fast = AlphaAdam([{"params": b, "param_names": names}], lr=1e-2, weight_decay=0.1, fast=True, cpu_kernel=False)
     lengths = []
     real = K.update_many_
 
@@ -222,7 +222,7 @@ def test_fast_bucket_lengths_are_powers_of_two(monkeypatch):
         return real(ps, *args, **kwargs)
 
     monkeypatch.setattr(K, "update_many_", spy)
-    eager, fast = CautiousAdamW(a, lr=1e-2, fast=False), CautiousAdamW(b, lr=1e-2, fast=True)
+    eager, fast = CautiousAdamW(a, lr=1e-2, fast=False), CautiousAdamW(b, lr=1e-2, fast=True, cpu_kernel=False)
     for step in range(2):
         grads = grads_for(step, a)
         set_grads(a, grads)
@@ -464,7 +464,7 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
 
     monkeypatch.setattr(K.torch, "compile", broken)
     a, b = make_params(13), make_params(13)
-    fast, eager = AlphaAdam(a, lr=1e-2, fast=None), AlphaAdam(b, lr=1e-2, fast=False)
+    fast, eager = AlphaAdam(a, lr=1e-2, fast=None, cpu_kernel=False), AlphaAdam(b, lr=1e-2, fast=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(3):
@@ -478,6 +478,6 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
         assert torch.equal(x, y)
     with pytest.raises(RuntimeError, match="no compiler here"):
         monkeypatch.setattr(K, "_BROKEN", set())
-        strict = AlphaAdam(a, fast=True)
+        strict = AlphaAdam(a, fast=True, cpu_kernel=False)
         set_grads(a, grads_for(0, a))
         strict.step()

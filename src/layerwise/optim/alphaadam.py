@@ -33,7 +33,10 @@ tensors, so AdamW state dicts load into these optimizers and back.  Moments are 
 parameter's dtype (like torch AdamW, and what ``Optimizer.load_state_dict`` casts to); the arithmetic is
 always fp32, so bf16 parameters get fp32 math with bf16 storage.
 
-Speed: by default (``fast=None``) every tensor goes through compiled kernels (``torch.compile``,
+Speed: by default (``fast=None``) fp32 CPU tensors go through a small C kernel
+(:mod:`layerwise.optim._cpu_kernel`: built once with the system compiler, cached, loaded with ctypes;
+one square root per element like AdamW, the masked direction kept in a scratch buffer between the two
+passes; ``cpu_kernel=`` controls it) and every other tensor through compiled kernels (``torch.compile``,
 ``dynamic=True`` on flat 1-D aliases: one compilation serves every shape; hyper-parameters travel in
 a small tensor, so learning-rate schedules never recompile).  Tensors that share device, step count,
 dtypes and threading choice are batched, up to ``BUCKET_SIZE`` (8) per compiled call, since a call's
@@ -61,6 +64,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _cpu_kernel as CK
 from . import _masked_kernels as K
 
 __all__ = ["AlphaAdam", "CautiousAdamW"]
@@ -83,10 +87,18 @@ class _MaskedAdamW(Optimizer):
 
     _NAME = "MaskedAdamW"
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], fast: bool | None) -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], fast: bool | None,
+                 cpu_kernel: bool | None = None) -> None:
         if fast not in (None, True, False):
             raise ValueError(f"{self._NAME}: invalid fast={fast!r}: must be None, True or False")
+        if cpu_kernel not in (None, True, False):
+            raise ValueError(f"{self._NAME}: invalid cpu_kernel={cpu_kernel!r}: must be None, True or False")
+        if cpu_kernel is True and fast is False:
+            raise ValueError(f"{self._NAME}: cpu_kernel=True needs the fast path (fast=None or True), got fast=False")
+        if cpu_kernel is True and CK.load() is None:
+            raise RuntimeError(f"{self._NAME}: cpu_kernel=True but the C kernel is unavailable ({CK.error()})")
         self.fast = fast
+        self.cpu_kernel = cpu_kernel
         self._last_stats: list[tuple[int, int, tuple[Tensor, Tensor] | None]] = []
         self._scratch: dict[torch.device, Tensor] = {}
         super().__init__(params, defaults)
@@ -135,6 +147,8 @@ class _MaskedAdamW(Optimizer):
             self._last_stats = []
         if not hasattr(self, "fast"):
             self.fast = None
+        if not hasattr(self, "cpu_kernel"):
+            self.cpu_kernel = None
         if not hasattr(self, "_scratch"):
             self._scratch = {}
         # groups loaded from a torch AdamW checkpoint lack our keys: fall back to the constructor's
@@ -184,6 +198,12 @@ class _MaskedAdamW(Optimizer):
                 and m.is_contiguous() and v.is_contiguous() and g.shape == p.shape
                 and m.shape == p.shape and v.shape == p.shape and g.device == p.device)
 
+    def _c_ok(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
+        """Whether the C kernel takes this tensor: fp32 contiguous CPU tensors of one shape."""
+        return (p.device.type == "cpu" and p.dtype == g.dtype == m.dtype == v.dtype == torch.float32
+                and g.device.type == "cpu" and p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
+                and v.is_contiguous() and g.shape == m.shape == v.shape == p.shape)
+
     def _run_eager(self, rule: str, mode: str, p: Tensor, g: Tensor, m: Tensor, v: Tensor,
                    h: Tensor) -> tuple[Tensor, Tensor] | None:
         pd = p.detach()
@@ -208,6 +228,7 @@ class _MaskedAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         fast = self._use_fast()
+        use_c = fast and self.cpu_kernel is not False and CK.load() is not None
         # validate everything before the first tensor moves (an error never leaves a half step)
         # and size the eager path's scratch buffer once
         need: dict[torch.device, int] = {}
@@ -226,7 +247,7 @@ class _MaskedAdamW(Optimizer):
                 if p.is_complex():
                     raise RuntimeError(f"{self._NAME} does not support complex parameters "
                                        f"(parameter {self._param_name(gi, pi)!r})")
-                if masked and not fast:
+                if masked and (not fast or (use_c and self._c_ok(p.detach(), g, *self._moments_of(p)))):
                     need[p.device] = max(need.get(p.device, 0), p.numel())
         if any(_is_dtensor(p) for group in self.param_groups for p in group["params"] if p.grad is not None):
             self._last_stats = self._step_sharded()
@@ -234,6 +255,10 @@ class _MaskedAdamW(Optimizer):
         for device, numel in need.items():
             self._scratch_for(device, numel)
         stats: list[tuple[int, int, tuple[Tensor, Tensor] | None]] = []
+        c_out: Tensor | None = None  # (alpha, density) rows of the C kernel's tensors, one allocation per step
+        c_row = 0
+        if use_c:
+            c_out = torch.empty((sum(len(gr["params"]) for gr in self.param_groups), 2), dtype=torch.float32)
         for gi, group in enumerate(self.param_groups):
             rule, mode = self._rule(group)
             lr = float(group["lr"])
@@ -265,7 +290,16 @@ class _MaskedAdamW(Optimizer):
                     h_cache[key] = h
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 pd = p.detach()
-                if fast and self._fast_ok(pd, g, m, v):
+                if use_c and self._c_ok(pd, g, m, v):
+                    if rule == "none":
+                        CK.step_(pd, g, m, v, None, h, rule, mode, None)
+                        group_stats.append((pi, None))
+                    else:
+                        out = c_out[c_row]  # type: ignore[index]
+                        c_row += 1
+                        CK.step_(pd, g, m, v, self._scratch[pd.device], h, rule, mode, out)
+                        group_stats.append((pi, (out[0], out[1])))
+                elif fast and self._fast_ok(pd, g, m, v):
                     parallel = pd.numel() > K.PARALLEL_MIN_NUMEL
                     # one-element tensors apart: dynamo specialises sizes of 1
                     bkey = (key, pd.dtype, g.dtype, m.dtype, v.dtype, pd.numel() == 1, parallel)
@@ -286,6 +320,13 @@ class _MaskedAdamW(Optimizer):
             stats += [(gi, pi, out) for pi, out in group_stats]
         self._last_stats = stats
         return loss
+
+    def _moments_of(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """``(exp_avg, exp_avg_sq)`` as they will be at this step (zeros like ``p`` before the first)."""
+        state = self.state.get(p)
+        if not state:
+            return p.detach(), p.detach()  # created by _init_state with p's dtype, layout and shape
+        return state["exp_avg"], state["exp_avg_sq"]
 
     def _h(self, group: dict[str, Any], t: float, device: torch.device) -> Tensor:
         lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
@@ -397,6 +438,10 @@ class AlphaAdam(_MaskedAdamW):
         masking: ``False`` gives plain AdamW (equal to ``torch.optim.AdamW``).
         fast: ``None`` (default: compiled kernel, eager fallback with one warning), ``True`` (compiled,
             errors raise), ``False`` (eager reference path).
+        cpu_kernel: for fp32 CPU tensors on the fast path, the C kernel of
+            :mod:`layerwise.optim._cpu_kernel` (one square root per element, scratch-buffered second
+            pass): ``None`` (default) where it builds, else the compiled kernel; ``True`` requires it
+            (``RuntimeError`` if it cannot be built); ``False`` never.
 
     See the module docstring for the full update, the state layout and :meth:`diagnostics`.
     """
@@ -406,10 +451,10 @@ class AlphaAdam(_MaskedAdamW):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *, mask_ref: str = "previous",
                  alpha_mode: str = "norm", alpha_max: float = 10.0, floor: float = 0.0,
-                 masking: bool = True, fast: bool | None = None) -> None:
+                 masking: bool = True, fast: bool | None = None, cpu_kernel: bool | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mask_ref=mask_ref,
                         alpha_mode=alpha_mode, alpha_max=alpha_max, floor=floor, masking=masking)
-        super().__init__(params, defaults, fast)
+        super().__init__(params, defaults, fast, cpu_kernel)
 
     def _validate_extra(self, group: dict[str, Any], where: str) -> None:
         n = self._NAME
@@ -446,16 +491,17 @@ class CautiousAdamW(_MaskedAdamW):
     ``M = 1[u * g > 0]`` with ``u`` the AdamW update direction (``sign(u) = sign(m_t)``); the update is
     ``p <- p * (1 - lr * weight_decay) - lr * (M * u) / max(mean(M), 1e-3)``.  Weight decay is PyTorch's
     coupled convention on every element; moments are updated densely; state is torch AdamW's.
-    ``fast`` as in :class:`AlphaAdam`; :meth:`diagnostics` reports the scale as ``alpha``.
+    ``fast`` and ``cpu_kernel`` as in :class:`AlphaAdam`; :meth:`diagnostics` reports the scale as ``alpha``.
     """
 
     _NAME = "CautiousAdamW"
     MIN_DENSITY = 1e-3
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, *, fast: bool | None = None) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.01, *, fast: bool | None = None,
+                 cpu_kernel: bool | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, fast)
+        super().__init__(params, defaults, fast, cpu_kernel)
 
     def _rule(self, group: dict[str, Any]) -> tuple[str, str]:
         return "cautious", "density"
