@@ -37,6 +37,22 @@ def test_sweep_tiny_grid_table_plots_and_resume(tmp_path, corpus_file, capsys):
     assert "sweep: 20 runs, 20 already complete, 0 to run" in capsys.readouterr().out
 
 
+def test_sweep_seeds_give_standard_errors_and_per_seed_shifts(tmp_path, corpus_file):
+    out = tmp_path / "sw"
+    args = ["sweep", "--preset", "smoke", "--widths", "32,64", "--lrs", "1e-3,1e-2", "--wds", "0.1",
+            "--parametrization", "mup", "--seeds", "2", "--out", str(out), "--set", f"data.corpus={corpus_file}",
+            "--set", "train.max_steps=3", "--set", "train.eval_every=0"]
+    assert main(args) == 0
+    r = json.loads((out / "sweep.json").read_text())["parametrizations"]["mup"]
+    losses = [json.loads((out / f"mup/w64/lr0.01_wd0.1/seed{s}/summary.json").read_text())["final_val_loss"]
+              for s in (0, 1)]
+    mean = sum(losses) / 2
+    assert r["grids"]["64"][1][0] == pytest.approx(mean)
+    assert r["sem"]["64"][1][0] == pytest.approx(abs(losses[0] - losses[1]) / 2)  # s.e. of 2 = |a - b| / 2
+    assert len(r["shift_per_seed"]) == 2
+    assert "shift (lr, wd) per seed" in (out / "sweep.md").read_text()
+
+
 def test_sweep_helpers_and_errors():
     assert _argmin([[3.0, 2.0], [float("nan"), 1.5]]) == (1, 1)
     assert width_overrides(128, 64)["model.intermediate_size"] == 352

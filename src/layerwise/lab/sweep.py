@@ -121,7 +121,8 @@ def sweep(preset: str | None, widths: list[int], lrs: list[float], wds: list[flo
     return summarize_sweep(out, parametrizations, widths, lrs, wds, seeds, base_width=base_width, quiet=quiet)
 
 
-def _grid(out: Path, p: str, w: int, lrs, wds, seeds, base_width: int) -> list[list[float]]:
+def _cells(out: Path, p: str, w: int, lrs, wds, seeds, base_width: int) -> list[list[list[float]]]:
+    """Final validation losses per (lr, wd) cell, one entry per finished seed (diverged runs: inf)."""
     p = run_key(p, w, base_width)
     g = []
     for lr in lrs:
@@ -133,9 +134,23 @@ def _grid(out: Path, p: str, w: int, lrs, wds, seeds, base_width: int) -> list[l
                 if f.exists():
                     v = json.loads(f.read_text())["final_val_loss"]
                     vals.append(v if v is not None and math.isfinite(v) else float("inf"))
-            row.append(sum(vals) / len(vals) if vals else float("nan"))
+            row.append(vals)
         g.append(row)
     return g
+
+
+def _grid(out: Path, p: str, w: int, lrs, wds, seeds, base_width: int) -> list[list[float]]:
+    """Mean final validation loss per (lr, wd) cell over the finished seeds (NaN where none finished)."""
+    return [[sum(v) / len(v) if v else float("nan") for v in row]
+            for row in _cells(out, p, w, lrs, wds, seeds, base_width)]
+
+
+def _sem(vals: list[float]) -> float:
+    n = len(vals)
+    if n < 2 or not all(math.isfinite(v) for v in vals):
+        return float("nan")
+    mean = sum(vals) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n)
 
 
 def _argmin(g: list[list[float]]) -> tuple[int, int]:
@@ -153,22 +168,39 @@ def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, base_w
     result: dict = {"widths": widths, "lrs": lrs, "wds": wds, "seeds": seeds, "base_width": base_width,
                     "parametrizations": {}}
     lines = ["| parametrization | " + " | ".join(f"best (lr, wd) @ w={w}" for w in widths)
-             + " | shift lr steps | shift wd steps | loss at proxy's optimum − best, widest |",
-             "|---|" + "---|" * len(widths) + "---|---|---|"]
+             + " | shift lr steps | shift wd steps | loss at proxy's optimum − best, widest |"
+             + (" shift (lr, wd) per seed |" if seeds > 1 else ""),
+             "|---|" + "---|" * len(widths) + "---|---|---|" + ("---|" if seeds > 1 else "")]
     for p in parametrizations:
+        cells = {w: _cells(out, p, w, lrs, wds, seeds, base_width) for w in widths}
         grids = {w: _grid(out, p, w, lrs, wds, seeds, base_width) for w in widths}
+        sems = {w: [[_sem(v) for v in row] for row in cells[w]] for w in widths}
         best = {w: _argmin(grids[w]) for w in widths}
         (i0, j0), (i1, j1) = best[widths[0]], best[widths[-1]]
         g_wide = grids[widths[-1]]
         regret = g_wide[i0][j0] - g_wide[i1][j1]
+        per_seed = []  # the shift each seed alone would report: how robust the argmin is
+        for sd in range(seeds):
+            one = {w: [[v[sd] if len(v) > sd else float("nan") for v in row] for row in cells[w]] for w in widths}
+            (a0, b0), (a1, b1) = _argmin(one[widths[0]]), _argmin(one[widths[-1]])
+            per_seed.append((a1 - a0, b1 - b0))
         result["parametrizations"][p] = {"grids": {str(w): grids[w] for w in widths},
+                                         "sem": {str(w): sems[w] for w in widths},
                                          "best": {str(w): {"lr": lrs[best[w][0]], "wd": wds[best[w][1]],
-                                                           "val_loss": grids[w][best[w][0]][best[w][1]]}
+                                                           "val_loss": grids[w][best[w][0]][best[w][1]],
+                                                           "sem": sems[w][best[w][0]][best[w][1]]}
                                                   for w in widths},
-                                         "shift_lr": i1 - i0, "shift_wd": j1 - j0, "regret": regret}
-        cells = " | ".join(f"({lrs[best[w][0]]:g}, {wds[best[w][1]]:g}) {grids[w][best[w][0]][best[w][1]]:.4f}"
-                           for w in widths)
-        lines.append(f"| {p} | {cells} | {i1 - i0:+d} | {j1 - j0:+d} | {regret:+.4f} |")
+                                         "shift_lr": i1 - i0, "shift_wd": j1 - j0, "regret": regret,
+                                         "shift_per_seed": per_seed}
+
+        def fmt(w):
+            i, j = best[w]
+            se = sems[w][i][j]
+            return f"({lrs[i]:g}, {wds[j]:g}) {grids[w][i][j]:.4f}" + (f" ± {se:.4f}" if se == se else "")
+        row = f"| {p} | {' | '.join(fmt(w) for w in widths)} | {i1 - i0:+d} | {j1 - j0:+d} | {regret:+.4f} |"
+        if seeds > 1:
+            row += " " + ", ".join(f"({a:+d}, {b:+d})" for a, b in per_seed) + " |"
+        lines.append(row)
     md = "\n".join(lines) + "\n"
     (out / "sweep.md").parent.mkdir(parents=True, exist_ok=True)
     (out / "sweep.md").write_text(md)
