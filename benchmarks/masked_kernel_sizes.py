@@ -1,0 +1,69 @@
+"""Masked-update kernel cost by tensor size, against fused AdamW (one thread, interleaved).
+
+For each size, enough tensors to make ~16M elements are updated by ``torch.optim.AdamW(fused=True)`` and by the
+C kernel of ``layerwise.optim._cpu_kernel`` (AlphaAdam norm rule, Cautious rule, plain AdamW); medians of the
+per-round ratios.  Shows where the second pass is cheap (scratch still in cache) and where it is not.
+
+    PYTHONPATH=src python benchmarks/masked_kernel_sizes.py [--rounds 11]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from layerwise.optim import _cpu_kernel as CK
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--total", type=int, default=16_000_000, help="elements per timed call")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if CK.load() is None:
+        raise SystemExit(f"C kernel unavailable: {CK.error()}")
+    h = torch.tensor([1 - 1e-4, 0.1, 0.95, 0.05, 1e-8, 1e-3, 0.5, 10.0, 0.0])
+    print("| tensor | count | AlphaAdam norm / fused | Cautious / fused | plain AdamW (C) / fused |")
+    print("|---|---:|---:|---:|---:|")
+    for shape in [(32000, 512), (1376, 512), (512, 512), (128, 512)]:
+        n = shape[0] * shape[1]
+        reps = max(1, args.total // n)
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.randn(n, generator=gen) * 0.02 for _ in range(reps)]
+        gs = [torch.randn(n, generator=gen) * 1e-3 for _ in range(reps)]
+        ms = [torch.randn(n, generator=gen) * 1e-4 for _ in range(reps)]
+        vs = [torch.rand(n, generator=gen) * 1e-6 for _ in range(reps)]
+        params = [torch.nn.Parameter(p.clone()) for p in ps]
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        fused.step()
+        scratch, out = torch.empty(n), torch.empty(2)
+
+        def kernel(rule, mode):
+            def run():
+                for i in range(reps):
+                    CK.step_(ps[i], gs[i], ms[i], vs[i], scratch, h, rule, mode, out)
+            return run
+        fns = {"fused": fused.step, "norm": kernel("previous", "norm"), "cautious": kernel("cautious", "density"),
+               "adamw": kernel("none", "norm")}
+        for f in fns.values():
+            f()
+        ratios: dict[str, list[float]] = {k: [] for k in fns}
+        for r in range(args.rounds):
+            t = {}
+            for k in list(fns)[r % 4:] + list(fns)[:r % 4]:
+                t0 = time.perf_counter()
+                fns[k]()
+                t[k] = time.perf_counter() - t0
+            for k in fns:
+                ratios[k].append(t[k] / t["fused"])
+        med = {k: statistics.median(v) for k, v in ratios.items()}
+        print(f"| {shape[0]}×{shape[1]} | {reps} | {med['norm']:.2f}x | {med['cautious']:.2f}x | {med['adamw']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
