@@ -96,3 +96,18 @@ def test_lapack_and_torch_solvers_agree_and_leave_inputs_alone():
 def test_solver_errors():
     with pytest.raises(ValueError, match="solver must be one of"):
         gram_eigvals([torch.randn(4, 4)], solver="magma")
+
+
+def test_nogil_lapack_equals_the_f2py_wrapper(monkeypatch):
+    """The ctypes call of cython_lapack's ?syevr (GIL released) and SciPy's f2py wrapper agree; the
+    f2py wrapper serves when the capsule is unavailable."""
+    from layerwise.spectral import eig as E
+
+    assert E._nogil_syevr(torch.float32) is not None and E._nogil_syevr(torch.float64) is not None
+    torch.manual_seed(3)
+    ws = [torch.randn(40, 24), torch.randn(24, 24), torch.randn(30, 50, dtype=torch.float64)] * 3
+    fast = gram_eigvals(ws, solver="lapack", workers=2)
+    monkeypatch.setattr(E, "_SYEVR", {torch.float32: None, torch.float64: None})
+    slow = gram_eigvals(ws, solver="lapack", workers=2)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.max()))

@@ -8,10 +8,11 @@ Speed: matrices of equal shape share one batched matmul; Gram matrices of equal 
 ``eigvalsh`` call.  The Gram product is cheap; the symmetric eigensolver is the cost (its Householder
 tridiagonalisation, ``?sytrd``, is half matrix-vector work and does not scale with threads).  Two solvers:
 
-* ``"lapack"`` — SciPy's LAPACK (``?syevr``, eigenvalues only, OpenBLAS held to one thread for the call),
-  one matrix at a time.  On the project's AMD EPYC machine it is 1.3–1.4× faster than ``torch.linalg.eigvalsh``
-  (which calls MKL's ``?syevd``; MKL takes a slower code path on AMD CPUs): 56 Gram matrices of 512 × 512 in
-  0.39 s against 0.51–0.55 s (``benchmarks/eigvalsh_floor.py``).
+* ``"lapack"`` — SciPy's LAPACK (``?syevr`` from ``scipy.linalg.cython_lapack``, eigenvalues only, OpenBLAS
+  held to one thread), called through ctypes so that the GIL is released: ``workers`` eigensolver threads
+  run at once, each on its own chunks of matrices.  On the project's AMD EPYC machine one such solver is 1.3–1.4× faster than
+  ``torch.linalg.eigvalsh`` (MKL's ``?syevd``; MKL takes a slower code path on AMD CPUs): 56 Gram matrices
+  of 512 × 512 in 0.39 s against 0.51–0.55 s; two threads take 0.20 s (``benchmarks/eigvalsh_floor.py``).
 * ``"torch"`` — ``torch.linalg.eigvalsh``, split over a small thread pool on CPU (``workers``; torch releases
   the GIL inside its kernels, which helps when another process holds a core), one batched call on CUDA.
 
@@ -59,23 +60,39 @@ def _check(weights: Sequence[torch.Tensor]) -> None:
             raise TypeError(f"gram_eigvals: weights[{i}] is complex ({w.dtype}); only real matrices are supported")
 
 
+def _gram_batches(weights: Sequence[torch.Tensor], dtype: torch.dtype) -> dict[tuple, tuple[list[int], torch.Tensor]]:
+    """The smaller Gram matrix of every weight, written straight into one ``(k, n, n)`` batch per
+    (Gram size ``n``, device): ``{(n, device): (indices, batch)}``.  One matmul per weight into its slot
+    of the batch, so neither the weights nor the Gram matrices are ever stacked (copied)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, w in enumerate(weights):
+        groups[(min(w.shape), w.device)].append(i)
+    out = {}
+    for (n, device), idx in groups.items():
+        batch = torch.empty((len(idx), n, n), dtype=dtype, device=device)
+        for j, i in enumerate(idx):
+            w = weights[i].detach()
+            w = w if w.dtype == dtype else w.to(dtype)
+            if w.shape[0] <= w.shape[1]:
+                torch.matmul(w, w.mT, out=batch[j])
+            else:
+                torch.matmul(w.mT, w, out=batch[j])
+        out[(n, device)] = (idx, batch)
+    return out
+
+
 @torch.no_grad()
 def gram_matrices(weights: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """The smaller Gram matrix of each 2-D weight (``W Wᵀ`` if ``out <= in`` else ``Wᵀ W``) in ``dtype``.
 
-    Weights of equal shape, dtype and device are stacked and multiplied in one batched matmul.
+    Returned tensors are views into one batch per (Gram size, device).
     """
     _check(weights)
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, w in enumerate(weights):
-        groups[(tuple(w.shape), w.device, w.dtype)].append(i)
-    out: list[torch.Tensor | None] = [None] * len(weights)
-    for (shape, _, _), idx in groups.items():
-        w = torch.stack([weights[i].detach() for i in idx]).to(dtype)
-        g = w @ w.mT if shape[0] <= shape[1] else w.mT @ w
+    res: list[torch.Tensor | None] = [None] * len(weights)
+    for idx, batch in _gram_batches(weights, dtype).values():
         for j, i in enumerate(idx):
-            out[i] = g[j]
-    return out  # type: ignore[return-value]
+            res[i] = batch[j]
+    return res  # type: ignore[return-value]
 
 
 def _eigvalsh_batch(g: torch.Tensor) -> torch.Tensor:
@@ -108,22 +125,98 @@ def _have_scipy() -> bool:
     return True
 
 
-def _lapack_eigvalsh(g: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues (ascending) of a CPU batch of symmetric matrices with SciPy's ``?syevr``; ``g`` is
-    overwritten."""
-    from scipy.linalg import lapack
+_EIG_POOL: ThreadPoolExecutor | None = None
+_EIG_POOL_SIZE = 0
+_SYEVR: dict[torch.dtype, object] = {}
 
-    fn = lapack.ssyevr if g.dtype == torch.float32 else lapack.dsyevr
+
+def _eig_pool(workers: int) -> ThreadPoolExecutor:
+    global _EIG_POOL, _EIG_POOL_SIZE
+    if _EIG_POOL is None or _EIG_POOL_SIZE != workers:
+        if _EIG_POOL is not None:
+            _EIG_POOL.shutdown(wait=False)
+        _EIG_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layerwise-syevr")
+        _EIG_POOL_SIZE = workers
+    return _EIG_POOL
+
+
+def _nogil_syevr(dtype: torch.dtype):
+    """``?syevr`` from ``scipy.linalg.cython_lapack`` (SciPy's public C-level LAPACK), called through
+    ctypes, which releases the GIL: several eigensolvers then run at once (the f2py wrappers of
+    ``scipy.linalg.lapack`` hold the GIL, so threads over them run one after the other).  ``None`` if the
+    capsule cannot be read; the f2py wrapper is used then."""
+    if dtype in _SYEVR:
+        return _SYEVR[dtype]
+    fn = None
+    try:
+        import ctypes
+
+        import numpy as np
+        from scipy.linalg import cython_lapack
+
+        prefix = "s" if dtype == torch.float32 else "d"
+        cap = cython_lapack.__pyx_capi__[prefix + "syevr"]
+        api = ctypes.pythonapi
+        api.PyCapsule_GetName.restype = ctypes.c_char_p
+        api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        ptr = api.PyCapsule_GetPointer(cap, api.PyCapsule_GetName(cap))
+        raw = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 21))(ptr)  # 21 pointer arguments, Fortran style
+        real = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
+        npt = np.float32 if dtype == torch.float32 else np.float64
+        sizes: dict[int, tuple[int, int]] = {}
+
+        def call(a, w, work, lwork, iwork, liwork) -> tuple[int, int]:
+            n = a.shape[0]
+            ints = {k: ctypes.c_int(v) for k, v in
+                    dict(n=n, lda=n, il=1, iu=n, m=0, ldz=1, lwork=lwork, liwork=liwork, info=0).items()}
+            zero = real(0.0)
+            z, isuppz = np.empty(1, npt), np.empty(2 * n, np.int32)
+            r = ctypes.byref
+            raw(r(ctypes.c_char(b"N")), r(ctypes.c_char(b"A")), r(ctypes.c_char(b"L")), r(ints["n"]),
+                a.ctypes.data, r(ints["lda"]), r(zero), r(zero), r(ints["il"]), r(ints["iu"]), r(zero),
+                r(ints["m"]), w.ctypes.data, z.ctypes.data, r(ints["ldz"]), isuppz.ctypes.data, work.ctypes.data,
+                r(ints["lwork"]), iwork.ctypes.data, r(ints["liwork"]), r(ints["info"]))
+            return ints["info"].value, ints["m"].value
+
+        def syevr(a):  # a: C-contiguous symmetric (n, n) array of npt, overwritten; returns (w, info, m)
+            n = a.shape[0]
+            if n not in sizes:  # workspace query, once per size
+                wq, iwq = np.empty(1, npt), np.empty(1, np.int32)
+                call(a.copy(), np.empty(n, npt), wq, -1, iwq, -1)
+                sizes[n] = (max(int(wq[0]), 26 * n), max(int(iwq[0]), 10 * n))
+            lw, liw = sizes[n]
+            w = np.empty(n, npt)
+            info, m = call(a, w, np.empty(lw, npt), lw, np.empty(liw, np.int32), liw)
+            return w, info, m
+
+        fn = syevr
+    except Exception:  # pragma: no cover - SciPy without cython_lapack capsules: the f2py wrapper serves
+        fn = None
+    _SYEVR[dtype] = fn
+    return fn
+
+
+def _lapack_eigvalsh(g: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (ascending) of a CPU batch of symmetric matrices with LAPACK's ``?syevr``; ``g`` is
+    overwritten."""
     arr = g.numpy()
     out = torch.empty(g.shape[:2], dtype=g.dtype)
     ev = out.numpy()
-    with _one_blas_thread():
-        for j in range(arr.shape[0]):
-            # arr[j].T is the Fortran-ordered view of the same (symmetric) matrix: no copy
-            w, _, m, _, info = fn(arr[j].T, compute_v=0, overwrite_a=1)
-            if info != 0 or m != arr.shape[1]:
-                raise RuntimeError(f"LAPACK ?syevr failed on matrix {j} of the batch (info={info})")
-            ev[j] = w[:m]
+    fast = _nogil_syevr(g.dtype)
+    if fast is None:
+        from scipy.linalg import lapack
+
+        f2py = lapack.ssyevr if g.dtype == torch.float32 else lapack.dsyevr
+    for j in range(arr.shape[0]):
+        if fast is not None:
+            w, info, m = fast(arr[j])
+        else:  # arr[j].T is the Fortran-ordered view of the same (symmetric) matrix: no copy
+            w, _, m, _, info = f2py(arr[j].T, compute_v=0, overwrite_a=1)
+        if info != 0 or m != arr.shape[1]:
+            raise RuntimeError(f"LAPACK ?syevr failed on matrix {j} of the batch (info={info})")
+        ev[j] = w[:m]
     return out
 
 
@@ -140,8 +233,9 @@ def gram_eigvals(
     Args:
         weights: a sequence of 2-D tensors (any shapes, dtypes, devices), or one 2-D tensor.
         dtype: compute dtype, ``torch.float32`` (default; bf16/fp16 weights are upcast) or ``torch.float64``.
-        workers: CPU threads over which each batched ``eigvalsh`` is split (``None``: ``torch.get_num_threads()``
-            capped by the core count; ``1``: no pool).  Used by the ``"torch"`` solver on CPU only.
+        workers: CPU threads for the eigensolvers (``None``: ``torch.get_num_threads()`` capped by the core
+            count; ``1``: one).  On CPU each batch of Gram matrices is split over them (both solvers);
+            CUDA uses one batched call.
         solver: ``"auto"`` (default), ``"lapack"`` (SciPy's ``?syevr``; CPU only) or ``"torch"``
             (``torch.linalg.eigvalsh``); see the module docstring.  Both agree to fp32 rounding.
 
@@ -161,36 +255,36 @@ def gram_eigvals(
     ws: list[torch.Tensor] = [weights] if single else list(weights)  # type: ignore[list-item]
     if not ws:
         return []
-    grams = gram_matrices(ws, dtype)
-
-    # group Gram matrices by (size, device) for one eigvalsh per group
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, g in enumerate(grams):
-        groups[(g.shape[0], g.device)].append(i)
+    nw = _default_workers() if workers is None else int(workers)
+    if nw < 1:
+        raise ValueError(f"gram_eigvals: workers must be >= 1 or None, got {workers}")
+    _check(ws)
+    if solver == "lapack":
+        bad = next((w.device for w in ws if w.device.type != "cpu"), None)
+        if bad is not None:
+            raise ValueError(f"gram_eigvals: solver='lapack' runs on CPU tensors only, got a matrix on {bad}")
+    use_lapack = solver == "lapack" or (solver == "auto" and _have_scipy())
     out: list[torch.Tensor | None] = [None] * len(ws)
-    for (n, device), idx in groups.items():
-        g = torch.stack([grams[i] for i in idx])
-        finite = torch.isfinite(g).flatten(1).all(dim=1)
+    # all Gram matrices first: overlapping them with the eigensolvers measured slower
+    for (n, device), (idx, g) in _gram_batches(ws, dtype).items():
+        # a NaN/Inf in W makes a diagonal entry of its Gram matrix non-finite (G_ii = sum_k W_ik^2), and
+        # |G_ij| <= sqrt(G_ii G_jj): checking the diagonal is enough, and costs nothing
+        finite = torch.isfinite(g.diagonal(dim1=-2, dim2=-1)).all(dim=1)
         all_finite = bool(finite.all())
-        if not all_finite:  # eigvalsh fails or returns garbage on NaN/Inf: solve a zero matrix instead
+        if not all_finite:  # eigensolvers fail or return garbage on NaN/Inf: solve a zero matrix instead
             g = torch.where(finite[:, None, None], g, torch.zeros((), dtype=g.dtype, device=g.device))
-        nw = _default_workers() if workers is None else int(workers)
-        if nw < 1:
-            raise ValueError(f"gram_eigvals: workers must be >= 1 or None, got {workers}")
-        use_lapack = device.type == "cpu" and (solver == "lapack" or (solver == "auto" and _have_scipy()))
-        if solver == "lapack" and device.type != "cpu":
-            raise ValueError(f"gram_eigvals: solver='lapack' runs on CPU tensors only, got a matrix on {device}")
-        if use_lapack:
-            ev = _lapack_eigvalsh(g)  # g is our own stacked copy: overwriting it is safe
-        elif device.type == "cpu" and nw > 1 and len(idx) > 1:
-            # a few chunks per worker: if another process holds a core, the free worker takes more of the work
-            chunks = g.tensor_split(min(4 * nw, len(idx)))
+        # a few chunks per worker: if another process holds a core, the free worker takes more of the work
+        chunks = g.tensor_split(min(4 * nw, len(idx))) if nw > 1 and len(idx) > 1 else None
+        if device.type == "cpu" and use_lapack:
+            with _one_blas_thread():  # process-wide OpenBLAS setting: set here, not in each worker
+                ev = torch.cat(list(_eig_pool(nw).map(_lapack_eigvalsh, chunks))) if chunks else _lapack_eigvalsh(g)
+        elif device.type == "cpu" and chunks:
             ev = torch.cat(list(_pool(nw).map(_eigvalsh_batch, chunks)))
         else:
             ev = torch.linalg.eigvalsh(g)
         ev = ev.clamp_(min=0)
-        if not all_finite:
-            ev[~finite] = float("nan")
+        finite &= torch.isfinite(ev).all(dim=1)  # e.g. an off-diagonal overflow the diagonal did not show
+        ev[~finite] = float("nan")
         for j, i in enumerate(idx):
             out[i] = ev[j]
     return out[0] if single else out  # type: ignore[return-value]
