@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/topsigma_alignment.py runs/sweep [--lr 1e-2 --wd 0.1]
 
 For each parametrization, at one (lr, wd) cell (default: the narrowest width's optimum), reads
-``checkpoints/last.pt`` at every width, computes the top singular value of every block matrix, and reports the
+``checkpoints/last.pt`` of the narrowest and widest width (every seed; mean ± s.e. over seeds), computes the top singular value of every block matrix, and reports the
 ratio σ_top(widest) / σ_top(narrowest) (geometric mean over matrices, and per module type).  Fan et al.'s
 claim: under μP with weight decay ∝ √d the top singular values align across widths (ratio ≈ 1), while other
 weight-decay exponents let them drift.  Writes ``topsigma.md`` and ``plots/topsigma.png`` in the sweep folder.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from layerwise.lab.sweep import run_dir, run_key
 from layerwise.names import layer_index, module_type
 from layerwise.spectral import gram_eigvals
 
@@ -49,23 +50,41 @@ def main() -> None:
         best = res["parametrizations"][p]["best"][str(widths[0])]
         lr = args.lr if args.lr is not None else best["lr"]
         wd = args.wd if args.wd is not None else best["wd"]
+        base_width = res.get("base_width", widths[0])
+        per_seed = []  # (all, attention, MLP) geometric-mean ratios, one triple per seed
         by_w = {}
-        for w in widths:
-            ck = args.sweep / p / f"w{w}" / f"lr{lr:g}_wd{wd:g}" / "seed0" / "checkpoints" / "last.pt"
-            if ck.exists():
-                by_w[w] = top_sigmas(ck)
-        if widths[0] not in by_w or widths[-1] not in by_w:
+        for seed in range(res.get("seeds", 1)):
+            sig = {}
+            for w in (widths[0], widths[-1]):
+                ck = run_dir(args.sweep, run_key(p, w, base_width), w, lr, wd, seed) / "checkpoints" / "last.pt"
+                if ck.exists():
+                    sig[w] = top_sigmas(ck)
+            if len(sig) < 2:
+                continue
+            if seed == 0:
+                by_w = sig
+            lo, hi = sig[widths[0]], sig[widths[-1]]
+            ratios = {k: hi[k] / lo[k] for k in lo}
+
+            def gm(keys):
+                keys = list(keys)
+                return math.exp(sum(math.log(ratios[k]) for k in keys) / len(keys)) if keys else float("nan")
+
+            attn = [k for k in ratios if module_type(k) in ("q", "k", "v", "o")]
+            mlp = [k for k in ratios if module_type(k) in ("gate", "up", "down")]
+            per_seed.append((gm(ratios), gm(attn), gm(mlp)))
+        if not per_seed:
             continue
-        lo, hi = by_w[widths[0]], by_w[widths[-1]]
-        ratios = {k: hi[k] / lo[k] for k in lo}
 
-        def gm(keys):
-            keys = list(keys)
-            return math.exp(sum(math.log(ratios[k]) for k in keys) / len(keys)) if keys else float("nan")
-
-        attn = [k for k in ratios if module_type(k) in ("q", "k", "v", "o")]
-        mlp = [k for k in ratios if module_type(k) in ("gate", "up", "down")]
-        lines.append(f"| {p} | ({lr:g}, {wd:g}) | {gm(ratios):.3f} | {gm(attn):.3f} | {gm(mlp):.3f} |")
+        def ms(vals):
+            m = sum(vals) / len(vals)
+            if len(vals) < 2:
+                return f"{m:.3f}"
+            se = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1) / len(vals))
+            return f"{m:.3f} ± {se:.3f}"
+        cols = " | ".join(ms([t[i] for t in per_seed]) for i in range(3))
+        lines.append(f"| {p} | ({lr:g}, {wd:g}) | {cols} |")
+        lo = by_w[widths[0]]
         order = sorted(lo, key=lambda k: (layer_index(k), module_type(k)))
         for w, sig in sorted(by_w.items()):
             ax.plot(range(len(order)), [sig[k] for k in order], marker="o", ms=3, label=f"width {w}")
