@@ -50,6 +50,13 @@ def test_sweep_seeds_give_standard_errors_and_per_seed_shifts(tmp_path, corpus_f
     assert r["grids"]["64"][1][0] == pytest.approx(mean)
     assert r["sem"]["64"][1][0] == pytest.approx(abs(losses[0] - losses[1]) / 2)  # s.e. of 2 = |a - b| / 2
     assert len(r["shift_per_seed"]) == 2
+    # the proxy cells tied with its best (within 2 median s.e.) include the best; the score is the mean wide
+    # loss at those cells minus the wide best
+    ties = r["proxy_ties"]
+    assert [r["best"]["32"]["lr"], r["best"]["32"]["wd"]] in ties
+    wide, lrs = r["grids"]["64"], [1e-3, 1e-2]
+    expect = sum(wide[lrs.index(lr)][0] for lr, _ in ties) / len(ties) - r["best"]["64"]["val_loss"]
+    assert r["regret_ties"] == pytest.approx(expect)
     assert "shift (lr, wd) per seed" in (out / "sweep.md").read_text()
 
 

@@ -169,8 +169,9 @@ def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, base_w
                     "parametrizations": {}}
     lines = ["| parametrization | " + " | ".join(f"best (lr, wd) @ w={w}" for w in widths)
              + " | shift lr steps | shift wd steps | loss at proxy's optimum − best, widest |"
-             + (" shift (lr, wd) per seed |" if seeds > 1 else ""),
-             "|---|" + "---|" * len(widths) + "---|---|---|" + ("---|" if seeds > 1 else "")]
+             + (" shift (lr, wd) per seed | proxy cells tied with its best | their mean loss − best, widest |"
+                if seeds > 1 else ""),
+             "|---|" + "---|" * len(widths) + "---|---|---|" + ("---|---|---|" if seeds > 1 else "")]
     for p in parametrizations:
         cells = {w: _cells(out, p, w, lrs, wds, seeds, base_width) for w in widths}
         grids = {w: _grid(out, p, w, lrs, wds, seeds, base_width) for w in widths}
@@ -179,6 +180,14 @@ def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, base_w
         (i0, j0), (i1, j1) = best[widths[0]], best[widths[-1]]
         g_wide = grids[widths[-1]]
         regret = g_wide[i0][j0] - g_wide[i1][j1]
+        # the proxy's argmin is noisy when its landscape is flat: also score every proxy cell that ties with
+        # its best within the noise band (2 x the median standard error of the proxy grid; needs seeds >= 2)
+        ses = sorted(v for row in sems[widths[0]] for v in row if v == v)
+        band = 2 * ses[len(ses) // 2] if ses else 0.0
+        g0 = grids[widths[0]]
+        ties = [(i, j) for i in range(len(lrs)) for j in range(len(wds))
+                if g0[i][j] == g0[i][j] and g0[i][j] <= g0[i0][j0] + band]
+        regret_ties = sum(g_wide[i][j] for i, j in ties) / len(ties) - g_wide[i1][j1]
         per_seed = []  # the shift each seed alone would report: how robust the argmin is
         for sd in range(seeds):
             one = {w: [[v[sd] if len(v) > sd else float("nan") for v in row] for row in cells[w]] for w in widths}
@@ -191,7 +200,9 @@ def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, base_w
                                                            "sem": sems[w][best[w][0]][best[w][1]]}
                                                   for w in widths},
                                          "shift_lr": i1 - i0, "shift_wd": j1 - j0, "regret": regret,
-                                         "shift_per_seed": per_seed}
+                                         "shift_per_seed": per_seed, "tie_band": band,
+                                         "proxy_ties": [[lrs[i], wds[j]] for i, j in ties],
+                                         "regret_ties": regret_ties}
 
         def fmt(w):
             i, j = best[w]
@@ -200,6 +211,7 @@ def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, base_w
         row = f"| {p} | {' | '.join(fmt(w) for w in widths)} | {i1 - i0:+d} | {j1 - j0:+d} | {regret:+.4f} |"
         if seeds > 1:
             row += " " + ", ".join(f"({a:+d}, {b:+d})" for a, b in per_seed) + " |"
+            row += f" {len(ties)} (band {band:.3f}) | {regret_ties:+.4f} |"
         lines.append(row)
     md = "\n".join(lines) + "\n"
     (out / "sweep.md").parent.mkdir(parents=True, exist_ok=True)
