@@ -234,7 +234,7 @@ def plot_sweep(result: dict, plots: Path) -> None:
     plots.mkdir(parents=True, exist_ok=True)
     widths, lrs, wds = result["widths"], result["lrs"], result["wds"]
     for p, r in result["parametrizations"].items():
-        fig, axes = plt.subplots(1, len(widths), figsize=(3.6 * len(widths), 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(widths), figsize=(3.6 * len(widths) + 1.2, 3.4), squeeze=False)
         finite = [v for g in r["grids"].values() for row in g for v in row if v == v and v != float("inf")]
         vmin, vmax = (min(finite), min(max(finite), min(finite) + 1.0)) if finite else (0, 1)
         for ax, w in zip(axes[0], widths):
@@ -242,8 +242,10 @@ def plot_sweep(result: dict, plots: Path) -> None:
             im = ax.imshow(g, cmap="viridis_r", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
             b = r["best"][str(w)]
             ax.scatter([wds.index(b["wd"])], [lrs.index(b["lr"])], marker="*", s=220, c="red")
-            ax.set(title=f"{p}, width {w}", xlabel="weight decay", ylabel="learning rate",
-                   xticks=range(len(wds)), yticks=range(len(lrs)))
+            ax.set(title=f"{p}, width {w}", xlabel="base weight decay", xticks=range(len(wds)),
+                   yticks=range(len(lrs)))
+            if ax is axes[0][0]:
+                ax.set_ylabel("base learning rate")
             ax.set_xticklabels([f"{x:g}" for x in wds], fontsize=7)
             ax.set_yticklabels([f"{x:g}" for x in lrs], fontsize=7)
         fig.colorbar(im, ax=axes[0].tolist(), label="final val loss")
