@@ -155,9 +155,9 @@ def test_trainer_muon_fsdp_equals_single_process_and_resumes(tmp_path, corpus_fi
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
-    # Every check has passed and the process group is destroyed.  Skip the interpreter's teardown: about one run
-    # in 30-40 on this 2-core machine, a rank aborted there ("terminate called without an active exception",
-    # SIGABRT: a C++ thread destroyed while joinable), after the results were written.
+    # Every check has passed and the process group is destroyed: skip the interpreter's teardown.  About one
+    # run in 30-40 on the 2-core machine, a rank aborted with "terminate called without an active exception"
+    # (SIGABRT, a C++ thread destroyed while joinable) and no Python traceback, which points at teardown.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
