@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from layerwise.lab.sweep import run_dir, run_key
+from layerwise.lab.sweep import _sem, run_dir, run_key
 from layerwise.names import layer_index, module_type
 from layerwise.spectral import gram_eigvals
 
@@ -61,8 +61,7 @@ def main() -> None:
                     sig[w] = top_sigmas(ck)
             if len(sig) < 2:
                 continue
-            if seed == 0:
-                by_w = sig
+            by_w = by_w or sig  # the first seed found is plotted
             lo, hi = sig[widths[0]], sig[widths[-1]]
             ratios = {k: hi[k] / lo[k] for k in lo}
 
@@ -77,11 +76,8 @@ def main() -> None:
             continue
 
         def ms(vals):
-            m = sum(vals) / len(vals)
-            if len(vals) < 2:
-                return f"{m:.3f}"
-            se = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1) / len(vals))
-            return f"{m:.3f} ± {se:.3f}"
+            m, se = sum(vals) / len(vals), _sem(vals)
+            return f"{m:.3f}" + (f" ± {se:.3f}" if se == se else "")
         cols = " | ".join(ms([t[i] for t in per_seed]) for i in range(3))
         lines.append(f"| {p} | ({lr:g}, {wd:g}) | {cols} |")
         lo = by_w[widths[0]]

@@ -31,6 +31,21 @@ def set_grads(params, grads) -> None:
         p.grad = g.clone()
 
 
+def lockstep(ref_opt, opt, a, b, steps: int, before_step=None) -> None:
+    """``steps`` steps of two optimizers over twin parameter lists with the same gradients, then
+    ``b == a`` to fp32 rounding.  ``before_step(step)`` runs first in every step (e.g. an LR schedule)."""
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        grads = grads_for(step, a)
+        set_grads(a, grads)
+        set_grads(b, grads)
+        ref_opt.step()
+        opt.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+
+
 def reference_step(p, g, m, v, t, *, lr, betas, eps, wd, rule, alpha_mode="norm", alpha_max=10.0,
                    floor=0.0):
     """Float64 reference of one update (written from the formulas, not from the library)."""
@@ -70,18 +85,13 @@ def test_masking_false_matches_torch_adamw(fast):
     groups_b = [{"params": b[:2], "weight_decay": 0.1}, {"params": b[2:], "weight_decay": 0.0}]
     ref = torch.optim.AdamW(groups_a, lr=3e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
     opt = AlphaAdam(groups_b, lr=3e-2, betas=(0.9, 0.95), eps=1e-8, masking=False, fast=fast)
-    for step in range(25):
-        lr = 3e-2 * (0.5 + 0.5 * math.cos(step / 25 * math.pi))  # schedule: no recompile per value
+
+    def schedule(step):  # a new lr every step: no recompile per value
         for o in (ref, opt):
             for group in o.param_groups:
-                group["lr"] = lr
-        grads = grads_for(step, a)
-        set_grads(a, grads)
-        set_grads(b, grads)
-        ref.step()
-        opt.step()
+                group["lr"] = 3e-2 * (0.5 + 0.5 * math.cos(step / 25 * math.pi))
+    lockstep(ref, opt, a, b, 25, schedule)
     for x, y in zip(a, b):
-        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(opt.state[y]["exp_avg"], ref.state[x]["exp_avg"], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(opt.state[y]["exp_avg_sq"], ref.state[x]["exp_avg_sq"],
                                    rtol=1e-5, atol=1e-9)
@@ -152,14 +162,7 @@ def test_fast_matches_eager(cls, kw, cpu_kernel):
     a, b = make_params(3), make_params(3)
     eager = cls(a, lr=1e-2, weight_decay=0.1, fast=False, **kw)
     fast = cls(b, lr=1e-2, weight_decay=0.1, fast=True, cpu_kernel=cpu_kernel, **kw)
-    for step in range(8):
-        grads = grads_for(step, a)
-        set_grads(a, grads)
-        set_grads(b, grads)
-        eager.step()
-        fast.step()
-    for x, y in zip(a, b):
-        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+    lockstep(eager, fast, a, b, 8)
     de, df = eager.diagnostics(), fast.diagnostics()
     assert de.keys() == df.keys()
     for name in de:
@@ -225,14 +228,7 @@ def test_fast_bucket_lengths_are_powers_of_two(monkeypatch):
 
     monkeypatch.setattr(K, "update_many_", spy)
     eager, fast = CautiousAdamW(a, lr=1e-2, fast=False), CautiousAdamW(b, lr=1e-2, fast=True, cpu_kernel=False)
-    for step in range(2):
-        grads = grads_for(step, a)
-        set_grads(a, grads)
-        set_grads(b, grads)
-        eager.step()
-        fast.step()
-    for x, y in zip(a, b):
-        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+    lockstep(eager, fast, a, b, 2)
     assert lengths[:4] == [(3,) * 4, (3,) * 2, (3,), (1,)]
 
 

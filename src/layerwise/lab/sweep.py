@@ -139,10 +139,9 @@ def _cells(out: Path, p: str, w: int, lrs, wds, seeds, base_width: int) -> list[
     return g
 
 
-def _grid(out: Path, p: str, w: int, lrs, wds, seeds, base_width: int) -> list[list[float]]:
+def _mean_grid(cells: list[list[list[float]]]) -> list[list[float]]:
     """Mean final validation loss per (lr, wd) cell over the finished seeds (NaN where none finished)."""
-    return [[sum(v) / len(v) if v else float("nan") for v in row]
-            for row in _cells(out, p, w, lrs, wds, seeds, base_width)]
+    return [[sum(v) / len(v) if v else float("nan") for v in row] for row in cells]
 
 
 def _sem(vals: list[float]) -> float:
@@ -174,7 +173,7 @@ def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, base_w
              "|---|" + "---|" * len(widths) + "---|---|---|" + ("---|---|---|" if seeds > 1 else "")]
     for p in parametrizations:
         cells = {w: _cells(out, p, w, lrs, wds, seeds, base_width) for w in widths}
-        grids = {w: _grid(out, p, w, lrs, wds, seeds, base_width) for w in widths}
+        grids = {w: _mean_grid(cells[w]) for w in widths}
         sems = {w: [[_sem(v) for v in row] for row in cells[w]] for w in widths}
         best = {w: _argmin(grids[w]) for w in widths}
         (i0, j0), (i1, j1) = best[widths[0]], best[widths[-1]]

@@ -5,7 +5,7 @@ A masked update needs a per-tensor statistic (``alpha``) before any parameter ca
 element is visited twice.  All functions are plain torch ops with fp32 arithmetic whatever the
 storage dtypes.
 
-* The **compiled path** (:func:`update_many_`, :func:`update_`): :func:`masked_fused_` is one
+* The **compiled path** (:func:`update_many_`): :func:`masked_fused_` is one
   function, compiled to one kernel with two loops: a read-only reduction loop (``g, m, v`` ->
   ``alpha``, density) and the update loop, which recomputes ``u`` and the mask and writes
   ``p, m, v``.  No scratch memory.  (Inductor never puts stores in a reduction loop, so a design
@@ -50,7 +50,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_", "masked_stage_", "masked_finish_", "masked_fused_", "masked_adamw_", "update_", "RULES",
+__all__ = ["adamw_", "masked_stage_", "masked_finish_", "masked_fused_", "masked_adamw_", "RULES",
            "ALPHA_MODES", "H_SIZE", "PARALLEL_MIN_NUMEL", "BUCKET_SIZE", "update_many_"]
 
 RULES = ("none", "previous", "current", "cautious")
@@ -165,45 +165,6 @@ def masked_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: s
     return alpha, density
 
 
-# One distinct top-level function per variant: dynamo keys its cache (and its recompile limit) on
-# the code object, so separate functions keep variants from evicting each other.
-def _u_previous_norm(p, g, m, v, h):
-    return masked_fused_(p, g, m, v, h, "previous", "norm")
-
-
-def _u_previous_density(p, g, m, v, h):
-    return masked_fused_(p, g, m, v, h, "previous", "density")
-
-
-def _u_current_norm(p, g, m, v, h):
-    return masked_fused_(p, g, m, v, h, "current", "norm")
-
-
-def _u_current_density(p, g, m, v, h):
-    return masked_fused_(p, g, m, v, h, "current", "density")
-
-
-def _u_cautious_norm(p, g, m, v, h):
-    return masked_fused_(p, g, m, v, h, "cautious", "norm")
-
-
-def _u_cautious_density(p, g, m, v, h):
-    return masked_fused_(p, g, m, v, h, "cautious", "density")
-
-
-def _f_adamw(p, g, m, v, h):
-    adamw_(p, g, m, v, h)
-
-
-_FUSED: dict[tuple[str, str], Callable] = {
-    ("previous", "norm"): _u_previous_norm,
-    ("previous", "density"): _u_previous_density,
-    ("current", "norm"): _u_current_norm,
-    ("current", "density"): _u_current_density,
-    ("cautious", "norm"): _u_cautious_norm,
-    ("cautious", "density"): _u_cautious_density,
-}
-
 _COMPILED: dict[tuple, Callable] = {}
 _BROKEN: set = set()
 _WARNED = False
@@ -228,21 +189,6 @@ def _clone(fn: Callable, tag: str) -> Callable:
     """A copy of ``fn`` with its own code object: dynamo caches compiled code per code object."""
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-
-
-def _compiled(fn: Callable, parallel: bool) -> Callable | None:
-    if fn in _BROKEN:
-        return None
-    key = (fn, parallel)
-    c = _COMPILED.get(key)
-    if c is None:
-        with _LOCK:
-            c = _COMPILED.get(key)
-            if c is None:
-                target = _clone(fn, "parallel" if parallel else "serial")
-                c = torch.compile(target, dynamic=True, fullgraph=True, options=_OPTIONS[parallel])
-                _COMPILED[key] = c
-    return c
 
 
 #: at most this many tensors go through one compiled call (:func:`update_many_`): one call costs
@@ -292,8 +238,9 @@ def update_many_(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
     Every tensor must be flat, contiguous and not a view; all share ``h`` (same step count and
     device).  ``parallel`` picks the multi-threaded kernels (for tensors above
     :data:`PARALLEL_MIN_NUMEL` elements).  Sizes are symbolic and compiled without duck sizing, so
-    one compilation per bucket length serves every bucket of that length.  Compile errors: as
-    :func:`update_` (warn once and fall back to the eager path, or raise when ``strict``).
+    one compilation per bucket length serves every bucket of that length.  If compiling fails (before
+    anything is written) it warns once, disables that kernel for the process and runs the eager path,
+    unless ``strict`` (the error propagates).
     """
     k = len(ps)
     key = (rule, alpha_mode, parallel, k)
@@ -315,31 +262,6 @@ def _NO_DUCK():
     # length instead of one per pattern of equal sizes
     from torch.fx.experimental import _config as fx_config
     return fx_config.patch(use_duck_shape=False)
-
-
-def update_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: str, alpha_mode: str,
-            buf: Tensor | None, *, fast: bool, strict: bool = False) -> tuple[Tensor, Tensor] | None:
-    """Update one tensor in place; returns ``(alpha, density)`` (``None`` for ``rule="none"``).
-
-    ``fast=True`` runs one compiled kernel (:func:`adamw_` or :func:`masked_fused_`; ``p, g, m, v``
-    must then be flat contiguous tensors that are not views; ``buf`` is not used).  If compiling fails
-    it warns once, disables that variant for the process and runs the eager path, unless ``strict``
-    (the error propagates).  Compilation happens before the kernel writes anything, so the fallback
-    never updates twice.  The eager path uses ``buf`` (fp32, ``p``'s shape) when given.
-    """
-    if fast:
-        parallel = p.numel() > PARALLEL_MIN_NUMEL
-        fn_src = _f_adamw if rule == "none" else _FUSED[(rule, alpha_mode)]
-        try:
-            fn = _compiled(fn_src, parallel)
-            if fn is not None:
-                out = fn(p, g, m, v, h)
-                return None if rule == "none" else out
-        except Exception as exc:  # raised while compiling: nothing was written yet
-            if strict:
-                raise
-            _mark_broken(fn_src, exc)
-    return masked_adamw_(p, g, m, v, h, rule, alpha_mode, buf)
 
 
 def _mark_broken(key, exc: BaseException) -> None:

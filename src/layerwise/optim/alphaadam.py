@@ -199,17 +199,16 @@ class _MaskedAdamW(Optimizer):
                 and m.shape == p.shape and v.shape == p.shape and g.device == p.device)
 
     def _c_ok(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
-        """Whether the C kernel takes this tensor: fp32 contiguous CPU tensors of one shape."""
+        """Whether the C kernel takes this tensor: what the compiled kernels take, on the CPU, all fp32."""
         return (p.device.type == "cpu" and p.dtype == g.dtype == m.dtype == v.dtype == torch.float32
-                and g.device.type == "cpu" and p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
-                and v.is_contiguous() and g.shape == m.shape == v.shape == p.shape)
+                and self._fast_ok(p, g, m, v))
 
     def _run_eager(self, rule: str, mode: str, p: Tensor, g: Tensor, m: Tensor, v: Tensor,
                    h: Tensor) -> tuple[Tensor, Tensor] | None:
         pd = p.detach()
         n = pd.numel()
         buf = None if rule == "none" else self._scratch_for(pd.device, n)[:n].view(pd.shape)
-        return K.update_(pd, g, m, v, h, rule, mode, buf, fast=False)
+        return K.masked_adamw_(pd, g, m, v, h, rule, mode, buf)
 
     def _run_fast(self, rule: str, mode: str, bucket: list[tuple[int, Tensor, Tensor, Tensor, Tensor]],
                   h: Tensor, parallel: bool) -> list[tuple[int, tuple[Tensor, Tensor] | None]]:
@@ -230,7 +229,7 @@ class _MaskedAdamW(Optimizer):
         fast = self._use_fast()
         use_c = fast and self.cpu_kernel is not False and CK.load() is not None
         # validate everything before the first tensor moves (an error never leaves a half step)
-        # and size the eager path's scratch buffer once
+        # and size the eager path's scratch buffer once (the C path grows it as it goes: first step only)
         need: dict[torch.device, int] = {}
         for gi, group in enumerate(self.param_groups):
             for flag in ("amsgrad", "maximize"):
@@ -247,7 +246,7 @@ class _MaskedAdamW(Optimizer):
                 if p.is_complex():
                     raise RuntimeError(f"{self._NAME} does not support complex parameters "
                                        f"(parameter {self._param_name(gi, pi)!r})")
-                if masked and (not fast or (use_c and self._c_ok(p.detach(), g, *self._moments_of(p)))):
+                if masked and not fast:
                     need[p.device] = max(need.get(p.device, 0), p.numel())
         if any(_is_dtensor(p) for group in self.param_groups for p in group["params"] if p.grad is not None):
             self._last_stats = self._step_sharded()
@@ -297,7 +296,7 @@ class _MaskedAdamW(Optimizer):
                     else:
                         out = c_out[c_row]  # type: ignore[index]
                         c_row += 1
-                        CK.step_(pd, g, m, v, self._scratch[pd.device], h, rule, mode, out)
+                        CK.step_(pd, g, m, v, self._scratch_for(pd.device, pd.numel()), h, rule, mode, out)
                         group_stats.append((pi, (out[0], out[1])))
                 elif fast and self._fast_ok(pd, g, m, v):
                     parallel = pd.numel() > K.PARALLEL_MIN_NUMEL
@@ -320,13 +319,6 @@ class _MaskedAdamW(Optimizer):
             stats += [(gi, pi, out) for pi, out in group_stats]
         self._last_stats = stats
         return loss
-
-    def _moments_of(self, p: Tensor) -> tuple[Tensor, Tensor]:
-        """``(exp_avg, exp_avg_sq)`` as they will be at this step (zeros like ``p`` before the first)."""
-        state = self.state.get(p)
-        if not state:
-            return p.detach(), p.detach()  # created by _init_state with p's dtype, layout and shape
-        return state["exp_avg"], state["exp_avg_sq"]
 
     def _h(self, group: dict[str, Any], t: float, device: torch.device) -> Tensor:
         lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
@@ -436,8 +428,9 @@ class AlphaAdam(_MaskedAdamW):
         alpha_max: upper bound of alpha (>= 1, default 10); alpha is always >= 1.
         floor: gamma in ``[0, 1]``, the update weight kept by masked coordinates (default 0).
         masking: ``False`` gives plain AdamW (equal to ``torch.optim.AdamW``).
-        fast: ``None`` (default: compiled kernel, eager fallback with one warning), ``True`` (compiled,
-            errors raise), ``False`` (eager reference path).
+        fast: ``None`` (default: the C kernel for fp32 CPU tensors, compiled kernels for the rest, the eager
+            path with one warning if compiling fails), ``True`` (the same, compile errors raise),
+            ``False`` (eager reference path).
         cpu_kernel: for fp32 CPU tensors on the fast path, the C kernel of
             :mod:`layerwise.optim._cpu_kernel` (one square root per element, scratch-buffered second
             pass): ``None`` (default) where it builds, else the compiled kernel; ``True`` requires it

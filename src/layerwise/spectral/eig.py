@@ -36,7 +36,7 @@ _POOL_SIZE = 0
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     global _POOL, _POOL_SIZE
-    if _POOL is None or _POOL_SIZE < workers:
+    if _POOL is None or _POOL_SIZE != workers:
         if _POOL is not None:
             _POOL.shutdown(wait=False)
         _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layerwise-eigvalsh")
@@ -125,19 +125,7 @@ def _have_scipy() -> bool:
     return True
 
 
-_EIG_POOL: ThreadPoolExecutor | None = None
-_EIG_POOL_SIZE = 0
 _SYEVR: dict[torch.dtype, object] = {}
-
-
-def _eig_pool(workers: int) -> ThreadPoolExecutor:
-    global _EIG_POOL, _EIG_POOL_SIZE
-    if _EIG_POOL is None or _EIG_POOL_SIZE != workers:
-        if _EIG_POOL is not None:
-            _EIG_POOL.shutdown(wait=False)
-        _EIG_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layerwise-syevr")
-        _EIG_POOL_SIZE = workers
-    return _EIG_POOL
 
 
 def _nogil_syevr(dtype: torch.dtype):
@@ -277,7 +265,7 @@ def gram_eigvals(
         chunks = g.tensor_split(min(4 * nw, len(idx))) if nw > 1 and len(idx) > 1 else None
         if device.type == "cpu" and use_lapack:
             with _one_blas_thread():  # process-wide OpenBLAS setting: set here, not in each worker
-                ev = torch.cat(list(_eig_pool(nw).map(_lapack_eigvalsh, chunks))) if chunks else _lapack_eigvalsh(g)
+                ev = torch.cat(list(_pool(nw).map(_lapack_eigvalsh, chunks))) if chunks else _lapack_eigvalsh(g)
         elif device.type == "cpu" and chunks:
             ev = torch.cat(list(_pool(nw).map(_eigvalsh_batch, chunks)))
         else:
