@@ -1,5 +1,6 @@
 """AlphaDecay (He et al., arXiv 2506.14562): per-module weight decay from the heavy-tail exponent α of each
-weight matrix's spectrum.  See METHODS.md §1.
+weight matrix's spectrum.  Formulas, defaults and every known difference from the authors' code:
+``docs/methods.md`` §1.
 """
 from __future__ import annotations
 
@@ -17,37 +18,118 @@ from layerwise.decay._base import (
     select_matrices,
     split_groups,
 )
-from layerwise.decay.mapping import linear_decay_map
+from layerwise import names as _names
+from layerwise.decay.mapping import ASSIGNS, assign_decays
 
-__all__ = ["AlphaDecay", "estimate_alphas"]
+__all__ = ["AlphaDecay", "estimate_alphas", "metric_scores", "authors_modules", "METRICS", "MODULE_SETS"]
 
 _ESTIMATORS = ("hill", "ks")
+#: per-matrix scores the map can take as input (``metric=``)
+METRICS = ("alpha", "alphahat", "spectral_norm", "stable_rank", "entropy")
+#: module sets AlphaDecay can analyse (``modules=``)
+MODULE_SETS = ("blocks", "authors")
+_TIMINGS = ("after", "before")
+_UNTUNED = ("keep", "wd0")
+_ENTROPY_EPS = 6e-5  # the authors' constant: numerical-rank threshold on σ and additive floor on p
+
+
+def metric_scores(eigs: list[torch.Tensor], alpha: torch.Tensor, metric: str) -> torch.Tensor:
+    """Per-matrix score ``metric`` from ascending Gram eigenvalues ``λ`` (= σ²) and α; float64 CPU vector.
+
+    The definitions are those of the AlphaDecay authors' code (``docs/methods.md`` §1), computed in float64:
+
+    * ``alpha``: α itself;
+    * ``alphahat``: ``softplus(α · log10 λ_max)`` (``log10`` of a non-positive ``λ_max`` reads −10);
+    * ``spectral_norm``: ``λ_max`` — the *squared* largest singular value, as the authors' code names it;
+    * ``stable_rank``: ``Σλ / λ_max``;
+    * ``entropy``: with ``σ = √λ``, ``r = #{σ > 6e-5}`` and ``p = λ / Σλ + 6e-5``:
+      ``−Σ p ln p / ln(r + 6e-5)`` (the authors' floor on ``p``; :func:`layerwise.spectral.matrix_entropy`
+      is the plain normalised entropy).
+
+    NaN where undefined (a zero matrix, non-finite eigenvalues).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1)
+    if metric == "alpha":
+        return a.clone()
+    out = torch.full((len(eigs),), float("nan"), dtype=torch.float64)
+    for i, e in enumerate(eigs):
+        e = e.detach().to("cpu", torch.float64).clamp_min(0.0)
+        if e.numel() == 0 or not bool(torch.isfinite(e).all()):
+            continue
+        lmax = float(e.max())
+        total = float(e.sum())
+        if metric == "spectral_norm":
+            out[i] = lmax
+        elif metric == "stable_rank":
+            out[i] = total / lmax if lmax > 0 else math.nan
+        elif metric == "alphahat":
+            x = float(a[i]) * (math.log10(lmax) if lmax > 0 else -10.0)
+            out[i] = float(torch.nn.functional.softplus(torch.tensor(x, dtype=torch.float64)))
+        else:  # entropy
+            if not total > 0:
+                continue
+            rank = int((e.sqrt() > _ENTROPY_EPS).sum())
+            p = e / total + _ENTROPY_EPS
+            out[i] = float(-(p * p.log()).sum()) / math.log(rank + _ENTROPY_EPS)
+    return out
+
+
+def authors_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The AlphaDecay authors' module set: every ``nn.Linear`` of ``model`` in ``named_modules()`` order except
+    the first and the last (on a LLaMA: all block matrices but layer 0's ``q_proj``, and not ``lm_head``).
+
+    Returns ``(canonical module name, module)`` pairs.  ``ValueError`` when the model has fewer than three
+    ``nn.Linear`` modules (nothing would be left).
+    """
+    lins = [
+        (_names.canonical_name(n), m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) or getattr(m, "_layerwise_linear", False)
+    ]
+    if len(lins) < 3:
+        raise ValueError(
+            f"modules='authors' analyses every nn.Linear except the first and the last; the model has "
+            f"{len(lins)} nn.Linear module(s), so none is left to analyse"
+        )
+    return lins[1:-1]
 
 
 def estimate_alphas(
-    weights: list[torch.Tensor], estimator: str = "hill", shape_correction: bool = False
+    weights: list[torch.Tensor], estimator: str = "hill", shape_correction: bool = False, metric: str = "alpha"
 ) -> dict[str, torch.Tensor]:
     """α of each matrix through :mod:`layerwise.spectral` (one batched Gram-eigenvalue pass).
 
-    Returns float64 CPU tensors: ``"alpha"`` (always) and, for ``estimator="ks"``, ``"xmin"``, ``"ks"``.
+    Returns float64 CPU tensors: ``"alpha"`` (always), for ``estimator="ks"`` ``"xmin"``, ``"ks"``, and for
+    ``metric`` other than ``"alpha"`` that score as ``"metric"`` (see :func:`metric_scores`).
     ``shape_correction=True`` replaces α by :func:`layerwise.spectral.shape_corrected_alpha` (``"difference"``
     mode: ``α − α_noise(shape) + 2``, so Gaussian noise of any shape reads 2).
     One host synchronisation per call.
     """
     if estimator not in _ESTIMATORS:
         raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _estimate_sharded(weights, estimator, shape_correction)
-    return _estimate_local(weights, estimator, shape_correction)
+        return _estimate_sharded(weights, estimator, shape_correction, metric)
+    return _estimate_local(weights, estimator, shape_correction, metric)
 
 
-def _estimate_local(weights: list[torch.Tensor], estimator: str, shape_correction: bool) -> dict[str, torch.Tensor]:
+def _estimate_local(
+    weights: list[torch.Tensor], estimator: str, shape_correction: bool, metric: str = "alpha"
+) -> dict[str, torch.Tensor]:
     from layerwise import spectral
 
     if not weights:
-        return {"alpha": torch.zeros(0, dtype=torch.float64)}
+        out0 = {"alpha": torch.zeros(0, dtype=torch.float64)}
+        if estimator == "ks":
+            out0.update(xmin=torch.zeros(0, dtype=torch.float64), ks=torch.zeros(0, dtype=torch.float64))
+        if metric != "alpha":
+            out0["metric"] = torch.zeros(0, dtype=torch.float64)
+        return out0
     eigs = spectral.gram_eigvals([w.detach() for w in weights])
     out: dict[str, torch.Tensor] = {}
     if estimator == "hill":
@@ -65,6 +147,8 @@ def _estimate_local(weights: list[torch.Tensor], estimator: str, shape_correctio
             ]
         )
     out["alpha"] = alpha
+    if metric != "alpha":
+        out["metric"] = metric_scores(eigs, alpha, metric)
     return out
 
 
@@ -75,7 +159,9 @@ def owners(shapes: list[tuple[int, ...]], world_size: int) -> list[int]:
     return owner_ranks(shapes, world_size)
 
 
-def _estimate_sharded(weights: list[torch.Tensor], estimator: str, shape_correction: bool) -> dict[str, torch.Tensor]:
+def _estimate_sharded(
+    weights: list[torch.Tensor], estimator: str, shape_correction: bool, metric: str = "alpha"
+) -> dict[str, torch.Tensor]:
     """Distributed α: each matrix is analysed on one owner rank and the small result vectors are summed.
 
     Replicated weights (DDP) need no communication: the owner uses its own copy.  FSDP2-sharded weights
@@ -108,10 +194,10 @@ def _estimate_sharded(weights: list[torch.Tensor], estimator: str, shape_correct
         elif rank == own[i]:
             mine.append(w)
             mine_idx.append(i)
-    est = _estimate_local(mine, estimator, shape_correction)
+    est = _estimate_local(mine, estimator, shape_correction, metric)
     out: dict[str, torch.Tensor] = {}
     device = weights[0].device if weights else torch.device("cpu")
-    keys = ["alpha"] + (["xmin", "ks"] if estimator == "ks" else [])
+    keys = ["alpha"] + (["xmin", "ks"] if estimator == "ks" else []) + (["metric"] if metric != "alpha" else [])
     packed = torch.zeros(len(keys), len(weights), dtype=torch.float64)
     for k, key in enumerate(keys):
         for j, i in enumerate(mine_idx):
@@ -133,19 +219,19 @@ def _to_vec(x: Any) -> torch.Tensor:
 class AlphaDecay(DecayController):
     """Module-wise weight decay from the heavy-tail exponent α of each weight matrix (AlphaDecay).
 
-    At construction (from the initial weights) and right after every ``interval``-th optimizer step
-    (from the weights that step produced) the controller computes α for every analysed matrix and sets
-    each one's weight decay by one global linear map (:func:`~layerwise.decay.mapping.linear_decay_map`):
-    ``[α_min, α_max] → [s1·wd0, s2·wd0]``, increasing in α (heavier tail = smaller α = less decay).
-    All-equal α gives every module ``wd0``; a module whose α is not finite (degenerate spectrum) gets
-    ``wd0``.  New decays apply from the next optimizer step; between recomputations nothing changes.
-    Steps are counted by a step post-hook on the optimizer (``GradScaler``-skipped steps do not count).
+    At construction (from the initial weights) and every ``interval`` optimizer steps the controller computes
+    α (or another per-matrix score, ``metric``) for every analysed matrix and sets each module's weight decay
+    by one map over all analysed modules (``assign``; default the global linear map
+    :func:`~layerwise.decay.mapping.linear_decay_map`: ``[α_min, α_max] → [s1·wd0, s2·wd0]``, increasing in
+    α: heavier tail = smaller α = less decay).  All-equal α gives every module ``wd0``; a module whose score
+    is not finite (degenerate spectrum) gets ``wd0``.  Between recomputations nothing changes.  Steps are
+    counted by optimizer step hooks (``GradScaler``-skipped steps do not count).
 
     Weight decay is PyTorch's convention and is applied *by the optimizer*: ``θ ← θ·(1 − lr·λ)`` for
     decoupled optimizers (``AdamW``, ``torch.optim.Muon``, AlphaAdam), ``g ← g + λ·θ`` for torch ``Adam``
     (coupled L2, the paper's main table).
 
-    Design: the controller **splits parameter groups** at construction — each analysed matrix gets a group
+    Design: the controller **splits parameter groups** at construction — each analysed tensor gets a group
     of its own that copies every other key of its original group (``lr``, ``betas``, ``param_names``,
     ``lr_scale``, ``group`` ...), placed right after what remains of the original group — and then only
     writes ``group["weight_decay"]``.  So it works with any optimizer that reads ``weight_decay`` from its
@@ -154,28 +240,59 @@ class AlphaDecay(DecayController):
     * create the controller **before the LR scheduler** (schedulers record one base LR per group; a
       ``ValueError`` is raised if a split is needed and a scheduler is already attached);
     * create it **before** ``optimizer.load_state_dict`` on resume (the optimizer's state dict lists
-      groups by position); optimizer state itself is keyed by parameter and survives the split;
-    * modules not analysed stay in their original groups and keep their decay (``wd0``).
+      groups by position); optimizer state itself is keyed by parameter and survives the split.
+
+    **Module set** (``modules``; ``docs/methods.md`` §1 has the table of differences from the authors):
+
+    * ``"blocks"`` (default): every ``nn.Linear`` weight inside the transformer blocks (or ``select``);
+      biases and all other parameters keep their groups' decay; no size threshold.
+    * ``"authors"``: the authors' ``modulewise_AlphaDecay``: every ``nn.Linear`` in model order except the
+      first and the last (:func:`authors_modules`: on a LLaMA, layer 0's ``q_proj`` and ``lm_head`` are not
+      analysed), matrices with fewer than ``min_eigs`` (default 50) eigenvalues skipped, an analysed module's
+      **bias gets its module's decay**, and every other parameter (norms, embeddings, the skipped matrices)
+      is set to ``wd0`` (``untuned="wd0"``).  With ``metric="alpha"`` and ``assign="linear"`` this gives the
+      authors' decays on the same weights (tested to 1e-5 against a float64 re-implementation).
+
+    Why ``"blocks"`` is the default: the authors drop the first and last ``nn.Linear`` through a generic
+    "remove first / last layer" switch of their code (the first conv and the classifier of a CNN); on a
+    transformer it drops one block matrix, layer 0's ``q_proj``, for no stated reason.  Analysing it changes
+    every other decay, because a trained layer-0 ``q_proj`` often has the smallest α of the network and
+    then sets α_min: on a 4-layer lab model after 50 AdamW steps, α_min moves from 1.77 (layer 0's q_proj)
+    to 1.94 without it and the other attention modules' decays shift by 8–34 % (``docs/methods.md`` §1,
+    ``benchmarks/authors_modules.py``).
 
     Args:
-        optimizer: a ``torch.optim.Optimizer`` holding every analysed matrix.
+        optimizer: a ``torch.optim.Optimizer`` holding every analysed tensor.
         model: the model (names are its canonical parameter names).
         interval: optimizer steps between recomputations (≥ 1; paper: 500).
-        s1, s2: decay multipliers at α_min and α_max (``s1 <= s2``; paper: 0.6666, 3; 5 for AdamW runs).
+        s1, s2: decay multipliers at the smallest / largest score for ``assign="linear"`` (``s1 <= s2``;
+            authors: 0.6666 and 3 with Adam + coupled L2, 5 with AdamW).
         wd0: base decay; ``None`` = the ``weight_decay`` of the analysed matrices' groups (must be one
             value); ``"group"`` = each module's own group decay as its base; or a number.
         estimator: ``"hill"`` (paper: fixed ``xmin = λ[N//2]``) or ``"ks"`` (KS-distance xmin search).
         preserve_mean: rescale so the parameter-weighted mean decay equals ``wd0`` (the paper's map gives
             ≈ 2× ``wd0`` on average, which confounds comparisons).
-        ema: ``None`` or β in [0, 1): α used for the map is smoothed over recomputations,
-            ``ᾱ ← β·ᾱ + (1 − β)·α`` (initialised with the first α; a non-finite α keeps ᾱ).
-        shape_correction: use ``α − α_noise(shape) + 2`` (:func:`layerwise.spectral.shape_corrected_alpha`;
-            α_noise = what the estimator reads on Gaussian noise of that shape, cached per shape) so square
-            and rectangular matrices are comparable (uncorrected, noise reads ≈ 2.13 square vs ≈ 3.0 at 1:2.7).
-        select: which matrices to analyse (default: ``nn.Linear`` weights inside the transformer blocks;
-            a regex, a callable ``(name, param) -> bool`` or a list of names; see ``select_matrices``).
-
-    Note: the authors' code skips layer 0's ``q_proj`` by accident; we analyse it.
+        ema: ``None`` or β in [0, 1): the score used for the map is smoothed over recomputations,
+            ``ᾱ ← β·ᾱ + (1 − β)·α`` (initialised with the first value; a non-finite value keeps ᾱ).
+        shape_correction: use ``α − α_noise(shape) + 2`` (:func:`layerwise.spectral.shape_corrected_alpha`)
+            so square and rectangular matrices are comparable (only with ``metric`` ``"alpha"``/``"alphahat"``).
+        select: which matrices to analyse with ``modules="blocks"`` (a regex, a callable
+            ``(name, param) -> bool`` or a list of names; see ``select_matrices``).
+        modules: ``"blocks"`` or ``"authors"`` (above).
+        metric: the per-matrix score the map takes (:func:`metric_scores`): ``"alpha"`` (default),
+            ``"alphahat"``, ``"spectral_norm"`` (λ_max = σ_max²), ``"stable_rank"``, ``"entropy"``.
+        assign: ``"linear"`` (default), ``"sqrt"``, ``"log2"`` or ``"sigmoid"`` (per transformer block,
+            ``2·wd0·σ(slope·z)``; see :func:`~layerwise.decay.mapping.assign_decays`).
+        slope: the sigmoid's slope for ``assign="sigmoid"`` (authors: 4).
+        min_eigs: matrices with fewer eigenvalues (``min(out, in)``) are not analysed; ``None`` = 50 for
+            ``"authors"``, 0 for ``"blocks"``.
+        untuned: ``"keep"`` (the other parameters keep their groups' decay) or ``"wd0"`` (every group
+            without an analysed tensor is set to ``wd0``, as the authors' "untuned" group); ``None`` = ``"wd0"``
+            for ``"authors"``, ``"keep"`` for ``"blocks"``.
+        timing: ``"after"`` (default): recompute right after every ``interval``-th step, from the weights it
+            produced, new decays from the next step on; ``"before"`` (the authors' loop): recompute right
+            before every ``interval``-th step, from the weights of ``interval − 1`` steps later, used by that
+            step already.
     """
 
     name = "alphadecay"
@@ -194,6 +311,13 @@ class AlphaDecay(DecayController):
         ema: float | None = None,
         shape_correction: bool = False,
         select: Select = None,
+        modules: str = "blocks",
+        metric: str = "alpha",
+        assign: str = "linear",
+        slope: float = 4.0,
+        min_eigs: int | None = None,
+        untuned: str | None = None,
+        timing: str = "after",
     ) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
@@ -205,8 +329,51 @@ class AlphaDecay(DecayController):
             raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
         if ema is not None and not (0.0 <= float(ema) < 1.0):
             raise ValueError(f"ema must be None or in [0, 1), got {ema!r}")
-        matrices = select_matrices(model, select)
+        if modules not in MODULE_SETS:
+            raise ValueError(f"modules must be one of {MODULE_SETS}, got {modules!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if assign not in ASSIGNS:
+            raise ValueError(f"assign must be one of {ASSIGNS}, got {assign!r}")
+        if not (math.isfinite(slope) and slope >= 0):
+            raise ValueError(f"slope must be finite and >= 0, got {slope!r}")
+        if timing not in _TIMINGS:
+            raise ValueError(f"timing must be one of {_TIMINGS}, got {timing!r}")
+        if shape_correction and metric not in ("alpha", "alphahat"):
+            raise ValueError(f"shape_correction applies to metric 'alpha' or 'alphahat', not {metric!r}")
+        authors = modules == "authors"
+        if min_eigs is None:
+            min_eigs = 50 if authors else 0
+        if isinstance(min_eigs, bool) or not isinstance(min_eigs, int) or min_eigs < 0:
+            raise ValueError(f"min_eigs must be an integer >= 0, got {min_eigs!r}")
+        untuned = untuned if untuned is not None else ("wd0" if authors else "keep")
+        if untuned not in _UNTUNED:
+            raise ValueError(f"untuned must be one of {_UNTUNED}, got {untuned!r}")
+        if authors:
+            if select is not None:
+                raise ValueError("select applies to modules='blocks'; modules='authors' fixes the module set")
+            mods = authors_modules(model)
+            by_id = {id(p): n for n, p in _names.named_parameters(model)}
+            matrices, biases = [], []
+            for mname, mod in mods:
+                w = mod.weight
+                if id(w) not in by_id or w.dim() != 2 or min(w.shape) < min_eigs:
+                    continue  # frozen, or too few eigenvalues: joins the untuned parameters
+                matrices.append((by_id[id(w)], w))
+                b = getattr(mod, "bias", None)
+                biases.append(b if isinstance(b, torch.Tensor) and id(b) in by_id else None)
+            if not matrices:
+                raise ValueError(
+                    f"modules='authors': no nn.Linear (other than the first and the last) has >= {min_eigs} "
+                    "eigenvalues (min_eigs) and is trainable; nothing to analyse"
+                )
+        else:
+            matrices = [(n, p) for n, p in select_matrices(model, select) if min(p.shape) >= min_eigs]
+            if not matrices:
+                raise ValueError(f"no selected weight matrix has >= {min_eigs} eigenvalues (min_eigs)")
+            biases = [None] * len(matrices)
         check_in_optimizer(optimizer, matrices)
+        check_in_optimizer(optimizer, [(f"bias of {n}", b) for (n, _), b in zip(matrices, biases) if b is not None])
         super().__init__(optimizer, model)
         self.interval = interval
         self.s1, self.s2 = float(s1), float(s2)
@@ -214,58 +381,94 @@ class AlphaDecay(DecayController):
         self.preserve_mean = bool(preserve_mean)
         self.ema = None if ema is None else float(ema)
         self.shape_correction = bool(shape_correction)
+        self.modules, self.metric, self.assign, self.slope = modules, metric, assign, float(slope)
+        self.min_eigs, self.untuned, self.timing = min_eigs, untuned, timing
         self.names = [n for n, _ in matrices]
         self._params = [p for _, p in matrices]
-        self._numel = [p.numel() for p in self._params]
-        groups = split_groups(optimizer, self._params)
+        self._biases = biases
+        self._numel = [p.numel() + (0 if b is None else b.numel()) for p, b in zip(self._params, biases)]
+        self._blocks = [_names.layer_index(n) for n in self.names]
+        split_groups(optimizer, self._params + [b for b in biases if b is not None])
+        groups = self.current_groups(self._params)
         self.wd0 = resolve_wd0(groups, wd0, self.names)
+        if untuned == "wd0" and len(set(self.wd0)) != 1:
+            raise ValueError(
+                "untuned='wd0' sets every other parameter to one base decay, but the analysed modules have "
+                f"several ({sorted(set(self.wd0))}); pass a number as wd0 or untuned='keep'"
+            )
         n = len(self.names)
         nan = float("nan")
-        self.alpha_raw = torch.full((n,), nan, dtype=torch.float64)  # latest estimate
-        self.alpha = torch.full((n,), nan, dtype=torch.float64)  # the α the map used (EMA-smoothed if ema)
+        self.alpha_raw = torch.full((n,), nan, dtype=torch.float64)  # latest estimate of α
+        self.alpha = torch.full((n,), nan, dtype=torch.float64)  # the α used (EMA-smoothed if ema)
+        self.score_raw = self.alpha_raw.clone()  # latest score (= α for metric="alpha")
+        self.score = self.alpha.clone()  # the score the map used (EMA-smoothed if ema)
         self.extra: dict[str, torch.Tensor] = {}
         self.decays = torch.tensor(self.wd0, dtype=torch.float64)
         self.recompute()
+        if timing == "before":
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
         self._attach()
 
     # -------------------------------------------------------------------------------------------------
-    def after_step(self) -> None:
-        if self.step % self.interval == 0:
+    def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if (self.step + 1) % self.interval == 0:
             self.recompute()
+
+    def after_step(self) -> None:
+        if self.timing == "after" and self.step % self.interval == 0:
+            self.recompute()
+
+    def _smooth(self, old: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        if self.ema is None or self.version == 0:
+            return raw.clone()
+        smoothed = self.ema * old + (1.0 - self.ema) * raw
+        keep_old = ~torch.isfinite(raw)
+        smoothed[keep_old] = old[keep_old]
+        take_new = ~torch.isfinite(old)
+        smoothed[take_new] = raw[take_new]
+        return smoothed
 
     @torch.no_grad()
     def recompute(self) -> None:
-        """Estimate α from the current weights and set every analysed module's decay (one host sync)."""
-        est = estimate_alphas(self._params, self.estimator, self.shape_correction)
+        """Estimate the scores from the current weights and set every analysed module's decay (one host sync)."""
+        est = estimate_alphas(self._params, self.estimator, self.shape_correction, self.metric)
         raw = est.pop("alpha")
+        score_raw = est.pop("metric", raw)
         self.extra = est
+        self.alpha = self._smooth(self.alpha, raw)
         self.alpha_raw = raw
-        if self.ema is None or self.version == 0:
-            self.alpha = raw.clone()
-        else:
-            smoothed = self.ema * self.alpha + (1.0 - self.ema) * raw
-            keep_old = ~torch.isfinite(raw)
-            smoothed[keep_old] = self.alpha[keep_old]
-            take_new = ~torch.isfinite(self.alpha)
-            smoothed[take_new] = raw[take_new]
-            self.alpha = smoothed
-        self.decays = linear_decay_map(
-            self.alpha, self.wd0, self.s1, self.s2, numel=self._numel, preserve_mean=self.preserve_mean
+        self.score = self.alpha.clone() if self.metric == "alpha" else self._smooth(self.score, score_raw)
+        self.score_raw = score_raw.clone()
+        self.decays = assign_decays(
+            self.score, self.wd0, self.assign, self.s1, self.s2, blocks=self._blocks, slope=self.slope,
+            numel=self._numel, preserve_mean=self.preserve_mean,
         )
         self._apply()
         self.version += 1
         self.last_update_step = self.step
 
     def _apply(self) -> None:
-        for g, wd in zip(self.current_groups(self._params), self.decays.tolist()):
+        decays = self.decays.tolist()
+        for g, wd in zip(self.current_groups(self._params), decays):
             g["weight_decay"] = wd
+        with_bias = [(b, wd) for b, wd in zip(self._biases, decays) if b is not None]
+        for g, (_, wd) in zip(self.current_groups([b for b, _ in with_bias]), with_bias):
+            g["weight_decay"] = wd
+        if self.untuned == "wd0":
+            mine = {id(p) for p in self._params} | {id(b) for b in self._biases if b is not None}
+            for g in self.optimizer.param_groups:
+                if not any(id(p) in mine for p in g["params"]):
+                    g["weight_decay"] = self.wd0[0]
 
     # -------------------------------------------------------------------------------------------------
     def table(self) -> list[dict]:
-        """One row per analysed matrix: ``name`` (canonical), ``alpha`` (the α the map used; ``None`` if not
-        finite), ``alpha_raw`` (latest estimate), ``weight_decay`` (current λ), and for ``estimator="ks"``
-        ``xmin`` and ``ks`` (fit quality)."""
+        """One row per analysed matrix: ``name`` (canonical), ``alpha`` (the α used; ``None`` if not finite),
+        ``alpha_raw`` (latest estimate), ``weight_decay`` (current λ), for ``estimator="ks"`` ``xmin`` and
+        ``ks`` (fit quality), for another ``metric`` ``score`` (the value the map used), and with
+        ``modules="authors"`` ``bias`` (the canonical name of the module's bias, which has the same decay,
+        or ``None``)."""
         rows = []
+        bias_names = self._bias_names()
         for i, name in enumerate(self.names):
             row: dict[str, Any] = {
                 "name": name,
@@ -273,10 +476,25 @@ class AlphaDecay(DecayController):
                 "alpha_raw": _finite_or_none(self.alpha_raw[i]),
                 "weight_decay": float(self.decays[i]),
             }
+            if self.metric != "alpha":
+                row["score"] = _finite_or_none(self.score[i])
+            if self.modules == "authors":
+                row["bias"] = bias_names[i]
             for key, vec in self.extra.items():
                 row[key] = _finite_or_none(vec[i])
             rows.append(row)
         return rows
+
+    def _bias_names(self) -> list[str | None]:
+        if not any(b is not None for b in self._biases):
+            return [None] * len(self.names)
+        loc = {}
+        for g in self.optimizer.param_groups:
+            for j, p in enumerate(g["params"]):
+                if "param_names" in g:
+                    loc[id(p)] = _names.canonical_name(g["param_names"][j])
+        return [None if b is None else loc.get(id(b), n.rsplit(".", 1)[0] + ".bias")
+                for n, b in zip(self.names, self._biases)]
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -284,6 +502,8 @@ class AlphaDecay(DecayController):
             names=list(self.names),
             alpha=self.alpha.tolist(),
             alpha_raw=self.alpha_raw.tolist(),
+            score=self.score.tolist(),
+            score_raw=self.score_raw.tolist(),
             weight_decay=self.decays.tolist(),
             wd0=[float(w) for w in self.wd0],
             extra={k: v.tolist() for k, v in self.extra.items()},
@@ -291,7 +511,7 @@ class AlphaDecay(DecayController):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore step count, α (raw and smoothed), decays; the decays are written to the optimizer."""
+        """Restore step count, α and scores (raw and smoothed), decays; the decays are written to the optimizer."""
         if list(state.get("names", [])) != self.names:
             raise ValueError(
                 "AlphaDecay state dict was saved for different matrices: "
@@ -300,6 +520,8 @@ class AlphaDecay(DecayController):
         super().load_state_dict(state)
         self.alpha = torch.tensor(state["alpha"], dtype=torch.float64)
         self.alpha_raw = torch.tensor(state["alpha_raw"], dtype=torch.float64)
+        self.score = torch.tensor(state.get("score", state["alpha"]), dtype=torch.float64)
+        self.score_raw = torch.tensor(state.get("score_raw", state["alpha_raw"]), dtype=torch.float64)
         self.decays = torch.tensor(state["weight_decay"], dtype=torch.float64)
         if "wd0" in state:
             self.wd0 = [float(w) for w in state["wd0"]]
