@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from layerwise.decay._base import DecayController, select_matrices, split_groups
-from layerwise.decay.alphadecay import AlphaDecay, estimate_alphas
+from layerwise.decay.alphadecay import METRICS, MODULE_SETS, AlphaDecay, authors_modules, estimate_alphas, metric_scores
 from layerwise.decay.baselines import AWD, AdaDecay, TypeDecay, UniformDecay
-from layerwise.decay.mapping import linear_decay_map
+from layerwise.decay.mapping import ASSIGNS, assign_decays, linear_decay_map
 
 __all__ = [
     "AlphaDecay",
@@ -47,6 +47,12 @@ __all__ = [
     "DECAY_CONTROLLERS",
     "build_decay",
     "linear_decay_map",
+    "assign_decays",
+    "ASSIGNS",
+    "METRICS",
+    "MODULE_SETS",
+    "authors_modules",
+    "metric_scores",
     "estimate_alphas",
     "select_matrices",
     "split_groups",
