@@ -85,25 +85,27 @@ def test_awd_coupled_with_adam_l2_and_explicit_lambda():
         torch.testing.assert_close(p.detach().double(), w[n] - lr * gp / (gp.abs() + eps), rtol=1e-5, atol=1e-6)
 
 
-def _adadecay_reference(names, grads, numel, wd0, slope):
-    r = [math.sqrt(float(g.double().square().sum())) / math.sqrt(n) for g, n in zip(grads, numel)]
+def _adadecay_reference(names, grads, numel, wd0, slope, norm="rms", eps=1e-8):
+    r = [math.sqrt(float(g.double().square().sum())) / (math.sqrt(n) if norm == "rms" else 1.0)
+         for g, n in zip(grads, numel)]
     out = []
     for i, name in enumerate(names):
         peers = [r[j] for j, m in enumerate(names) if layer_index(m) == layer_index(name)]
         mu = sum(peers) / len(peers)
         sd = math.sqrt(sum((x - mu) ** 2 for x in peers) / len(peers))
-        z = (r[i] - mu) / (sd + 1e-12)
+        z = (r[i] - mu) / (sd + eps)
         out.append(wd0 * 2.0 / (1.0 + math.exp(-slope * z)))
     return out
 
 
 @pytest.mark.parametrize("kind", ["adamw", "adam_l2"])
 def test_adadecay_matches_hand_computation(kind):
+    """The per-step RMS variant (norm='rms', interval=1)."""
     model = make_model()
     lr, eps, wd0 = 0.1, 1.0, 0.2
     cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
     opt = cls(model.parameters(), lr=lr, eps=eps, weight_decay=wd0)
-    dec = AdaDecay(opt, model, slope=2.0)
+    dec = AdaDecay(opt, model, slope=2.0, norm="rms", interval=1)
     _set_grads(model)
     mats = block_linear_weights(model)
     lam = _adadecay_reference([n for n, _ in mats], [p.grad for _, p in mats], [p.numel() for _, p in mats], wd0, 2.0)
@@ -121,6 +123,98 @@ def test_adadecay_matches_hand_computation(kind):
             gp = g[n] + wd * w[n]
             want = w[n] - lr * gp / (gp.abs() + eps)
         torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_adadecay_default_is_the_papers_baseline_raw_norm_slope4_every_interval():
+    """Defaults: raw ‖∇W‖, θ = 2σ(4z), recomputed before every interval-th step from that step's gradients,
+    wd0 before the first recomputation, held in between (checked on the AdamW update, betas = 0)."""
+    import inspect
+
+    sig = inspect.signature(AdaDecay.__init__).parameters
+    assert (sig["slope"].default, sig["interval"].default, sig["norm"].default) == (4.0, 500, "raw")
+    model = make_model()
+    lr, eps, wd0 = 0.1, 1.0, 0.2
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps, weight_decay=wd0, betas=(0.0, 0.0))
+    dec = AdaDecay(opt, model, interval=3)
+    mats = block_linear_weights(model)
+    names = [n for n, _ in mats]
+    lam = {n: wd0 for n in names}
+    for step in range(7):
+        _set_grads(model, seed=10 + step)
+        if (step + 1) % 3 == 0:
+            ref = _adadecay_reference(names, [p.grad for _, p in mats], [p.numel() for _, p in mats], wd0, 4.0,
+                                      norm="raw")
+            lam = dict(zip(names, ref))
+        w = {n: p.detach().double().clone() for n, p in named_parameters(model)}
+        g = {n: p.grad.double().clone() for n, p in named_parameters(model)}
+        opt.step()
+        for n, p in named_parameters(model):
+            want = w[n] * (1 - lr * lam.get(n, wd0)) - lr * g[n] / (g[n].abs() + eps)
+            torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6, msg=f"{n} step {step}")
+        assert [r["weight_decay"] for r in dec.table()] == pytest.approx([lam[n] for n in names], rel=1e-5)
+    assert dec.version == 3 and dec.last_update_step == 5  # recomputed before steps 3 and 6
+    # raw norms: the larger MLP matrices read larger gradient norms, so they get more decay
+    mlp = [lam[n] for n in names if ".mlp." in n]
+    att = [lam[n] for n in names if ".self_attn." in n]
+    assert sum(mlp) / len(mlp) > sum(att) / len(att)
+
+
+def test_adadecay_authors_modules_bias_and_untuned():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, attention_bias=True,
+                                   mlp_bias=True, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg)
+    lr, eps, wd0 = 0.1, 1.0, 0.2
+    opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if "norm" not in n]},
+                             {"params": [p for n, p in model.named_parameters() if "norm" in n], "weight_decay": 0.0}],
+                            lr=lr, eps=eps, weight_decay=wd0, betas=(0.0, 0.0))
+    dec = AdaDecay(opt, model, interval=1, modules="authors")
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][1:-1]
+    assert dec.names == [n + ".weight" for n, _ in linears]
+    _set_grads(model, seed=3)
+    ref = _adadecay_reference(dec.names, [m.weight.grad for _, m in linears], [1] * len(linears), wd0, 4.0,
+                              norm="raw")
+    lam = {}
+    for (n, m), v in zip(linears, ref):
+        lam[id(m.weight)] = lam[id(m.bias)] = v
+    w = {id(p): (n, p.detach().double().clone(), p.grad.double().clone()) for n, p in model.named_parameters()}
+    opt.step()
+    for p in model.parameters():
+        n, w0, g = w[id(p)]
+        want = w0 * (1 - lr * lam.get(id(p), wd0)) - lr * g / (g.abs() + eps)  # norms too: untuned at wd0
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_awd_authors_lambda_is_100_wd0():
+    model = make_model()
+    lr, eps = 0.1, 1.0
+    opt = torch.optim.Adam(model.parameters(), lr=lr, eps=eps, weight_decay=1e-5)
+    dec = AWD(opt, model, lambda_awd="authors")
+    _set_grads(model)
+    w = {n: p.detach().double().clone() for n, p in named_parameters(model)}
+    g = {n: p.grad.double().clone() for n, p in named_parameters(model)}
+    gn = math.sqrt(sum(float(t.square().sum()) for t in g.values()))
+    wn = math.sqrt(sum(float(t.square().sum()) for t in w.values()))
+    lam_bar = 0.9 * (100 * 1e-5) * gn / wn  # λ̄_1 = 0.1·0 + 0.9·λ_awd·‖g‖/‖w‖
+    opt.step()
+    assert dec.current() == pytest.approx(lam_bar, rel=1e-5)
+    for n, p in named_parameters(model):
+        gp = g[n] + lam_bar * w[n]
+        torch.testing.assert_close(p.detach().double(), w[n] - lr * gp / (gp.abs() + eps), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="lambda_awd"):
+        AWD(torch.optim.Adam(model.parameters(), weight_decay=0.1), model, lambda_awd="x100")
+
+
+def test_adadecay_errors_name_the_field():
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), weight_decay=0.1)
+    for kw, field in [({"norm": "l1"}, "norm"), ({"interval": 0}, "interval"), ({"modules": "all"}, "modules"),
+                      ({"slope": -1.0}, "slope"), ({"modules": "authors", "select": "mlp"}, "select")]:
+        with pytest.raises(ValueError, match=field):
+            AdaDecay(opt, model, **kw)
+    assert len(opt.param_groups) == 1 and not opt._optimizer_step_pre_hooks
 
 
 # --------------------------------------------------------------------------------- registry / resume
@@ -145,7 +239,7 @@ def test_registry_and_build_decay_errors():
         build_decay("typedecay", opt, object())
 
 
-OPTIONS = {"uniform": {}, "alphadecay": {"interval": 3}, "awd": {}, "adadecay": {}, "typedecay": {}}
+OPTIONS = {"uniform": {}, "alphadecay": {"interval": 3}, "awd": {}, "adadecay": {"interval": 2}, "typedecay": {}}
 
 
 def _run(name: str, n_total: int, split_at: int | None):

@@ -4,7 +4,9 @@
 * :class:`TypeDecay` — fixed multipliers per module type (attention ×0.6666, MLP ×3), no spectra: the
   cheap ablation that tells whether AlphaDecay's spectra matter beyond the attention/MLP split.
 * :class:`AWD` — adaptive weight decay, Ghiasi et al. (NeurIPS 2023), Algorithm 1.
-* :class:`AdaDecay` — Nakamura & Hong (2019) at module level, as in the AlphaDecay paper's baseline.
+* :class:`AdaDecay` — Nakamura & Hong (2019) at module level; defaults as the AlphaDecay authors ran it.
+
+Formulas, defaults and the differences from the AlphaDecay authors' baselines: ``docs/methods.md`` §1.
 
 Weight decay is PyTorch's convention (coupled lr·λ): a decoupled step does θ ← θ·(1 − lr·λ), a coupled
 (L2) step adds λ·θ to the gradient.  ``UniformDecay`` and ``TypeDecay`` only write ``group["weight_decay"]``
@@ -40,6 +42,9 @@ from layerwise.decay._base import (
 __all__ = ["UniformDecay", "TypeDecay", "AWD", "AdaDecay"]
 
 _MODES = ("auto", "coupled", "decoupled")
+#: the AlphaDecay authors' AWD runs use λ_awd = 100 · wd0
+AUTHORS_AWD_FACTOR = 100.0
+_NORMS = ("raw", "rms")
 _COUPLED_OPTIMIZERS = ("SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "ASGD", "Adadelta")
 
 
@@ -196,9 +201,18 @@ class AWD(_PerStepDecay):
     smaller base, e.g. multipliers, keep their ratio).  The paper adds λ̄·w to the gradient of SGD
     (coupled); here ``mode`` picks coupled/decoupled (default from the optimizer, see module docs).
 
-    ``lambda_awd=None`` (default) calibrates λ_awd = wd_ref · ‖w_1‖ / ‖g_1‖ on the first step, so the decay
-    starts at the configured base decay and then follows ‖g‖/‖w‖ (the paper's λ_awd is tuned per task;
-    ‖g‖/‖w‖ of an LLM is ~1e-3, far from CIFAR's scale).  No host sync per step.
+    ``lambda_awd``:
+
+    * ``None`` (default) calibrates λ_awd = wd_ref · ‖w_1‖ / ‖g_1‖ on the first step, so the decay starts at
+      the configured base decay and then follows ‖g‖/‖w‖ (the paper's λ_awd is tuned per task; ‖g‖/‖w‖ of
+      an LLM is ~1e-3, far from CIFAR's scale);
+    * ``"authors"``: λ_awd = 100 · wd_ref, what the AlphaDecay authors' script runs (it multiplies the
+      configured weight decay by 100 and passes it as λ_awd);
+    * a number: that λ_awd.
+
+    The authors' script has all parameters (norms and embeddings too) in one group at wd0, so its AWD decays
+    everything; here only groups with a nonzero decay are controlled — build the optimizer with one group to
+    reproduce it.  No host sync per step.
     """
 
     name = "awd"
@@ -207,13 +221,18 @@ class AWD(_PerStepDecay):
         self,
         optimizer: torch.optim.Optimizer,
         model: nn.Module,
-        lambda_awd: float | None = None,
+        lambda_awd: float | str | None = None,
         beta: float = 0.1,
         *,
         mode: str = "auto",
     ) -> None:
-        if lambda_awd is not None and not (math.isfinite(lambda_awd) and lambda_awd >= 0):
-            raise ValueError(f"lambda_awd must be None or finite and >= 0, got {lambda_awd!r}")
+        if isinstance(lambda_awd, str):
+            if lambda_awd != "authors":
+                raise ValueError(f"lambda_awd must be None, 'authors' or a number >= 0, got {lambda_awd!r}")
+        elif lambda_awd is not None and not (
+            isinstance(lambda_awd, (int, float)) and math.isfinite(lambda_awd) and lambda_awd >= 0
+        ):
+            raise ValueError(f"lambda_awd must be None, 'authors' or a finite number >= 0, got {lambda_awd!r}")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta!r}")
         super().__init__(optimizer, model, mode)
@@ -232,6 +251,8 @@ class AWD(_PerStepDecay):
         for g in groups:
             g["weight_decay"] = 0.0
         self.lam_bar: torch.Tensor | None = None  # λ̄_t (0-dim tensor on the parameters' device)
+        if lambda_awd == "authors":
+            lambda_awd = AUTHORS_AWD_FACTOR * self.wd_ref
         self.calib: torch.Tensor | None = (
             None if lambda_awd is None else torch.tensor(float(lambda_awd))
         )
@@ -290,19 +311,31 @@ class AWD(_PerStepDecay):
 
 
 class AdaDecay(_PerStepDecay):
-    """AdaDecay (Nakamura & Hong, 2019) at module level, as the AlphaDecay paper's baseline.
+    """AdaDecay (Nakamura & Hong, 2019) at module level; the defaults are the AlphaDecay authors' baseline.
 
     The original scales each parameter's decay by a sigmoid of its gradient norm normalised within its
-    layer (larger gradient → more decay).  At module level, at every step, for each analysed matrix ``m``
-    in transformer block ``b`` (matrices outside blocks form one extra block)::
+    layer (larger gradient → more decay).  At module level, for each analysed matrix ``m`` in transformer
+    block ``b`` (matrices outside blocks form one extra block)::
 
-        r_m = ‖g_m‖ / √numel_m                       (RMS gradient, so matrix size does not dominate)
+        r_m = ‖g_m‖                (norm="raw", default)    or   ‖g_m‖ / √numel_m   (norm="rms")
         z_m = (r_m − mean_b r) / (std_b r + eps)      (population std over the block's matrices)
         λ_m = wd0_m · 2 · sigmoid(slope · z_m)        (∈ (0, 2·wd0); a block of one matrix gives wd0)
 
-    Groups are split per analysed matrix (as in AlphaDecay; create it before the LR scheduler); their
+    λ is recomputed right before every ``interval``-th optimizer step, from that step's gradients (after
+    clipping), and held in between; before the first recomputation every matrix has ``wd0``.  Defaults
+    (``norm="raw"``, ``slope=4``, ``interval=500``, ``eps=1e-8``) are what the AlphaDecay authors ran as this
+    baseline; ``norm="rms", slope=1, interval=1`` is the per-step variant layerwise used before (RMS gradient,
+    so that matrix size does not dominate the z-score — with the raw norm, the larger MLP matrices of a
+    block read the larger gradient norms and get the larger decays).
+
+    ``modules="authors"`` analyses the authors' module set (every ``nn.Linear`` but the first and the last,
+    :func:`layerwise.decay.alphadecay.authors_modules`), gives an analysed module's bias its module's λ,
+    and sets every other parameter group to ``wd0`` (their "untuned" group); ``"blocks"`` (default) analyses
+    the block matrices (or ``select``) and leaves the other parameters as they are.
+
+    Groups are split per analysed tensor (as in AlphaDecay; create it before the LR scheduler); their
     ``weight_decay`` is set to 0 and λ_m is applied in the step pre-hook (see module docs for ``mode``).
-    Matrices not analysed keep their decay, applied by the optimizer.  No host sync per step.
+    No host sync per step.
     """
 
     name = "adadecay"
@@ -311,26 +344,68 @@ class AdaDecay(_PerStepDecay):
         self,
         optimizer: torch.optim.Optimizer,
         model: nn.Module,
-        slope: float = 1.0,
+        slope: float = 4.0,
         *,
+        interval: int = 500,
+        norm: str = "raw",
         wd0: float | str | None = None,
         mode: str = "auto",
-        eps: float = 1e-12,
+        eps: float = 1e-8,
         select: Select = None,
+        modules: str = "blocks",
     ) -> None:
         if not (math.isfinite(slope) and slope >= 0):
             raise ValueError(f"slope must be finite and >= 0, got {slope!r}")
-        matrices = select_matrices(model, select)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+        if modules not in ("blocks", "authors"):
+            raise ValueError(f"modules must be 'blocks' or 'authors', got {modules!r}")
+        if modules == "authors":
+            if select is not None:
+                raise ValueError("select applies to modules='blocks'; modules='authors' fixes the module set")
+            from layerwise.decay.alphadecay import authors_modules
+
+            by_id = {id(p): n for n, p in _names.named_parameters(model)}
+            matrices, biases = [], []
+            for _, mod in authors_modules(model):
+                if id(mod.weight) in by_id and mod.weight.dim() == 2:
+                    matrices.append((by_id[id(mod.weight)], mod.weight))
+                    b = getattr(mod, "bias", None)
+                    biases.append(b if isinstance(b, torch.Tensor) and id(b) in by_id else None)
+            if not matrices:
+                raise ValueError("modules='authors': no trainable nn.Linear between the first and the last")
+        else:
+            matrices = select_matrices(model, select)
+            biases = [None] * len(matrices)
         check_in_optimizer(optimizer, matrices)
+        check_in_optimizer(optimizer, [(f"bias of {n}", b) for (n, _), b in zip(matrices, biases) if b is not None])
         _check_mode(mode)
         super().__init__(optimizer, model, mode)
-        self.slope, self.eps = float(slope), float(eps)
+        self.slope, self.eps, self.norm, self.modules = float(slope), float(eps), norm, modules
+        self.interval = interval
         self.names = [n for n, _ in matrices]
         self._params = [p for _, p in matrices]
-        groups = split_groups(optimizer, self._params)
+        self._biases = biases
+        self._owner = [i for i, b in enumerate(biases) if b is not None]  # matrix index of each bias
+        bias_list = [biases[i] for i in self._owner]
+        split_groups(optimizer, self._params + bias_list)
+        groups = self.current_groups(self._params)
         self.wd0 = resolve_wd0(groups, wd0, self.names)
         self._modes = [_group_mode(optimizer, g, mode) for g in groups]
-        for g in groups:
+        self._bias_modes = [_group_mode(optimizer, g, mode) for g in self.current_groups(bias_list)]
+        mine = {id(p) for p in self._params + bias_list}
+        if modules == "authors":
+            if len(set(self.wd0)) != 1:
+                raise ValueError(
+                    f"modules='authors' sets every other parameter to one base decay, but the analysed modules have "
+                    f"several ({sorted(set(self.wd0))}); pass a number as wd0"
+                )
+            for g in optimizer.param_groups:
+                if not any(id(p) in mine for p in g["params"]):
+                    g["weight_decay"] = self.wd0[0]
+        for g in self.current_groups(self._params + bias_list):
             g["weight_decay"] = 0.0
         blocks: dict[Any, int] = {}
         self._block = [blocks.setdefault(_names.layer_index(n), len(blocks)) for n in self.names]
@@ -338,15 +413,18 @@ class AdaDecay(_PerStepDecay):
         dev = self._params[0].device
         self._block_t = torch.tensor(self._block, device=dev)
         self._base_t = torch.tensor(self.wd0, dtype=torch.float32, device=dev)
-        self._sqrt_n = torch.tensor([math.sqrt(p.numel()) for p in self._params], dtype=torch.float32, device=dev)
-        self.lam: torch.Tensor | None = None  # λ_m of the last step
+        self._scale = torch.tensor(
+            [math.sqrt(p.numel()) if norm == "rms" else 1.0 for p in self._params], dtype=torch.float32, device=dev
+        )
+        self.lam: torch.Tensor | None = None  # λ_m of the last recomputation (None: wd0 so far)
+        self.version, self.last_update_step = 1, 0
         self._attach()
 
     def decays_from_grad_norms(self, gnorm: torch.Tensor) -> torch.Tensor:
         """λ per analysed matrix from its gradient L2 norm (float32 tensor, same order as ``names``)."""
         dev = gnorm.device
         idx, nb = self._block_t.to(dev), self._nblocks
-        r = gnorm.float() / self._sqrt_n.to(dev)
+        r = gnorm.float() / self._scale.to(dev)
         count = torch.zeros(nb, device=dev).index_add_(0, idx, torch.ones_like(r))
         mean = torch.zeros(nb, device=dev).index_add_(0, idx, r) / count
         var = torch.zeros(nb, device=dev).index_add_(0, idx, (r - mean[idx]) ** 2) / count
@@ -359,14 +437,24 @@ class AdaDecay(_PerStepDecay):
         if not any(present):
             return
         dev = self._params[0].device
-        grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self._params]
-        gnorm = torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm(grads)])
-        # a matrix without gradient reads as zero gradient in the statistics and is not decayed (as torch skips it)
-        self.lam = self.decays_from_grad_norms(gnorm)
-        groups = self.current_groups(self._params)
-        for i, (p, g, mode) in enumerate(zip(self._params, groups, self._modes)):
+        if (self.step + 1) % self.interval == 0:
+            grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self._params]
+            gnorm = torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm(grads)])
+            # a matrix without gradient reads as zero gradient in the statistics (and is not decayed: torch skips it)
+            self.lam = self.decays_from_grad_norms(gnorm)
+            self.version += 1
+            self.last_update_step = self.step
+        lam = self.lam if self.lam is not None else self._base_t.to(dev)
+        for i, (p, g, mode) in enumerate(zip(self._params, self.current_groups(self._params), self._modes)):
             if present[i]:
-                _apply_decay(p, self.lam[i], g["lr"], mode)
+                _apply_decay(p, lam[i], g["lr"], mode)
+        bias_list = [self._biases[i] for i in self._owner]
+        for i, b, g, mode in zip(self._owner, bias_list, self.current_groups(bias_list), self._bias_modes):
+            if b.grad is not None:
+                _apply_decay(b, lam[i], g["lr"], mode)
+
+    def after_step(self) -> None:
+        pass  # version / last_update_step move when λ is recomputed (before_step)
 
     def table(self) -> list[dict]:
         lam = self.wd0 if self.lam is None else self.lam.tolist()
