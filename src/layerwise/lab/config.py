@@ -82,6 +82,17 @@ class DecaySection:
     preserve_mean: bool = False
     ema: float = 0.0  # 0 = no EMA of alpha
     shape_correction: bool = False
+    # alphadecay: which modules / which score / which map (docs/methods.md §1: differences from the authors)
+    modules: str = "blocks"  # blocks (every block matrix) | authors (every nn.Linear but the first and last)
+    metric: str = "alpha"  # alpha | alphahat | spectral_norm | stable_rank | entropy
+    assign: str = "linear"  # linear | sqrt | log2 | sigmoid
+    timing: str = "after"  # after (recompute after every interval-th step) | before (the authors' loop)
+    slope: float = 4.0  # sigmoid slope: assign="sigmoid" and adadecay (the authors: 4)
+    # adadecay (interval above): the authors' baseline is norm="raw", slope 4, every 500 steps
+    adadecay_norm: str = "raw"  # raw (‖g‖) | rms (‖g‖/sqrt(numel))
+    # awd: "calibrate" (λ_awd set so the first step's decay is optim.weight_decay) | "authors" (100 x wd0) |
+    # a number in quotes, e.g. decay.lambda_awd='"0.5"'
+    lambda_awd: str = "calibrate"
 
 
 @dataclass
@@ -244,18 +255,38 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.batch_size": 4, "train.eval_every": 10, "train.log_every": 5,
     },
     # The AlphaDecay paper's recipe (LLaMA on C4, 256-token sequences, batch 512, lr 1e-3, cosine with 10 %
-    # warm-up to 0.1x, no clipping) for GPU users: point data.corpus at your corpus.
+    # warm-up to 0.1x, no clipping) for GPU users: point data.corpus at your corpus.  Per optimizer as in the
+    # authors' scripts (docs/methods.md §1): AdamW with wd0 0.1 and s2 = 5 (llama-60m, llama-135m); torch Adam
+    # with coupled L2, wd0 1e-5 and s2 = 3 (the -adam variants, the paper's main table).  The decay method
+    # itself comes from the method (compare) or decay.name=...; decay.modules=authors decay.timing=before
+    # gives the authors' module set and loop.
     "llama-60m": {
         "model.size": "llama-60m", "data.vocab_size": 32000, "data.seq_len": 256, "train.batch_size": 512,
-        "train.grad_accum": 4, "train.max_steps": 10000, "optim.lr": 1e-3, "optim.weight_decay": 0.1,
-        "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0, "train.eval_every": 1000,
-        "train.device": "cuda", "decay.interval": 500,
+        "train.grad_accum": 4, "train.max_steps": 10000, "optim.lr": 1e-3, "optim.name": "adamw",
+        "optim.weight_decay": 0.1, "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0,
+        "train.eval_every": 1000, "train.device": "cuda", "decay.interval": 500, "decay.s1": 0.6666,
+        "decay.s2": 5.0,
+    },
+    "llama-60m-adam": {
+        "model.size": "llama-60m", "data.vocab_size": 32000, "data.seq_len": 256, "train.batch_size": 512,
+        "train.grad_accum": 4, "train.max_steps": 10000, "optim.lr": 1e-3, "optim.name": "adam",
+        "optim.weight_decay": 1e-5, "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0,
+        "train.eval_every": 1000, "train.device": "cuda", "decay.interval": 500, "decay.s1": 0.6666,
+        "decay.s2": 3.0,
     },
     "llama-135m": {
         "model.size": "llama-135m", "data.vocab_size": 32000, "data.seq_len": 256, "train.batch_size": 512,
-        "train.grad_accum": 8, "train.max_steps": 20000, "optim.lr": 1e-3, "optim.weight_decay": 0.1,
-        "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0, "train.eval_every": 1000,
-        "train.device": "cuda", "decay.interval": 500,
+        "train.grad_accum": 8, "train.max_steps": 20000, "optim.lr": 1e-3, "optim.name": "adamw",
+        "optim.weight_decay": 0.1, "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0,
+        "train.eval_every": 1000, "train.device": "cuda", "decay.interval": 500, "decay.s1": 0.6666,
+        "decay.s2": 5.0,
+    },
+    "llama-135m-adam": {
+        "model.size": "llama-135m", "data.vocab_size": 32000, "data.seq_len": 256, "train.batch_size": 512,
+        "train.grad_accum": 8, "train.max_steps": 20000, "optim.lr": 1e-3, "optim.name": "adam",
+        "optim.weight_decay": 1e-5, "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0,
+        "train.eval_every": 1000, "train.device": "cuda", "decay.interval": 500, "decay.s1": 0.6666,
+        "decay.s2": 3.0,
     },
 }
 

@@ -103,10 +103,31 @@ def build_decay(optimizer, model: nn.Module, cfg: Config):
     opts: dict[str, Any] = {}
     if d.name == "alphadecay":
         opts = dict(interval=d.interval, s1=d.s1, s2=d.s2, estimator=d.estimator, preserve_mean=d.preserve_mean,
-                    ema=d.ema or None, shape_correction=d.shape_correction)
+                    ema=d.ema or None, shape_correction=d.shape_correction, modules=d.modules, metric=d.metric,
+                    assign=d.assign, timing=d.timing, slope=d.slope)
     elif d.name == "typedecay":
         opts = dict(attention=d.s1, mlp=d.s2)
-    return _build(d.name, optimizer, model, **opts)
+    elif d.name == "adadecay":
+        opts = dict(interval=d.interval, slope=d.slope, norm=d.adadecay_norm, modules=d.modules)
+    elif d.name == "awd":
+        opts = dict(lambda_awd=_lambda_awd(d.lambda_awd))
+    try:
+        return _build(d.name, optimizer, model, **opts)
+    except ValueError as e:
+        raise ConfigError(f"decay ({d.name}): {e}") from None
+
+
+def _lambda_awd(value: str):
+    if value == "calibrate":
+        return None
+    if value == "authors":
+        return "authors"
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(
+            f"decay.lambda_awd: expected 'calibrate', 'authors' or a number, got {value!r}"
+        ) from None
 
 
 # ------------------------------------------------------------------------------- model transforms
@@ -128,6 +149,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "adamw": {},
     "adamw-nowd": {"optim.weight_decay": 0.0},
     "alphadecay": {"decay.name": "alphadecay"},
+    # the authors' module set (first and last nn.Linear out, biases with their module, the rest at wd0, the
+    # < 50-eigenvalue rule) and their loop (recompute before every interval-th step)
+    "alphadecay-authors": {"decay.name": "alphadecay", "decay.modules": "authors", "decay.timing": "before"},
     "typedecay": {"decay.name": "typedecay"},
     "awd": {"decay.name": "awd"},
     "adadecay": {"decay.name": "adadecay"},
