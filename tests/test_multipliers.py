@@ -138,7 +138,7 @@ def test_bad_arguments_and_double_application():
 
 # ----------------------------------------------------------------------------------------- gradient formulas
 def _expected_grads(w, r, c, s, g):
-    """METHODS.md §3 formulas, written with explicit broadcasting (G = dL/dW~)."""
+    """docs/methods.md §3 formulas, written with explicit broadcasting (G = dL/dW~)."""
     one_r = r if r is not None else torch.ones(w.shape[0], dtype=w.dtype)
     one_c = c if c is not None else torch.ones(w.shape[1], dtype=w.dtype)
     one_s = s if s is not None else torch.ones(1, dtype=w.dtype)

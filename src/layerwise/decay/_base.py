@@ -1,7 +1,7 @@
 """Machinery shared by the weight-decay controllers: module selection, name resolution, group splitting,
 optimizer-step counting.
 
-Conventions (see DESIGN.md):
+Conventions (``docs/methods.md`` §0):
 
 * Weight decay is PyTorch's coupled convention: one step does θ ← θ·(1 − lr·λ) for decoupled optimizers
   (``AdamW``, ``Muon``, AlphaAdam) or adds λ·θ to the gradient for torch ``Adam``'s L2.

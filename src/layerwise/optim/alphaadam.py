@@ -1,7 +1,7 @@
 """AlphaAdam (masked AdamW with per-tensor compensation) and CautiousAdamW, its closest peer.
 
 AlphaAdam (Chang, Li, Yuan, arXiv 2501.18094) has no public code; this is our documented
-reconstruction (``shared/METHODS.md`` section 2), with the open choices kept as options.  For every
+reconstruction (``docs/methods.md`` §2), with the open choices kept as options.  For every
 parameter tensor, with gradient ``g`` and step ``t``:
 
 * Adam moments, updated densely (the mask never touches optimizer state)::

@@ -1,6 +1,6 @@
 """Batched eigenvalues of the smaller Gram matrix of 2-D weights (the empirical spectral density, ESD).
 
-Convention (AlphaDecay's, see METHODS.md §1): for ``W`` of shape ``(out, in)`` the ESD is the set of
+Convention (AlphaDecay's, see ``docs/methods.md`` §1): for ``W`` of shape ``(out, in)`` the ESD is the set of
 eigenvalues of the smaller Gram matrix, ``W Wᵀ`` when ``out <= in`` and ``Wᵀ W`` otherwise, i.e. the
 squared singular values of ``W``; ``N = min(out, in)`` values, ascending, no normalisation.
 

@@ -6,7 +6,7 @@ vector ``λ_0 <= ... <= λ_{N-1}`` by maximum likelihood: with the tail ``T = {�
 They differ in the choice of ``xmin``:
 
 * :func:`hill_alpha` / :func:`hill_fit` - AlphaDecay's fixed threshold ``xmin = λ[N // 2]``, ``n = N - N // 2``
-  (METHODS.md §1, the faithful default);
+  (``docs/methods.md`` §1, the faithful default);
 * :func:`ks_alpha` - Clauset, Shalizi & Newman (2009): the ``xmin`` among the candidates that minimises the
   Kolmogorov-Smirnov distance between the tail's empirical CDF and the fitted power law's CDF
   ``P(λ) = 1 - (λ / xmin)^(1-α)``.  All candidates are evaluated at once from suffix sums of ``ln λ``.
