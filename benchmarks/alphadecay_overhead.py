@@ -90,7 +90,8 @@ def main() -> None:
     for cls in (AWD, AdaDecay):
         m2 = build_model("llama-60m", vocab_size=32000).to(dev)
         o2 = torch.optim.AdamW(m2.parameters(), lr=1e-3, weight_decay=0.1)
-        c = cls(o2, m2)
+        # AdaDecay: the per-step variant (its default recomputes every 500 steps, like the paper's baseline)
+        c = cls(o2, m2, **({"interval": 1, "norm": "rms", "slope": 1.0} if cls is AdaDecay else {}))
         for p in m2.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         c.before_step()

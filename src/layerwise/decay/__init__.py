@@ -21,7 +21,7 @@ name            class                      what it does
 ``alphadecay``  :class:`AlphaDecay`        λ from the spectral heavy-tail exponent α, every 500 steps
 ``typedecay``   :class:`TypeDecay`         fixed multipliers: attention ×0.6666, MLP ×3
 ``awd``         :class:`AWD`               λ ∝ ‖g‖/‖w‖ with an EMA (Ghiasi et al. 2023), every step
-``adadecay``    :class:`AdaDecay`          sigmoid of each matrix's gradient-norm z-score in its block
+``adadecay``    :class:`AdaDecay`          2σ(4z) of each matrix's gradient-norm z-score in its block, every 500
 ==============  =========================  ==========================================================
 """
 from __future__ import annotations
