@@ -2,9 +2,9 @@
 ``modules="authors"`` (every nn.Linear but the first and the last: layer 0's ``q_proj`` and ``lm_head`` out)
 on the same trained weights.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/authors_modules.py [--steps 50] [--model both|lab|hf]
+    PYTHONPATH=src .venv/bin/python benchmarks/authors_modules.py [--steps 50] [--lr 3e-3] [--model both|lab|hf]
 
-Trains (AdamW, lr 3e-3, wd 0.1, 16 x 128 tokens of the Shakespeare corpus with its 4096-token BPE) the lab's
+Trains (AdamW, lr 3e-3 by default, wd 0.1, 16 x 128 tokens of the Shakespeare corpus with its 4096-token BPE) the lab's
 ``tiny`` model and a Hugging Face ``LlamaForCausalLM`` of the same shape for ``--steps`` steps, then builds
 both controllers on copies of the trained model and prints, for the modules both analyse, how much the
 authors' module set moves each decay (``authors / blocks - 1``), by module type, and who sets α_min.
@@ -22,8 +22,8 @@ from layerwise.names import module_type
 from layerwise.optim import param_groups
 
 
-def _train(model, hf: bool, steps: int, sampler) -> None:
-    opt = torch.optim.AdamW(param_groups(model, lr=3e-3, weight_decay=0.1), lr=3e-3)
+def _train(model, hf: bool, steps: int, sampler, lr: float) -> None:
+    opt = torch.optim.AdamW(param_groups(model, lr=lr, weight_decay=0.1), lr=lr)
     for step in range(steps):
         x, y = sampler.get(step)
         if hf:
@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--model", choices=("both", "lab", "hf"), default="both")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args()
     torch.set_num_threads(2)
     from layerwise.lab import data as lab_data
@@ -74,11 +75,11 @@ def main() -> None:
     td = lab_data.prepare("shakespeare", 4096)
     sampler = lab_data.BatchSampler(td.train, 128, 16, seed=args.seed)
     mc = model_config("tiny", vocab_size=td.vocab_size)
-    print(f"{args.steps} AdamW steps (lr 3e-3, wd 0.1, batch 16 x 128, Shakespeare BPE-4096), seed {args.seed}")
+    print(f"{args.steps} AdamW steps (lr {args.lr:g}, wd 0.1, batch 16 x 128, Shakespeare BPE-4096), seed {args.seed}")
     if args.model in ("both", "lab"):
         torch.manual_seed(args.seed)
         lab = build_model("tiny", vocab_size=td.vocab_size)
-        _train(lab, False, args.steps, sampler)
+        _train(lab, False, args.steps, sampler, args.lr)
         report(f"lab model `tiny` ({sum(p.numel() for p in lab.parameters()) / 1e6:.1f} M parameters)", lab)
     if args.model in ("both", "hf"):
         import transformers
@@ -90,7 +91,7 @@ def main() -> None:
             max_position_embeddings=256, tie_word_embeddings=False,
         )
         hf = transformers.LlamaForCausalLM(cfg)
-        _train(hf, True, args.steps, sampler)
+        _train(hf, True, args.steps, sampler, args.lr)
         report(f"HF LlamaForCausalLM, same shape ({sum(p.numel() for p in hf.parameters()) / 1e6:.1f} M parameters)", hf)
 
 
