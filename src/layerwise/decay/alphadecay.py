@@ -259,8 +259,9 @@ class AlphaDecay(DecayController):
     the other decays only through the map's extremes: a trained layer-0 ``q_proj`` often has the smallest α
     and then sets α_min.  Measured (``benchmarks/authors_modules.py``, 50 AdamW steps on Shakespeare, the lab's
     ``tiny`` model): layer 0's ``q_proj`` had the smallest α (1.898; 1.907 without it), and the authors' set
-    moves the attention decays by −2.3 … −5.0 % and the MLP decays by ≤ 0.3 %; the shift grows with the gap
-    between the two smallest α (``docs/methods.md`` §1).
+    moves the attention decays by −2.3 … −5.0 % and the MLP decays by ≤ 0.3 %; on an HF ``LlamaForCausalLM``
+    of the same shape α_min was in layer 2 and the decays were identical.  The shift is the gap between the
+    two smallest α over the α range (``docs/methods.md`` §1).
 
     Args:
         optimizer: a ``torch.optim.Optimizer`` holding every analysed tensor.
