@@ -66,6 +66,7 @@ from torch.optim import Optimizer
 
 from . import _cpu_kernel as CK
 from . import _masked_kernels as K
+from . import _masked_rule as R
 
 __all__ = ["AlphaAdam", "CautiousAdamW"]
 
@@ -282,11 +283,7 @@ class _MaskedAdamW(Optimizer):
                 key = (p.device, t)
                 h = h_cache.get(key)
                 if h is None:
-                    h = torch.tensor(
-                        [1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-                         lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t), alpha_max, floor],
-                        dtype=torch.float32, device=p.device)
-                    h_cache[key] = h
+                    h = h_cache[key] = R.hyper(lr, (beta1, beta2), eps, wd, t, alpha_max, floor, p.device)
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 pd = p.detach()
                 if use_c and self._c_ok(pd, g, m, v):
@@ -321,11 +318,9 @@ class _MaskedAdamW(Optimizer):
         return loss
 
     def _h(self, group: dict[str, Any], t: float, device: torch.device) -> Tensor:
-        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
-        beta1, beta2 = (float(b) for b in group["betas"])
-        return torch.tensor([1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, eps, lr / (1.0 - beta1 ** t),
-                             math.sqrt(1.0 - beta2 ** t), self._alpha_max(group), self._floor(group)],
-                            dtype=torch.float32, device=device)
+        betas = tuple(float(b) for b in group["betas"])
+        return R.hyper(float(group["lr"]), betas, float(group["eps"]), float(group["weight_decay"]),  # type: ignore[arg-type]
+                       t, self._alpha_max(group), self._floor(group), device)
 
     def _step_sharded(self) -> list[tuple[int, int, tuple[Tensor, Tensor] | None]]:
         """The step for sharded (DTensor, e.g. FSDP2) parameters.
@@ -354,15 +349,15 @@ class _MaskedAdamW(Optimizer):
                 if _is_dtensor(p) and group_pg is None:
                     group_pg = p.device_mesh.get_group()
                 h = self._h(group, t, pl.device)
-                gf, mf, m_new, v_new, u = K._moments(gl, ml, vl, h)
+                gf, mf, m_new, v_new, u = R.moments(gl, ml, vl, h)
                 if rule == "none":
                     wu = u
                     partial.append(torch.zeros(4, device=pl.device))
                 else:
-                    maskf = K._mask(rule, gf, mf, m_new).to(torch.float32)
-                    wu = (maskf + h[8] * (1.0 - maskf)) * u
-                    partial.append(torch.stack([(u * u).sum(), (wu * wu).sum(), maskf.sum(),
-                                                torch.tensor(float(maskf.numel()), device=pl.device)]))
+                    maskf = R.mask(rule, gf, mf, m_new).to(torch.float32)
+                    w = R.weight(maskf, h)
+                    wu = w * u
+                    partial.append(R.partial_sums(m_new, v_new, w, maskf, h))
                 ml.copy_(m_new)
                 vl.copy_(v_new)
                 work.append((gi, pi, pl, h, wu, rule, mode))
@@ -372,18 +367,13 @@ class _MaskedAdamW(Optimizer):
         if group_pg is not None and dist.get_world_size(group_pg) > 1:
             dist.all_reduce(sums, group=group_pg)
         stats = []
-        for (gi, pi, pl, h, wu, rule, mode), (uu, ww, cnt, n) in zip(work, sums):
+        for (gi, pi, pl, h, wu, rule, mode), part in zip(work, sums):
             if rule == "none":
-                pl.copy_(pl.to(torch.float32) * h[0] - h[5] * wu)
+                R.apply_(pl, wu, h)
                 stats.append((gi, pi, None))
                 continue
-            density = cnt / n.clamp_min(1.0)
-            if mode == "norm":
-                alpha = (uu / ww.clamp_min(K._TINY)).sqrt()
-            else:
-                alpha = 1.0 / torch.maximum(density + h[8] * (1.0 - density), 1.0 / h[7])
-            alpha = torch.minimum(alpha.clamp_min(1.0), h[7])
-            pl.copy_(pl.to(torch.float32) * h[0] - (h[5] * alpha) * wu)
+            alpha, density = R.alpha_from_sums(part, h, mode)
+            R.apply_(pl, wu, h, alpha)
             stats.append((gi, pi, (alpha, density)))
         return stats
 
