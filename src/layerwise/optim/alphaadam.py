@@ -33,8 +33,8 @@ tensors, so AdamW state dicts load into these optimizers and back.  Moments are 
 parameter's dtype (like torch AdamW, and what ``Optimizer.load_state_dict`` casts to); the arithmetic is
 always fp32, so bf16 parameters get fp32 math with bf16 storage.
 
-Speed: by default (``fast=None``) fp32 CPU tensors go through a small C kernel
-(:mod:`layerwise.optim._cpu_kernel`: built once with the system compiler, cached, loaded with ctypes;
+Speed: by default (``fast=None``) fp32 CPU tensors go through a small C++ kernel
+(:mod:`layerwise.optim._cpu_kernel`: built once with ``torch.utils.cpp_extension.load_inline``, cached;
 one square root per element like AdamW, the masked direction kept in a scratch buffer between the two
 passes; ``cpu_kernel=`` controls it) and every other tensor through compiled kernels (``torch.compile``,
 ``dynamic=True`` on flat 1-D aliases: one compilation serves every shape; hyper-parameters travel in
@@ -228,7 +228,7 @@ class _MaskedAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         fast = self._use_fast()
-        use_c = fast and self.cpu_kernel is not False and CK.load() is not None
+        cpu_f32 = False  # any fp32 CPU tensor to update (only then is the C kernel loaded: it builds once)
         # validate everything before the first tensor moves (an error never leaves a half step)
         # and size the eager path's scratch buffer once (the C path grows it as it goes: first step only)
         need: dict[torch.device, int] = {}
@@ -249,11 +249,15 @@ class _MaskedAdamW(Optimizer):
                                        f"(parameter {self._param_name(gi, pi)!r})")
                 if masked and not fast:
                     need[p.device] = max(need.get(p.device, 0), p.numel())
+                cpu_f32 = cpu_f32 or (p.device.type == "cpu" and p.dtype == torch.float32)
         if any(_is_dtensor(p) for group in self.param_groups for p in group["params"] if p.grad is not None):
             self._last_stats = self._step_sharded()
             return loss
         for device, numel in need.items():
             self._scratch_for(device, numel)
+        use_c = fast and cpu_f32 and self.cpu_kernel is not False and CK.load() is not None
+        if fast and cpu_f32 and self.cpu_kernel is None and not use_c:
+            CK.warn_unavailable()  # once per process, with the reason
         stats: list[tuple[int, int, tuple[Tensor, Tensor] | None]] = []
         c_out: Tensor | None = None  # (alpha, density) rows of the C kernel's tensors, one allocation per step
         c_row = 0
