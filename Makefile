@@ -5,14 +5,14 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: a CPU wheel; a loose requirement with no torch present would pull CUDA packages
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,hf,lightning]"
+	$(PY) -m pip install -q -e ".[dev,lab,hf,lightning]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -176,13 +176,6 @@ def test_strict_rules_name_unassigned_parameter():
         param_groups(model, 1e-3, 0.1, rules=[(r"^(embed_tokens|layers|norm)", "matrix")], default_rules=False)
 
 
-def test_per_parameter_groups():
-    model = build_model("nano", vocab_size=64)
-    groups = param_groups(model, 1e-3, 0.1, per_parameter=True)
-    assert len(groups) == sum(1 for _ in model.parameters())
-    assert all(len(g["params"]) == 1 for g in groups)
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [

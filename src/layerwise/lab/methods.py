@@ -162,8 +162,6 @@ class Diagnostics:
     def __init__(self, model: nn.Module, optimizer, decay, cfg: Config):
         self.model, self.optimizer, self.decay, self.cfg = model, optimizer, decay, cfg
         self._decay_version = None
-        if hasattr(optimizer, "track_diagnostics"):
-            optimizer.track_diagnostics = True
 
     def scalars(self, batch: torch.Tensor | None = None, autocast=None) -> dict[str, float]:
         out: dict[str, float] = {}

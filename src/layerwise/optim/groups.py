@@ -3,8 +3,8 @@
 :func:`param_groups` turns a model (or ``(name, parameter)`` pairs) into ``torch.optim`` parameter groups,
 torchtitan-style: ordered regex rules over *canonical* names (first match wins), then the built-in
 classification of :func:`layerwise.scaling.classify_parameter`.  Every trainable parameter is assigned to
-exactly one group — checked: a parameter that no rule assigns, two different tensors under one name, or a
-tensor placed twice raises ``ValueError`` naming it.
+exactly one group — checked: a parameter that no rule assigns or two different tensors under one name raises
+``ValueError`` naming it (a tensor reachable under two names is placed once, under its first name).
 
 Group dicts follow the layerwise contract: ``"params"``, ``"lr"``, ``"weight_decay"``, ``"param_names"``
 (canonical names, same order as ``params``), ``"group"`` (a label: ``"embedding"``, ``"matrix"``,
@@ -129,7 +129,6 @@ def param_groups(
     no_decay: Sequence[str] = ("norm", "bias", "multiplier"),
     rules: Sequence[tuple[str, RuleSpec]] | None = None,
     default_rules: bool = True,
-    per_parameter: bool = False,
 ) -> list[dict[str, Any]]:
     """Build ``torch.optim`` parameter groups: one group per class (or user label) and hyper-parameters.
 
@@ -157,8 +156,6 @@ def param_groups(
             ``weight_decay`` (this rule's base λ, replacing ``weight_decay`` / the no-decay choice; still
             width-scaled by the class factor).
         default_rules: if False, a parameter that matches no user rule is an error (``ValueError`` naming it).
-        per_parameter: one group per parameter instead of merging equal hyper-parameters (for controllers that
-            set a decay per module, e.g. AlphaDecay).
 
     Returns:
         A list of group dicts (see the module docstring), ordered by the first parameter of each group.
@@ -180,7 +177,6 @@ def param_groups(
 
     named = _named(model_or_named_params)
     groups: dict[tuple, dict[str, Any]] = {}
-    assigned: dict[int, str] = {}
     for name, p in named:
         spec: dict[str, Any] | None = None
         for regex, s in compiled:
@@ -210,10 +206,7 @@ def param_groups(
         g_wd = p_wd * wd_factor
         lr_scale = g_lr / lr if lr > 0 else (multiplier_lr_scale if cls == "multiplier" else 1.0) * lr_factor
 
-        key = (label, cls, g_lr, g_wd) if not per_parameter else (label, cls, g_lr, g_wd, name)
-        if id(p) in assigned:  # cannot happen after _named's dedupe; kept as the contract's check
-            raise ValueError(f"parameter {name!r} is assigned twice (also as {assigned[id(p)]!r})")
-        assigned[id(p)] = name
+        key = (label, cls, g_lr, g_wd)
         g = groups.get(key)
         if g is None:
             g = groups[key] = {
