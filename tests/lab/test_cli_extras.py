@@ -4,8 +4,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 from layerwise.lab import cli
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -86,7 +86,7 @@ def test_plain_adamw_kernel_equals_torch_adamw():
     b = torch.nn.Parameter(a.detach().clone())
     ours = AlphaAdam([a], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, masking=False, cpu_kernel=True)
     ref = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
-    for step in range(20):
+    for _step in range(20):
         g = torch.randn(3000, generator=gen)
         a.grad, b.grad = g.clone(), g.clone()
         ours.step()

@@ -18,15 +18,13 @@ do not end up alone at the tail of a parallel sweep.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from layerwise.lab.config import Config, ConfigError, apply_overrides, resolve, to_toml
-
+from layerwise.lab.config import ConfigError, apply_overrides, resolve, to_toml
 from layerwise.scaling.rules import PARAMETRIZATIONS as _WIDTH_RULES
 
 

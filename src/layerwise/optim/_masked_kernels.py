@@ -29,7 +29,7 @@ from __future__ import annotations
 import threading
 import types
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -12,8 +12,9 @@ Weight decay is PyTorch's coupled convention: one decoupled step does ``θ ← �
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
