@@ -30,6 +30,7 @@ import threading
 import types
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -125,7 +126,7 @@ PARALLEL_MIN_NUMEL = 32768
 # ``realize_reads_threshold``: m_t and u are read by many expressions; by default inductor would
 # materialise them in fresh full-size temporaries (an allocation, page faults and extra traffic in
 # every step) instead of recomputing them in registers.
-_OPTIONS = {
+_OPTIONS: dict[bool, dict[str, str | int | bool | Callable[..., Any]]] = {
     True: {"cpp.dynamic_threads": True, "realize_reads_threshold": 64},
     False: {"cpp.min_chunk_size": 1 << 40, "realize_reads_threshold": 64},
 }
@@ -230,7 +231,7 @@ def _NO_DUCK():
     # without duck sizing, tensors of equal size get distinct size symbols: one graph per bucket
     # length instead of one per pattern of equal sizes
     from torch.fx.experimental import _config as fx_config
-    return fx_config.patch(use_duck_shape=False)
+    return fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
 
 
 def _mark_broken(key, exc: BaseException) -> None:

@@ -58,7 +58,8 @@ anyway (0-d tensors, no copy, no sync); :meth:`diagnostics` turns them into floa
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -215,8 +216,8 @@ class _MaskedAdamW(Optimizer):
                   h: Tensor, parallel: bool) -> list[tuple[int, tuple[Tensor, Tensor] | None]]:
         # ``view(-1).detach()`` is a flat alias that is not a view (no ``_base``): the compiled
         # kernels' guards then see plain 1-D tensors, whatever the parameters' shapes
-        flat = [[t.view(-1).detach() for t in ts] for ts in zip(*(item[1:] for item in bucket))]
-        outs = K.update_many_(*flat, h, rule, mode, parallel=parallel, strict=self.fast is True)
+        ps, gs, ms, vs = ([t.view(-1).detach() for t in ts] for ts in zip(*(item[1:] for item in bucket)))
+        outs = K.update_many_(ps, gs, ms, vs, h, rule, mode, parallel=parallel, strict=self.fast is True)
         return [(item[0], out) for item, out in zip(bucket, outs)]
 
     @torch.no_grad()
@@ -370,7 +371,7 @@ class _MaskedAdamW(Optimizer):
         sums = torch.stack(partial)
         if group_pg is not None and dist.get_world_size(group_pg) > 1:
             dist.all_reduce(sums, group=group_pg)
-        stats = []
+        stats: list[tuple[int, int, tuple[Tensor, Tensor] | None]] = []
         for (gi, pi, pl, h, wu, rule, mode), part in zip(work, sums):
             if rule == "none":
                 R.apply_(pl, wu, h)
