@@ -28,7 +28,8 @@ in chunk order, so results do not depend on scheduling.
 Build: ``load_inline`` (ninja and a C++ compiler; only the operator-registration headers are included,
 about 15 s on one idle core the first time), in ``$LAYERWISE_KERNEL_CACHE/<key>`` (default
 ``$LAYERWISE_CACHE/kernels``, else ``~/.cache/layerwise/kernels``), the key hashing the source, the flags,
-torch's version and the CPU's feature flags (``-march=native``: a cache shared by different machines never loads a foreign binary).
+torch's version and the CPU's feature flags (``-march=native``: a cache shared by different machines never
+loads a foreign binary).
 Concurrent first uses are serialised by torch's build lock.  No compiler, no ninja, a failed build or
 ``LAYERWISE_NO_CKERNEL=1`` → :func:`load` returns ``None``, :func:`error` says why, and the optimizers
 use the compiled path (warning once, unless the kernel was disabled on purpose).
