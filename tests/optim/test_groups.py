@@ -130,7 +130,7 @@ def test_multiplier_group_simulated():
 
 
 def test_multiplier_group_with_real_wrapper():
-    mult = pytest.importorskip("layerwise.multipliers")
+    import layerwise.multipliers as mult
     model = build_model("nano", vocab_size=64)
     new = mult.add_multipliers(model, kind="rowcol", placement="paper")
     groups = param_groups(model, 1e-3, 0.1)
