@@ -159,11 +159,11 @@ def test_cautious_matches_float64_reference():
 def _count_paths(monkeypatch) -> dict[str, int]:
     """Count the tensors each path updates (spies that call the real functions)."""
     calls = {"c": 0, "compiled": 0, "eager": 0}
-    real_c, real_many, real_eager = CK.step_, K.update_many_, K.masked_adamw_
+    real_c, real_many, real_eager = CK.steps_, K.update_many_, K.masked_adamw_
 
-    def c(*args):
-        calls["c"] += 1
-        return real_c(*args)
+    def c(ps, *args):
+        calls["c"] += len(ps)
+        return real_c(ps, *args)
 
     def many(ps, *args, **kwargs):
         calls["compiled"] += len(ps)
@@ -173,7 +173,7 @@ def _count_paths(monkeypatch) -> dict[str, int]:
         calls["eager"] += 1
         return real_eager(*args, **kwargs)
 
-    monkeypatch.setattr(CK, "step_", c)
+    monkeypatch.setattr(CK, "steps_", c)
     monkeypatch.setattr(K, "update_many_", many)
     monkeypatch.setattr(K, "masked_adamw_", eager)
     return calls

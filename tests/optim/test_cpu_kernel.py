@@ -80,6 +80,30 @@ def test_kernel_alpha_equals_alpha_from_sums(mode, sums, n, floor, alpha_max):
 
 
 @needs_c
+@pytest.mark.parametrize("rule,mode", [("previous", "norm"), ("cautious", "density"), ("none", "norm")])
+def test_batched_call_equals_one_call_per_tensor(rule, mode):
+    """steps_ (several tensors, one scratch, one call) gives exactly what step_ gives tensor by tensor."""
+    gen = torch.Generator().manual_seed(7)
+    sizes = [5, 1029, 64, 300]
+    make = lambda: [torch.randn(n, generator=gen) for n in sizes]
+    ps, gs, ms = make(), make(), make()
+    vs = [torch.rand(n, generator=gen) * 1e-2 for n in sizes]
+    h = _h(floor=0.25)
+    ref = [[t.clone() for t in ts] for ts in (ps, ms, vs)]
+    ref_out = torch.full((len(sizes), 2), float("nan"))
+    for i in range(len(sizes)):
+        CK.step_(ref[0][i], gs[i], ref[1][i], ref[2][i], torch.empty(sizes[i]), h, rule, mode, ref_out[i])
+    out = torch.full((len(sizes), 2), float("nan"))
+    CK.steps_(ps, gs, ms, vs, torch.empty(max(sizes)), h, rule, mode, None if rule == "none" else out)
+    for got, want in zip(ps + ms + vs, ref[0] + ref[1] + ref[2]):
+        assert torch.equal(got, want)
+    if rule != "none":
+        assert torch.equal(out, ref_out)
+    with pytest.raises(RuntimeError, match="scratch"):
+        CK.steps_(ps, gs, ms, vs, torch.empty(10), h, "previous", "norm", out)  # scratch too small
+
+
+@needs_c
 def test_plain_adamw_kernel_equals_torch_adamw():
     gen = torch.Generator().manual_seed(0)
     a = torch.nn.Parameter(torch.randn(3000, generator=gen))
@@ -107,19 +131,19 @@ def test_optimizer_c_path_equals_eager_with_mixed_tensors(cls, monkeypatch):
     a, b = params(), params()
     fast, eager = cls(a, lr=1e-2, weight_decay=0.1, cpu_kernel=True), cls(b, lr=1e-2, weight_decay=0.1, fast=False)
     calls = {"c": 0, "compiled": 0}
-    real_c, real_many = CK.step_, K.update_many_
+    real_c, real_many = CK.steps_, K.update_many_
 
-    def spy_c(p, *args):
-        calls["c"] += 1
-        assert p.dtype == torch.float32
-        return real_c(p, *args)
+    def spy_c(ps, *args):
+        calls["c"] += len(ps)
+        assert all(p.dtype == torch.float32 for p in ps)
+        return real_c(ps, *args)
 
     def spy_many(ps, *args, **kwargs):
         calls["compiled"] += len(ps)
         assert all(p.dtype == torch.bfloat16 for p in ps)
         return real_many(ps, *args, **kwargs)
 
-    monkeypatch.setattr(CK, "step_", spy_c)
+    monkeypatch.setattr(CK, "steps_", spy_c)
     monkeypatch.setattr(K, "update_many_", spy_many)
     gen = torch.Generator().manual_seed(4)
     for step in range(4):

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["load", "available", "error", "step_", "RULE_CODES", "MODE_CODES", "PARALLEL_MIN_NUMEL"]
+__all__ = ["load", "available", "error", "step_", "steps_", "RULE_CODES", "MODE_CODES", "PARALLEL_MIN_NUMEL"]
 
 RULE_CODES = {"none": 0, "previous": 1, "current": 2, "cautious": 3}
 MODE_CODES = {"norm": 0, "density": 1}
@@ -158,16 +158,9 @@ void check(const at::Tensor& t, const at::Tensor& p, const char* what) {
                 " elements, the parameter ", p.numel());
 }
 
-void masked_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, at::Tensor s,
-                  const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out) {
-    check(p, p, "p"); check(g, p, "g"); check(m, p, "exp_avg"); check(v, p, "exp_avg_sq"); check(s, p, "scratch");
-    TORCH_CHECK(h.numel() == 9 && out.numel() >= 2, "layerwise C kernel: h needs 9 and out 2 elements");
-    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1), "layerwise C kernel: bad rule/mode");
-    const int64_t n = p.numel();
-    float *pp = p.data_ptr<float>(), *mp = m.data_ptr<float>(), *vp = v.data_ptr<float>(), *sp = s.data_ptr<float>();
-    const float* gp = g.data_ptr<float>();
-    const float* hp = h.data_ptr<float>();
-    float* op = out.data_ptr<float>();
+/* the whole masked update of one tensor (pointers checked by the callers) */
+void masked_one(float* pp, const float* gp, float* mp, float* vp, float* sp, int64_t n, const float* hp,
+                int64_t rule, int64_t mode, float* op) {
     int64_t chunks;
     const int64_t step = chunk_size(n, &chunks);
     double total[3] = {0.0, 0.0, 0.0};
@@ -191,18 +184,75 @@ void masked_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v,
     });
 }
 
-void adamw_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, const at::Tensor& h) {
-    check(p, p, "p"); check(g, p, "g"); check(m, p, "exp_avg"); check(v, p, "exp_avg_sq");
-    TORCH_CHECK(h.numel() == 9, "layerwise C kernel: h needs 9 elements");
-    const int64_t n = p.numel();
-    float *pp = p.data_ptr<float>(), *mp = m.data_ptr<float>(), *vp = v.data_ptr<float>();
-    const float* gp = g.data_ptr<float>();
-    const float* hp = h.data_ptr<float>();
+void adamw_one(float* pp, const float* gp, float* mp, float* vp, int64_t n, const float* hp) {
     int64_t chunks;
     const int64_t step = chunk_size(n, &chunks);
+    if (chunks <= 1) {
+        adamw(pp, gp, mp, vp, 0, n, hp);
+        return;
+    }
     at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
         for (int64_t c = b; c < e; c++) adamw(pp, gp, mp, vp, c * step, std::min(n, (c + 1) * step), hp);
     });
+}
+
+void check_h(const at::Tensor& h) {
+    TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == 9,
+                "layerwise C kernel: h must be 9 contiguous fp32 CPU numbers");
+}
+
+void masked_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, at::Tensor s,
+                  const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out) {
+    check(p, p, "p"); check(g, p, "g"); check(m, p, "exp_avg"); check(v, p, "exp_avg_sq"); check(s, p, "scratch");
+    check_h(h);
+    TORCH_CHECK(out.numel() >= 2 && out.is_contiguous() && out.scalar_type() == at::kFloat,
+                "layerwise C kernel: out needs 2 contiguous fp32 elements");
+    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1), "layerwise C kernel: bad rule/mode");
+    masked_one(p.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
+               s.data_ptr<float>(), p.numel(), h.data_ptr<float>(), rule, mode, out.data_ptr<float>());
+}
+
+/* several tensors sharing h in one call (the optimizer's per-call cost once per group, not per tensor);
+   out: (len, 2) rows of (alpha, density) */
+void masked_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, at::Tensor s,
+                   const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out) {
+    const size_t k = ps.size();
+    TORCH_CHECK(gs.size() == k && ms.size() == k && vs.size() == k, "layerwise C kernel: list lengths differ");
+    TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() >= (int64_t)(2 * k),
+                "layerwise C kernel: out needs 2 contiguous fp32 elements per tensor");
+    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1), "layerwise C kernel: bad rule/mode");
+    check_h(h);
+    for (size_t i = 0; i < k; i++) {
+        check(ps[i], ps[i], "p"); check(gs[i], ps[i], "g"); check(ms[i], ps[i], "exp_avg");
+        check(vs[i], ps[i], "exp_avg_sq"); check(s, ps[i], "scratch");
+    }
+    const float* hp = h.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    float* sp = s.data_ptr<float>();
+    for (size_t i = 0; i < k; i++)
+        masked_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
+                   vs[i].data_ptr<float>(), sp, ps[i].numel(), hp, rule, mode, op + 2 * i);
+}
+
+void adamw_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, const at::Tensor& h) {
+    check(p, p, "p"); check(g, p, "g"); check(m, p, "exp_avg"); check(v, p, "exp_avg_sq");
+    check_h(h);
+    adamw_one(p.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), p.numel(),
+              h.data_ptr<float>());
+}
+
+void adamw_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, const at::Tensor& h) {
+    const size_t k = ps.size();
+    TORCH_CHECK(gs.size() == k && ms.size() == k && vs.size() == k, "layerwise C kernel: list lengths differ");
+    check_h(h);
+    for (size_t i = 0; i < k; i++) {
+        check(ps[i], ps[i], "p"); check(gs[i], ps[i], "g"); check(ms[i], ps[i], "exp_avg");
+        check(vs[i], ps[i], "exp_avg_sq");
+    }
+    const float* hp = h.data_ptr<float>();
+    for (size_t i = 0; i < k; i++)
+        adamw_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
+                  vs[i].data_ptr<float>(), ps[i].numel(), hp);
 }
 
 /* the sums and (alpha, density) of one tensor without touching it: for the tests of alpha_of */
@@ -217,9 +267,14 @@ TORCH_LIBRARY(layerwise_ck, lib) {
     lib.def("masked_step_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor(d!) s, Tensor h, "
             "int rule, int mode, Tensor(e!) out) -> ()");
     lib.def("adamw_step_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor h) -> ()");
+    lib.def("masked_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor(d!) s, Tensor h, "
+            "int rule, int mode, Tensor(e!) out) -> ()");
+    lib.def("adamw_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor h) -> ()");
     lib.def("alpha_from_sums_(Tensor sums, int n, Tensor h, int mode, Tensor(a!) out) -> ()");
     lib.impl("masked_step_", c10::DispatchKey::CPU, TORCH_FN(masked_step_));
     lib.impl("adamw_step_", c10::DispatchKey::CPU, TORCH_FN(adamw_step_));
+    lib.impl("masked_steps_", c10::DispatchKey::CPU, TORCH_FN(masked_steps_));
+    lib.impl("adamw_steps_", c10::DispatchKey::CPU, TORCH_FN(adamw_steps_));
     lib.impl("alpha_from_sums_", c10::DispatchKey::CPU, TORCH_FN(alpha_from_sums_));
 }
 """
@@ -235,6 +290,8 @@ class _Ops:
         ns = getattr(torch.ops, _NAME)
         self.masked_step_ = ns.masked_step_.default
         self.adamw_step_ = ns.adamw_step_.default
+        self.masked_steps_ = ns.masked_steps_.default
+        self.adamw_steps_ = ns.adamw_steps_.default
         self.alpha_from_sums_ = ns.alpha_from_sums_.default
 
 
@@ -290,7 +347,7 @@ def _build() -> None:
 
 def _registered() -> bool:
     """Whether this process has the operators already (loaded from another cache directory, say)."""
-    return hasattr(getattr(torch.ops, _NAME), "masked_step_")
+    return hasattr(getattr(torch.ops, _NAME), "masked_steps_")
 
 
 def load() -> Any:
@@ -352,3 +409,17 @@ def step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s:
         ops.adamw_step_(p, g, m, v, h)
     else:
         ops.masked_step_(p, g, m, v, s, h, RULE_CODES[rule], MODE_CODES[mode], out)
+
+
+def steps_(ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor],
+           s: torch.Tensor | None, h: torch.Tensor, rule: str, mode: str, out: torch.Tensor | None) -> None:
+    """:func:`step_` for several tensors sharing ``h``, in one call.  ``s``: scratch of at least the largest
+    tensor's size; ``out``: a contiguous ``(len(ps), 2)`` fp32 tensor that receives the rows
+    ``(alpha, density)``."""
+    ops = _OPS
+    if ops is None:
+        raise RuntimeError(f"layerwise C kernel not loaded ({_ERROR or 'call load() first'})")
+    if rule == "none":
+        ops.adamw_steps_(ps, gs, ms, vs, h)
+    else:
+        ops.masked_steps_(ps, gs, ms, vs, s, h, RULE_CODES[rule], MODE_CODES[mode], out)

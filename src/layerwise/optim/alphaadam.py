@@ -276,6 +276,8 @@ class _MaskedAdamW(Optimizer):
             # compiled path: tensors sharing (device, step, dtypes, threading) go in buckets of
             # K.BUCKET_SIZE (a power of two), one compiled call per bucket (in parameter order)
             buckets: dict[tuple, list[tuple[int, Tensor, Tensor, Tensor, Tensor]]] = {}
+            # C kernel: the tensors sharing (device, step) in one call
+            c_batches: dict[tuple[torch.device, float], list[tuple[int, Tensor, Tensor, Tensor, Tensor]]] = {}
             group_stats: list[tuple[int, tuple[Tensor, Tensor] | None]] = []
             for pi, p in enumerate(group["params"]):
                 g = p.grad
@@ -292,14 +294,7 @@ class _MaskedAdamW(Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 pd = p.detach()
                 if use_c and self._c_ok(pd, g, m, v):
-                    if rule == "none":
-                        CK.step_(pd, g, m, v, None, h, rule, mode, None)
-                        group_stats.append((pi, None))
-                    else:
-                        out = c_out[c_row]  # type: ignore[index]
-                        c_row += 1
-                        CK.step_(pd, g, m, v, self._scratch_for(pd.device, pd.numel()), h, rule, mode, out)
-                        group_stats.append((pi, (out[0], out[1])))
+                    c_batches.setdefault(key, []).append((pi, pd, g, m, v))
                 elif fast and self._fast_ok(pd, g, m, v):
                     parallel = pd.numel() > K.PARALLEL_MIN_NUMEL
                     # one-element tensors apart: dynamo specialises sizes of 1
@@ -311,6 +306,17 @@ class _MaskedAdamW(Optimizer):
                         del buckets[bkey]
                 else:
                     group_stats.append((pi, self._run_eager(rule, mode, p, g, m, v, h)))
+            for key, batch in c_batches.items():
+                pis, ps, gs, ms, vs = (list(x) for x in zip(*batch))
+                if rule == "none":
+                    CK.steps_(ps, gs, ms, vs, None, h_cache[key], rule, mode, None)
+                    group_stats += [(pi, None) for pi in pis]
+                else:
+                    rows = c_out[c_row:c_row + len(ps)]  # type: ignore[index]
+                    c_row += len(ps)
+                    scratch = self._scratch_for(key[0], max(p.numel() for p in ps))
+                    CK.steps_(ps, gs, ms, vs, scratch, h_cache[key], rule, mode, rows)
+                    group_stats += [(pi, tuple(row.unbind())) for pi, row in zip(pis, rows.unbind())]
             for bkey, bucket in buckets.items():
                 # the rest in power-of-two lengths: at most log2(BUCKET_SIZE) + 1 compiled lengths
                 while bucket:
