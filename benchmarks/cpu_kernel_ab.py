@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     spec = importlib.util.spec_from_file_location("old_kernel", args.old)
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)  # type: ignore[union-attr]
+    if not hasattr(old, "steps_"):  # a one-tensor-per-call kernel: the loop the optimizer used to run
+        def steps_(ps, gs, ms, vs, s, h, rule, mode, out):
+            for i in range(len(ps)):
+                old.step_(ps[i], gs[i], ms[i], vs[i], s, h, rule, mode, None if out is None else out[i])
+        old.steps_ = steps_
     torch.set_num_threads(args.threads)
     _pin_malloc()
     loads = {}
