@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    for module in ("layerwise.lab.analyze", "layerwise.lab.sweep"):
+    for module in ("layerwise.lab.analyze", "layerwise.lab.sweep", "layerwise.lab.export"):
         importlib.import_module(module).register(sub)  # an import error here is a bug: never hide a command
     return parser
 
