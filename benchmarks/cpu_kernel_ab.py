@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from optimizer_step import _pin_malloc, llama60m_shapes  # noqa: E402
-
 from layerwise.optim import _cpu_kernel as new_kernel  # noqa: E402
 from layerwise.optim import alphaadam as A  # noqa: E402
+from optimizer_step import _pin_malloc, llama60m_shapes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,10 +17,9 @@ import math
 
 import pytest
 import torch
+from _decay_helpers import batches, make_model, train_step
 
 from layerwise.decay import DECAY_CONTROLLERS, build_decay
-
-from _decay_helpers import batches, make_model, train_step
 
 #: name -> options for a short run (AlphaDecay recomputes every 2 steps instead of 500)
 CONTROLLERS: dict[str, dict] = {
