@@ -132,7 +132,7 @@ from torch import nn
 from layerwise.names import MULTIPLIER_SUFFIXES, canonical_name, is_multiplier
 
 __all__ = [
-    "ROLES", "VECTOR_ROLES", "MATRIX_ROLES", "OPERATORS", "ParamInfo", "Anatomy", "anatomy", "from_path",
+    "ROLES", "VECTOR_ROLES", "MATRIX_ROLES", "OPERATORS", "ParamInfo", "BlockInfo", "Anatomy", "anatomy", "from_path",
     "canonical_name", "is_multiplier", "MULTIPLIER_SUFFIXES", "warn_once",
 ]
 
@@ -234,6 +234,40 @@ class ParamInfo:
                 "trainable": self.trainable}
 
 
+@dataclass(frozen=True)
+class BlockInfo:
+    """One repeated block: its module name, stack and index, and the sub-layers found inside it.
+
+    ``attention`` / ``mlp``: the innermost module holding all of the block's attention (q/k/v/o/qkv) / MLP
+    (gate/up/down) matrices, ``None`` when there are none or they share no module below the block (BERT's MLP
+    is split over ``intermediate`` and ``output``).  ``attention_norm`` / ``mlp_norm``: the pre-norm modules
+    (direct children named ``input_layernorm``/``ln_1``/``attention_norm``/``ln_attn``,
+    ``post_attention_layernorm``/``ln_2``/``ffn_norm``/``pre_ff_layernorm``/``ln_mlp``), ``None`` if absent.
+    """
+
+    name: str
+    stack: str
+    index: int
+    attention: str | None
+    mlp: str | None
+    attention_norm: str | None
+    mlp_norm: str | None
+
+
+_ATTN_NORMS = ("input_layernorm", "ln_1", "attention_norm", "ln_attn")
+_MLP_NORMS = ("post_attention_layernorm", "ln_2", "ffn_norm", "pre_ff_layernorm", "ln_mlp")
+
+
+def _common_module(names: list[str]) -> str:
+    split = [n.split(".") for n in names]
+    out = []
+    for parts in zip(*split):
+        if len(set(parts)) != 1:
+            break
+        out.append(parts[0])
+    return ".".join(out)
+
+
 # ------------------------------------------------------------------------------------------ the table
 _MD_COLUMNS = ("name", "shape", "role", "block", "operator", "fan_in", "fan_out", "layout", "tied")
 
@@ -295,6 +329,27 @@ class Anatomy(Sequence[ParamInfo]):
         if not rows and not any(r.block is not None for r in self.rows):
             rows = self.where(("matrix", "input"), trainable=trainable)
         return rows
+
+    def blocks(self) -> list[BlockInfo]:
+        """The repeated blocks, in order of first appearance, with their attention / MLP sub-layers."""
+        by_block: dict[tuple[str, int], list[ParamInfo]] = {}
+        for r in self.rows:
+            if r.block is not None and r.stack is not None:
+                by_block.setdefault((r.stack, r.block), []).append(r)
+        out = []
+        for (stack, idx), rows in by_block.items():
+            bname = f"{stack}.{idx}"
+            subs = {}
+            for kind, ops in (("attention", ("q", "k", "v", "o", "qkv")), ("mlp", ("gate", "up", "gate_up", "down"))):
+                mods = [r.module for r in rows if r.role == "block_matrix" and r.operator in ops]
+                common = _common_module(mods) if mods else ""
+                subs[kind] = common if len(common) > len(bname) else None
+            norms = {r.module.rsplit(".", 1)[-1]: r.module for r in rows
+                     if r.role == "norm" and r.module.rsplit(".", 1)[0] == bname}
+            attn_norm = next((norms[n] for n in _ATTN_NORMS if n in norms), None)
+            mlp_norm = next((norms[n] for n in _MLP_NORMS if n in norms), None)
+            out.append(BlockInfo(bname, stack, idx, subs["attention"], subs["mlp"], attn_norm, mlp_norm))
+        return out
 
     def unclassified(self) -> list[ParamInfo]:
         """Rows with role ``other``."""
@@ -497,10 +552,13 @@ def _entries_from_module(model: nn.Module) -> list[_Entry]:
 
 
 def _tie_key(t: torch.Tensor) -> tuple:
-    if t.device.type == "meta" or t.numel() == 0:
+    if t.device.type == "meta" or t.numel() == 0 or type(t) not in (torch.Tensor, nn.Parameter):
+        return ("id", id(t))  # meta / empty / DTensor shards: only the same object is tied
+    try:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
+                str(t.device))
+    except (RuntimeError, NotImplementedError):
         return ("id", id(t))
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
-            str(t.device))
 
 
 def _entries_from_state_dict(sd: Mapping[str, Any]) -> list[_Entry]:

@@ -95,7 +95,7 @@ def build_optimizer(
         The optimizer.  Every group carries ``params``, ``lr``, ``weight_decay``, ``param_names`` (canonical
         names) and ``group`` (a label); torch optimizers accept the extra keys.
     """
-    from layerwise.decay._base import select_matrices, split_groups
+    from layerwise.decay._base import controlled_matrices, split_groups
     from layerwise.optim.groups import param_groups
 
     if not isinstance(model, nn.Module):
@@ -113,7 +113,7 @@ def build_optimizer(
             f"optimizer {name!r} ({cls.__name__}) rejected the options {sorted(optimizer_options)}: {e}"
         ) from None
     if split_matrices:
-        split_groups(opt, [p for _, p in select_matrices(model, decay_select)])
+        split_groups(opt, [p for _, p in controlled_matrices(model, decay_select)])
     return opt
 
 

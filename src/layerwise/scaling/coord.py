@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerwise.scaling.diagnostics import _output_tensor, find_blocks
+from layerwise.scaling.diagnostics import _output_tensor, transformer_blocks
 from layerwise.scaling.rules import WidthScaling
 
 __all__ = ["CoordCheckResult", "coord_check", "plot_coord_check", "SITES"]
@@ -138,7 +138,7 @@ def coord_check(
         vocab = vocab_size or (emb.num_embeddings if emb is not None else None)
         if vocab is None:
             raise ValueError("coord_check: pass vocab_size (the model has no nn.Embedding)")
-        blocks = find_blocks(model)
+        blocks = transformer_blocks(model)
         groups = param_groups(model, lr, weight_decay, _resolve_scaling(parametrization, width, base))
         opt = optimizer_cls(groups, lr=lr, **(optimizer_kwargs or {}))
 
