@@ -438,3 +438,22 @@ def test_cli_on_hf_folder_safetensors_and_pt(zoo, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["anatomy", str(tmp_path / "empty")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_wrapped_models_keep_their_anatomy_and_conv1d_impls_agree():
+    ref = _zoo.gpt2()
+    inputs = _zoo.example_input("gpt2", ref)
+    outs = []
+    for impl in ("materialize", "io"):
+        model = _zoo.gpt2()
+        mults = add_multipliers(model, impl=impl)
+        _perturb(mults)
+        outs.append(_logits("gpt2", model, inputs))
+        an = lw.anatomy(model)
+        c_attn = an.by_name("transformer.h.0.attn.c_attn.weight")
+        assert (c_attn.role, c_attn.layout, c_attn.fan_in, c_attn.fan_out) == (BM, "in_out", 64, 192)
+        row = an.by_name("transformer.h.0.attn.c_attn.row_multiplier")
+        assert (row.role, row.block, row.operator, row.shape) == ("multiplier", 0, "qkv", (192,))
+        assert an.by_name("transformer.h.0.attn.c_attn.col_multiplier").shape == (64,)
+        assert len(analyze(model).rows) == 8
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)

@@ -464,7 +464,7 @@ def add_multipliers(
         )
     plans, notes = _plan(model, placement, kind)
     if notes:
-        _anatomy.warn_once(f"add_multipliers:{placement}:{id(model)}",
+        _anatomy.warn_once(f"add_multipliers:{placement}:{','.join(notes)}",
                            f"add_multipliers(placement={placement!r}) puts no multiplier on {len(notes)} block "
                            f"matrix(es) whose operator it has no rule for: " + ", ".join(notes[:8])
                            + (" ..." if len(notes) > 8 else "") + "; pass a placement callable to choose")

@@ -50,7 +50,7 @@ def controlled_matrices(model: nn.Module, select: Select = None, *,
         odd = [r for r in trainable if r.role == "other"]
         if odd:
             _anatomy.warn_once(
-                f"{controller}:{id(model)}",
+                f"{controller}:{','.join(r.name for r in odd)}",
                 f"{controller}: {len(odd)} trainable parameter(s) cannot be classified and are not analysed "
                 "(they keep their group's weight decay): "
                 + ", ".join(f"{r.name} {list(r.shape)}" for r in odd[:8]) + (" ..." if len(odd) > 8 else "")

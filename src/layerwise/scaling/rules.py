@@ -133,16 +133,11 @@ def _positive_width(field: str, value: Any) -> int:
 
 
 def _model_width(model: nn.Module) -> int | None:
-    """The hidden size of a model when it can be read: ``model.config.hidden_size`` (ours and HF), else the
-    embedding dimension of the first ``nn.Embedding``; ``None`` if neither exists."""
-    cfg = getattr(model, "config", None)
-    hidden = getattr(cfg, "hidden_size", None) if cfg is not None else None
-    if isinstance(hidden, int) and not isinstance(hidden, bool):
-        return hidden
-    for mod in model.modules():
-        if isinstance(mod, nn.Embedding):
-            return int(mod.embedding_dim)
-    return None
+    """The model width as :func:`layerwise.anatomy` reads it (``config.hidden_size`` / ``d_model`` / ``n_embd``,
+    else the most common dimension of the block matrices); ``None`` if neither exists."""
+    from layerwise.anatomy import anatomy
+
+    return anatomy(model).width
 
 
 @dataclass(frozen=True)
@@ -250,5 +245,5 @@ class WidthScaling:
         if hidden is not None and hidden != self.width:
             raise ValueError(
                 f"WidthScaling.width={self.width} does not match the model's hidden size {hidden} "
-                f"(model.config.hidden_size or the embedding dimension); build the rule with width={hidden}"
+                f"(model.config.hidden_size, else the block matrices' width); build the rule with width={hidden}"
             )

@@ -204,7 +204,7 @@ def select_matrices(
     if isinstance(select, str) and select != "all":
         odd = [r for r in an.unclassified() if r.ndim >= 2]
         if odd:
-            _anatomy.warn_once(f"analyze:{id(model_or_state_dict)}:{','.join(r.name for r in odd)}",
+            _anatomy.warn_once(f"analyze:{select}:{','.join(r.name for r in odd)}",
                                f"analyze(select={select!r}) skips {len(odd)} tensor(s) it cannot classify: "
                                + ", ".join(f"{r.name} {list(r.shape)}" for r in odd[:8])
                                + (" ..." if len(odd) > 8 else "")
