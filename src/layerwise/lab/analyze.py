@@ -29,7 +29,7 @@ from layerwise.spectral import SpectralReport, analyze
 
 __all__ = ["register", "run", "load_state_dict", "plot_alpha_heatmap", "plot_esd", "main"]
 
-_TYPE_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "embed", "head", "other")
+_TYPE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "ssm_in", "ssm_out", "embed", "head", "other")
 
 
 class AnalyzeError(RuntimeError):
