@@ -172,7 +172,7 @@ class AlphaDecay(DecayController):
         shape_correction: use ``α − α_noise(shape) + 2`` (:func:`layerwise.spectral.shape_corrected_alpha`;
             α_noise = what the estimator reads on Gaussian noise of that shape, cached per shape) so square
             and rectangular matrices are comparable (uncorrected, noise reads ≈ 2.13 square vs ≈ 3.0 at 1:2.7).
-        select: which matrices to analyse (default: ``nn.Linear`` weights inside the transformer blocks;
+        select: which matrices to analyse (default: the block matrices of :func:`layerwise.anatomy`;
             a regex, a callable ``(name, param) -> bool`` or a list of names; see ``controlled_matrices``).
 
     Note: the authors' code skips layer 0's ``q_proj`` by accident; we analyse it.

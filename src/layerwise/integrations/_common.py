@@ -83,7 +83,7 @@ def build_optimizer(
         scaling: a :class:`layerwise.WidthScaling` or ``None``.
         multiplier_weight_decay, multiplier_lr_scale, no_decay: as in :func:`layerwise.param_groups`.
         split_matrices: give every matrix that :class:`layerwise.AlphaDecay` analyses (``decay_select``; default
-            every ``nn.Linear`` weight in the transformer blocks) its own parameter group now, so a decay
+            the block matrices of :func:`layerwise.anatomy`) its own parameter group now, so a decay
             controller can be attached after the LR scheduler exists.  Costs one group per matrix (a few more
             kernel launches per step for ``foreach`` optimizers); ``False`` keeps the merged groups.
         decay_select: which matrices to split (same meaning as ``AlphaDecay(select=...)``); must match the

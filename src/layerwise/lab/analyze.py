@@ -208,7 +208,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory, .pt/.safetensors checkpoint, or Hugging Face model folder")
     p.add_argument("--out", default=None, help="output directory (default: next to the input)")
     p.add_argument("--select", default="blocks", choices=("blocks", "linear", "all"),
-                   help="which matrices (default: Linear weights inside transformer blocks)")
+                   help="which matrices (default: the block matrices of layerwise.anatomy)")
     p.add_argument("--include-embeddings", action="store_true", help="also analyse the embedding")
     p.add_argument("--include-head", action="store_true", help="also analyse the LM head")
     p.add_argument("--estimator", default="hill", choices=("hill", "ks"),
