@@ -91,7 +91,8 @@ Operators (:data:`OPERATORS`)
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 From the module path inside the block: ``q``, ``k``, ``v``, ``o``, ``qkv`` (fused: GPT-2 ``c_attn``,
 GPT-NeoX ``query_key_value``, ``qkv_proj``, ``W_pack``, MHA ``in_proj_weight``), ``gate``, ``up``,
-``gate_up`` (fused), ``down``, ``ssm_in`` / ``ssm_out`` (Mamba2 / Falcon-H1 ``in_proj`` / ``out_proj``);
+``gate_up`` (fused), ``down``, ``router`` (an MoE router: ``router``, ``mlp.gate``, ``block_sparse_moe.gate``),
+``ssm_in`` / ``ssm_out`` (Mamba2 / Falcon-H1 ``in_proj`` / ``out_proj``);
 outside blocks ``token``, ``token_type``, ``position``; ``None`` where not recognised (the role still holds).
 Mamba2 ``in_proj`` rows are split into ``parts`` ``z``, ``x``, ``B``, ``C``, ``dt`` (read from the mixer's
 ``intermediate_size`` / ``n_groups`` / ``ssm_state_size`` / ``num_heads``); a module with an extra ``d_mlp``
@@ -142,8 +143,8 @@ ROLES: tuple[str, ...] = ("embedding", "position_embedding", "input", "block_mat
 VECTOR_ROLES: tuple[str, ...] = ("norm", "bias", "ssm_vector", "multiplier")
 #: 2-D roles with both dimensions growing with width
 MATRIX_ROLES: tuple[str, ...] = ("block_matrix", "matrix")
-OPERATORS: tuple[str, ...] = ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "ssm_in", "ssm_out",
-                              "token", "token_type", "position")
+OPERATORS: tuple[str, ...] = ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "router", "ssm_in",
+                              "ssm_out", "token", "token_type", "position")
 
 _SSM_VECTORS = frozenset({"A_log", "A", "D", "dt_bias"})
 _NORM_NAME = re.compile(r"(?:^|_)(?:[a-z]*norm[a-z0-9_]*|ln(?:_\w+)?|layernorm\w*)$", re.IGNORECASE)
@@ -167,8 +168,9 @@ _OP_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((op, re.compile(p,
     ("v", r"(?:^|\.)(?:v_proj|value|wv|v|v_lin)$"),
     ("o", r"(?:^|\.)(?:o_proj|out_lin|o|(?:attn|attention|self_attn|selfattention|encdecattention|mha)\."
           r"(?:out_proj|dense|c_proj|wo|output\.dense))$"),
+    ("router", r"(?:^|\.)(?:router|(?:block_sparse_moe|moe|mlp|feed_forward|sparse_moe_block)\.gate)$"),
     ("gate_up", r"(?:^|\.)gate_up_proj$"),
-    ("gate", r"(?:^|\.)(?:gate_proj|w1|wi_0|gate)$"),
+    ("gate", r"(?:^|\.)(?:gate_proj|w1|wi_0)$"),
     ("up", r"(?:^|\.)(?:up_proj|w3|wi_1|wi|c_fc|fc1|fc_in|dense_h_to_4h|intermediate\.dense)$"),
     ("down", r"(?:^|\.)(?:down_proj|w2|wo|fc2|fc_out|dense_4h_to_h|mlp\.c_proj|output\.dense)$"),
 ))
