@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerwise import anatomy as _anatomy
 from layerwise.scaling.diagnostics import _output_tensor, transformer_blocks
 from layerwise.scaling.rules import WidthScaling
 
@@ -114,7 +115,7 @@ def coord_check(
             (:meth:`WidthScaling.from_parametrization` with ``base_width``), or ``width -> WidthScaling | None``.
         base_width: μP base width (default ``min(widths)``).
         optimizer_cls, optimizer_kwargs: the optimizer, built on the parameter groups.
-        batch_size, seq_len, vocab_size: random-token batches (vocabulary: the first ``nn.Embedding``'s size by
+        batch_size, seq_len, vocab_size: random-token batches (vocabulary: the token embedding's size by
             default); step t uses the same tokens at every width.
         seed: seeds model construction (``torch.manual_seed(seed)`` before each ``build_fn``) and batches.
     """
@@ -134,7 +135,8 @@ def coord_check(
         model = build_fn(width)
         model.train()
         device = next(model.parameters()).device
-        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+        tokens = _anatomy.anatomy(model).where("embedding", operator="token")
+        emb = model.get_submodule(tokens[0].module) if tokens else None
         vocab = vocab_size or (emb.num_embeddings if emb is not None else None)
         if vocab is None:
             raise ValueError("coord_check: pass vocab_size (the model has no nn.Embedding)")
