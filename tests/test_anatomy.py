@@ -457,3 +457,18 @@ def test_wrapped_models_keep_their_anatomy_and_conv1d_impls_agree():
         assert an.by_name("transformer.h.0.attn.c_attn.col_multiplier").shape == (64,)
         assert len(analyze(model).rows) == 8
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_wrapper_prefixes_do_not_change_the_anatomy(zoo):
+    """A DDP-style ``module.`` wrapper: same canonical names, roles, Mamba parts, and the diagnostics still
+    find the sub-modules."""
+    model = zoo["falcon_h1"]
+    wrapper = nn.Module()
+    wrapper.module = model
+    plain, wrapped = lw.anatomy(model), lw.anatomy(wrapper)
+    assert [(r.name, r.role, r.parts) for r in wrapped] == [(r.name, r.role, r.parts) for r in plain]
+    assert wrapped.module("model.layers.0.mamba") is model.model.layers[0].mamba
+    svs = lw.scaling.block_top_singular_values(wrapper, k=1)
+    assert set(svs) == {r.name for r in plain.block_matrices()}
+    blocks = lw.scaling.transformer_blocks(wrapper)
+    assert blocks[1].attn is model.model.layers[1].self_attn and blocks[1].mlp is model.model.layers[1].feed_forward

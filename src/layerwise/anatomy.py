@@ -277,10 +277,12 @@ _MD_COLUMNS = ("name", "shape", "role", "block", "operator", "fan_in", "fan_out"
 class Anatomy(Sequence[ParamInfo]):
     """The rows of :func:`anatomy`, in parameter order, with look-ups and printers."""
 
-    def __init__(self, rows: list[ParamInfo], *, width: int | None, source: str) -> None:
+    def __init__(self, rows: list[ParamInfo], *, width: int | None, source: str,
+                 modules: Mapping[str, nn.Module] | None = None) -> None:
         self.rows = rows
         self.width = width
         self.source = source
+        self._modules = dict(modules or {})
         self._by_name = {n: r for r in rows for n in r.names}
         self._by_id = {id(r.tensor): r for r in rows if r.tensor is not None}
 
@@ -311,6 +313,14 @@ class Anatomy(Sequence[ParamInfo]):
             return self._by_id[id(tensor)]
         except KeyError:
             raise KeyError(f"tensor of shape {tuple(tensor.shape)} is not a parameter of the analysed model") from None
+
+    def module(self, name: str) -> nn.Module:
+        """The sub-module of the analysed model with canonical name ``name`` (``""`` is the model itself; works
+        through DDP / ``torch.compile`` / FSDP1 wrappers).  ``KeyError`` for state dicts or unknown names."""
+        try:
+            return self._modules[canonical_name(name)]
+        except KeyError:
+            raise KeyError(f"no module named {name!r} in this anatomy (source {self.source!r})") from None
 
     def where(self, role: str | Iterable[str] | None = None, *, operator: str | Iterable[str] | None = None,
               block: int | None = None, trainable: bool | None = None) -> list[ParamInfo]:
@@ -595,6 +605,10 @@ def anatomy(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> Anat
     else:
         raise TypeError(f"anatomy: expected an nn.Module or a state dict (Mapping[str, Tensor]), got "
                         f"{type(model_or_state_dict).__name__}")
+    modules: dict[str, nn.Module] = {}
+    if model is not None:
+        for n, m in model.named_modules():
+            modules.setdefault(canonical_name(n), m)
     shapes = {n: tuple(e.tensor.shape) for e in entries for n in e.names}
     blocks = _find_blocks(shapes)
 
@@ -658,7 +672,7 @@ def anatomy(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> Anat
             role = "block_matrix"
             operator = _operator(rel if leaf == "weight" else (f"{rel}.{leaf}" if rel else leaf))
             if operator == "ssm_in" and fan_out is not None:
-                prts = _mamba_parts(_parent(model, module) if model is not None else None, fan_out)
+                prts = _mamba_parts(modules.get(module.rsplit(".", 1)[0] if "." in module else ""), fan_out)
         elif len(shape) == 2:
             if id(e.tensor) in readout_ids or _READOUT_NAME.match(mod_last):
                 role = "readout"
@@ -680,14 +694,7 @@ def anatomy(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> Anat
         if r["role"] == "matrix?":
             r["role"] = "input" if (width is not None and r["fan_out"] == width and r["fan_in"] != width) else "matrix"
         rows.append(ParamInfo(**r))
-    return Anatomy(rows, width=width, source=source)
-
-
-def _parent(model: nn.Module, module: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(module.rsplit(".", 1)[0]) if "." in module else model
-    except AttributeError:
-        return None
+    return Anatomy(rows, width=width, source=source, modules=modules)
 
 
 # ------------------------------------------------------------------------------------------- loading

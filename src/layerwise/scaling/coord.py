@@ -135,8 +135,9 @@ def coord_check(
         model = build_fn(width)
         model.train()
         device = next(model.parameters()).device
-        tokens = _anatomy.anatomy(model).where("embedding", operator="token")
-        emb = model.get_submodule(tokens[0].module) if tokens else None
+        an = _anatomy.anatomy(model)
+        tokens = an.where("embedding", operator="token")
+        emb = an.module(tokens[0].module) if tokens else None
         vocab = vocab_size or (emb.num_embeddings if emb is not None else None)
         if vocab is None:
             raise ValueError("coord_check: pass vocab_size (the model has no nn.Embedding)")

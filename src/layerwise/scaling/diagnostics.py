@@ -55,12 +55,13 @@ def transformer_blocks(model: nn.Module) -> list[BlockParts]:
     Raises ``ValueError`` when no block has an attention or an MLP sub-layer.
     """
     blocks = []
-    for b in _anatomy.anatomy(model).blocks():
+    an = _anatomy.anatomy(model)
+    for b in an.blocks():
         if b.attention is None and b.mlp is None:
             continue
 
         def get(name: str | None) -> nn.Module | None:
-            return model.get_submodule(name) if name else None
+            return an.module(name) if name else None
 
         blocks.append(BlockParts(b.name, b.index, get(b.name), get(b.attention), get(b.mlp), get(b.attention_norm),
                                  get(b.mlp_norm)))
@@ -260,8 +261,9 @@ def block_top_singular_values(model: nn.Module, k: int = 1, *, effective: bool =
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"block_top_singular_values: k must be a positive int, got {k!r}")
     names, mats = [], []
-    for r in _anatomy.anatomy(model).block_matrices():
-        mod = model.get_submodule(r.module) if r.module else model
+    an = _anatomy.anatomy(model)
+    for r in an.block_matrices():
+        mod = an.module(r.module)
         w = mod.effective_weight() if effective and hasattr(mod, "effective_weight") else r.tensor
         names.append(r.name)
         mats.append(w.detach())
