@@ -472,3 +472,24 @@ def test_wrapper_prefixes_do_not_change_the_anatomy(zoo):
     assert set(svs) == {r.name for r in plain.block_matrices()}
     blocks = lw.scaling.transformer_blocks(wrapper)
     assert blocks[1].attn is model.model.layers[1].self_attn and blocks[1].mlp is model.model.layers[1].feed_forward
+
+
+def test_block_membership_decides_before_module_names():
+    """A block Linear named like a readout (``output``, ``head``) is a block matrix, for the module and for its
+    state dict alike; outside the blocks the same name is the readout."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.output = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 16)
+
+    model = nn.Module()
+    model.embed_tokens = nn.Embedding(32, 16)
+    model.layers = nn.ModuleList([Block(), Block()])
+    model.output = nn.Linear(16, 32)
+    want = ["layers.0.output.weight", "layers.0.head.weight", "layers.1.output.weight", "layers.1.head.weight"]
+    assert [r["name"] for r in analyze(model).rows] == want
+    assert sorted(r["name"] for r in analyze(model.state_dict()).rows) == sorted(want)
+    assert lw.anatomy(model).by_name("output.weight").role == OUT
+    assert lw.anatomy(model.state_dict()).by_name("output.weight").role == OUT
