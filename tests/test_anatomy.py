@@ -4,7 +4,6 @@ The expected role of every parameter is written by hand below (not produced by t
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest

@@ -779,7 +779,7 @@ def _meta_model(folder: str, cfg_path: str) -> nn.Module:
         try:
             with torch.device("meta"):
                 return build(config)
-        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        except (ValueError, TypeError, AttributeError, KeyError, ImportError, RuntimeError, NotImplementedError) as exc:
             last = exc
     raise ValueError(f"anatomy: cannot build a model from {cfg_path}: {last}")
 

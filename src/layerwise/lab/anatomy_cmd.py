@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     print(an.to_markdown())
     odd = an.unclassified()
     if odd:
-        print(f"\nunclassified: " + ", ".join(r.name for r in odd), file=sys.stderr)
+        print("\nunclassified: " + ", ".join(r.name for r in odd), file=sys.stderr)
     if args.json_path:
         tmp = f"{args.json_path}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:

@@ -24,9 +24,8 @@ values are read when asked.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn

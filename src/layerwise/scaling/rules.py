@@ -57,9 +57,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 from torch import nn
 
 from layerwise.anatomy import ParamInfo
