@@ -99,13 +99,15 @@ class TrainSection:
     seed: int = 0
     eval_every: int = 200  # 0 = only at the end
     log_every: int = 10
-    ckpt_every: int = 0  # 0 = only at evaluations and at the end
+    ckpt_every: int = 0  # 0 = only at evaluations and at the end (independent of log_every)
+    keep_checkpoints: int = 2  # the newest checkpoint and K-1 before it (a corrupt newest falls back)
     stop_at: int = 0  # > 0: checkpoint and end this invocation after this step (the schedule still runs to
     #                   max_steps; continue with --resume) — for preemptible or time-limited allocations
     device: str = "cpu"  # cpu | cuda
     compile: bool = False
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     parallel: str = "none"  # none | ddp | fsdp
+    dist_timeout_s: float = 600.0  # every collective's timeout: a stalled/dead rank ends the job after this
     num_threads: int = 0  # torch intra-op threads (0 = torch default)
     tensorboard: bool = True
     progress: bool = True
