@@ -120,16 +120,38 @@ class CheckpointStore:
             out.append(self.dir / f"{DCP_NAME}.old")
         return out + [p for _, p in self._older(ext)]
 
-    def remove_orphans(self) -> list[Path]:
-        """Delete temporary files/folders a crashed writer left (call once the run directory is locked)."""
+    def remove_orphans(self, resume: bool = True) -> list[Path]:
+        """Delete temporary files/folders a crashed writer left (call once the run directory is locked).  A
+        pending checkpoint left by a crash (not by a non-finite step: those are discarded) is complete and
+        all steps up to it were finite: on resume it becomes the newest checkpoint."""
         removed = []
         if self._main and self.dir.is_dir():
             for p in self.dir.iterdir():
                 if p.name.startswith(".") and ".tmp" in p.name:
                     _rm(p)
                     removed.append(p)
+            pend = self.pending_path
+            if pend.exists():
+                step = self._step_of(pend) if resume else None
+                if step is None:
+                    _rm(pend)
+                    removed.append(pend)
+                else:
+                    self.last_step = self._step_of(self.last) if self.last.exists() else None
+                    self.own = {s for s, _ in self._older(self.ext) if s < step}
+                    (self._install_dcp if self.sharded else self._install_pt)(pend, step)
+                    self.last_step, self.own = None, set()
         self._barrier()
         return removed
+
+    def _step_of(self, path: Path) -> int | None:
+        """The step a checkpoint holds (read lazily: ``mmap`` / the small ``extra.pt``), or None if unreadable."""
+        try:
+            if path.is_dir():
+                return int(_read_pt(path / "extra.pt")["step"])
+            return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+        except Exception:  # noqa: BLE001 - unreadable: not a usable checkpoint
+            return None
 
     # ------------------------------------------------------------------ layout check
     def check_layout(self, parallel: str, world_size: int) -> None:
@@ -256,34 +278,80 @@ class CheckpointStore:
             self.own.discard(s)
         _fsync_dir(self.dir)
 
-    def save_pt(self, obj: dict, save_fn: Callable[[Any, Path], None]) -> None:
-        """Rank 0: write ``obj`` as the new ``last.pt`` (``save_fn`` writes atomically), keeping K in all."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def _install_pt(self, src: Path, step: int) -> None:
         self._rotate_pt()
-        save_fn(obj, self.last)
-        self.last_step = int(obj["step"])
-        self._prune(self.last_step)
+        os.replace(src, self.last)
+        self.last_step = step
+        self._prune(step)
 
-    def commit_dcp(self, tmp: Path, step: int) -> None:
-        """Rank 0, after every rank wrote its shards into ``tmp`` and ``extra.pt`` is there: swap it in."""
+    def _install_dcp(self, src: Path, step: int) -> None:
         if self.last.exists():
             if self.keep > 1 and self.last_step is not None:
                 older = self.dir / _step_name(self.last_step, "dcp")
                 _rm(older)
                 os.replace(self.last, older)
                 self.own.add(self.last_step)
-            else:
+            else:  # nothing to keep: swap so that a complete folder is always there
                 gone = self.dir / f".{DCP_NAME}.tmp-old"
                 _rm(gone)
                 os.replace(self.last, gone)
-                os.replace(tmp, self.last)
+                os.replace(src, self.last)
                 _rm(gone)
-                tmp = None
-        if tmp is not None:
-            os.replace(tmp, self.last)
+                src = None
+        if src is not None:
+            os.replace(src, self.last)
         _rm(self.dir / f"{DCP_NAME}.old")
         self.last_step = step
         self._prune(step)
+
+    @property
+    def pending_path(self) -> Path:
+        return self.dir / f".pending.{self.ext}"
+
+    def save_pt(self, obj: dict, save_fn: Callable[[Any, Path], None], verified: bool = True) -> None:
+        """Rank 0: write ``obj`` (``save_fn`` writes atomically).  ``verified``: it becomes ``last.pt`` now
+        (K kept in all); else it is held as pending until :meth:`promote` (after the next step proved finite
+        from these weights) or :meth:`discard_pending`."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        step = int(obj["step"])
+        if verified:
+            self.discard_pending()
+            self._rotate_pt()
+            save_fn(obj, self.last)
+            self.last_step = step
+            self._prune(step)
+        else:
+            save_fn(obj, self.pending_path)
+        self.pending_step = None if verified else step
+
+    def commit_dcp(self, tmp: Path, step: int, verified: bool = True) -> None:
+        """Rank 0, after every rank wrote its shards into ``tmp`` and ``extra.pt`` is there: install it (or
+        hold it as pending, see :meth:`save_pt`)."""
+        if verified:
+            self.discard_pending()
+            self._install_dcp(tmp, step)
+        else:
+            _rm(self.pending_path)
+            os.replace(tmp, self.pending_path)
+        self.pending_step = None if verified else step
+
+    pending_step: int | None = None
+
+    def promote(self) -> None:
+        """The pending checkpoint's next step was finite: make it the newest checkpoint (rank 0 renames)."""
+        if self.pending_step is None:
+            return
+        if self._main and self.pending_path.exists():
+            (self._install_dcp if self.sharded else self._install_pt)(self.pending_path, self.pending_step)
+        else:
+            self.last_step = self.pending_step
+        self.pending_step = None
+
+    def discard_pending(self) -> None:
+        """Drop a pending checkpoint (its next step was non-finite)."""
+        if self._main:
+            _rm(self.pending_path)
+        self.pending_step = None
 
 
 def trim_jsonl(path: Path, last_step: int) -> int:

@@ -250,7 +250,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     ckpt_dir = run_dir / "checkpoints"
     sharded = t.parallel == "fsdp"
     store = CheckpointStore(ckpt_dir, keep=t.keep_checkpoints, sharded=sharded, ctx=ctx)
-    store.remove_orphans()  # temp files of a writer that died (the run directory is locked by now)
+    store.remove_orphans(resume)  # temp files of a writer that died (the run directory is locked by now)
     if resume:
         store.check_layout(t.parallel, ctx.world_size)  # before anything in the run directory changes
 
@@ -309,7 +309,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
 
     guard = NonFiniteGuard(device, eager=dev_type == "cpu" and ctx.world_size == 1, where=where)
 
-    def save(step: int) -> None:
+    def save(step: int, verified: bool) -> None:
+        """``verified=False``: held as pending until the next step, computed from these weights, is finite."""
         guard.verify(ctx, model.parameters())  # never write a checkpoint after a non-finite step
         extra = {"scheduler": scheduler.state_dict(), "decay": decay.state_dict() if decay is not None else None,
                  "step": step, "tokens": tokens_seen, "wall_s": wall_prev + (time.perf_counter() - t0),
@@ -317,12 +318,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
                  "world_size": ctx.world_size}
         if sharded:
             D.save_sharded(store.last, model, optimizer, extra, ctx, atomic_torch_save,
-                           commit=lambda tmp: store.commit_dcp(tmp, step))
+                           commit=lambda tmp: store.commit_dcp(tmp, step, verified))
         else:
             if main:  # keeps train.keep_checkpoints in all (last.pt + step-N.pt)
                 store.save_pt({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra},
-                              atomic_torch_save)
+                              atomic_torch_save, verified)
             ctx.barrier()
+        store.pending_step = None if verified else step  # every rank tracks it (rank 0 holds the file)
 
     bar = None
     if t.progress and not quiet and main:
@@ -353,6 +355,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
             grad_norm = _clip(clip_params, exclude_from_clip, cfg) if cfg.optim.grad_clip > 0 else None
             # before the step touches weights: a host check on CPU, a device flag (no sync) on CUDA/multi-rank
             guard.before_step(step + 1, step_loss, grad_norm, model.parameters())
+            if store.pending_step is not None:  # these weights gave a finite step: the checkpoint is good
+                if not guard.eager:
+                    guard.verify(ctx)  # one sync per checkpoint, not per step
+                store.promote()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -396,10 +402,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
             # after the step's metrics line, so a resume never lacks a line for a step it does not redo
             if is_eval or (t.ckpt_every and done % t.ckpt_every == 0) or done == t.stop_at:
                 ts = time.perf_counter()
-                save(done)
+                save(done, verified=done in (t.max_steps, t.stop_at))
                 t_log += time.perf_counter() - ts  # the save does not count as training time
             if done == t.stop_at and done < t.max_steps:
                 return {"stopped_at": done, "steps": t.max_steps, "tokens": tokens_seen}
+    except NonFiniteLossError:
+        store.discard_pending()  # its next step was the non-finite one
+        raise
     finally:
         if bar is not None:
             bar.close()
