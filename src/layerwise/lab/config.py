@@ -175,8 +175,11 @@ def from_dict(d: dict, cfg: Config | None = None) -> Config:
 
 def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
     path = Path(path)
+    from layerwise.lab.validation import check_config_file
+
+    check_config_file(path)  # a directory / non-UTF-8 file: an error naming it
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:

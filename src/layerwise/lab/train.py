@@ -52,6 +52,9 @@ def resolve_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
 
 
 def validate(cfg: Config) -> None:
+    from layerwise.lab.validation import check_values
+
+    check_values(cfg)  # ranges, choices, finite floats, head sizes, path lengths: errors name the key
     t, o = cfg.train, cfg.optim
     checks = [
         ("train.max_steps", t.max_steps >= 1), ("train.batch_size", t.batch_size >= 1),
