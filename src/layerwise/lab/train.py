@@ -40,6 +40,10 @@ def resolve_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
     m = cfg.model
     over = {k: getattr(m, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
                                        "num_kv_heads") if getattr(m, k)}
+    if "num_heads" in over and "num_kv_heads" not in over:  # the size's kv heads were derived from its own heads
+        from layerwise.lab.model import SIZES
+
+        over["num_kv_heads"] = SIZES.get(m.size, {}).get("num_kv_heads") or over["num_heads"]
     try:
         base = model_config(m.size)
         hidden = over.get("hidden_size", base.hidden_size)
