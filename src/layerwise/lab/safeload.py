@@ -134,18 +134,42 @@ class SafeFullLoadPlanner(_EmptyStateDictLoadPlanner, SafeLoadPlanner):
     """Rebuilds the whole state dict from the metadata (one process), non-tensor entries read safely."""
 
 
+def _unwrap(e: BaseException, path) -> RuntimeError:
+    """torch's ``CheckpointException`` (a ``BaseException``, one entry per failed rank) as one of ours."""
+    failures = getattr(e, "failures", {}) or {}
+    for exc, _ in failures.values():
+        if isinstance(exc, UnsafeCheckpointError):
+            return exc
+    first = next(iter(failures.values()), (e, None))[0]
+    text = str(first).strip().splitlines()
+    return UnreadableCheckpointError(f"{path}: cannot read the DCP checkpoint ({type(first).__name__}: "
+                                     f"{text[0] if text else ''})")
+
+
 def load_dcp(state: dict, path: str | os.PathLike) -> None:
     """``dcp.load(state, checkpoint_id=path)`` through the safe reader and planner (collective under a
-    process group, like ``dcp.load``)."""
+    process group, like ``dcp.load``).  Failures raise :class:`UnsafeCheckpointError` or
+    :class:`UnreadableCheckpointError` on every rank."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    read_metadata(path)  # refuse a crafted .metadata with its own error before torch's planner runs
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    except CheckpointException as e:
+        raise _unwrap(e, path) from None
 
 
 def load_dcp_full(path: str | os.PathLike) -> dict[str, Any]:
     """The whole state dict of the DCP folder ``path``, read in this process without a process group."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    read_metadata(path)
     sd: dict[str, Any] = {}
-    _load_state_dict(sd, storage_reader=SafeFileSystemReader(path), planner=SafeFullLoadPlanner(), no_dist=True)
+    try:
+        _load_state_dict(sd, storage_reader=SafeFileSystemReader(path), planner=SafeFullLoadPlanner(),
+                         no_dist=True)
+    except CheckpointException as e:
+        raise _unwrap(e, path) from None
     return sd
