@@ -268,3 +268,19 @@ def test_resume_with_changed_parallel_is_refused_saying_what_differs(tmp_path, c
     assert main(["train", "--resume", str(run2), "--set", "train.parallel=ddp"]) == 1
     err = capsys.readouterr().err
     assert "written with train.parallel=fsdp" in err and "--set train.parallel=fsdp" in err
+
+
+def test_fsdp_dcp_rotation_pending_and_fallback_in_one_process(tmp_path, corpus_file):
+    """FSDP (a one-process group): DCP folders rotate like .pt files; a corrupt newest one falls back."""
+    run = tmp_path / "f"
+    over = {"train.parallel": "fsdp", "train.ckpt_every": 2, "train.max_steps": 6, "train.log_every": 3}
+    train(_cfg(corpus_file, **over), run, quiet=True)
+    ck = run / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["last.dcp", "step-00000004.dcp"]
+    assert torch.load(ck / "last.dcp" / "extra.pt", weights_only=True)["step"] == 6
+    (ck / "last.dcp" / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.warns(RuntimeWarning, match=r"last\.dcp: .*unreadable, resuming from the previous one"):
+        summary = train(_cfg(corpus_file, **{**over, "train.max_steps": 8}), run, resume=True, quiet=True)
+    assert summary["steps"] == 8
+    assert sorted(p.name for p in ck.iterdir()) == ["last.dcp", "last.dcp.corrupt", "step-00000006.dcp"]
+    assert _steps(run / "metrics.jsonl") == [3, 6, 8]
