@@ -51,6 +51,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.lr": _rng(0, None, lo_open=True), "optim.weight_decay": _rng(0), "optim.beta1": _rng(0, 1, hi_open=True),
     "optim.beta2": _rng(0, 1, hi_open=True), "optim.eps": _rng(0, None, lo_open=True),
     "optim.warmup_frac": _rng(0, 1, hi_open=True), "optim.min_lr_ratio": _rng(0, 1), "optim.grad_clip": _rng(0),
+    "optim.decay_frac": _rng(0, 1),
     "optim.multiplier_weight_decay": _rng(0), "optim.multiplier_lr_scale": _rng(0, None, lo_open=True),
     "optim.mask_ref": _choice("previous", "current"), "optim.alpha_mode": _choice("norm", "density"),
     "optim.alpha_max": _rng(1), "optim.floor": _rng(0, 1), "optim.muon_lr": _rng(0),
@@ -102,8 +103,9 @@ def check_values(cfg: Config) -> None:
         rule = RULES.get(key)
         if rule is not None and not isinstance(v, bool) and not rule[0](v):
             bad.append(f"{key}={v!r} (must be {rule[1]})")
-    for key in ("data.corpus", "data.valid"):
-        v = getattr(cfg.data, key.split(".")[1])
+    for key in ("data.corpus", "data.valid", "model.hf_config", "model.init_from"):
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name, None)
         why = _path_problem(v) if isinstance(v, str) and v != "shakespeare" else None
         if why:
             bad.append(f"{key}={v[:60]!r}{'...' if len(v) > 60 else ''} ({why})")
@@ -122,6 +124,8 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError(f"decay.s1={d.s1} must be <= decay.s2={d.s2} (the decay at the smallest alpha is s1)")
     from layerwise.lab.model import SIZES
 
+    if getattr(m, "hf_config", "") or getattr(m, "init_from", ""):
+        return  # a Hugging Face model: the size fields are unused (its own config is checked when built)
     if m.size not in SIZES:
         raise ConfigError(f"model.size={m.size!r}: unknown size; choose one of {sorted(SIZES)}")
     base = SIZES[m.size]
