@@ -81,6 +81,13 @@ class NonFiniteGuard:
         self.bad += bad
         self.last_loss = loss.detach()
 
+    def seen_nonfinite(self) -> bool:
+        """This rank's flag, read without a collective (for error paths, where peers may be gone)."""
+        try:
+            return int(self.bad) > 0
+        except Exception:  # noqa: BLE001 - a broken device: nothing to conclude
+            return False
+
     def verify(self, ctx=None, params: Iterable[torch.Tensor] | None = None) -> None:
         """Host check of everything folded in since the start (and of ``params`` when given): call at points
         that synchronise anyway (logging, before a checkpoint).  Collective under a process group: call it on

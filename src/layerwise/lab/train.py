@@ -443,6 +443,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     except NonFiniteLossError:
         store.discard_pending()  # its next step was the non-finite one
         raise
+    except Exception as e:  # lagged mode: NaN weights may break something else before the flag is read
+        if guard.seen_nonfinite():
+            store.discard_pending()
+            raise NonFiniteLossError(f"non-finite training loss or gradient norm (then {type(e).__name__}: "
+                                     f"{str(e)[:200]}); stopping — {where()}. Resume with a lower optim.lr.") from e
+        raise
     finally:
         if bar is not None:
             bar.close()
