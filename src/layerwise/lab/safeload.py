@@ -29,8 +29,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 
-__all__ = ["UnsafeCheckpointError", "UnreadableCheckpointError", "MetadataUnpickler", "SafeFileSystemReader", "SafeLoadPlanner",
-           "SafeFullLoadPlanner", "read_metadata", "load_dcp", "load_dcp_full"]
+__all__ = ["UnsafeCheckpointError", "UnreadableCheckpointError", "MetadataUnpickler", "SafeFileSystemReader",
+           "SafeLoadPlanner", "SafeFullLoadPlanner", "read_metadata", "load_dcp", "load_dcp_full"]
 
 
 class UnsafeCheckpointError(RuntimeError):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from layerwise.lab import methods
-from layerwise.lab.checkpoint import CheckpointError, CheckpointStore, trim_jsonl
+from layerwise.lab.checkpoint import CheckpointError, CheckpointStore, trim_jsonl  # noqa: F401 - re-exported
 from layerwise.lab.config import Config, ConfigError, load_toml, to_toml
 from layerwise.lab.data import BatchSampler, TokenData, eval_windows, prepare
 from layerwise.lab.export import stash_tokenizer
@@ -33,8 +33,6 @@ from layerwise.lab.hf_models import build_hf_model, uses_hf, write_run_config
 from layerwise.lab.model import LlamaModel, ModelConfig, model_config
 
 CKPT_NAME = "last.pt"
-__all__ = ["train", "validate", "run_config", "NonFiniteLossError", "CheckpointError", "lr_factor", "evaluate",
-           "atomic_torch_save", "load_checkpoint", "resolve_model_config"]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -338,7 +336,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
 
     def where() -> str:
         if store.last.exists():
-            return f"the last good checkpoint is kept at {store.last} (step {store.last_step})"
+            at = f" (step {store.last_step})" if store.last_step is not None else ""
+            return f"the last good checkpoint is kept at {store.last}{at}"
+        if store.restored_from is not None and store.restored_from.exists():
+            return f"the checkpoint this run resumed from is kept at {store.restored_from}"
         return "no checkpoint was written"
 
     guard = NonFiniteGuard(device, eager=dev_type == "cpu" and ctx.world_size == 1, where=where)
