@@ -82,7 +82,10 @@ def load_state_dict(path: str | os.PathLike) -> tuple[Mapping[str, torch.Tensor]
 
         dcp_dir = sharded_checkpoint(p / "checkpoints" / "last.dcp") or sharded_checkpoint(p)
         if dcp_dir is not None:  # a torch.distributed.checkpoint folder (FSDP run), read in this one process
-            return load_sharded_model_state(dcp_dir), p if dcp_dir != p else p.parent
+            try:  # through layerwise.lab.safeload: a crafted .metadata pickle is refused, never run
+                return load_sharded_model_state(dcp_dir), p if dcp_dir != p else p.parent
+            except Exception as exc:  # noqa: BLE001 - re-raised with the path
+                raise AnalyzeError(f"{dcp_dir}: cannot read as a DCP checkpoint: {exc}") from exc
         if (p / "model.safetensors").is_file():
             return _load_safetensors(p / "model.safetensors"), p
         shards = sorted(p.glob("model-*.safetensors"))
