@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from layerwise.decay import AWD, DECAY_CONTROLLERS, AdaDecay, TypeDecay, UniformDecay, build_decay
-from layerwise.names import block_linear_weights, layer_index, named_parameters
+from layerwise.names import named_parameters
 
-from _decay_helpers import batches, make_model, train_step
+from _decay_helpers import batches, block_linear_weights, layer_index, make_model, train_step
 
 
 def _set_grads(model, seed=5, scale=0.01):
@@ -85,12 +85,13 @@ def test_awd_coupled_with_adam_l2_and_explicit_lambda():
         torch.testing.assert_close(p.detach().double(), w[n] - lr * gp / (gp.abs() + eps), rtol=1e-5, atol=1e-6)
 
 
-def _adadecay_reference(names, grads, numel, wd0, slope, norm="rms", eps=1e-8):
+def _adadecay_reference(names, grads, numel, wd0, slope, norm="rms", eps=1e-8, block=None):
+    block = block or layer_index
     r = [math.sqrt(float(g.double().square().sum())) / (math.sqrt(n) if norm == "rms" else 1.0)
          for g, n in zip(grads, numel)]
     out = []
     for i, name in enumerate(names):
-        peers = [r[j] for j, m in enumerate(names) if layer_index(m) == layer_index(name)]
+        peers = [r[j] for j, m in enumerate(names) if block(m) == block(name)]
         mu = sum(peers) / len(peers)
         sd = math.sqrt(sum((x - mu) ** 2 for x in peers) / len(peers))
         z = (r[i] - mu) / (sd + eps)
@@ -174,8 +175,9 @@ def test_adadecay_authors_modules_bias_and_untuned():
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][1:-1]
     assert dec.names == [n + ".weight" for n, _ in linears]
     _set_grads(model, seed=3)
+    hf_block = lambda n: n.split(".")[2]  # "model.layers.N...." (hand-written, as the authors' split('.')[2])
     ref = _adadecay_reference(dec.names, [m.weight.grad for _, m in linears], [1] * len(linears), wd0, 4.0,
-                              norm="raw")
+                              norm="raw", block=hf_block)
     lam = {}
     for (n, m), v in zip(linears, ref):
         lam[id(m.weight)] = lam[id(m.bias)] = v

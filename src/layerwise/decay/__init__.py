@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerwise.decay._base import DecayController, select_matrices, split_groups
+from layerwise.decay._base import DecayController, controlled_matrices, split_groups
 from layerwise.decay.alphadecay import METRICS, MODULE_SETS, AlphaDecay, authors_modules, estimate_alphas, metric_scores
 from layerwise.decay.baselines import AWD, AdaDecay, TypeDecay, UniformDecay
 from layerwise.decay.mapping import ASSIGNS, assign_decays, linear_decay_map
@@ -54,7 +54,7 @@ __all__ = [
     "authors_modules",
     "metric_scores",
     "estimate_alphas",
-    "select_matrices",
+    "controlled_matrices",
     "split_groups",
 ]
 

@@ -15,9 +15,10 @@ from layerwise.decay._base import (
     Select,
     check_in_optimizer,
     resolve_wd0,
-    select_matrices,
+    controlled_matrices,
     split_groups,
 )
+from layerwise import anatomy as _anatomy
 from layerwise import names as _names
 from layerwise.decay.mapping import ASSIGNS, assign_decays
 
@@ -278,8 +279,9 @@ class AlphaDecay(DecayController):
             ``ᾱ ← β·ᾱ + (1 − β)·α`` (initialised with the first value; a non-finite value keeps ᾱ).
         shape_correction: use ``α − α_noise(shape) + 2`` (:func:`layerwise.spectral.shape_corrected_alpha`)
             so square and rectangular matrices are comparable (only with ``metric`` ``"alpha"``/``"alphahat"``).
-        select: which matrices to analyse with ``modules="blocks"`` (a regex, a callable
-            ``(name, param) -> bool`` or a list of names; see ``select_matrices``).
+        select: which matrices to analyse with ``modules="blocks"`` (default: the block matrices of
+            :func:`layerwise.anatomy`; a regex, a callable ``(name, param) -> bool`` or a list of names; see
+            ``controlled_matrices``).
         modules: ``"blocks"`` or ``"authors"`` (above).
         metric: the per-matrix score the map takes (:func:`metric_scores`): ``"alpha"`` (default),
             ``"alphahat"``, ``"spectral_norm"`` (λ_max = σ_max²), ``"stable_rank"``, ``"entropy"``.
@@ -370,7 +372,7 @@ class AlphaDecay(DecayController):
                     "eigenvalues (min_eigs) and is trainable; nothing to analyse"
                 )
         else:
-            matrices = [(n, p) for n, p in select_matrices(model, select) if min(p.shape) >= min_eigs]
+            matrices = [(n, p) for n, p in controlled_matrices(model, select) if min(p.shape) >= min_eigs]
             if not matrices:
                 raise ValueError(f"no selected weight matrix has >= {min_eigs} eigenvalues (min_eigs)")
             biases = [None] * len(matrices)
@@ -389,7 +391,8 @@ class AlphaDecay(DecayController):
         self._params = [p for _, p in matrices]
         self._biases = biases
         self._numel = [p.numel() + (0 if b is None else b.numel()) for p, b in zip(self._params, biases)]
-        self._blocks = [_names.layer_index(n) for n in self.names]
+        an = _anatomy.anatomy(model)
+        self._blocks = [(an.by_name(n).stack, an.by_name(n).block) for n in self.names]  # sigmoid's blocks
         split_groups(optimizer, self._params + [b for b in biases if b is not None])
         groups = self.current_groups(self._params)
         self.wd0 = resolve_wd0(groups, wd0, self.names)
