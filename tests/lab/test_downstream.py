@@ -1,0 +1,244 @@
+"""``layerwise eval``: lm-evaluation-harness on a local multiple-choice cloze, checked against log-likelihoods
+computed here by hand with the model itself (float64), fully offline."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import random
+import socket
+import sys
+
+import pytest
+import torch
+
+from conftest import _WORDS, make_text
+
+lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
+
+from layerwise.lab.cli import main  # noqa: E402
+from layerwise.lab.downstream import (EVAL_FILE, EvalError, eval_markdown, eval_rows, evaluate,  # noqa: E402
+                                      fingerprint, parse_tasks, require_lm_eval)
+
+EOS = "<|endoftext|>"
+N_DOCS = 24
+
+
+def build_hf_dir(path, train_text: str):
+    """A tiny LlamaForCausalLM + a byte-level BPE trained here, saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(train_text.splitlines(), trainers.BpeTrainer(
+        vocab_size=320, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger weights than the default init: log-likelihoods that differ between choices
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def write_cloze_task(folder, heldout: str, n_docs: int = N_DOCS, name: str = "lw_cloze"):
+    """A 4-way multiple-choice cloze over held-out lines (the true next word vs three other words), as a JSONL
+    file and an lm-eval task YAML that reads it with the ``json`` builder of ``datasets`` (no network)."""
+    rng = random.Random(3)
+    docs = []
+    for line in heldout.splitlines():
+        words = line.split()
+        if len(words) < 5:
+            continue
+        k = rng.randint(2, len(words) - 2)  # the answer is an inner word: no capital, no punctuation
+        answer = words[k]
+        choices = rng.sample([w for w in _WORDS if w != answer], 3)
+        gold = rng.randrange(4)
+        choices.insert(gold, answer)
+        docs.append({"context": " ".join(words[:k]), "choices": choices, "label": gold})
+        if len(docs) == n_docs:
+            break
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    yaml = folder / f"{name}.yaml"
+    yaml.write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data))}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 2.0
+""")
+    return yaml, docs
+
+
+@pytest.fixture(scope="module")
+def hf_and_task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmeval")
+    hf = build_hf_dir(root / "hf", make_text(600, seed=1))
+    yaml, docs = write_cloze_task(root / "tasks", make_text(80, seed=7))
+    return hf, yaml, docs
+
+
+def hand_loglikelihoods(hf_dir, docs) -> list[list[float]]:
+    """sum log p(" " + choice | context) per choice, with the model in float64 and the raw ``tokenizers`` file."""
+    from tokenizers import Tokenizer
+    from transformers import LlamaForCausalLM
+
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    model = LlamaForCausalLM.from_pretrained(hf_dir).double().eval()
+    out = []
+    for d in docs:
+        ctx = tok.encode(d["context"]).ids
+        row = []
+        for c in d["choices"]:
+            whole = tok.encode(d["context"] + " " + c).ids
+            assert whole[:len(ctx)] == ctx  # the continuation's tokens start where the context's end
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole[:-1]])).logits[0], -1)
+            row.append(sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole))))
+        out.append(row)
+    return out
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Offline mode for the HF libraries, and every socket connection attempt recorded and refused."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    attempts = []
+
+    def refuse(self, address, *a, **k):
+        attempts.append(address)
+        raise OSError(f"network access attempted in an offline test: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts
+
+
+def test_local_cloze_accuracy_equals_hand_loglikelihoods(hf_and_task, tmp_path, no_network):
+    hf, yaml, docs = hf_and_task
+    out = tmp_path / "res"
+    assert main(["eval", str(hf), "--tasks", str(yaml), "--batch-size", "5", "--device", "cpu", "--log-samples",
+                 "--out", str(out)]) == 0
+    assert no_network == []
+    data = json.loads((out / EVAL_FILE).read_text())
+    e = data["tasks"]["lw_cloze"]
+    assert e["version"] == 2.0 and e["n_samples"] == N_DOCS and e["limit"] is None
+    assert data["lm_eval_version"] == importlib.metadata.version("lm_eval")
+
+    hand = hand_loglikelihoods(hf, docs)
+    samples = sorted((json.loads(ln) for ln in (out / "eval_samples" / "lw_cloze.jsonl").read_text().splitlines()),
+                     key=lambda r: r["doc_id"])
+    assert len(samples) == N_DOCS
+    for s, row in zip(samples, hand):
+        got = [r[0] for r in s["filtered_resps"]]
+        assert got == pytest.approx(row, abs=2e-4, rel=1e-5)
+    spread = [max(r) - min(r) for r in hand]
+    assert min(spread) > 1e-2  # the choices are told apart: the argmax below is not decided by rounding
+    acc = sum(max(range(4), key=row.__getitem__) == d["label"] for row, d in zip(hand, docs)) / N_DOCS
+    acc_norm = sum(max(range(4), key=lambda i: row[i] / len(d["choices"][i])) == d["label"]
+                   for row, d in zip(hand, docs)) / N_DOCS
+    assert e["metrics"]["acc"] == pytest.approx(acc, abs=1e-12)
+    assert e["metrics"]["acc_norm"] == pytest.approx(acc_norm, abs=1e-12)
+    # lm-eval's s.e. of a mean of 0/1 scores: the sample standard deviation over sqrt(n)
+    assert e["stderr"]["acc"] == pytest.approx(math.sqrt(acc * (1 - acc) / (N_DOCS - 1)), rel=1e-9)
+
+    # --limit: the first 10 items; a second task call merges into the same eval.json, replacing the entry
+    rep = evaluate(hf, [str(yaml)], limit=10, out=out, device="cpu", quiet=True)
+    e10 = rep["tasks"]["lw_cloze"]
+    assert e10["n_samples"] == 10 and e10["limit"] == 10 and e10["n_samples_total"] == N_DOCS
+    acc10 = sum(max(range(4), key=row.__getitem__) == d["label"] for row, d in zip(hand[:10], docs[:10])) / 10
+    assert e10["metrics"]["acc"] == pytest.approx(acc10, abs=1e-12)
+    assert json.loads((out / EVAL_FILE).read_text())["tasks"]["lw_cloze"]["limit"] == 10
+    assert no_network == []
+
+
+def test_bad_input_gets_clear_errors(tmp_path, hf_and_task, monkeypatch, capsys):
+    hf, yaml, _ = hf_and_task
+    with pytest.raises(EvalError, match="--tasks is empty"):
+        parse_tasks(" , ")
+    with pytest.raises(EvalError, match="task file .*nope.yaml does not exist"):
+        parse_tasks(str(tmp_path / "nope.yaml"))
+    with pytest.raises(EvalError, match="--include-path .* does not exist"):
+        parse_tasks("arc_easy", [tmp_path / "missing"])
+    (tmp_path / "bad.yaml").write_text("dataset_path: json\n")
+    with pytest.raises(EvalError, match="needs a top-level `task: NAME`"):
+        parse_tasks(str(tmp_path / "bad.yaml"))
+    assert parse_tasks(f"arc_easy,{yaml},arc_easy") == (["arc_easy", "lw_cloze"], [str(yaml.parent)])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", str(empty), "--tasks", str(yaml)]) == 2
+    assert "neither a Hugging Face model folder" in capsys.readouterr().err
+    with pytest.raises(EvalError, match="--limit must be > 0"):
+        evaluate(hf, str(yaml), limit=0)
+    with pytest.raises(EvalError, match="--batch-size must be"):
+        evaluate(hf, str(yaml), batch_size="big")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("")
+    (run / "checkpoints").mkdir()
+    with pytest.raises(EvalError, match="not finished"):
+        evaluate(run, str(yaml))
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the eval extra were not installed
+    with pytest.raises(EvalError, match=r"pip install 'layerwise\[eval\]'"):
+        require_lm_eval()
+
+
+def _fake_run(path, seed, evals: dict):
+    path.mkdir(parents=True)
+    (path / "config.toml").write_text("")
+    (path / "summary.json").write_text(json.dumps({"seed": seed, "final_val_loss": 1.0}))
+    fp = fingerprint(path)
+    tasks = {t: {"version": 1, "metrics": m, "stderr": {k: 0.05 for k in m}, "fingerprint": fp, "limit": None}
+             for t, m in evals.items()}
+    (path / EVAL_FILE).write_text(json.dumps({"tasks": tasks}))
+
+
+def test_report_columns_mean_se_and_paired_differences(tmp_path):
+    accs = {"a": [0.25, 0.40, 0.30], "b": [0.35, 0.45, 0.30]}
+    found = {}
+    for m, xs in accs.items():
+        for k, x in enumerate(xs):
+            _fake_run(tmp_path / m / f"seed{k}", k, {"t": {"acc": x}})
+            found.setdefault(m, {})[k] = tmp_path / m / f"seed{k}"
+    # a stale entry: the run was trained further (summary.json rewritten) after it was evaluated
+    (tmp_path / "b" / "seed2" / "summary.json").write_text(json.dumps({"seed": 2, "final_val_loss": 0.9}))
+    warnings = []
+    cols, stats = eval_rows(found, ["a", "b"], warn=warnings.append)
+    assert cols == ["t/acc"]
+    assert len(warnings) == 1 and "earlier state" in warnings[0] and "seed2" in warnings[0]
+    a, b = stats["a"]["t/acc"], stats["b"]["t/acc"]
+    assert a["n"] == 3 and a["mean"] == pytest.approx(0.95 / 3)
+    assert a["se"] == pytest.approx(math.sqrt(((0.25 - 0.95 / 3) ** 2 + (0.4 - 0.95 / 3) ** 2
+                                               + (0.3 - 0.95 / 3) ** 2) / 2 / 3))
+    assert b["n"] == 2 and b["mean"] == pytest.approx(0.40)
+    assert b["paired"] == pytest.approx(0.075) and b["n_paired"] == 2  # (0.10 + 0.05) / 2 over seeds 0, 1
+    assert b["paired_se"] == pytest.approx(0.025)  # stdev(0.10, 0.05) / sqrt(2)
+    assert a["paired"] == 0.0 and a["item_se"] == pytest.approx(0.05)
+    md = eval_markdown(cols, stats, ["a", "b"])
+    assert "| t/acc | Δ vs a (paired) |" in md
+    assert "| b | 0.4000 ± 0.0500 (n=2) | +0.0750 ± 0.0250 |" in md
