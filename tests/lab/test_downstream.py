@@ -242,3 +242,43 @@ def test_report_columns_mean_se_and_paired_differences(tmp_path):
     md = eval_markdown(cols, stats, ["a", "b"])
     assert "| t/acc | Δ vs a (paired) |" in md
     assert "| b | 0.4000 ± 0.0500 (n=2) | +0.0750 ± 0.0250 |" in md
+
+
+def test_run_dir_without_export_gets_clear_error(tmp_path, hf_and_task, monkeypatch):
+    _, yaml, _ = hf_and_task
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"x")
+    (run / "config.toml").write_text("")
+    (run / "summary.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "layerwise.lab.export", None)  # an installation without `layerwise export`
+    with pytest.raises(EvalError, match="needs `layerwise export`"):
+        evaluate(run, str(yaml))
+
+
+def test_compare_eval_tasks_paired_columns(tmp_path, corpus_file, hf_and_task, capsys, no_network):
+    pytest.importorskip("layerwise.lab.export", reason="layerwise export (issue 15) is not here yet")
+    _, _, _ = hf_and_task
+    yaml, _ = write_cloze_task(tmp_path / "tasks", make_text(60, seed=7), n_docs=12, name="lw_cloze12")
+    out = tmp_path / "cmp"
+    args = ["compare", "--preset", "smoke", "--methods", "adamw,multipliers", "--seeds", "2", "--out", str(out),
+            "--set", f"data.corpus={corpus_file}", "--set", "train.max_steps=4", "--set", "train.progress=false",
+            "--set", "train.tensorboard=false", "--eval-tasks", str(yaml), "--eval-device", "cpu"]
+    assert main(args) == 0
+    assert no_network == []
+    res = json.loads((out / "results.json").read_text())
+    per_run = {m: [json.loads((out / m / f"seed{k}" / EVAL_FILE).read_text())["tasks"]["lw_cloze12"]
+                   for k in (0, 1)] for m in ("adamw", "multipliers")}
+    assert all(e["n_samples"] == 12 for es in per_run.values() for e in es)
+    rows = {r["method"]: r["eval"]["lw_cloze12/acc"] for r in res["rows"]}
+    a = [e["metrics"]["acc"] for e in per_run["adamw"]]
+    b = [e["metrics"]["acc"] for e in per_run["multipliers"]]
+    assert rows["adamw"]["mean"] == pytest.approx((a[0] + a[1]) / 2)
+    assert rows["adamw"]["se"] == pytest.approx(abs(a[0] - a[1]) / 2)
+    assert rows["multipliers"]["paired"] == pytest.approx((b[0] - a[0] + b[1] - a[1]) / 2)
+    assert rows["multipliers"]["paired_se"] == pytest.approx(abs((b[0] - a[0]) - (b[1] - a[1])) / 2)
+    md = (out / "results.md").read_text()
+    assert "| lw_cloze12/acc | Δ vs adamw (paired) |" in md and "lw_cloze12/acc_norm" in md
+    capsys.readouterr()
+    assert main(args) == 0  # everything done: neither trained nor evaluated again
+    assert capsys.readouterr().out.count("[skip] eval") == 4
