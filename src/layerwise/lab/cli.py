@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    for module in ("layerwise.lab.analyze", "layerwise.lab.sweep", "layerwise.lab.downstream"):
+    for module in ("layerwise.lab.analyze", "layerwise.lab.sweep", "layerwise.lab.export", "layerwise.lab.downstream"):
         try:
             mod = importlib.import_module(module)
         except ImportError:
