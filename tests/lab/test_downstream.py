@@ -5,20 +5,20 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
-import random
 import socket
 import sys
 
 import pytest
 import torch
 
-from conftest import _WORDS, make_text
+from conftest import make_text
 
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
 
 from layerwise.lab.cli import main  # noqa: E402
 from layerwise.lab.downstream import (EVAL_FILE, EvalError, eval_markdown, eval_rows, evaluate,  # noqa: E402
-                                      fingerprint, parse_tasks, require_lm_eval)
+                                      fingerprint, parse_tasks, require_lm_eval,
+                                      write_cloze_task)
 
 EOS = "<|endoftext|>"
 N_DOCS = 24
@@ -50,55 +50,11 @@ def build_hf_dir(path, train_text: str):
     return path
 
 
-def write_cloze_task(folder, heldout: str, n_docs: int = N_DOCS, name: str = "lw_cloze"):
-    """A 4-way multiple-choice cloze over held-out lines (the true next word vs three other words), as a JSONL
-    file and an lm-eval task YAML that reads it with the ``json`` builder of ``datasets`` (no network)."""
-    rng = random.Random(3)
-    docs = []
-    for line in heldout.splitlines():
-        words = line.split()
-        if len(words) < 5:
-            continue
-        k = rng.randint(2, len(words) - 2)  # the answer is an inner word: no capital, no punctuation
-        answer = words[k]
-        choices = rng.sample([w for w in _WORDS if w != answer], 3)
-        gold = rng.randrange(4)
-        choices.insert(gold, answer)
-        docs.append({"context": " ".join(words[:k]), "choices": choices, "label": gold})
-        if len(docs) == n_docs:
-            break
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    yaml = folder / f"{name}.yaml"
-    yaml.write_text(f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(str(data))}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 2.0
-""")
-    return yaml, docs
-
-
 @pytest.fixture(scope="module")
 def hf_and_task(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmeval")
     hf = build_hf_dir(root / "hf", make_text(600, seed=1))
-    yaml, docs = write_cloze_task(root / "tasks", make_text(80, seed=7))
+    yaml, docs = write_cloze_task(make_text(80, seed=7), root / "tasks", n_docs=N_DOCS, version=2.0)
     return hf, yaml, docs
 
 
@@ -175,6 +131,22 @@ def test_local_cloze_accuracy_equals_hand_loglikelihoods(hf_and_task, tmp_path, 
     assert e10["metrics"]["acc"] == pytest.approx(acc10, abs=1e-12)
     assert json.loads((out / EVAL_FILE).read_text())["tasks"]["lw_cloze"]["limit"] == 10
     assert no_network == []
+
+
+def test_cloze_items_are_the_true_next_word_among_distinct_choices(tmp_path):
+    text = make_text(50, seed=11)
+    yaml, docs = write_cloze_task(text, tmp_path, n_docs=30, n_choices=3, seed=5, name="c3")
+    lines = text.splitlines()
+    assert len(docs) == 30 and "task: c3" in yaml.read_text()
+    for d in docs:
+        assert len(d["choices"]) == 3 == len(set(d["choices"]))
+        answer = d["choices"][d["label"]]
+        # the context is the start of some held-out line, and the answer is the word that follows it there
+        assert any(ln.startswith(d["context"] + " " + answer + " ") for ln in lines)
+    assert {d["label"] for d in docs} == {0, 1, 2}
+    assert [json.loads(ln) for ln in (tmp_path / "c3.jsonl").read_text().splitlines()] == docs
+    with pytest.raises(EvalError, match="fewer than 4 distinct lower-case words"):
+        write_cloze_task("A b c. D e f\n", tmp_path)
 
 
 def test_bad_input_gets_clear_errors(tmp_path, hf_and_task, monkeypatch, capsys):
@@ -256,21 +228,19 @@ def test_run_dir_without_export_gets_clear_error(tmp_path, hf_and_task, monkeypa
         evaluate(run, str(yaml))
 
 
-def test_compare_eval_tasks_paired_columns(tmp_path, corpus_file, hf_and_task, capsys, no_network):
-    pytest.importorskip("layerwise.lab.export", reason="layerwise export (issue 15) is not here yet")
-    _, _, _ = hf_and_task
-    yaml, _ = write_cloze_task(tmp_path / "tasks", make_text(60, seed=7), n_docs=12, name="lw_cloze12")
+def test_compare_eval_tasks_paired_columns(tmp_path, corpus_file, capsys, no_network):
+    yaml, _ = write_cloze_task(make_text(60, seed=7), tmp_path / "tasks", n_docs=8, name="lw_cloze8")
     out = tmp_path / "cmp"
     args = ["compare", "--preset", "smoke", "--methods", "adamw,multipliers", "--seeds", "2", "--out", str(out),
-            "--set", f"data.corpus={corpus_file}", "--set", "train.max_steps=4", "--set", "train.progress=false",
+            "--set", f"data.corpus={corpus_file}", "--set", "train.max_steps=2", "--set", "train.progress=false",
             "--set", "train.tensorboard=false", "--eval-tasks", str(yaml), "--eval-device", "cpu"]
     assert main(args) == 0
     assert no_network == []
     res = json.loads((out / "results.json").read_text())
-    per_run = {m: [json.loads((out / m / f"seed{k}" / EVAL_FILE).read_text())["tasks"]["lw_cloze12"]
+    per_run = {m: [json.loads((out / m / f"seed{k}" / EVAL_FILE).read_text())["tasks"]["lw_cloze8"]
                    for k in (0, 1)] for m in ("adamw", "multipliers")}
-    assert all(e["n_samples"] == 12 for es in per_run.values() for e in es)
-    rows = {r["method"]: r["eval"]["lw_cloze12/acc"] for r in res["rows"]}
+    assert all(e["n_samples"] == 8 for es in per_run.values() for e in es)
+    rows = {r["method"]: r["eval"]["lw_cloze8/acc"] for r in res["rows"]}
     a = [e["metrics"]["acc"] for e in per_run["adamw"]]
     b = [e["metrics"]["acc"] for e in per_run["multipliers"]]
     assert rows["adamw"]["mean"] == pytest.approx((a[0] + a[1]) / 2)
@@ -278,7 +248,7 @@ def test_compare_eval_tasks_paired_columns(tmp_path, corpus_file, hf_and_task, c
     assert rows["multipliers"]["paired"] == pytest.approx((b[0] - a[0] + b[1] - a[1]) / 2)
     assert rows["multipliers"]["paired_se"] == pytest.approx(abs((b[0] - a[0]) - (b[1] - a[1])) / 2)
     md = (out / "results.md").read_text()
-    assert "| lw_cloze12/acc | Δ vs adamw (paired) |" in md and "lw_cloze12/acc_norm" in md
+    assert "| lw_cloze8/acc | Δ vs adamw (paired) |" in md and "lw_cloze8/acc_norm" in md
     capsys.readouterr()
     assert main(args) == 0  # everything done: neither trained nor evaluated again
     assert capsys.readouterr().out.count("[skip] eval") == 4

@@ -28,13 +28,12 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["EvalError", "evaluate", "evaluate_runs", "eval_rows", "eval_markdown", "register", "run",
+__all__ = ["EvalError", "evaluate", "write_cloze_task", "evaluate_runs", "eval_rows", "eval_markdown", "register", "run",
            "resolve_model", "parse_tasks", "EVAL_FILE", "EXPORT_DIR"]
 
 EVAL_FILE = "eval.json"
@@ -92,21 +91,19 @@ def fingerprint(path: Path) -> str:
 
 
 def _checkpoint_stamp(run_dir: Path) -> dict:
-    ckpt = run_dir / "checkpoints" / "last.pt"
-    if not ckpt.is_file():
-        raise EvalError(f"{run_dir}: no checkpoints/last.pt to export (is the run finished?)")
-    st = ckpt.stat()
+    ckpt_dir = run_dir / "checkpoints"
+    files = [ckpt_dir / "last.pt"] if (ckpt_dir / "last.pt").is_file() else sorted(
+        f for f in (ckpt_dir / "last.dcp").rglob("*") if f.is_file())  # an FSDP run's sharded checkpoint
+    if not files:
+        raise EvalError(f"{run_dir}: no checkpoints/last.pt (or last.dcp/) to export")
     summary = run_dir / "summary.json"
-    return {"checkpoint": str(ckpt.name), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+    return {"checkpoint": [[str(f.relative_to(ckpt_dir)), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
             "summary_sha256": _sha256(summary.read_bytes()) if summary.is_file() else None}
 
 
 def export_for_eval(run_dir: Path, *, quiet: bool = False) -> Path:
-    """The HF folder of a run (``RUN_DIR/hf-export``), exported again only when the checkpoint changed.
-
-    The export is written to a temporary folder and renamed into place, so an interrupted export never leaves a
-    half-written folder that a later call would trust.
-    """
+    """The HF folder of a run, ``RUN_DIR/hf-export`` (by :func:`layerwise.lab.export.export_run`, which writes it
+    under a temporary name and renames it), exported again only when the run's checkpoint has changed."""
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").is_file():
         raise EvalError(f"{run_dir}: the run is not finished (no summary.json); finish it with "
@@ -126,25 +123,14 @@ def export_for_eval(run_dir: Path, *, quiet: bool = False) -> Path:
         raise EvalError(f"{run_dir}: evaluating a run directory needs `layerwise export` "
                         f"(layerwise.lab.export.export_run), which this installation lacks ({e}); export the run "
                         "to a Hugging Face folder another way and pass that folder instead") from e
-    tmp = run_dir / f".{EXPORT_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         print(f"[export] {run_dir} -> {dest}")
-    try:
-        got = Path(export_run(run_dir, tmp))
-        if got.resolve() != tmp.resolve():
-            raise EvalError(f"export_run wrote {got}, expected {tmp}")
-        if not is_hf_dir(tmp):
-            raise EvalError(f"{run_dir}: the export in {tmp} has no config.json + weights")
-        (tmp / _EXPORT_STAMP).write_text(json.dumps(stamp, indent=1))
-        old = run_dir / f".{EXPORT_DIR}.old-{os.getpid()}"
-        if dest.exists():
-            dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    got = Path(export_run(run_dir, dest))
+    if not is_hf_dir(got):
+        raise EvalError(f"{run_dir}: the export in {got} has no config.json + weights")
+    # the stamp last: an export interrupted before this line is redone next time
+    _write_json_atomic(got / _EXPORT_STAMP, stamp)
+    return got
 
 
 def resolve_model(path: str | Path, *, quiet: bool = False) -> tuple[Path, Path]:
@@ -218,6 +204,79 @@ def task_manager(names: list[str], include_path: list[str]):
                             "local task needs --include-path DIR or a path to its YAML file)")
     _TM_CACHE[key] = tm
     return tm
+
+
+# ------------------------------------------------------------------------------------------ a local task
+_CLOZE_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: {version}
+  description: {description}
+"""
+
+
+def write_cloze_task(text: str, folder: str | Path, *, n_docs: int = 500, name: str = "lw_cloze",
+                     n_choices: int = 4, seed: int = 0, version: float = 1.0) -> tuple[Path, list[dict]]:
+    """Write an lm-eval multiple-choice cloze over ``text`` (held-out text!) to ``folder``: ``NAME.jsonl`` and
+    ``NAME.yaml``; returns (the YAML path, the documents).
+
+    Each item is a line cut before an inner lower-case word: the context is the words before it, the choices
+    are that word and ``n_choices - 1`` other words drawn from the word *occurrences* of ``text`` (so by
+    unigram frequency, as the answer itself is): a model that ignores the context is at chance, 1/n_choices.
+    The YAML reads the JSONL with the ``json`` builder of ``datasets``, so the task never needs the network.
+    """
+    import json as _json
+    import random as _random
+
+    rng = _random.Random(seed)
+    lines = [ln.split() for ln in text.splitlines()]
+    pool = [w for ws in lines for w in ws if w.isalpha() and w.islower()]
+    if len(set(pool)) < n_choices:
+        raise EvalError(f"write_cloze_task: the text has fewer than {n_choices} distinct lower-case words")
+    docs = []
+    for words in lines:
+        inner = [k for k in range(2, len(words) - 1) if words[k].isalpha() and words[k].islower()]
+        if len(words) < 5 or not inner:
+            continue
+        k = rng.choice(inner)
+        answer, choices = words[k], []
+        while len(choices) < n_choices - 1:
+            w = rng.choice(pool)
+            if w != answer and w not in choices:
+                choices.append(w)
+        gold = rng.randrange(n_choices)
+        choices.insert(gold, answer)
+        docs.append({"context": " ".join(words[:k]), "choices": choices, "label": gold})
+        if len(docs) == n_docs:
+            break
+    if not docs:
+        raise EvalError("write_cloze_task: no line of the text has 5+ words with an inner lower-case word")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    tmp = data.with_name(f".{data.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(_json.dumps(d) + "\n" for d in docs))
+    os.replace(tmp, data)
+    yaml = folder / f"{name}.yaml"
+    desc = _json.dumps(f"{n_choices}-way next-word cloze, {len(docs)} items, seed {seed}")
+    yaml.write_text(_CLOZE_YAML.format(name=name, data=_json.dumps(str(data.resolve())), version=version,
+                                       description=desc))
+    return yaml, docs
 
 
 # ------------------------------------------------------------------------------------------ results
