@@ -2,7 +2,8 @@
 lm-evaluation-harness on every run of a ``compare``.
 
     PYTHONPATH=src .venv/bin/python benchmarks/downstream_cloze.py [--preset quick] \
-        [--methods adamw,multipliers] [--seeds 2] [--items 500] [--out runs/downstream-cloze] [--jobs 1]
+        [--methods adamw,multipliers] [--seeds 2] [--items 500] [--out runs/downstream-cloze] [--jobs 1] \
+        [--set train.num_threads=1 ...]
 
 Writes the task (``OUT/tasks/shakespeare_cloze.{yaml,jsonl}``: 4-way, distractors drawn by unigram frequency
 from the held-out text, so a context-free model is at 0.25), then runs
@@ -24,6 +25,7 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=500)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", default="runs/downstream-cloze")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,7 +41,8 @@ def main() -> int:
     yaml, docs = write_cloze_task("\n".join(val_docs), out / "tasks", n_docs=args.items, name="shakespeare_cloze")
     print(f"task {yaml}: {len(docs)} items from the validation split ({info.get('split', '')})")
     rc = cli(["compare", "--preset", args.preset, "--methods", args.methods, "--seeds", str(args.seeds),
-              "--jobs", str(args.jobs), "--out", str(out), "--eval-tasks", str(yaml), "--eval-device", "cpu"])
+              "--jobs", str(args.jobs), "--out", str(out), "--eval-tasks", str(yaml), "--eval-device", "cpu",
+              *[a for o in args.overrides for a in ("--set", o)]])
     return rc
 
 

@@ -80,10 +80,16 @@ def hand_loglikelihoods(hf_dir, docs) -> list[list[float]]:
 
 
 @pytest.fixture
-def no_network(monkeypatch):
-    """Offline mode for the HF libraries, and every socket connection attempt recorded and refused."""
+def no_network(monkeypatch, tmp_path):
+    """Offline mode for the HF libraries, a private datasets cache, and every socket connection attempt recorded
+    and refused."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets.config  # read at its import: set here too, in case another test imported it first
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")  # not the user's cache
     attempts = []
 
     def refuse(self, address, *a, **k):
