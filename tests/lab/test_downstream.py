@@ -18,7 +18,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not
 from layerwise.lab.cli import main  # noqa: E402
 from layerwise.lab.downstream import (EVAL_FILE, EvalError, eval_markdown, eval_rows, evaluate,  # noqa: E402
                                       fingerprint, parse_tasks, require_lm_eval,
-                                      write_cloze_task)
+                                      task_entries, write_cloze_task)
 
 EOS = "<|endoftext|>"
 N_DOCS = 24
@@ -186,6 +186,28 @@ def test_bad_input_gets_clear_errors(tmp_path, hf_and_task, monkeypatch, capsys)
         require_lm_eval()
 
 
+def test_task_entries_from_an_lm_eval_result():
+    """Metric names with filters, lm-eval's 'N/A' s.e., groups with an aggregate vs tags without one."""
+    res = {"results": {"mmlu": {"alias": "mmlu", "acc,none": 0.31, "acc_stderr,none": 0.004},
+                       "mmlu_anatomy": {"alias": " - anatomy", "acc,none": 0.28, "acc_stderr,none": 0.039},
+                       "arc_easy": {"alias": "arc_easy", "acc,none": 0.40, "acc_stderr,none": "N/A",
+                                    "acc_norm,none": 0.38, "acc_norm_stderr,none": 0.01},
+                       "gsm8k": {"exact_match,strict-match": 0.02, "exact_match_stderr,strict-match": 0.004}},
+           "group_subtasks": {"mmlu": ["mmlu_anatomy"], "ai2_arc": ["arc_easy"], "gsm8k": []},
+           "versions": {"mmlu": 2, "mmlu_anatomy": 1.0, "arc_easy": 1.0, "gsm8k": 3.0},
+           "n-shot": {"arc_easy": 0, "gsm8k": 5},
+           "n-samples": {"arc_easy": {"original": 2376, "effective": 100}, "gsm8k": {"original": 1319,
+                                                                                    "effective": 100}}}
+    e = task_entries(res, limit=100, num_fewshot=None, fp="x")
+    assert set(e) == {"mmlu", "mmlu_anatomy", "arc_easy", "gsm8k"}
+    assert e["mmlu_anatomy"]["subtask_of"] == "mmlu" and "subtask_of" not in e["arc_easy"]  # ai2_arc: a tag
+    assert e["arc_easy"]["metrics"] == {"acc": 0.40, "acc_norm": 0.38}
+    assert e["arc_easy"]["stderr"] == {"acc": None, "acc_norm": 0.01}
+    assert e["arc_easy"]["n_samples"] == 100 and e["arc_easy"]["n_samples_total"] == 2376
+    assert e["gsm8k"]["metrics"] == {"exact_match,strict-match": 0.02} and e["gsm8k"]["num_fewshot"] == 5
+    assert e["gsm8k"]["stderr"] == {"exact_match,strict-match": 0.004} and e["mmlu"]["version"] == 2
+
+
 def _fake_run(path, seed, evals: dict):
     path.mkdir(parents=True)
     (path / "config.toml").write_text("")
@@ -203,6 +225,10 @@ def test_report_columns_mean_se_and_paired_differences(tmp_path):
         for k, x in enumerate(xs):
             _fake_run(tmp_path / m / f"seed{k}", k, {"t": {"acc": x}})
             found.setdefault(m, {})[k] = tmp_path / m / f"seed{k}"
+    # a member of a group gets no column of its own
+    ev = json.loads((tmp_path / "a" / "seed0" / EVAL_FILE).read_text())
+    ev["tasks"]["g_sub"] = dict(ev["tasks"]["t"], subtask_of="g")
+    (tmp_path / "a" / "seed0" / EVAL_FILE).write_text(json.dumps(ev))
     # a stale entry: the run was trained further (summary.json rewritten) after it was evaluated
     (tmp_path / "b" / "seed2" / "summary.json").write_text(json.dumps({"seed": 2, "final_val_loss": 0.9}))
     warnings = []

@@ -291,7 +291,12 @@ def task_entries(res: dict, *, limit, num_fewshot, fp: str) -> dict[str, dict]:
     """One ``eval.json`` task entry per task (and group) in an ``lm_eval.simple_evaluate`` result."""
     out = {}
     n_samples = res.get("n-samples", {})
-    for task, vals in res.get("results", {}).items():
+    results = res.get("results", {})
+    scored = {t for t, vals in results.items() if any("," in k and _num(v) is not None for k, v in vals.items())}
+    # members of a group that has its own aggregate score (not of a tag, which has none)
+    parent = {sub: group for group, subs in (res.get("group_subtasks") or {}).items() if group in scored
+              for sub in subs}
+    for task, vals in results.items():
         metrics, stderr = {}, {}
         for key, v in vals.items():
             if "," not in key:
@@ -314,6 +319,8 @@ def task_entries(res: dict, *, limit, num_fewshot, fp: str) -> dict[str, dict]:
             "num_fewshot": res.get("n-shot", {}).get(task, num_fewshot),
             "limit": limit, "fingerprint": fp,
         }
+        if task in parent:  # a member of a group (e.g. one MMLU subject): kept here, not given report columns
+            out[task]["subtask_of"] = parent[task]
     return out
 
 
@@ -462,7 +469,8 @@ def eval_rows(found: dict[str, dict[int, Path]], order: list[str], *, warn=print
 
     Stats per column: ``mean``/``se`` over seeds, ``n`` seeds, ``paired``/``paired_se`` (per-seed difference vs
     ``order[0]`` on the seeds both have) and ``item_se`` (lm-eval's s.e. over items, averaged over seeds).  An
-    entry computed on an earlier state of its run is left out with a warning.
+    entry computed on an earlier state of its run is left out with a warning; members of a group (``subtask_of``)
+    get no columns of their own (the group's aggregate has them).
     """
     vals: dict[str, dict[str, dict[int, tuple[float, float | None]]]] = {}
     cols: list[str] = []
@@ -473,6 +481,8 @@ def eval_rows(found: dict[str, dict[int, Path]], order: list[str], *, warn=print
                 continue
             fp = fingerprint(run)
             for task, e in sorted(data.get("tasks", {}).items()):
+                if e.get("subtask_of"):
+                    continue
                 if e.get("fingerprint") != fp:
                     warn(f"report: {run / EVAL_FILE}: {task} was evaluated on an earlier state of the run; "
                          f"left out (re-run `layerwise eval {run} --tasks {task}`)")
