@@ -261,7 +261,7 @@ def test_run_dir_without_export_gets_clear_error(tmp_path, hf_and_task, monkeypa
 
 
 def test_compare_eval_tasks_paired_columns(tmp_path, corpus_file, capsys, no_network):
-    yaml, _ = write_cloze_task(make_text(60, seed=7), tmp_path / "tasks", n_docs=8, name="lw_cloze8")
+    yaml, docs = write_cloze_task(make_text(60, seed=7), tmp_path / "tasks", n_docs=8, name="lw_cloze8")
     out = tmp_path / "cmp"
     args = ["compare", "--preset", "smoke", "--methods", "adamw,multipliers", "--seeds", "2", "--out", str(out),
             "--set", f"data.corpus={corpus_file}", "--set", "train.max_steps=2", "--set", "train.progress=false",
@@ -279,6 +279,10 @@ def test_compare_eval_tasks_paired_columns(tmp_path, corpus_file, capsys, no_net
     assert rows["adamw"]["se"] == pytest.approx(abs(a[0] - a[1]) / 2)
     assert rows["multipliers"]["paired"] == pytest.approx((b[0] - a[0] + b[1] - a[1]) / 2)
     assert rows["multipliers"]["paired_se"] == pytest.approx(abs((b[0] - a[0]) - (b[1] - a[1])) / 2)
+    # the exported model of a run (multipliers merged) scores as the hand computation says
+    hand = hand_loglikelihoods(out / "multipliers" / "seed1" / "hf-export", docs)
+    acc = sum(max(range(4), key=row.__getitem__) == d["label"] for row, d in zip(hand, docs)) / len(docs)
+    assert b[1] == pytest.approx(acc, abs=1e-12)
     md = (out / "results.md").read_text()
     assert "| lw_cloze8/acc | Δ vs adamw (paired) |" in md and "lw_cloze8/acc_norm" in md
     capsys.readouterr()

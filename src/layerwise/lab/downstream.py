@@ -386,10 +386,16 @@ def evaluate(path: str | Path, tasks: str | Iterable[str], *, limit=None, batch_
     if not quiet:
         print(f"[eval] {path}: {', '.join(names)} on {device}" + (f" (limit {limit})" if limit else ""))
     t0 = time.perf_counter()
-    res = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(hf_dir.resolve()), "dtype": dtype}, tasks=names,
-        num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=tm,
-        log_samples=log_samples, bootstrap_iters=bootstrap_iters)
+    try:
+        res = lm_eval.simple_evaluate(
+            model="hf", model_args={"pretrained": str(hf_dir.resolve()), "dtype": dtype}, tasks=names,
+            num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=tm,
+            log_samples=log_samples, bootstrap_iters=bootstrap_iters)
+    except OSError as e:  # ConnectionError included: a task's dataset is neither cached nor reachable
+        offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "") not in ("", "0")]
+        raise EvalError(f"lm-eval could not load {', '.join(names)}: {type(e).__name__}: {e}. Standard tasks "
+                        "download their datasets from the Hugging Face Hub the first time"
+                        + (f" ({' and '.join(offline)} set here)" if offline else "") + "; see docs/eval.md") from e
     wall = time.perf_counter() - t0
     if res is None:  # a non-zero rank under accelerate launch
         return {}
