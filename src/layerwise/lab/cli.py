@@ -53,8 +53,21 @@ def cmd_compare(args) -> int:
 
     specs = [s for s in _split_methods(args.methods) if s]
     out = args.out or f"runs/compare-{args.preset or 'custom'}"
-    compare(args.preset, specs, args.seeds, out, config_file=args.config, overrides=args.overrides,
-            seed_offset=args.seed_offset, jobs=args.jobs)
+    ev = {}
+    if args.eval_tasks:
+        from layerwise.lab.downstream import eval_options
+
+        ev = {"eval_tasks": args.eval_tasks, "eval_options": eval_options(args, "eval-")}
+    try:
+        compare(args.preset, specs, args.seeds, out, config_file=args.config, overrides=args.overrides,
+                seed_offset=args.seed_offset, jobs=args.jobs, **ev)
+    except RuntimeError as e:
+        from layerwise.lab.downstream import EvalError
+
+        if isinstance(e, EvalError):
+            print(f"layerwise compare: error: {e}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 
@@ -127,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-offset", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; threads are split)")
     p.add_argument("--out", help="output folder (default runs/compare-<preset>)")
+    p.add_argument("--eval-tasks", default=None, help="also evaluate every finished run on these lm-eval tasks "
+                   "(names or task YAML paths, comma-separated; see `layerwise eval`)")
+    from layerwise.lab.downstream import add_eval_args
+
+    add_eval_args(p, "eval-")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="tables and plots from finished runs")
@@ -142,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    for module in ("layerwise.lab.analyze", "layerwise.lab.sweep", "layerwise.lab.export", "layerwise.lab.anatomy_cmd"):
+    for module in ("layerwise.lab.analyze", "layerwise.lab.sweep", "layerwise.lab.export", "layerwise.lab.anatomy_cmd",
+                   "layerwise.lab.downstream"):
         importlib.import_module(module).register(sub)  # an import error here is a bug: never hide a command
     return parser
 

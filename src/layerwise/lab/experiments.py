@@ -45,8 +45,12 @@ def method_config(base: Config, spec: str, seed: int) -> Config:
 
 def compare(preset: str | None, method_specs: list[str], seeds: int, out: str | Path, *,
             config_file: str | None = None, overrides: list[str] | None = None, seed_offset: int = 0,
-            quiet: bool = False, jobs: int = 1) -> dict:
-    """Run every method × seed into ``out/<method>/seed<k>`` and write ``out/results.{md,json}`` and plots."""
+            quiet: bool = False, jobs: int = 1, eval_tasks: str | list[str] | None = None,
+            eval_options: dict | None = None) -> dict:
+    """Run every method × seed into ``out/<method>/seed<k>`` and write ``out/results.{md,json}`` and plots.
+
+    With ``eval_tasks`` every finished run is also evaluated on those lm-eval tasks (``layerwise eval``;
+    ``eval_options`` are its keyword options), and the report gains their columns."""
     out = Path(out)
     if not method_specs:
         raise ValueError("compare: --methods is empty")
@@ -55,6 +59,11 @@ def compare(preset: str | None, method_specs: list[str], seeds: int, out: str | 
     base = resolve(preset, config_file, overrides)
     for spec in method_specs:  # validate every spec before spending time on runs
         method_config(base, spec, 0)
+    if eval_tasks:  # and the tasks (and that lm-eval is installed) before training
+        from layerwise.lab.downstream import parse_tasks, require_lm_eval
+
+        require_lm_eval()
+        parse_tasks(eval_tasks, (eval_options or {}).get("include_path", ()))
     data = prepare(base.data.corpus, base.data.vocab_size, base.data.valid, verbose=not quiet)
     if jobs > 1:  # share the cores: one torch thread per job unless the config says otherwise
         base.train.num_threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -92,6 +101,11 @@ def compare(preset: str | None, method_specs: list[str], seeds: int, out: str | 
             if not quiet:
                 print(f"       final val loss {s['final_val_loss']:.4f}  ppl {s['final_val_ppl']:.2f}  "
                       f"{s['wall_s']:.0f}s")
+    if eval_tasks:
+        from layerwise.lab.downstream import evaluate_runs
+
+        evaluate_runs([out / run_name(spec) / f"seed{seed}" for seed in range(seed_offset, seed_offset + seeds)
+                       for spec in method_specs], eval_tasks, quiet=quiet, **(eval_options or {}))
     from layerwise.lab.report import report
 
     return report([out], out, quiet=quiet, method_order=[run_name(s) for s in method_specs])

@@ -52,6 +52,12 @@ def report(paths: list[str | Path], out: str | Path, *, quiet: bool = False,
                  for m, seeds in found.items()}
     rows = summarize(summaries, order)
     md = markdown_table(rows, order[0])
+    from layerwise.lab.downstream import eval_markdown, eval_rows
+
+    eval_cols, eval_stats = eval_rows(found, order, warn=lambda msg: quiet or print(msg))
+    for r in rows if eval_cols else ():  # downstream (lm-eval) columns, when the runs have eval.json
+        r["eval"] = eval_stats.get(r["method"], {})
+    md += eval_markdown(eval_cols, eval_stats, order)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md)
     dump(out / "results.json", {"rows": rows, "runs": {m: {str(s): str(r) for s, r in v.items()}
