@@ -98,6 +98,10 @@ def resolve_hf_config(cfg: Config, vocab_size: int):
             warnings.warn(f"{field}: vocab_size {config.vocab_size} of {m.hf_config} replaced by the data "
                           f"tokenizer's {vocab_size}", stacklevel=2)
             config.vocab_size = vocab_size
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids of another tokenizer's vocabulary
+        v = getattr(config, key, None)
+        if isinstance(v, int) and not 0 <= v < config.vocab_size:
+            setattr(config, key, None)
     n_pos = max_positions(config)
     if n_pos is not None and cfg.data.seq_len > n_pos:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {n_pos} positions ({field})")
