@@ -42,10 +42,18 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    corpus: str = "shakespeare"  # "shakespeare", or a path to a text file, folder of text files, or .jsonl
-    valid: str = ""  # optional validation file/folder (else the corpus's own split)
-    vocab_size: int = 8192
+    # "shakespeare"; a text file, folder, .jsonl/.json/.parquet/.arrow/.csv file or folder; or hf:NAME[:CONFIG]
+    # (see layerwise.lab.sources)
+    corpus: str = "shakespeare"
+    valid: str = ""  # optional validation file/folder, or an hf: split name (else the corpus's own split)
+    vocab_size: int = 8192  # size of the trained BPE (data.tokenizer = "train"); a pretrained one has its own
     seq_len: int = 128
+    text_field: str = "text"  # the text column of record sources
+    tokenizer: str = "train"  # "train" (our byte-level BPE) or a tokenizer.json / HF tokenizer folder
+    eos_token: str = ""  # end-of-document token ("" = from the tokenizer's special tokens)
+    max_tokens: int = 0  # > 0: tokenize at most this many training tokens
+    max_valid_tokens: int = 0  # > 0: at most this many validation tokens
+    num_proc: int = 0  # tokenizer worker processes (0 = every core; one for local corpora under 8 MB)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from layerwise.lab import methods
 from layerwise.lab.config import Config, apply_overrides, resolve, to_toml
-from layerwise.lab.data import prepare
+from layerwise.lab.data import prepare_config
 from layerwise.lab.train import train
 
 
@@ -55,7 +55,7 @@ def compare(preset: str | None, method_specs: list[str], seeds: int, out: str | 
     base = resolve(preset, config_file, overrides)
     for spec in method_specs:  # validate every spec before spending time on runs
         method_config(base, spec, 0)
-    data = prepare(base.data.corpus, base.data.vocab_size, base.data.valid, verbose=not quiet)
+    data = prepare_config(base.data, verbose=not quiet)
     if jobs > 1:  # share the cores: one torch thread per job unless the config says otherwise
         base.train.num_threads = max(1, (os.cpu_count() or 1) // jobs)
     todo = []
