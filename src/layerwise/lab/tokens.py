@@ -99,6 +99,8 @@ def load_pretrained(path: str | os.PathLike, eos_token: str = ""):
             tok = Tokenizer.from_file(str(p))
         except Exception as e:  # noqa: BLE001
             raise TokenizerError(f"data.tokenizer: {p} is not a tokenizers JSON file ({e})") from e
+    elif _looks_like_hub_id(str(path)):
+        return _load_hub(str(path), eos_token)
     else:
         raise TokenizerError(f"data.tokenizer: {p} does not exist (use 'train', a tokenizer.json or a tokenizer "
                              "folder)")
@@ -113,6 +115,34 @@ def load_pretrained(path: str | os.PathLike, eos_token: str = ""):
     info = {"tokenizer_source": str(p.resolve() if p.is_dir() else p.resolve()), "eos_token": eos,
             "bos_token": bos}
     return tok, eos, info
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", name)) and not name.endswith(".json")
+
+
+def _load_hub(name: str, eos_token: str):
+    """A tokenizer by Hugging Face hub id (``t5-base``, ``meta-llama/Llama-3.2-1B``): needs transformers and a
+    network (or the transformers cache)."""
+    from tokenizers import Tokenizer
+
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise TokenizerError(f"data.tokenizer: {name!r} is not a local path; loading it from the Hugging Face hub "
+                             "needs the 'transformers' package (pip install 'layerwise[hf]')") from e
+    try:
+        hf = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"data.tokenizer: {name!r} is neither a local path nor a loadable hub tokenizer "
+                             f"({type(e).__name__}: {e})") from e
+    tok = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    eos = eos_token or hf.eos_token
+    if not eos or tok.token_to_id(eos) is None:
+        raise TokenizerError(f"data.tokenizer: cannot tell the end-of-document token of {name!r}; set data.eos_token")
+    return tok, eos, {"tokenizer_source": name, "eos_token": eos, "bos_token": hf.bos_token}
 
 
 def tokenizer_hash(tok) -> str:
