@@ -115,3 +115,17 @@ def test_hf_config_errors(hf_dirs, corpus_file, tmp_path):
     with pytest.warns(UserWarning, match="vocab_size .* replaced by the data tokenizer's 300"):
         model, config = build(f"model.hf_config={hf_dirs['llama']}")
     assert model.get_input_embeddings().weight.shape[0] == 300
+
+
+def test_sweep_resizes_an_hf_config(hf_dirs, corpus_file, tmp_path):
+    from layerwise.lab.sweep import sweep
+
+    over = ["train.progress=false", "train.tensorboard=false", f"data.corpus={corpus_file}", "train.max_steps=2",
+            "train.eval_every=0", "train.log_every=1", "train.batch_size=2", f"model.hf_config={hf_dirs['qwen2']}"]
+    res = sweep("smoke", [32, 64], [3e-3], [0.1], ["sp"], tmp_path / "sw", overrides=over, quiet=True)
+    assert res["widths"] == [32, 64]
+    for w, heads in ((32, 1), (64, 2)):
+        c = json.loads((tmp_path / "sw" / "sp" / f"w{w}" / "lr0.003_wd0.1" / "seed0" / "hf_config.json").read_text())
+        assert (c["hidden_size"], c["num_attention_heads"], c.get("head_dim", w // heads)) == (w, heads, 32)
+    with pytest.raises(ConfigError, match="cannot resize"):
+        build_hf_model(base_cfg(corpus_file, f"model.init_from={hf_dirs['qwen2']}", "model.hidden_size=64"), 300)
