@@ -152,13 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    for module in ("layerwise.lab.analyze", "layerwise.lab.sweep", "layerwise.lab.export"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        mod.register(sub)
+    for module in ("layerwise.lab.analyze", "layerwise.lab.sweep", "layerwise.lab.export", "layerwise.lab.anatomy_cmd"):
+        importlib.import_module(module).register(sub)  # an import error here is a bug: never hide a command
     return parser
+
+
+#: top-level modules of the ``lab`` extra (``pip install 'layerwise[lab]'``): the harness needs them, the
+#: library does not
+LAB_EXTRA_MODULES = ("tokenizers", "tqdm", "matplotlib", "tensorboard")
+
+
+def missing_lab_extra(exc: BaseException) -> str | None:
+    """The message for an ImportError of a ``lab``-extra package, else ``None``."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    if isinstance(exc, ImportError) and name in LAB_EXTRA_MODULES:
+        return (f"the package {name!r} is missing: the harness needs the 'lab' extra "
+                "(pip install 'layerwise[lab]')")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,14 +176,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ImportError as e:
+        msg = missing_lab_extra(e)
+        if msg is None:
+            raise
+        print(f"layerwise {args.command}: error: {msg}", file=sys.stderr)
+        return 2
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"layerwise {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
+        from layerwise.lab.checkpoint import CheckpointError
         from layerwise.lab.data import DataError
+        from layerwise.lab.distwatch import DistributedTimeoutError
+        from layerwise.lab.runlock import RunLockedError
+        from layerwise.lab.safeload import UnsafeCheckpointError
         from layerwise.lab.train import NonFiniteLossError
 
-        if isinstance(e, (DataError, NonFiniteLossError)):
+        if isinstance(e, (DataError, NonFiniteLossError, CheckpointError, RunLockedError, DistributedTimeoutError,
+                          UnsafeCheckpointError)):
             print(f"layerwise {args.command}: error: {e}", file=sys.stderr)
             return 1
         raise
