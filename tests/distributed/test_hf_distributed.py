@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +41,13 @@ def _rank_main(rank: int, port: int, cfg_dict: dict, run_dir: str) -> None:
 def _two_ranks(cfg_dict: dict, run_dir) -> None:
     import multiprocessing as mp
 
+    import torch.distributed as dist
+
     from layerwise.lab.distributed import _free_port
+
+    if dist.is_initialized():  # an earlier test left a process group here: forked ranks would inherit it
+        _torchrun(cfg_dict, run_dir)
+        return
 
     ctx = mp.get_context("fork")
     port = _free_port()
@@ -54,6 +61,19 @@ def _two_ranks(cfg_dict: dict, run_dir) -> None:
         if p.is_alive():
             p.kill()
     assert codes == [0, 0], f"rank exit codes {codes}"
+
+
+def _torchrun(cfg_dict: dict, run_dir) -> None:
+    import subprocess
+
+    from layerwise.lab.config import from_dict, to_toml
+
+    cfg_file = Path(run_dir).with_suffix(".toml")
+    cfg_file.write_text(to_toml(from_dict(cfg_dict)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "layerwise",
+           "train", "--config", str(cfg_file), "--out", str(run_dir)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
 def test_hf_qwen2_fsdp_equals_single_process_and_exports(tmp_path, corpus_file):
