@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: a CPU wheel; a loose requirement with no torch present would pull CUDA packages
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,lab,hf,lightning,eval]"
+	$(PY) -m pip install -q -e ".[dev,lab,hf,lightning,data,eval]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -39,6 +39,9 @@ _LAZY = {
     "merge_multipliers": ("layerwise.multipliers", "merge_multipliers"),
     "WidthScaling": ("layerwise.scaling", "WidthScaling"),
     "canonical_name": ("layerwise.names", "canonical_name"),
+    "schedules": ("layerwise.schedules", None),
+    "Schedule": ("layerwise.schedules", "Schedule"),
+    "lr_scheduler": ("layerwise.schedules", "lr_scheduler"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -81,7 +81,7 @@ def test_shakespeare_split_is_by_whole_work(tmp_path, monkeypatch):
 def test_corrupted_cache_is_detected_and_rebuilt(corpus_file):
     td = D.prepare(str(corpus_file), vocab_size=300)
     good = np.array(td.train)
-    path = td.dir / "train.bin"
+    path = td.dir / td.meta["shards"]["train"][0]["file"]
     with open(path, "r+b") as f:  # flip bytes in place: same size, different content
         f.seek(100)
         f.write(b"\xff\xff\xff\xff")
@@ -127,7 +127,9 @@ def test_eval_windows_cover_every_target_once():
 
 def test_vocab_size_bounds():
     with pytest.raises(ValueError, match="vocab_size"):
-        D.train_tokenizer(["abc"], 70000)
+        D.train_tokenizer(["abc"], 256)
+    with pytest.raises(ValueError, match="vocab_size"):
+        D.train_tokenizer(["abc"], 1 << 33)
 
 
 def test_unigram_entropy_matches_formula():

@@ -17,6 +17,10 @@ Quick start::
     trainer.train()
     save_merged(model, "out/final")                    # plain LlamaForCausalLM checkpoint
 
+The LR schedules of :mod:`layerwise.schedules` (``cosine``, ``wsd``, ``linear``, ``constant``, with warm-up)
+are offered as :func:`lr_scheduler`: build the optimizer and pass both,
+``Trainer(optimizers=(opt, lr_scheduler(opt, "wsd", max_steps, warmup_steps=100, decay_frac=0.2)))``.
+
 Design
 ------
 * **Optimizer factory.**  ``Trainer.create_optimizer`` calls ``cls()(model, **kwargs)`` when the first element
@@ -70,6 +74,7 @@ from layerwise.integrations._common import (
     decay_log_items,
     unwrap_optimizer,
 )
+from layerwise.schedules import lr_scheduler
 
 __all__ = [
     "OPTIMIZERS",
@@ -81,6 +86,7 @@ __all__ = [
     "move_callback_first",
     "merged_state_dict",
     "save_merged",
+    "lr_scheduler",
 ]
 
 

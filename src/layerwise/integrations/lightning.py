@@ -36,7 +36,6 @@ This module never imports ``layerwise.lab``.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -269,8 +268,11 @@ class LayerwiseLM(pl.LightningModule):
         multipliers: ``None`` or a kind (``"rowcol"``, ``"row"``, ``"col"``, ``"scalar"``) — adds learnable
             multipliers (:func:`layerwise.add_multipliers`, ``placement``) at construction.
         placement: multiplier placement (``"paper"`` or ``"symmetry_free"``).
-        warmup_steps, total_steps, min_lr_ratio: linear warm-up, then cosine decay to ``min_lr_ratio·lr`` at
-            ``total_steps`` (``None``: constant after warm-up); stepped every optimizer step.
+        warmup_steps, total_steps, min_lr_ratio, schedule, decay_frac, decay_shape: the LR schedule of
+            :mod:`layerwise.schedules` — linear warm-up, then ``schedule`` (``"cosine"`` (default),
+            ``"wsd"``, ``"linear"``, ``"constant"``) to ``min_lr_ratio·lr`` at ``total_steps``; ``decay_frac`` /
+            ``decay_shape`` shape WSD's cool-down.  ``total_steps=None``: constant after warm-up (only with
+            ``cosine`` or ``constant``).  Stepped every optimizer step.
         split_matrices, decay_select: see :func:`build_optimizer` (keep the default for
             :class:`AlphaDecayCallback`).
 
@@ -294,6 +296,9 @@ class LayerwiseLM(pl.LightningModule):
         warmup_steps: int = 0,
         total_steps: int | None = None,
         min_lr_ratio: float = 0.1,
+        schedule: str = "cosine",
+        decay_frac: float = 0.2,
+        decay_shape: str = "linear",
         split_matrices: bool = True,
         decay_select: Any = None,
         optimizer_options: dict[str, Any] | None = None,
@@ -309,6 +314,14 @@ class LayerwiseLM(pl.LightningModule):
             raise ValueError(f"total_steps must be None or an integer > warmup_steps, got {total_steps!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        from layerwise.schedules import Schedule
+
+        if total_steps is None:
+            if schedule not in ("cosine", "constant"):
+                raise ValueError(f"schedule={schedule!r} needs total_steps")
+            self._schedule = Schedule("constant", max(1, warmup_steps), warmup_steps)
+        else:
+            self._schedule = Schedule(schedule, total_steps, warmup_steps, min_lr_ratio, decay_frac, decay_shape)
         self.model = model
         self.multiplier_params: list[nn.Parameter] = []
         if multipliers is not None:
@@ -357,13 +370,8 @@ class LayerwiseLM(pl.LightningModule):
 
     # optimisation ------------------------------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
-        """The LR schedule's multiplier at optimizer step ``step`` (0-based)."""
-        if self.warmup_steps and step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.total_steps is None:
-            return 1.0
-        t = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        """The LR schedule's multiplier at optimizer step ``step`` (0-based; :class:`layerwise.schedules.Schedule`)."""
+        return self._schedule(step)
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt = build_optimizer(
@@ -371,7 +379,7 @@ class LayerwiseLM(pl.LightningModule):
             scaling=self.scaling, multiplier_weight_decay=self.multiplier_weight_decay,
             split_matrices=self.split_matrices, decay_select=self.decay_select, **self.optimizer_options,
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: self._schedule(s))  # state: the step count only
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,

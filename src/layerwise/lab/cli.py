@@ -20,7 +20,9 @@ def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = No
 def cmd_data(args) -> int:
     from layerwise.lab.data import prepare
 
-    prepare(args.corpus, args.vocab_size, args.valid, force=args.force, verbose=True)
+    prepare(args.corpus, args.vocab_size, args.valid, force=args.force, verbose=True, text_field=args.text_field,
+            tokenizer=args.tokenizer, max_tokens=args.max_tokens, max_valid_tokens=args.max_valid_tokens,
+            num_proc=args.num_proc, eos_token=args.eos_token)
     return 0
 
 
@@ -103,7 +105,7 @@ def cmd_demo(args) -> int:
     from layerwise.lab.data import prepare, unigram_entropy
 
     q = preset("quick")
-    td = prepare(q.data.corpus, q.data.vocab_size)
+    td = prepare(q.data.corpus, q.data.vocab_size, num_proc=1)
     print(f"unigram entropy of the validation split (context-free baseline): "
           f"{unigram_entropy(td.train, td.val, td.vocab_size):.4f} nats/token")
     best = min(res["rows"], key=lambda r: r["val_loss"])
@@ -120,9 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="prepare token shards")
     dsub = p.add_subparsers(dest="data_command", required=True)
     pp = dsub.add_parser("prepare", help="download/read the corpus, train the BPE, write verified uint16 shards")
-    pp.add_argument("--corpus", default="shakespeare", help="'shakespeare' or a text file, folder, or .jsonl")
-    pp.add_argument("--valid", default="", help="validation file/folder (default: the corpus's own split)")
-    pp.add_argument("--vocab-size", type=int, default=8192)
+    pp.add_argument("--corpus", default="shakespeare", help="'shakespeare', a text file or folder, a .jsonl/.json/"
+                    ".parquet/.arrow/.csv file or folder, or hf:NAME[:CONFIG]")
+    pp.add_argument("--valid", default="", help="validation file/folder or hf: split name (default: the corpus's "
+                    "own split)")
+    pp.add_argument("--vocab-size", type=int, default=8192, help="size of the trained BPE (--tokenizer train)")
+    pp.add_argument("--tokenizer", default="train", help="'train' or a tokenizer.json / HF tokenizer folder")
+    pp.add_argument("--text-field", default="text", help="text column of record sources")
+    pp.add_argument("--eos-token", default="", help="end-of-document token (default: from the tokenizer)")
+    pp.add_argument("--max-tokens", type=int, default=0, help="tokenize at most this many training tokens")
+    pp.add_argument("--max-valid-tokens", type=int, default=0)
+    pp.add_argument("--num-proc", type=int, default=0, help="worker processes (0 = every core)")
     pp.add_argument("--force", action="store_true", help="rebuild even if a valid cache entry exists")
     pp.set_defaults(func=cmd_data)
 

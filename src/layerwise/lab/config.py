@@ -42,10 +42,18 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    corpus: str = "shakespeare"  # "shakespeare", or a path to a text file, folder of text files, or .jsonl
-    valid: str = ""  # optional validation file/folder (else the corpus's own split)
-    vocab_size: int = 8192
+    # "shakespeare"; a text file, folder, .jsonl/.json/.parquet/.arrow/.csv file or folder; or hf:NAME[:CONFIG]
+    # (see layerwise.lab.sources)
+    corpus: str = "shakespeare"
+    valid: str = ""  # optional validation file/folder, or an hf: split name (else the corpus's own split)
+    vocab_size: int = 8192  # size of the trained BPE (data.tokenizer = "train"); a pretrained one has its own
     seq_len: int = 128
+    text_field: str = "text"  # the text column of record sources
+    tokenizer: str = "train"  # "train" (our byte-level BPE) or a tokenizer.json / HF tokenizer folder
+    eos_token: str = ""  # end-of-document token ("" = from the tokenizer's special tokens)
+    max_tokens: int = 0  # > 0: tokenize at most this many training tokens
+    max_valid_tokens: int = 0  # > 0: at most this many validation tokens
+    num_proc: int = 0  # tokenizer worker processes (0 = every core; one for local corpora under 8 MB)
 
 
 @dataclass
@@ -300,6 +308,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim.weight_decay": 1e-5, "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0,
         "train.eval_every": 1000, "train.device": "cuda", "decay.interval": 500, "decay.s1": 0.6666,
         "decay.s2": 3.0,
+    },
+    # The AlphaDecay paper's recipe end to end, as a user with a GPU and a network runs it: C4 (English) streamed
+    # from the hub, the T5 tokenizer (32k; by hub id, or point data.tokenizer at a local copy), LLaMA-60M /
+    # 135M, 256-token sequences, batch 512, lr 1e-3, cosine with 10 % warm-up to 0.1x.  data.max_tokens covers
+    # max_steps x batch x seq_len (1.31B / 2.62B tokens); 10M tokens of C4's validation split.  Not run in tests.
+    "c4-60m": {
+        "model.size": "llama-60m", "data.corpus": "hf:allenai/c4:en", "data.valid": "validation",
+        "data.tokenizer": "t5-base", "data.max_tokens": 1_350_000_000, "data.max_valid_tokens": 10_000_000,
+        "data.seq_len": 256, "train.batch_size": 512, "train.grad_accum": 4, "train.max_steps": 10000,
+        "optim.lr": 1e-3, "optim.weight_decay": 0.1, "optim.schedule": "cosine", "optim.warmup_frac": 0.1,
+        "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0, "train.eval_every": 1000, "train.device": "cuda",
+        "decay.interval": 500,
+    },
+    "c4-135m": {
+        "model.size": "llama-135m", "data.corpus": "hf:allenai/c4:en", "data.valid": "validation",
+        "data.tokenizer": "t5-base", "data.max_tokens": 2_700_000_000, "data.max_valid_tokens": 10_000_000,
+        "data.seq_len": 256, "train.batch_size": 512, "train.grad_accum": 8, "train.max_steps": 20000,
+        "optim.lr": 1e-3, "optim.weight_decay": 0.1, "optim.schedule": "cosine", "optim.warmup_frac": 0.1,
+        "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0, "train.eval_every": 1000, "train.device": "cuda",
+        "decay.interval": 500,
     },
 }
 

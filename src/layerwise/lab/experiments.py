@@ -19,7 +19,7 @@ from pathlib import Path
 
 from layerwise.lab import methods
 from layerwise.lab.config import Config, apply_overrides, resolve, to_toml
-from layerwise.lab.data import prepare
+from layerwise.lab.data import prepare_config
 from layerwise.lab.train import train
 
 
@@ -64,7 +64,7 @@ def compare(preset: str | None, method_specs: list[str], seeds: int, out: str | 
 
         require_lm_eval()
         parse_tasks(eval_tasks, (eval_options or {}).get("include_path", ()))
-    data = prepare(base.data.corpus, base.data.vocab_size, base.data.valid, verbose=not quiet)
+    data = prepare_config(base.data, verbose=not quiet)
     if jobs > 1:  # share the cores: one torch thread per job unless the config says otherwise
         base.train.num_threads = max(1, (os.cpu_count() or 1) // jobs)
     todo = []

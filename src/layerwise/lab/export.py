@@ -169,6 +169,7 @@ def _reference_to_llama(model: nn.Module):
 
 
 def _check_ties(model: nn.Module, config) -> None:
+    """``model``: the run's model after merging (a tied pair a multiplier was on is no longer one tensor)."""
     if not getattr(config, "tie_word_embeddings", False):
         return
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -186,6 +187,9 @@ def _plain_model(run_dir: Path):
     from layerwise.multipliers import merge_multipliers
 
     model, cfg, info = load_run_model(run_dir)
+    probe = torch.randint(0, _vocab(model), (1, min(16, cfg.data.seq_len)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(probe).double()
     merge_multipliers(model)
     hf_config = run_hf_config(run_dir)
     if hf_config is None:
@@ -193,12 +197,25 @@ def _plain_model(run_dir: Path):
         plain = LlamaForCausalLM(config)
     else:
         config = hf_config
+        _check_ties(model, config)
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     plain.load_state_dict(sd, strict=True)
-    _check_ties(plain, config)
     plain.eval()
+    with torch.no_grad():
+        got = plain(probe).logits.double()
+    err = (got - ref).abs().max().item()
+    tol = 1e-5 * max(1.0, ref.abs().max().item())
+    if not err <= tol:  # a method whose merge is not exact for this architecture: never write a wrong model
+        raise ExportError(f"{run_dir}: the merged plain model's logits differ from the run's by {err:.3g} "
+                          f"(tolerance {tol:.3g}) on a probe batch; not exporting")
+    info = {**info, "probe_max_abs_logit_diff": err}
     return plain, config, cfg, info
+
+
+def _vocab(model: nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[0]) if hasattr(model, "get_input_embeddings") \
+        else int(model.config.vocab_size)
 
 
 def _prepare_out(out: Path) -> None:
@@ -237,6 +254,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         plain.config.use_cache = True
         plain.save_pretrained(str(tmp), safe_serialization=True)
         record = {"run_dir": str(run_dir.resolve()), "step": info.get("step"),
+                  "probe_max_abs_logit_diff": info["probe_max_abs_logit_diff"],
                   "architecture": type(plain).__name__, "multipliers_merged": cfg.multipliers.kind != "none",
                   "multipliers": cfg.multipliers.kind, "optimizer": cfg.optim.name, "decay": cfg.decay.name,
                   "parametrization": cfg.model.parametrization, "seed": cfg.train.seed}

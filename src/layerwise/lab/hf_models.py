@@ -89,6 +89,7 @@ def resolve_hf_config(cfg: Config, vocab_size: int):
     field = "model.hf_config" if m.hf_config else "model.init_from"
     config = load_hf_config(m.hf_config or m.init_from, field)
     _check_causal_lm(config, field)
+    _apply_size_overrides(cfg, config, field)
     if config.vocab_size != vocab_size:
         if m.init_from and config.vocab_size < vocab_size:
             raise ConfigError(f"model.init_from: {m.init_from} has vocab_size {config.vocab_size} but the data's "
@@ -98,11 +99,44 @@ def resolve_hf_config(cfg: Config, vocab_size: int):
             warnings.warn(f"{field}: vocab_size {config.vocab_size} of {m.hf_config} replaced by the data "
                           f"tokenizer's {vocab_size}", stacklevel=2)
             config.vocab_size = vocab_size
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids of another tokenizer's vocabulary
+        v = getattr(config, key, None)
+        if isinstance(v, int) and not 0 <= v < config.vocab_size:
+            setattr(config, key, None)
     n_pos = max_positions(config)
     if n_pos is not None and cfg.data.seq_len > n_pos:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {n_pos} positions ({field})")
     config.use_cache = False
     return config
+
+
+#: model.<field> -> the HF config attribute it sets (transformers' attribute_map turns these into n_embd, ...)
+SIZE_FIELDS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+               "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+               "num_kv_heads": "num_key_value_heads"}
+
+
+def _apply_size_overrides(cfg: Config, config, field: str) -> None:
+    """``model.hidden_size`` & co. (nonzero) resize the HF config — what ``layerwise sweep --widths`` sets.
+    ``head_dim`` follows ``hidden_size / num_heads`` when the config has one."""
+    m = cfg.model
+    given = {k: getattr(m, k) for k in SIZE_FIELDS if getattr(m, k)}
+    if not given:
+        return
+    if m.init_from:
+        raise ConfigError(f"model.{', model.'.join(given)}: cannot resize the pretrained model of model.init_from")
+    for k, v in given.items():
+        attr = SIZE_FIELDS[k]
+        if attr == "intermediate_size" and not hasattr(config, attr) and hasattr(config, "n_inner"):
+            attr = "n_inner"  # GPT-2
+        if not hasattr(config, attr):
+            raise ConfigError(f"model.{k}: {type(config).__name__} ({field}) has no {attr!r} to set")
+        setattr(config, attr, v)
+    if ("hidden_size" in given or "num_heads" in given) and isinstance(getattr(config, "head_dim", None), int):
+        if config.hidden_size % config.num_attention_heads:
+            raise ConfigError(f"model.hidden_size={config.hidden_size} is not divisible by the "
+                              f"{config.num_attention_heads} attention heads")
+        config.head_dim = config.hidden_size // config.num_attention_heads
 
 
 def build_hf_model(cfg: Config, vocab_size: int) -> tuple[nn.Module, Any]:
@@ -174,7 +208,7 @@ def write_run_config(config, run_dir: Path) -> None:
     """The resolved HF config, for resume and export (``RUN_DIR/hf_config.json``)."""
     from layerwise.lab.data import _atomic_write_bytes
 
-    _atomic_write_bytes(run_dir / HF_CONFIG_NAME, config.to_json_string().encode())
+    _atomic_write_bytes(run_dir / HF_CONFIG_NAME, config.to_json_string(use_diff=False).encode())
 
 
 def run_hf_config(run_dir: Path):

@@ -86,9 +86,9 @@ def sweep(preset: str | None, widths: list[int], lrs: list[float], wds: list[flo
     widths, lrs, wds = sorted(widths), sorted(lrs), sorted(wds)
     base_width = base_width or widths[0]
     base = resolve(preset, config_file, overrides)
-    from layerwise.lab.data import prepare
+    from layerwise.lab.data import prepare_config
 
-    prepare(base.data.corpus, base.data.vocab_size, base.data.valid, verbose=not quiet)  # once, before the pool
+    prepare_config(base.data, verbose=not quiet)  # once, before the pool
     todo, seen = [], set()
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else base.train.num_threads
     for w in sorted(widths, reverse=True):  # widest (slowest) first

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from layerwise.lab import methods
 from layerwise.lab.checkpoint import CheckpointError, CheckpointStore, trim_jsonl  # noqa: F401 - re-exported
 from layerwise.lab.config import Config, ConfigError, load_toml, to_toml
-from layerwise.lab.data import BatchSampler, TokenData, eval_windows, prepare
+from layerwise.lab.data import BatchSampler, TokenData, eval_windows, prepare_config
 from layerwise.lab.export import stash_tokenizer
 from layerwise.lab.guard import NonFiniteGuard, NonFiniteLossError
 from layerwise.lab.hf_models import build_hf_model, uses_hf, write_run_config
@@ -267,9 +267,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     if data is None:
         if ctx.active and ctx.world_size > 1:  # rank 0 builds the cache entry; the others then load it
             if ctx.is_main:
-                prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.valid)
+                prepare_config(cfg.data)
             ctx.barrier()
-        data = prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.valid)
+        data = prepare_config(cfg.data)
     hf = uses_hf(cfg)
     mcfg = None if hf else resolve_model_config(cfg, data.vocab_size)
     ckpt_dir = run_dir / "checkpoints"
