@@ -100,6 +100,8 @@ class TrainSection:
     eval_every: int = 200  # 0 = only at the end
     log_every: int = 10
     ckpt_every: int = 0  # 0 = only at evaluations and at the end
+    ckpt_minutes: float = 5.0  # also checkpoint (at a logging step) when this long has passed since the last
+    #                            save, so a crash or kill -9 loses at most a few minutes (0 = off; one process)
     stop_at: int = 0  # > 0: checkpoint and end this invocation after this step (the schedule still runs to
     #                   max_steps; continue with --resume) — for preemptible or time-limited allocations
     device: str = "cpu"  # cpu | cuda
