@@ -279,7 +279,8 @@ def add_multipliers(
     Returns:
         The new multiplier parameters, in module order.  Names are ``<module>.row_multiplier`` etc.; the
         wrapped module keeps ``<module>.weight``.  They are not in any existing optimizer: build the
-        optimizer after this call.
+        optimizer after this call (if no optimizer holds them by its second step, an
+        :class:`~layerwise._coverage.UntrainedParameterWarning` says so).
 
     Raises:
         ValueError: unknown ``kind``/``placement``/``impl``, or the model already has multipliers.
@@ -308,6 +309,7 @@ def add_multipliers(
         if k is not None:
             chosen.append((name, mod, k))
     new_params: list[nn.Parameter] = []
+    named: list[tuple[str, nn.Parameter]] = []
     for name, mod, k in chosen:
         if isinstance(mod, nn.Embedding):
             wrapper: nn.Module = MultipliedEmbedding(mod, k, impl or "io")
@@ -315,6 +317,10 @@ def add_multipliers(
             wrapper = MultipliedLinear(mod, k, impl or "materialize")
         _set_submodule(model, name, wrapper)
         new_params.extend(wrapper.multipliers().values())
+        named.extend((f"{canonical_name(name)}.{s}", p) for s, p in wrapper.multipliers().items())
+    from layerwise._coverage import watch
+
+    watch(named)  # warns at the first optimizer steps if no optimizer holds them (built before this call)
     return new_params
 
 

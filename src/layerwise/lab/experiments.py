@@ -223,7 +223,7 @@ def markdown_table(rows: list[dict], ref: str) -> str:
             dl, dp = pm(r["paired_dloss"], r["paired_dloss_se"], 4, True), pm(r["paired_dppl_pct"],
                                                                              r["paired_dppl_pct_se"], 2, True)
         cpu = r.get("cpu_s")
-        cpu = f"{cpu:.0f}" if isinstance(cpu, float) and cpu == cpu else "n/a"
+        cpu = (f"{cpu:.1f}" if cpu < 100 else f"{cpu:.0f}") if isinstance(cpu, float) and cpu == cpu else "n/a"
         lines.append(f"| {r['method']} | {r['seeds']} | {pm(r['val_loss'], r['val_loss_se'])} | "
                      f"{pm(r['val_ppl'], r['val_ppl_se'], 2)} | {dl} | {dp} | {cpu} |")
     return head + "\n".join(lines) + "\n"
