@@ -212,3 +212,27 @@ def test_ctrl_c_checkpoints_the_step_and_prints_the_resume_command(tmp_path, cor
     assert main(["train", "--resume", str(run)]) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_every_cli_option_has_help_and_compare_lists_the_methods(capsys):
+    import argparse
+
+    from layerwise.lab.cli import build_parser
+    from layerwise.lab.methods import METHODS
+
+    missing = []
+
+    def walk(parser, name):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for n, sp in a.choices.items():
+                    walk(sp, f"{name} {n}")
+            elif not a.help and not isinstance(a, argparse._HelpAction):
+                missing.append(f"{name} {a.option_strings or a.dest}")
+
+    walk(build_parser(), "layerwise")
+    assert missing == []
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"  {name} " in text for name in METHODS)

@@ -121,7 +121,7 @@ def plan(runs: list[tuple], datas, overwrite: bool, *, what: str, quiet: bool = 
 def execute(todo: list[tuple], jobs: int, datas, *, quiet: bool = False, describe=None) -> dict[str, dict]:
     """Run ``todo`` (from :func:`plan`), ``jobs`` at a time, under one live status line; returns the summaries
     by run directory.  ``describe(summary)`` gives the text after each "[done]"."""
-    from layerwise.lab.progress import RunMonitor, signal_workers, worker_init
+    from layerwise.lab.progress import RunMonitor, TrainingInterrupted, signal_workers, worker_init
 
     describe = describe or (lambda s: f"final val loss {s['final_val_loss']:.4f}  ppl {s['final_val_ppl']:.2f}")
     results: dict[str, dict] = {}
@@ -139,6 +139,7 @@ def execute(todo: list[tuple], jobs: int, datas, *, quiet: bool = False, describ
             from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
             ex = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=worker_init)
+            futs: dict = {}
             try:
                 futs = {ex.submit(_train_job, (cfg.to_dict(), str(run_dir), mode)): (lab, run_dir)
                         for lab, (_, _, cfg, run_dir, mode) in zip(labels, todo)}
@@ -155,7 +156,11 @@ def execute(todo: list[tuple], jobs: int, datas, *, quiet: bool = False, describ
                 say("stopping: each running run writes a checkpoint after its current step ...")
                 signal_workers(ex)
                 ex.shutdown(wait=True, cancel_futures=True)
-                raise
+                for f, (lab, _) in futs.items():
+                    e = f.exception() if f.done() and not f.cancelled() else None
+                    if isinstance(e, TrainingInterrupted) and e.step:
+                        say(f"[stop] {lab}: checkpoint at step {e.step}")
+                raise KeyboardInterrupt from None
             finally:
                 ex.shutdown(wait=True, cancel_futures=True)
         else:

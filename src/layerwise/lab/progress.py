@@ -34,6 +34,8 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.run_dir, self.step = run_dir, step
 
     def __str__(self) -> str:
+        if not self.step:
+            return f"{self.run_dir} was not started"
         return f"{self.run_dir} stopped after step {self.step} (checkpoint written)"
 
 
