@@ -236,3 +236,20 @@ def test_every_cli_option_has_help_and_compare_lists_the_methods(capsys):
         main(["compare", "--help"])
     text = capsys.readouterr().out
     assert all(f"  {name} " in text for name in METHODS)
+
+
+def test_a_finished_run_of_a_relative_width_method_is_reused(tmp_path, corpus_file):
+    """``scaling`` sets model.base_hidden_size=-4 (a quarter of the width), resolved inside the run: the
+    planner resolves it the same way, so the finished run is recognised as this config's."""
+    from layerwise.lab.experiments import _DataCache, method_config, plan
+
+    base = resolve("smoke", None, [f"data.corpus={corpus_file}", "train.max_steps=2", "train.progress=false",
+                                   "train.tensorboard=false", "train.eval_every=0"])
+    cfg = method_config(base, "scaling", 0)
+    run = tmp_path / "scaling" / "seed0"
+    T.train(cfg.copy(), run, quiet=True)
+    assert json.loads((run / "identity.json").read_text())["config"]["model.base_hidden_size"] > 0
+    assert plan([("scaling", 0, cfg, run)], _DataCache(False), False, what="t", quiet=True) == []
+    other = method_config(base, "scaling[optim.wd_exponent=1.0]", 0)
+    with pytest.raises(runid.RunDirError, match=r"optim.wd_exponent: 0.5 -> 1.0"):
+        plan([("scaling", 0, other, run)], _DataCache(False), False, what="t", quiet=True)

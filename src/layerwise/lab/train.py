@@ -196,7 +196,6 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: Token
     logs, metrics and the summary.  ``train.batch_size`` is the global batch.
     """
     from layerwise.lab import distributed as D
-
     from layerwise.lab.progress import GracefulInterrupt, TrainingInterrupted, stop_requested
 
     run_dir = Path(run_dir)
@@ -217,9 +216,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: Token
 
 def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, quiet: bool, ctx,
            overwrite: bool = False, allow_changes: bool = False) -> dict:
-    from layerwise.lab.progress import TrainingInterrupted, stop_requested
-
     from layerwise.lab import distributed as D
+    from layerwise.lab.progress import TrainingInterrupted, stop_requested
 
     t = cfg.train
     device = t.device if t.device == "cpu" or not ctx.active else f"cuda:{ctx.local_rank}"
