@@ -138,15 +138,16 @@ def plot_loss_curves(found: dict[str, dict[int, Path]], order: list[str], path: 
             mean = ys.mean(0)
             label = f"{m} (n={len(curves)})" if k == 0 else None
             targets = (axes[0], axes[1]) if k == 0 else (axes[2],)
+            se = ys.std(0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
             for ax in targets:
                 ax.plot(steps, mean, color=color, label=label if ax is axes[0] else None,
                         marker="o" if k == 2 else None, ms=5)
                 if len(curves) > 1:
-                    se = ys.std(0, ddof=1) / np.sqrt(len(curves))
                     ax.fill_between(steps, mean - se, mean + se, color=color, alpha=0.2, lw=0)
             if k == 0:
                 max_step = max(max_step, steps[-1])
-                zoom_vals.append(mean[[j for j, s in enumerate(steps) if s >= steps[-1] / 3]])
+                tail = [j for j, s in enumerate(steps) if s >= steps[-1] / 3]
+                zoom_vals += [mean[tail] - se[tail], mean[tail] + se[tail]]
             else:
                 eval_steps.update(steps)
     if len(ns) == 1:
@@ -227,12 +228,12 @@ def plot_decay_history(run: Path, path: Path) -> None:
         ax.set_xticklabels(types)
         ax.set_yticklabels(layers)
         if g.size <= 400:
-            mid = (vmin + vmax) / 2
             for i in range(g.shape[0]):
                 for j in range(g.shape[1]):
                     if np.isfinite(g[i, j]):
+                        r, gr, b, _ = im.cmap(im.norm(g[i, j]))
                         ax.text(j, i, fmt.format(g[i, j]), ha="center", va="center", fontsize=7,
-                                color="w" if (g[i, j] < mid) == (cmap == "viridis") else "k")
+                                color="w" if 0.299 * r + 0.587 * gr + 0.114 * b < 0.5 else "k")
         return im
 
     controller = recs[0].get("controller", "")

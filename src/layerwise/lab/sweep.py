@@ -228,7 +228,7 @@ def plot_sweep(result: dict, plots: Path) -> None:
                     v = g[i, j]
                     txt = "n/a" if v != v else ("div." if v == float("inf") else f"{v:.3f}")
                     ax.text(j, i, txt, ha="center", va="center", fontsize=7,
-                            color="k" if v == v and v < (vmin + vmax) / 2 else "w")
+                            color="k" if v != v or v < (vmin + vmax) / 2 else "w")  # NaN cells are blank
             b = r["best"][str(w)]
             if b["val_loss"] is not None and b["val_loss"] == b["val_loss"]:
                 ax.scatter([wds.index(b["wd"])], [lrs.index(b["lr"])], marker="*", s=260, facecolors="none",
