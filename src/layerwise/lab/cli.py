@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="re-run runs in --out made by another config")
     p.set_defaults(func=cmd_demo)
 
-    for module in ("layerwise.lab.analyze", "layerwise.lab.sweep"):
+    for module in ("layerwise.lab.analyze", "layerwise.lab.sweep", "layerwise.lab.export"):
         try:
             mod = importlib.import_module(module)
         except ImportError:

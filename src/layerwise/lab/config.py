@@ -33,6 +33,11 @@ class ModelSection:
     parametrization: str = "sp"  # "sp" | "mup" (see layerwise.scaling)
     base_hidden_size: int = 0  # muP base width (0 = this model's width)
     attn_scale: str = "sqrt"  # "sqrt" | "mup" (1/head_dim)
+    # Any Hugging Face causal LM (see layerwise.lab.hf_models): a config.json or a model folder, built with
+    # AutoModelForCausalLM.from_config (the size fields above are then unused); init_from = a model folder
+    # whose weights the run starts from (continued pre-training / fine-tuning).
+    hf_config: str = ""
+    init_from: str = ""
 
 
 @dataclass
@@ -51,8 +56,11 @@ class OptimSection:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | wsd | linear | constant (see layerwise.schedules)
     warmup_frac: float = 0.1  # linear warm-up over this fraction of max_steps
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    decay_frac: float = 0.2  # wsd: the final fraction of max_steps that cools down
+    decay_shape: str = "linear"  # wsd cool-down: linear | sqrt (1 - sqrt)
     grad_clip: float = 1.0  # 0 = no clipping
     fused: bool = True  # torch's fused AdamW/Adam where available
     # parameter groups

@@ -90,7 +90,9 @@ def wrap(model: nn.Module, ctx: DistContext, device: str) -> nn.Module:
     if ctx.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.layers:
+        from layerwise.lab.hf_models import decoder_layers
+
+        for block in decoder_layers(model):
             fully_shard(block)
         fully_shard(model)
     return model

@@ -78,10 +78,12 @@ class _DataCache:
 
 def expected_identity(cfg: Config, data) -> dict:
     """The identity a fresh run of ``cfg`` on ``data`` records (relative widths resolved on a copy)."""
+    from layerwise.lab.hf_models import uses_hf
     from layerwise.lab.train import resolve_model_config
 
     probe = runid.absolute_paths(cfg.copy())
-    resolve_model_config(probe, data.vocab_size)
+    if not uses_hf(probe):  # as the trainer does: an HF model has no relative widths to resolve
+        resolve_model_config(probe, data.vocab_size)
     return runid.identity(probe, data)
 
 

@@ -48,7 +48,7 @@ RESUME_UNCHECKED = frozenset({"train.parallel"})
 _NOT_PATHS = ("", "shakespeare")
 #: What a run directory holds once a run has started in it.
 RUN_FILES = ("identity.json", "config.toml", "metrics.jsonl", "summary.json", "spectral.jsonl", "checkpoints",
-             "tb", "plots")
+             "tb", "plots", "tokenizer.json", "tokenizer_info.json")
 
 
 class RunDirError(ConfigError):
@@ -57,14 +57,15 @@ class RunDirError(ConfigError):
 
 # ------------------------------------------------------------------------------------------- identity
 def absolute_paths(cfg: Config) -> Config:
-    """Make ``data.corpus`` / ``data.valid`` absolute when they name an existing local path (in place), so a
-    run's config.toml means the same file from any working directory."""
-    for key in ("corpus", "valid"):
-        v = getattr(cfg.data, key)
+    """Make ``data.corpus`` / ``data.valid`` (and ``model.hf_config`` / ``model.init_from``) absolute when they
+    name an existing local path (in place), so a run's config.toml means the same file from any directory."""
+    for section, key in (("data", "corpus"), ("data", "valid"), ("model", "hf_config"), ("model", "init_from")):
+        sec = getattr(cfg, section)
+        v = getattr(sec, key, None)
         if isinstance(v, str) and v not in _NOT_PATHS and "://" not in v:
             p = Path(v).expanduser()
             if p.exists():
-                setattr(cfg.data, key, str(p.resolve()))
+                setattr(sec, key, str(p.resolve()))
     return cfg
 
 

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from layerwise.lab import methods, runid
 from layerwise.lab.config import Config, ConfigError, load_toml, to_toml
 from layerwise.lab.data import BatchSampler, TokenData, eval_windows, prepare
+from layerwise.lab.export import stash_tokenizer
+from layerwise.lab.hf_models import build_hf_model, uses_hf, write_run_config
 from layerwise.lab.model import LlamaModel, ModelConfig, model_config
 
 CKPT_NAME = "last.pt"
@@ -70,15 +72,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"invalid value(s): {vals} (grad_accum must divide batch_size)")
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but CUDA is not available here")
+    schedule_of(cfg)
 
 
-def lr_factor(step: int, max_steps: int, warmup_frac: float, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup_frac`` of the run, then cosine from 1 to ``min_ratio``."""
-    warmup = int(warmup_frac * max_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def lr_factor(step: int, max_steps: int, warmup_frac: float, min_ratio: float, schedule: str = "cosine",
+              decay_frac: float = 0.2, decay_shape: str = "linear") -> float:
+    """The LR multiplier at 0-based ``step``: linear warm-up over ``warmup_frac`` of the run, then the
+    :mod:`layerwise.schedules` ``schedule`` (default cosine from 1 to ``min_ratio``)."""
+    return make_schedule(max_steps, warmup_frac, min_ratio, schedule, decay_frac, decay_shape)(step)
+
+
+def make_schedule(max_steps: int, warmup_frac: float, min_ratio: float, schedule: str = "cosine",
+                  decay_frac: float = 0.2, decay_shape: str = "linear"):
+    from layerwise.schedules import Schedule
+
+    return Schedule(schedule, max_steps, int(warmup_frac * max_steps), min_ratio, decay_frac, decay_shape)
+
+
+def schedule_of(cfg: Config):
+    """The run's :class:`layerwise.schedules.Schedule` (``optim.schedule`` & co.); errors name the field."""
+    o = cfg.optim
+    try:
+        return make_schedule(cfg.train.max_steps, o.warmup_frac, o.min_lr_ratio, o.schedule, o.decay_frac,
+                             o.decay_shape)
+    except ValueError as e:
+        raise ConfigError(f"optim.schedule={o.schedule!r} (warmup_frac={o.warmup_frac}, decay_frac="
+                          f"{o.decay_frac}, decay_shape={o.decay_shape!r}): {e}") from e
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -238,7 +257,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
                 prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.valid)
             ctx.barrier()
         data = prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.valid)
-    mcfg = resolve_model_config(cfg, data.vocab_size)
+    hf = uses_hf(cfg)
+    mcfg = None if hf else resolve_model_config(cfg, data.vocab_size)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = ckpt_dir / CKPT_NAME
     dcp_path = ckpt_dir / "last.dcp"
@@ -265,16 +285,23 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     if ctx.is_main:
         runid.write(run_dir, ident)
         (run_dir / "config.toml").write_text(to_toml(cfg))
+        stash_tokenizer(data, run_dir)
 
     torch.manual_seed(t.seed)  # same initial weights on every rank, for every method with this seed
-    model = LlamaModel(mcfg)
+    if hf:
+        model, mcfg = build_hf_model(cfg, data.vocab_size)
+        if ctx.is_main:
+            write_run_config(mcfg, run_dir)
+    else:
+        model = LlamaModel(mcfg)
+    mcfg_dict = json.loads(mcfg.to_json_string()) if hf else mcfg.to_dict()
     exclude_from_clip = methods.transform_model(model, cfg)
     model.to(device)
     fwd_model = D.wrap(model, ctx, dev_type)
     optimizer = methods.build_optimizer(model, cfg, mcfg, device)
     decay = methods.build_decay(optimizer, model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, t.max_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio))
+    lr_at = schedule_of(cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s))  # a closure: resume follows cfg
     start_step, tokens_seen, wall_prev, cpu_prev = 0, 0, 0.0, 0.0
     if ckpt is not None:
         if sharded:
@@ -293,9 +320,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
             scheduler.base_lrs = [b * ratio for b in scheduler.base_lrs]
             for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
                 g["initial_lr"] = base
+                g["lr"] = base * lr_at(start_step)
         if changes:  # an accepted change of the schedule takes effect at once, and is reported
-            for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                g["lr"] = base * fn(start_step)
+            for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                g["lr"] = base * lr_at(start_step)
             if ctx.is_main:
                 print(f"resuming {run_dir} at step {start_step} with a changed config ({'; '.join(changes)}): "
                       f"learning rate {lr_before:.3g} -> {optimizer.param_groups[0]['lr']:.3g}; recorded in "
@@ -321,7 +349,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
         extra = {"scheduler": scheduler.state_dict(), "decay": decay.state_dict() if decay is not None else None,
                  "step": step, "tokens": tokens_seen, "wall_s": wall_prev + (time.perf_counter() - t0),
                  "cpu_s": cpu_prev + (time.process_time() - c0),
-                 "model_config": mcfg.to_dict(), "optim_lr": cfg.optim.lr, "parallel": t.parallel,
+                 "model_config": mcfg_dict, "optim_lr": cfg.optim.lr, "parallel": t.parallel,
                  "world_size": ctx.world_size}
         if sharded:
             D.save_sharded(dcp_path, model, optimizer, extra, ctx, atomic_torch_save)
@@ -378,7 +406,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
                 if not math.isfinite(mean_loss):
                     _raise_nonfinite(done, mean_loss, dcp_path if sharded else ckpt_path)
                 rec = {"step": done, "loss": mean_loss,
-                       "lr": cfg.optim.lr * lr_factor(step, t.max_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio),
+                       "lr": cfg.optim.lr * lr_at(step),
                        "tokens": tokens_seen,
                        "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log, 1e-9)}
                 if grad_norm is not None:
@@ -433,7 +461,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
         full = D.model_state(model, ctx)
         if main:
             atomic_torch_save({"model": merge_multipliers_state_dict(full), "step": t.max_steps,
-                               "model_config": mcfg.to_dict()}, ckpt_dir / "merged.pt")
+                               "model_config": mcfg_dict}, ckpt_dir / "merged.pt")
     if main:
         from layerwise.lab.stats import dump_json
 
