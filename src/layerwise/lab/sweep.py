@@ -231,8 +231,7 @@ def plot_sweep(result: dict, plots: Path) -> None:
                             color="k" if v != v or v < (vmin + vmax) / 2 else "w")  # NaN cells are blank
             b = r["best"][str(w)]
             if b["val_loss"] is not None and b["val_loss"] == b["val_loss"]:
-                ax.scatter([wds.index(b["wd"])], [lrs.index(b["lr"])], marker="*", s=260, facecolors="none",
-                           edgecolors="red", linewidths=1.5)
+                ax.scatter([wds.index(b["wd"]) + 0.32], [lrs.index(b["lr"]) + 0.3], marker="*", s=140, c="red")
             ax.set_title(f"{p}, width {w}", fontsize=9)
             ax.set_xticks(range(len(wds)), [f"{x:g}" for x in wds], fontsize=8)
             ax.set_yticks(range(len(lrs)), [f"{x:g}" for x in lrs], fontsize=8)
@@ -240,7 +239,7 @@ def plot_sweep(result: dict, plots: Path) -> None:
             if ax is axes[0][0]:
                 ax.set_ylabel("base learning rate")
         fig.colorbar(im, ax=axes[0].tolist(), label=f"final val loss (mean of {seeds} seed{'s' if seeds > 1 else ''})")
-        fig.suptitle(f"{p}: ☆ = best cell per width", fontsize=9)
+        fig.suptitle(f"{p}: red star = best cell per width", fontsize=9)
         fig.savefig(plots / f"landscape_{p}.png", dpi=100)
         plt.close(fig)
 
