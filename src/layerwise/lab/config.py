@@ -107,15 +107,17 @@ class TrainSection:
     seed: int = 0
     eval_every: int = 200  # 0 = only at the end
     log_every: int = 10
-    ckpt_every: int = 0  # 0 = only at evaluations and at the end
+    ckpt_every: int = 0  # 0 = only at evaluations and at the end (independent of log_every)
     ckpt_minutes: float = 5.0  # also checkpoint (at a logging step) when this long has passed since the last
     #                            save, so a crash or kill -9 loses at most a few minutes (0 = off; one process)
+    keep_checkpoints: int = 2  # the newest checkpoint and K-1 before it (a corrupt newest falls back)
     stop_at: int = 0  # > 0: checkpoint and end this invocation after this step (the schedule still runs to
     #                   max_steps; continue with --resume) — for preemptible or time-limited allocations
     device: str = "cpu"  # cpu | cuda
     compile: bool = False
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     parallel: str = "none"  # none | ddp | fsdp
+    dist_timeout_s: float = 600.0  # every collective's timeout: a stalled/dead rank ends the job after this
     num_threads: int = 0  # torch intra-op threads (0 = torch default)
     tensorboard: bool = True
     progress: bool = True
@@ -183,8 +185,11 @@ def from_dict(d: dict, cfg: Config | None = None) -> Config:
 
 def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
     path = Path(path)
+    from layerwise.lab.validation import check_config_file
+
+    check_config_file(path)  # a directory / non-UTF-8 file: an error naming it
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
