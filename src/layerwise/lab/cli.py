@@ -186,11 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     for module in ("layerwise.lab.analyze", "layerwise.lab.sweep", "layerwise.lab.export", "layerwise.lab.anatomy_cmd"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        mod.register(sub)
+        importlib.import_module(module).register(sub)  # an import error here is a bug: never hide a command
     return parser
 
 
@@ -216,6 +212,20 @@ def _interrupted(args, argv: list[str] | None, e: KeyboardInterrupt) -> int:
     return 130
 
 
+#: top-level modules of the ``lab`` extra (``pip install 'layerwise[lab]'``): the harness needs them, the
+#: library does not
+LAB_EXTRA_MODULES = ("tokenizers", "tqdm", "matplotlib", "tensorboard")
+
+
+def missing_lab_extra(exc: BaseException) -> str | None:
+    """The message for an ImportError of a ``lab``-extra package, else ``None``."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    if isinstance(exc, ImportError) and name in LAB_EXTRA_MODULES:
+        return (f"the package {name!r} is missing: the harness needs the 'lab' extra "
+                "(pip install 'layerwise[lab]')")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -223,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
         return _interrupted(args, argv, e)
+    except ImportError as e:
+        msg = missing_lab_extra(e)
+        if msg is None:
+            raise
+        print(f"layerwise {args.command}: error: {msg}", file=sys.stderr)
+        return 2
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"layerwise {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -26,14 +26,22 @@ from pathlib import Path
 
 from layerwise.lab import runid
 from layerwise.lab.config import Config, ConfigError, apply_overrides, resolve
+from layerwise.scaling.rules import PARAMETRIZATIONS as _WIDTH_RULES
 from layerwise.lab.stats import dump_json, sem as _sem_shared
 
-PARAMETRIZATIONS = {
-    "sp": {"model.parametrization": "sp"},
-    "mup": {"model.parametrization": "mup", "optim.wd_exponent": 0.0},
-    "mup-sqrtwd": {"model.parametrization": "mup", "optim.wd_exponent": 0.5},
-    "mup-lrwd": {"model.parametrization": "mup", "optim.wd_exponent": 1.0},
-}
+
+def _config_overrides(name: str) -> dict:
+    """A parametrisation of the library's registry (:data:`layerwise.scaling.PARAMETRIZATIONS`) as config
+    overrides: ``sp`` -> no width rule; the μP variants -> ``model.parametrization = "mup"`` plus their
+    ``WidthScaling`` options as ``optim.*`` fields."""
+    rule = _WIDTH_RULES[name]
+    if rule is None:
+        return {"model.parametrization": "sp"}
+    return {"model.parametrization": "mup", **{f"optim.{k}": v for k, v in rule.items()}}
+
+
+#: name -> config overrides, one per parametrisation of the library's registry
+PARAMETRIZATIONS = {name: _config_overrides(name) for name in _WIDTH_RULES}
 HEAD_DIM = 32
 FFN_RATIO = 2.75
 
