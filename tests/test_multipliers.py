@@ -350,3 +350,35 @@ def test_paper_placement_on_unfamiliar_names():
     assert {n for n, _ in multiplier_parameters(toy)} == {
         "wte.row_multiplier", "h.0.output.row_multiplier", "h.1.output.row_multiplier"
     }
+
+
+def test_multipliers_added_after_the_optimizer_warn_at_its_second_step():
+    """The README's old order (optimizer first, add_multipliers after): the multipliers never train."""
+    import warnings
+
+    from layerwise import _coverage
+    from layerwise._coverage import UntrainedParameterWarning
+
+    _coverage._stop()  # forget multipliers that earlier tests made and never trained
+
+    def loop(model, opt, steps=3):
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(4, 8)).square().mean().backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    late = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    opt = torch.optim.AdamW(late.parameters(), lr=1e-2)
+    mults = add_multipliers(late, kind="row", placement=lambda name, mod: True)
+    with pytest.warns(UntrainedParameterWarning, match=r"2 learnable multiplier\(s\) \(e\.g\. 0\.row_multiplier"):
+        loop(late, opt)
+    assert all(torch.equal(m, torch.ones_like(m)) for m in mults)  # what the warning is about
+
+    right = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    mults = add_multipliers(right, kind="row", placement=lambda name, mod: True)
+    opt = torch.optim.AdamW(right.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedParameterWarning)
+        loop(right, opt)
+    assert not all(torch.equal(m, torch.ones_like(m)) for m in mults)

@@ -37,6 +37,7 @@ _LAZY = {
     "clip_grad_norm_": ("layerwise.optim", "clip_grad_norm_"),
     "add_multipliers": ("layerwise.multipliers", "add_multipliers"),
     "merge_multipliers": ("layerwise.multipliers", "merge_multipliers"),
+    "UntrainedParameterWarning": ("layerwise._coverage", "UntrainedParameterWarning"),
     "WidthScaling": ("layerwise.scaling", "WidthScaling"),
     "canonical_name": ("layerwise.names", "canonical_name"),
     "schedules": ("layerwise.schedules", None),

@@ -393,7 +393,8 @@ def add_multipliers(
     Returns:
         The new multiplier parameters, in module order.  Names are ``<module>.row_multiplier`` etc.; the
         wrapped module keeps ``<module>.weight``.  They are not in any existing optimizer: build the
-        optimizer after this call.
+        optimizer after this call (if no optimizer holds them by its second step, an
+        :class:`~layerwise._coverage.UntrainedParameterWarning` says so).
 
     Raises:
         ValueError: unknown ``kind``/``placement``/``impl``, the model already has multipliers, or a block matrix
@@ -420,6 +421,7 @@ def add_multipliers(
                            f"matrix(es) whose operator it has no rule for: " + ", ".join(notes[:8])
                            + (" ..." if len(notes) > 8 else "") + "; pass a placement callable to choose")
     new_params: list[nn.Parameter] = []
+    named: list[tuple[str, nn.Parameter]] = []
     done: set[int] = set()
     for plan in plans:
         if id(plan.module) in done:
@@ -434,6 +436,10 @@ def add_multipliers(
             wrapper = MultipliedLinear(mod, plan.kind, impl or "materialize", rows=plan.rows)
         _set_submodule(model, plan.name, wrapper)
         new_params.extend(wrapper.multipliers().values())
+        named.extend((f"{canonical_name(plan.name)}.{s}", p) for s, p in wrapper.multipliers().items())
+    from layerwise._coverage import watch
+
+    watch(named)  # warns at the first optimizer steps if no optimizer holds them (built before this call)
     return new_params
 
 

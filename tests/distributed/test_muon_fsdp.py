@@ -20,12 +20,12 @@ from layerwise.optim.muon import MuonAdamW, muon_owners
 
 pytestmark = pytest.mark.timeout(300)
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+    # the environment is read now, not at import: conftest's session fixture has by then pointed
+    # LAYERWISE_CACHE at a temporary folder (an import-time copy wrote into the user's ~/.cache/layerwise)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 

@@ -1,4 +1,5 @@
 import json
+import math
 import statistics
 
 import pytest
@@ -19,7 +20,8 @@ def test_mean_se_and_paired_differences():
     assert rows[1]["paired_dloss"] == pytest.approx(-0.15)
     assert rows[1]["paired_dloss_se"] == pytest.approx(statistics.stdev([-0.1, -0.2]) / 2 ** 0.5)
     assert rows[1]["paired_dppl_pct"] == pytest.approx(statistics.fmean([-5.0, -20.0]))
-    assert mean_se([1.0]) == (1.0, 0.0)
+    m, se = mean_se([1.0])  # one seed: no standard error (n/a), never 0
+    assert m == 1.0 and math.isnan(se)
 
 
 def test_method_specs():

@@ -115,14 +115,14 @@ def test_nan_run_keeps_last_finite_checkpoint_and_resumes_with_lower_lr(tmp_path
     # the settings: huge lr, no clipping, a checkpoint every step
     with pytest.raises(NonFiniteLossError, match=r"non-finite .* at step (\d+).*kept at .*last\.pt \(step \d+\)"):
         train(_cfg(corpus_file, **{"train.ckpt_every": 1, "optim.lr": 1e6, "optim.grad_clip": 0.0,
-                                   "optim.warmup_frac": 0.0}), run, resume=True, quiet=True)
+                                   "optim.warmup_frac": 0.0}), run, resume=True, quiet=True, allow_changes=True)
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["step"] >= 4
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     opt_tensors = [v for s in ck["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)]
     assert opt_tensors and all(torch.isfinite(v).all() for v in opt_tensors)
     assert not (run / "checkpoints" / ".pending.pt").exists()
-    summary = train(_cfg(corpus_file, **{"train.ckpt_every": 1, "optim.lr": 3e-3}), run, resume=True, quiet=True)
+    summary = train(_cfg(corpus_file, **{"train.ckpt_every": 1, "optim.lr": 3e-3}), run, resume=True, quiet=True, allow_changes=True)
     assert summary["steps"] == 8 and summary["final_val_loss"] == summary["final_val_loss"]  # finite, not NaN
     assert _steps(run / "metrics.jsonl") == [2, 4, 6, 8]
 
@@ -174,7 +174,7 @@ def test_ckpt_every_keep_k_fallback_orphans_and_no_duplicate_logs(tmp_path, corp
     (ck / ".last.pt.tmp99999").write_bytes(b"partial")
     with pytest.warns(RuntimeWarning, match=r"last\.pt: .*unreadable, resuming from the previous one "
                                             r"\(step-00000003\.pt, step 3\)"):
-        summary = train(_cfg(corpus_file, **{**over, "train.log_every": 4}), run, resume=True, quiet=True)
+        summary = train(_cfg(corpus_file, **{**over, "train.log_every": 4}), run, resume=True, quiet=True, allow_changes=True)
     assert summary["steps"] == 10
     names = sorted(p.name for p in ck.iterdir())
     assert names == ["last.pt", "last.pt.corrupt", "step-00000006.pt", "step-00000009.pt"]
@@ -280,7 +280,7 @@ def test_fsdp_dcp_rotation_pending_and_fallback_in_one_process(tmp_path, corpus_
     assert torch.load(ck / "last.dcp" / "extra.pt", weights_only=True)["step"] == 6
     (ck / "last.dcp" / ".metadata").write_bytes(b"\x80\x04garbage")
     with pytest.warns(RuntimeWarning, match=r"last\.dcp: .*unreadable, resuming from the previous one"):
-        summary = train(_cfg(corpus_file, **{**over, "train.max_steps": 8}), run, resume=True, quiet=True)
+        summary = train(_cfg(corpus_file, **{**over, "train.max_steps": 8}), run, resume=True, quiet=True, allow_changes=True)
     assert summary["steps"] == 8
     assert sorted(p.name for p in ck.iterdir()) == ["last.dcp", "last.dcp.corrupt", "step-00000006.dcp"]
     assert _steps(run / "metrics.jsonl") == [3, 6, 8]

@@ -35,6 +35,9 @@ def test_sweep_tiny_grid_table_plots_and_resume(tmp_path, corpus_file, capsys):
     capsys.readouterr()
     assert main(args) == 0
     assert "sweep: 20 runs, 20 already complete, 0 to run" in capsys.readouterr().out
+    # another schedule: the finished runs are not this sweep's, so it refuses instead of reprinting them
+    assert main([*args, "--set", "optim.warmup_frac=0.5"]) == 2
+    assert "optim.warmup_frac: 0.1 -> 0.5" in capsys.readouterr().err
 
 
 def test_sweep_seeds_give_standard_errors_and_per_seed_shifts(tmp_path, corpus_file):

@@ -75,7 +75,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus_f
     cfg = _cfg(corpus_file, **{"train.max_steps": 20, "train.eval_every": 10, "optim.lr": 1e30,
                                "optim.warmup_frac": 0.0, "optim.grad_clip": 0.0})
     with pytest.raises(NonFiniteLossError, match="non-finite"):
-        train(cfg, run, resume=True, quiet=True)
+        train(cfg, run, resume=True, quiet=True, allow_changes=True)
     ck = load_checkpoint(run / "checkpoints/last.pt")
     assert ck["step"] == 10
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -100,7 +100,7 @@ def test_cli_train_end_to_end_and_resume(tmp_path, corpus_file, capsys):
     assert (out / "config.toml").exists() and list((out / "tb").iterdir())
     rec = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(rec[0])
-    rc = main(["train", "--resume", str(out), "--set", "train.max_steps=12"])
+    rc = main(["train", "--resume", str(out), "--set", "train.max_steps=12", "--allow-changes"])
     assert rc == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 12
     rc = main(["train", "--preset", "smoke", "--set", "optim.lrr=1"])

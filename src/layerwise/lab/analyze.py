@@ -170,10 +170,13 @@ def plot_esd(eigs: torch.Tensor, row: Mapping[str, Any], path: str | os.PathLike
         a, xmin, n_tail = row.get("alpha"), row.get("xmin"), row.get("n_tail") or 0
         if a is not None and xmin is not None and math.isfinite(a) and math.isfinite(xmin) and xmin > 0:
             x = torch.logspace(math.log10(xmin), math.log10(float(e.max())), 50, dtype=torch.float64)
-            # tail fraction times the power-law density normalised on [xmin, inf)
-            y = (n_tail / e.numel()) * (a - 1) / xmin * (x / xmin) ** (-a)
-            ax.loglog(x.numpy(), y.numpy(), "r-", label=f"fit α={a:.2f}")
-            ax.axvline(xmin, color="r", ls=":", lw=1, label="xmin")
+            y0 = esd_density_at(centers[keep], dens[keep], xmin)
+            # the fitted slope -α, drawn through the histogram's density at xmin (the normalised power law
+            # (n_tail/N)(α-1)/xmin · (x/xmin)^-α assumes the density is a pure power law from xmin on, which a
+            # spectrum whose xmin sits on its bulk is not: it would float above the data)
+            y = y0 * (x / xmin) ** (-a)
+            ax.loglog(x.numpy(), y.numpy(), "r-", label=f"slope −α, α={a:.2f} (n_tail={n_tail})")
+            ax.axvline(xmin, color="r", ls=":", lw=1, label=f"xmin={xmin:.3g}")
     else:
         ax.text(0.5, 0.5, "degenerate spectrum", transform=ax.transAxes, ha="center")
     ax.set_xlabel("eigenvalue λ of the Gram matrix")
@@ -183,6 +186,19 @@ def plot_esd(eigs: torch.Tensor, row: Mapping[str, Any], path: str | os.PathLike
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def esd_density_at(centers: torch.Tensor, dens: torch.Tensor, x: float) -> float:
+    """The log-log linear interpolation of a binned density at ``x`` (clamped to the outermost bins)."""
+    lc, ld = centers.double().log(), dens.double().log()
+    lx = math.log(x)
+    if lx <= float(lc[0]):
+        return float(dens[0])
+    if lx >= float(lc[-1]):
+        return float(dens[-1])
+    i = int(torch.searchsorted(lc, torch.tensor([lx], dtype=torch.float64))[0])
+    w = (lx - float(lc[i - 1])) / (float(lc[i]) - float(lc[i - 1]))
+    return math.exp(float(ld[i - 1]) + w * (float(ld[i]) - float(ld[i - 1])))
 
 
 def _safe(name: str) -> str:
@@ -207,7 +223,8 @@ def _resolve_names(report: SpectralReport, wanted: list[str]) -> list[str]:
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``analyze`` sub-command to a ``layerwise`` CLI parser; sets ``func=run``."""
     p = subparsers.add_parser("analyze", help="heavy-tail spectral analysis of a run / checkpoint / HF model",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__.replace("``", ""),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="run directory, .pt/.safetensors checkpoint, or Hugging Face model folder")
     p.add_argument("--out", default=None, help="output directory (default: next to the input)")
     p.add_argument("--select", default="blocks", choices=("blocks", "linear", "all"),

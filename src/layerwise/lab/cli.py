@@ -7,11 +7,17 @@ import os
 import sys
 from pathlib import Path
 
-from layerwise.lab.config import ConfigError
+from layerwise.lab.config import PRESETS, ConfigError
+
+_QUICK_VOCAB = PRESETS["quick"]["data.vocab_size"]
 
 
 def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = None) -> None:
-    p.add_argument("--preset", default=preset_default, help="named preset (quick, smoke, llama-60m, llama-135m)")
+    from layerwise.lab.config import PRESETS
+
+    names = ", ".join(PRESETS)
+    p.add_argument("--preset", default=preset_default,
+                   help=f"named preset: {names} (default: {preset_default or 'none: the defaults in config.py'})")
     p.add_argument("--config", help="a TOML config file (applied after the preset)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set optim.lr=1e-3")
@@ -31,14 +37,21 @@ def cmd_train(args) -> int:
     from layerwise.lab.train import run_config, train
 
     if args.resume:
-        if args.preset or args.config:
-            raise ConfigError("--resume continues a run with its own config.toml; use --set to change values")
+        if args.preset or args.config or args.out:
+            raise ConfigError("--resume continues a run with its own config.toml in its own folder; use --set to "
+                              "change values (with --allow-changes)")
+        if args.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other")
         run_dir = Path(args.resume)
         cfg = apply_overrides(run_config(run_dir), args.overrides)
     else:
+        if args.allow_changes:
+            raise ConfigError("--allow-changes only applies with --resume")
         cfg = resolve(args.preset, args.config, args.overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / (args.preset or "train")
-    summary = train(cfg, run_dir, resume=bool(args.resume))
+    args.resume_hint = f"layerwise train --resume {run_dir}"
+    summary = train(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite,
+                    allow_changes=args.allow_changes)
     if "stopped_at" in summary:
         print(f"stopped after step {summary['stopped_at']} of {summary['steps']} (train.stop_at); continue with "
               f"`layerwise train --resume {run_dir}`")
@@ -62,7 +75,7 @@ def cmd_compare(args) -> int:
         ev = {"eval_tasks": args.eval_tasks, "eval_options": eval_options(args, "eval-")}
     try:
         compare(args.preset, specs, args.seeds, out, config_file=args.config, overrides=args.overrides,
-                seed_offset=args.seed_offset, jobs=args.jobs, **ev)
+                seed_offset=args.seed_offset, jobs=args.jobs, overwrite=args.overwrite, **ev)
     except RuntimeError as e:
         from layerwise.lab.downstream import EvalError
 
@@ -91,7 +104,7 @@ def _split_methods(text: str) -> list[str]:
 def cmd_report(args) -> int:
     from layerwise.lab.report import report
 
-    report(args.runs, args.out or args.runs[0], method_order=[args.ref] if args.ref else None)
+    report(args.runs, args.out or args.runs[0], ref=args.ref)
     return 0
 
 
@@ -100,7 +113,8 @@ def cmd_demo(args) -> int:
     from layerwise.lab.methods import DEMO_METHODS
 
     print(f"layerwise demo: preset 'quick', methods {', '.join(DEMO_METHODS)}, one seed each")
-    res = compare("quick", list(DEMO_METHODS), 1, args.out, overrides=args.overrides, jobs=args.jobs)
+    res = compare("quick", list(DEMO_METHODS), 1, args.out, overrides=args.overrides, jobs=args.jobs,
+                  overwrite=args.overwrite, notes=[DEMO_SCALING_NOTE])
     from layerwise.lab.config import preset
     from layerwise.lab.data import prepare, unigram_entropy
 
@@ -111,7 +125,16 @@ def cmd_demo(args) -> int:
     best = min(res["rows"], key=lambda r: r["val_loss"])
     print(f"lowest final validation loss: {best['method']} {best['val_loss']:.4f} "
           "(one seed per method: for mean ± s.e. and paired differences run `layerwise compare --seeds 3`)")
+    print(DEMO_SCALING_NOTE)
     return 0
+
+
+#: What the demo's ``scaling`` row is, printed under its table.
+DEMO_SCALING_NOTE = (
+    "note: `scaling` is muP with matrix weight decay x sqrt(width) (Fan et al.) and its base width set to a "
+    "quarter of the model's width, run with the preset's lr and weight decay, which were never tuned for that "
+    "quarter-width proxy. It shows the mechanics, not whether the rule transfers tuned hyper-parameters: that "
+    "needs a tuned proxy (`layerwise sweep`; see BENCHMARKS.md, 'Width transfer').")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                     ".parquet/.arrow/.csv file or folder, or hf:NAME[:CONFIG]")
     pp.add_argument("--valid", default="", help="validation file/folder or hf: split name (default: the corpus's "
                     "own split)")
-    pp.add_argument("--vocab-size", type=int, default=8192, help="size of the trained BPE (--tokenizer train)")
+    pp.add_argument("--vocab-size", type=int, default=_QUICK_VOCAB, help=f"size of the trained BPE (--tokenizer train; default {_QUICK_VOCAB}: the `quick` preset's, so `layerwise demo` reuses this cache entry)")
     pp.add_argument("--tokenizer", default="train", help="'train' or a tokenizer.json / HF tokenizer folder")
     pp.add_argument("--text-field", default="text", help="text column of record sources")
     pp.add_argument("--eos-token", default="", help="end-of-document token (default: from the tokenizer)")
@@ -138,18 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one run")
     _add_config_args(p)
-    p.add_argument("--out", help="run directory (default runs/<preset>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--out", help="run directory (default runs/<preset>); refused if it already holds a run")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                   "(refused if its corpus or tokenizer changed)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start afresh")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept --set changes of result-relevant values (e.g. a longer "
+                   "train.max_steps, a lower optim.lr); the learning-rate jump is printed and the change is "
+                   "recorded in RUN_DIR/identity.json")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("compare", help="methods × seeds with paired differences")
+    p = sub.add_parser("compare", help="methods × seeds with paired differences",
+                       epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(p, "quick")
-    p.add_argument("--methods", default="adamw", help="comma-separated method specs, e.g. adamw,alphadecay,"
-                   "muon+multipliers,adamw[optim.weight_decay=0.05]")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--seed-offset", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; threads are split)")
-    p.add_argument("--out", help="output folder (default runs/compare-<preset>)")
+    p.add_argument("--methods", default="adamw", help="comma-separated method specs (registered names below, "
+                   "combined with +, with inline overrides in [...]), e.g. adamw,alphadecay,muon+multipliers,"
+                   "adamw[optim.weight_decay=0.05] (default: adamw)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method; seed k gives every method the same "
+                   "initial weights and batches (default 3; 1 gives no standard errors)")
+    p.add_argument("--seed-offset", type=int, default=0, help="first seed (default 0): --seed-offset 3 --seeds 2 "
+                   "runs seeds 3 and 4")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; threads are split; default 1)")
+    p.add_argument("--out", help="output folder (default runs/compare-<preset>); a finished run in it is reused "
+                   "only if its recorded config and data equal this command's")
+    p.add_argument("--overwrite", action="store_true", help="re-run the runs in --out whose recorded config or "
+                   "data differ from this command's (default: refuse, naming the difference)")
     p.add_argument("--eval-tasks", default=None, help="also evaluate every finished run on these lm-eval tasks "
                    "(names or task YAML paths, comma-separated; see `layerwise eval`)")
     from layerwise.lab.downstream import add_eval_args
@@ -160,20 +196,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables and plots from finished runs")
     p.add_argument("runs", nargs="+", help="run directories or folders of runs")
     p.add_argument("--out", help="where to write results.md and plots/ (default: the first RUN)")
-    p.add_argument("--ref", help="method that paired differences are taken against (default: the order of an "
-                   "earlier compare in that folder, else the first name)")
+    p.add_argument("--ref", help="method that paired differences are taken against (an error if no such method "
+                   "is found; default: the order of an earlier compare in that folder, else the first name)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="prepare Shakespeare and compare every registered method (one seed)")
-    p.add_argument("--out", default="runs/demo")
+    from layerwise.lab.methods import DEMO_METHODS, METHODS
+
+    p = sub.add_parser("demo", help=f"prepare Shakespeare and compare {len(DEMO_METHODS)} of the {len(METHODS)} "
+                       "registered methods on the `quick` preset (one seed)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2: one per core)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of the `quick` preset for every run (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="re-run runs in --out made by another config")
     p.set_defaults(func=cmd_demo)
 
     for module in ("layerwise.lab.analyze", "layerwise.lab.sweep", "layerwise.lab.export", "layerwise.lab.anatomy_cmd",
                    "layerwise.lab.downstream"):
         importlib.import_module(module).register(sub)  # an import error here is a bug: never hide a command
     return parser
+
+
+def _methods_epilog() -> str:
+    from layerwise.lab.methods import METHODS
+
+    lines = ["registered methods (overrides on top of the preset):"]
+    for name, over in METHODS.items():
+        lines.append(f"  {name:<12} " + (", ".join(f"{k}={v}" for k, v in over.items()) or "(the preset as is)"))
+    return "\n".join(lines)
+
+
+def _interrupted(args, argv: list[str] | None, e: KeyboardInterrupt) -> int:
+    """Ctrl-C: one message and the command that continues, no traceback."""
+    import shlex
+
+    where = f" ({e})" if str(e) else ""
+    hint = getattr(args, "resume_hint", None)
+    if hint is None:
+        hint = "layerwise " + shlex.join(sys.argv[1:] if argv is None else argv)
+        hint += "   (the same command: finished runs are reused, interrupted ones resume from their checkpoint)"
+    print(f"\nlayerwise {args.command}: interrupted{where}. Continue with:\n  {hint}", file=sys.stderr)
+    return 130
 
 
 #: top-level modules of the ``lab`` extra (``pip install 'layerwise[lab]'``): the harness needs them, the
@@ -195,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:
+        return _interrupted(args, argv, e)
     except ImportError as e:
         msg = missing_lab_extra(e)
         if msg is None:

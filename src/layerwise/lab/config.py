@@ -127,6 +127,8 @@ class TrainSection:
     eval_every: int = 200  # 0 = only at the end
     log_every: int = 10
     ckpt_every: int = 0  # 0 = only at evaluations and at the end (independent of log_every)
+    ckpt_minutes: float = 5.0  # also checkpoint (at a logging step) when this long has passed since the last
+    #                            save, so a crash or kill -9 loses at most a few minutes (0 = off; one process)
     keep_checkpoints: int = 2  # the newest checkpoint and K-1 before it (a corrupt newest falls back)
     stop_at: int = 0  # > 0: checkpoint and end this invocation after this step (the schedule still runs to
     #                   max_steps; continue with --resume) — for preemptible or time-limited allocations

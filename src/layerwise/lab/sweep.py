@@ -18,14 +18,16 @@ do not end up alone at the tail of a parallel sweep.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from layerwise.lab.config import ConfigError, apply_overrides, resolve, to_toml
+from layerwise.lab import runid
+from layerwise.lab.config import Config, ConfigError, apply_overrides, resolve
 from layerwise.scaling.rules import PARAMETRIZATIONS as _WIDTH_RULES
+from layerwise.lab.stats import dump_json, sem as _sem_shared
 
 
 def _config_overrides(name: str) -> dict:
@@ -64,19 +66,14 @@ def run_dir(out: Path, param: str, width: int, lr: float, wd: float, seed: int) 
     return out / param / f"w{width}" / f"lr{lr:g}_wd{wd:g}" / f"seed{seed}"
 
 
-def _run_one(job: tuple) -> tuple:
-    cfg_dict, path = job
-    from layerwise.lab.config import from_dict
-    from layerwise.lab.train import train
-
-    cfg = from_dict(cfg_dict)
-    s = train(cfg, path, resume=True, quiet=True)
-    return str(path), s["final_val_loss"]
-
-
 def sweep(preset: str | None, widths: list[int], lrs: list[float], wds: list[float], parametrizations: list[str],
           out: str | Path, *, seeds: int = 1, base_width: int | None = None, jobs: int = 1,
-          config_file: str | None = None, overrides: list[str] | None = None, quiet: bool = False) -> dict:
+          config_file: str | None = None, overrides: list[str] | None = None, quiet: bool = False,
+          overwrite: bool = False) -> dict:
+    """Run the grid into ``out`` (a finished run is reused only when its recorded config and data equal this
+    sweep's: see :func:`layerwise.lab.experiments.plan`) and write ``sweep.md``, ``sweep.json``, heatmaps."""
+    from layerwise.lab.experiments import _DataCache, execute, plan
+
     out = Path(out)
     for p in parametrizations:
         if p not in PARAMETRIZATIONS:
@@ -85,11 +82,10 @@ def sweep(preset: str | None, widths: list[int], lrs: list[float], wds: list[flo
         raise ConfigError("sweep: --widths, --lrs and --wds must each list at least one value")
     widths, lrs, wds = sorted(widths), sorted(lrs), sorted(wds)
     base_width = base_width or widths[0]
-    base = resolve(preset, config_file, overrides)
-    from layerwise.lab.data import prepare_config
-
-    prepare_config(base.data, verbose=not quiet)  # once, before the pool
-    todo, seen = [], set()
+    base = runid.absolute_paths(resolve(preset, config_file, overrides))
+    datas = _DataCache(verbose=not quiet)
+    datas(base)  # once, before the pool
+    runs, seen = [], set()
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else base.train.num_threads
     for w in sorted(widths, reverse=True):  # widest (slowest) first
         for p in parametrizations:
@@ -106,25 +102,12 @@ def sweep(preset: str | None, widths: list[int], lrs: list[float], wds: list[flo
                                                             "train.seed": seed, "train.progress": False,
                                                             "train.tensorboard": False,
                                                             "train.num_threads": threads})
-                        done = (path / "summary.json").exists() and (path / "config.toml").exists() and \
-                            (path / "config.toml").read_text() == to_toml(cfg)
-                        if not done:
-                            todo.append((cfg.to_dict(), path))
+                        runs.append((f"{key}/w{w}/lr{lr:g}_wd{wd:g}", seed, cfg, path))
+    todo = plan(runs, datas, overwrite, what="sweep", quiet=True)
     if not quiet:
-        total = len(seen)
+        total = len(runs)
         print(f"sweep: {total} runs, {total - len(todo)} already complete, {len(todo)} to run with {jobs} job(s)")
-    if jobs > 1 and len(todo) > 1:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-            for path, loss in ex.map(_run_one, todo):
-                if not quiet:
-                    print(f"  {path}: val loss {loss:.4f}")
-    else:
-        for job in todo:
-            path, loss = _run_one(job)
-            if not quiet:
-                print(f"  {path}: val loss {loss:.4f}")
+    execute(todo, jobs, datas, quiet=quiet, describe=lambda s: f"val loss {s['final_val_loss']:.4f}")
     return summarize_sweep(out, parametrizations, widths, lrs, wds, seeds, base_width=base_width, quiet=quiet)
 
 
@@ -152,11 +135,8 @@ def _mean_grid(cells: list[list[list[float]]]) -> list[list[float]]:
 
 
 def _sem(vals: list[float]) -> float:
-    n = len(vals)
-    if n < 2 or not all(math.isfinite(v) for v in vals):
-        return float("nan")
-    mean = sum(vals) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n)
+    """Standard error over seeds (NaN below two seeds or with a diverged run): the helper compare uses."""
+    return _sem_shared(vals)
 
 
 def _argmin(g: list[list[float]]) -> tuple[int, int]:
@@ -222,7 +202,7 @@ def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, base_w
     md = "\n".join(lines) + "\n"
     (out / "sweep.md").parent.mkdir(parents=True, exist_ok=True)
     (out / "sweep.md").write_text(md)
-    (out / "sweep.json").write_text(json.dumps(result, indent=1, default=lambda o: None))
+    dump_json(out / "sweep.json", result)
     plot_sweep(result, out / "plots")
     if not quiet:
         print(md)
@@ -231,6 +211,8 @@ def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, base_w
 
 
 def plot_sweep(result: dict, plots: Path) -> None:
+    """One heatmap per width on one shared colour scale (clipped at best + 1.0, cells above it drawn at the
+    top colour and labelled with their value), each cell annotated, the best cell starred."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,22 +221,33 @@ def plot_sweep(result: dict, plots: Path) -> None:
 
     plots.mkdir(parents=True, exist_ok=True)
     widths, lrs, wds = result["widths"], result["lrs"], result["wds"]
+    seeds = result.get("seeds", 1)
     for p, r in result["parametrizations"].items():
-        fig, axes = plt.subplots(1, len(widths), figsize=(3.6 * len(widths) + 1.2, 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(widths), figsize=(0.9 * len(wds) * len(widths) + 2.6, 0.55 * len(lrs) + 2.4),
+                                 squeeze=False, layout="constrained")
         finite = [v for g in r["grids"].values() for row in g for v in row if v == v and v != float("inf")]
         vmin, vmax = (min(finite), min(max(finite), min(finite) + 1.0)) if finite else (0, 1)
         for ax, w in zip(axes[0], widths):
             g = np.array(r["grids"][str(w)], dtype=float)
-            im = ax.imshow(g, cmap="viridis_r", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
+            im = ax.imshow(np.clip(g, vmin, vmax), cmap="viridis_r", vmin=vmin, vmax=vmax, origin="lower",
+                           aspect="auto")
+            for i in range(len(lrs)):
+                for j in range(len(wds)):
+                    v = g[i, j]
+                    txt = "n/a" if v != v else ("div." if v == float("inf") else f"{v:.3f}")
+                    ax.text(j, i, txt, ha="center", va="center", fontsize=7,
+                            color="k" if v != v or v < (vmin + vmax) / 2 else "w")  # NaN cells are blank
             b = r["best"][str(w)]
-            ax.scatter([wds.index(b["wd"])], [lrs.index(b["lr"])], marker="*", s=220, c="red")
-            ax.set(title=f"{p}, width {w}", xlabel="base weight decay", xticks=range(len(wds)),
-                   yticks=range(len(lrs)))
+            if b["val_loss"] is not None and b["val_loss"] == b["val_loss"]:
+                ax.scatter([wds.index(b["wd"]) + 0.32], [lrs.index(b["lr"]) + 0.3], marker="*", s=140, c="red")
+            ax.set_title(f"{p}, width {w}", fontsize=9)
+            ax.set_xticks(range(len(wds)), [f"{x:g}" for x in wds], fontsize=8)
+            ax.set_yticks(range(len(lrs)), [f"{x:g}" for x in lrs], fontsize=8)
+            ax.set_xlabel("base weight decay λ")
             if ax is axes[0][0]:
                 ax.set_ylabel("base learning rate")
-            ax.set_xticklabels([f"{x:g}" for x in wds], fontsize=7)
-            ax.set_yticklabels([f"{x:g}" for x in lrs], fontsize=7)
-        fig.colorbar(im, ax=axes[0].tolist(), label="final val loss")
+        fig.colorbar(im, ax=axes[0].tolist(), label=f"final val loss (mean of {seeds} seed{'s' if seeds > 1 else ''})")
+        fig.suptitle(f"{p}: red star = best cell per width", fontsize=9)
         fig.savefig(plots / f"landscape_{p}.png", dpi=100)
         plt.close(fig)
 
@@ -270,22 +263,30 @@ def cmd_sweep(args) -> int:
     sweep(args.preset, [int(x) for x in _floats(args.widths)], _floats(args.lrs), _floats(args.wds),
           [p.strip() for p in args.parametrization.split(",")], args.out or f"runs/sweep-{args.preset or 'custom'}",
           seeds=args.seeds, base_width=args.base_width, jobs=args.jobs, config_file=args.config,
-          overrides=args.overrides)
+          overrides=args.overrides, overwrite=args.overwrite)
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sweep", help="widths × lr × wd grid; optimum transfer across widths")
-    p.add_argument("--preset", default="quick")
-    p.add_argument("--config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--widths", required=True, help="e.g. 64,128,256 (multiples of 32)")
+    from layerwise.lab.config import PRESETS
+
+    p = sub.add_parser("sweep", help="widths × lr × wd grid; optimum transfer across widths",
+                       description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="quick", help=f"named preset: {', '.join(PRESETS)} (default: quick)")
+    p.add_argument("--config", help="a TOML config file (applied after the preset)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value for every run (repeatable), e.g. --set train.max_steps=300")
+    p.add_argument("--widths", required=True, help="hidden sizes, e.g. 64,128,256 (multiples of 32)")
     p.add_argument("--lrs", required=True, help="base learning rates, e.g. 1e-3,3e-3,1e-2")
     p.add_argument("--wds", required=True, help="base weight decays, e.g. 0,0.05,0.1,0.2")
     p.add_argument("--parametrization", default="mup-sqrtwd",
-                   help="comma-separated: " + ", ".join(PARAMETRIZATIONS))
-    p.add_argument("--base-width", type=int, default=None)
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
-    p.add_argument("--out")
+                   help="comma-separated, from: " + ", ".join(PARAMETRIZATIONS) + " (default: mup-sqrtwd)")
+    p.add_argument("--base-width", type=int, default=None,
+                   help="the width the base lr/wd are tuned at (default: the narrowest of --widths)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1: no standard errors)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; default 1)")
+    p.add_argument("--out", help="output folder (default runs/sweep-<preset>); finished runs in it are reused "
+                   "only if their recorded config and data equal this sweep's")
+    p.add_argument("--overwrite", action="store_true", help="re-run runs in --out made by a different config or "
+                   "data (default: refuse, naming the difference)")
     p.set_defaults(func=cmd_sweep)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from layerwise.lab import methods
+from layerwise.lab import methods, runid
 from layerwise.lab.checkpoint import CheckpointError, CheckpointStore, trim_jsonl  # noqa: F401 - re-exported
 from layerwise.lab.config import Config, ConfigError, load_toml, to_toml
 from layerwise.lab.data import BatchSampler, TokenData, eval_windows, prepare_config
@@ -64,7 +64,7 @@ def validate(cfg: Config) -> None:
         ("train.max_steps", t.max_steps >= 1), ("train.batch_size", t.batch_size >= 1),
         ("train.grad_accum", t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0),
         ("train.log_every", t.log_every >= 1), ("train.eval_every", t.eval_every >= 0),
-        ("train.stop_at", t.stop_at >= 0),
+        ("train.stop_at", t.stop_at >= 0), ("train.ckpt_minutes", t.ckpt_minutes >= 0),
         ("train.device", t.device in ("cpu", "cuda")), ("train.dtype", t.dtype in ("auto", "fp32", "bf16")),
         ("train.parallel", t.parallel in ("none", "ddp", "fsdp")), ("optim.lr", o.lr > 0),
         ("optim.weight_decay", o.weight_decay >= 0), ("optim.warmup_frac", 0 <= o.warmup_frac < 1),
@@ -210,19 +210,25 @@ class MetricsLog:
 
 # ------------------------------------------------------------------------------------------ the run
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: TokenData | None = None,
-          quiet: bool = False) -> dict:
+          quiet: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict:
     """Train one run into ``run_dir`` and return its summary (also written to ``summary.json``).
 
-    With ``resume=True`` the run continues from its last checkpoint (``checkpoints/last.pt``, or the sharded
-    ``checkpoints/last.dcp/`` of an FSDP run; without one it starts from scratch); ``cfg`` must then be the
-    run's config, possibly with a longer ``train.max_steps`` or a different ``optim.lr``.
+    A fresh run refuses a ``run_dir`` that already holds a run unless ``overwrite`` (which deletes it).  With
+    ``resume=True`` the run continues from its last checkpoint (``checkpoints/last.pt``, or the sharded
+    ``checkpoints/last.dcp/`` of an FSDP run; without one it warns and starts from step 0).  A resume is
+    checked against the run's ``identity.json`` (:mod:`layerwise.lab.runid`): changed data is refused, and
+    a changed config (a longer ``train.max_steps``, a lower ``optim.lr``, ...) needs ``allow_changes`` and
+    is recorded there.  Ctrl-C stops after the current step with a checkpoint
+    (:class:`~layerwise.lab.progress.TrainingInterrupted`).
 
     Under ``train.parallel = "ddp" | "fsdp"`` (launched with torchrun) every rank calls this; rank 0 writes
     logs, metrics and the summary.  ``train.batch_size`` is the global batch.
     """
     from layerwise.lab import distributed as D
+    from layerwise.lab.progress import GracefulInterrupt, TrainingInterrupted, stop_requested
 
     run_dir = Path(run_dir)
+    runid.absolute_paths(cfg)
     validate(cfg)
     t = cfg.train
     if t.num_threads:
@@ -234,7 +240,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: Token
     ok, lock = False, None
     try:
         lock = lock_run_dir(run_dir, ctx)  # one writer per run directory (RunLockedError names the other)
-        out = _train(cfg, run_dir, resume, data, quiet, ctx)
+        with GracefulInterrupt(enabled=not ctx.active):  # a distributed run stops on every rank or none
+            if stop_requested():  # a worker that was asked to stop starts no new run
+                raise TrainingInterrupted(str(run_dir), 0)
+            out = _train(cfg, run_dir, resume, data, quiet, ctx, overwrite, allow_changes)
         ok = True
         return out
     except Exception as e:
@@ -248,8 +257,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: Token
         ctx.close(barrier=ok)
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, quiet: bool, ctx) -> dict:
+def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, quiet: bool, ctx,
+           overwrite: bool = False, allow_changes: bool = False) -> dict:
     from layerwise.lab import distributed as D
+    from layerwise.lab.progress import TrainingInterrupted, stop_requested
 
     t = cfg.train
     device = t.device if t.device == "cpu" or not ctx.active else f"cuda:{ctx.local_rank}"
@@ -274,6 +285,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     mcfg = None if hf else resolve_model_config(cfg, data.vocab_size)
     ckpt_dir = run_dir / "checkpoints"
     sharded = t.parallel == "fsdp"
+    ident = runid.identity(cfg, data)
+    if not resume and ctx.is_main:
+        runid.check_fresh(run_dir, overwrite)  # before anything in the run directory changes
     store = CheckpointStore(ckpt_dir, keep=t.keep_checkpoints, sharded=sharded, ctx=ctx)
     store.remove_orphans(resume)  # temp files of a writer that died (the run directory is locked by now)
     if resume:
@@ -294,7 +308,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     decay = methods.build_decay(optimizer, model, cfg)
     lr_at = schedule_of(cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s))  # a closure: resume follows cfg
-    start_step, tokens_seen, wall_prev = 0, 0, 0.0
+    start_step, tokens_seen, wall_prev, cpu_prev = 0, 0, 0.0, 0.0
     ckpt = None
     if resume:  # newest readable checkpoint; a corrupt newest one falls back to the previous with a warning
         ckpt = store.restore(model, optimizer, parallel=t.parallel, world_size=ctx.world_size,
@@ -304,7 +318,14 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
 
             warnings.warn(f"--resume {run_dir}: no checkpoint in {ckpt_dir}; starting from step 0", RuntimeWarning,
                           stacklevel=2)
+    changes: list[str] = []
+    if ckpt is None:
+        if resume and ctx.is_main:
+            runid.check_fresh(run_dir, True)  # a resume without checkpoint starts afresh: old files go
+    else:
+        ident, changes = runid.check_resume(run_dir, ident, int(ckpt["step"]), allow_changes)
     if ctx.is_main:
+        runid.write(run_dir, ident)
         (run_dir / "config.toml").write_text(to_toml(cfg))
         stash_tokenizer(data, run_dir)
     if ckpt is not None:
@@ -312,12 +333,21 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
         if decay is not None and ckpt.get("decay") is not None:
             decay.load_state_dict(ckpt["decay"])
         start_step, tokens_seen, wall_prev = ckpt["step"], ckpt["tokens"], ckpt["wall_s"]
+        cpu_prev = ckpt.get("cpu_s", 0.0)
+        lr_before = optimizer.param_groups[0]["lr"]
         ratio = cfg.optim.lr / ckpt.get("optim_lr", cfg.optim.lr)
         if ratio != 1.0:  # resumed with a different optim.lr (e.g. lower after a spike): rescale every group
             scheduler.base_lrs = [b * ratio for b in scheduler.base_lrs]
             for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
                 g["initial_lr"] = base
                 g["lr"] = base * lr_at(start_step)
+        if changes:  # an accepted change of the schedule takes effect at once, and is reported
+            for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                g["lr"] = base * lr_at(start_step)
+            if ctx.is_main:
+                print(f"resuming {run_dir} at step {start_step} with a changed config ({'; '.join(changes)}): "
+                      f"learning rate {lr_before:.3g} -> {optimizer.param_groups[0]['lr']:.3g}; recorded in "
+                      f"{run_dir / runid.IDENTITY_FILE}", flush=True)
     if t.compile:
         fwd_model = torch.compile(fwd_model)
 
@@ -344,11 +374,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
 
     guard = NonFiniteGuard(device, eager=dev_type == "cpu" and ctx.world_size == 1, where=where)
 
+    saved = {"step": start_step, "at": time.perf_counter()}
+
     def save(step: int, verified: bool) -> None:
         """``verified=False``: held as pending until the next step, computed from these weights, is finite."""
         guard.verify(ctx, model.parameters())  # never write a checkpoint after a non-finite step
+        saved["step"], saved["at"] = step, time.perf_counter()
         extra = {"scheduler": scheduler.state_dict(), "decay": decay.state_dict() if decay is not None else None,
                  "step": step, "tokens": tokens_seen, "wall_s": wall_prev + (time.perf_counter() - t0),
+                 "cpu_s": cpu_prev + (time.process_time() - c0),
                  "model_config": mcfg_dict, "optim_lr": cfg.optim.lr, "parallel": t.parallel,
                  "world_size": ctx.world_size}
         if sharded:
@@ -366,8 +400,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
         from tqdm import tqdm
 
         bar = tqdm(total=t.max_steps, initial=start_step, desc=run_dir.name, mininterval=1.0, leave=False)
-    t0 = time.perf_counter()
-    t_log, tok_log, eval_time = t0, tokens_seen, 0.0
+    t0, c0 = time.perf_counter(), time.process_time()
+    saved["at"] = t0
+    t_log, tok_log = t0, tokens_seen
+    # time-based checkpoints bound what a crash or kill -9 loses (one process only: ranks would disagree)
+    ckpt_secs = 60.0 * t.ckpt_minutes if ctx.world_size == 1 else 0.0
     val_loss = float("nan")
     loss_sum = torch.zeros((), device=device)
     n_loss = 0
@@ -411,7 +448,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
                 rec = {"step": done, "loss": mean_loss,
                        "lr": cfg.optim.lr * lr_at(step),
                        "tokens": tokens_seen,
-                       "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log - eval_time, 1e-9)}
+                       "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log, 1e-9)}
                 if grad_norm is not None:
                     rec["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
                                              else grad_norm)
@@ -419,12 +456,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
                     rec.update(diag.scalars(x, autocast))
                 if t.spectral_every and done % t.spectral_every == 0 and main and not sharded:
                     diag.log_spectral(spectral_log, done)
-                eval_time = 0.0
                 if is_eval:
-                    te = time.perf_counter()
                     val_loss = evaluate(fwd_model, data.val, cfg.data.seq_len, device, autocast, ctx=ctx)
                     rec["val_loss"], rec["val_ppl"] = val_loss, math.exp(min(val_loss, 50.0))
-                    eval_time = time.perf_counter() - te
                 if log is not None:
                     log.write(rec)
                 if bar is not None:
@@ -435,12 +469,17 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
                 t_log, tok_log = time.perf_counter(), tokens_seen
             # checkpoints: at evaluations, every ckpt_every steps (whether or not a logging step) and at stop_at;
             # after the step's metrics line, so a resume never lacks a line for a step it does not redo
-            if is_eval or (t.ckpt_every and done % t.ckpt_every == 0) or done == t.stop_at:
+            due = ckpt_secs and done % t.log_every == 0 and time.perf_counter() - saved["at"] >= ckpt_secs
+            if is_eval or (t.ckpt_every and done % t.ckpt_every == 0) or done == t.stop_at or due:
                 ts = time.perf_counter()
                 save(done, verified=done in (t.max_steps, t.stop_at))
                 t_log += time.perf_counter() - ts  # the save does not count as training time
             if done == t.stop_at and done < t.max_steps:
                 return {"stopped_at": done, "steps": t.max_steps, "tokens": tokens_seen}
+            if stop_requested() and done < t.max_steps:  # Ctrl-C: checkpoint this step, then stop
+                if saved["step"] != done:
+                    save(done, verified=True)
+                raise TrainingInterrupted(str(run_dir), done)
     except NonFiniteLossError:
         store.discard_pending()  # its next step was the non-finite one
         raise
@@ -458,9 +497,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     if not math.isfinite(val_loss):  # resumed at the very end: evaluate the final weights once more
         val_loss = evaluate(fwd_model, data.val, cfg.data.seq_len, device, autocast, ctx=ctx)
     wall = wall_prev + time.perf_counter() - t0
+    cpu = cpu_prev + time.process_time() - c0
     summary = {
         "final_val_loss": val_loss, "final_val_ppl": math.exp(min(val_loss, 50.0)), "steps": t.max_steps,
-        "tokens": tokens_seen, "wall_s": wall, "params": sum(p.numel() for p in model.parameters()),
+        "tokens": tokens_seen, "wall_s": wall, "cpu_s": cpu, "params": sum(p.numel() for p in model.parameters()),
         "tokens_per_s": tokens_seen / wall if wall > 0 else None, "optimizer": cfg.optim.name,
         "decay": cfg.decay.name, "multipliers": cfg.multipliers.kind, "parametrization": cfg.model.parametrization,
         "seed": t.seed, "data_dir": str(data.dir), "parallel": t.parallel, "world_size": ctx.world_size,
@@ -473,7 +513,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
             atomic_torch_save({"model": merge_multipliers_state_dict(full), "step": t.max_steps,
                                "model_config": mcfg_dict}, ckpt_dir / "merged.pt")
     if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        from layerwise.lab.stats import dump_json
+
+        dump_json(run_dir / "summary.json", summary)
     return summary
 
 

@@ -46,7 +46,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.hidden_size": _rng(0, 1 << 20), "model.intermediate_size": _rng(0, 1 << 22),
     "model.num_layers": _rng(0, 4096), "model.num_heads": _rng(0, 1 << 14), "model.num_kv_heads": _rng(0, 1 << 14),
     "model.init_std": _rng(0, None, lo_open=True), "model.parametrization": _choice("sp", "mup"),
-    "model.base_hidden_size": _rng(0, 1 << 20), "model.attn_scale": _choice("sqrt", "mup"),
+    "model.base_hidden_size": _rng(-1024, 1 << 20), "model.attn_scale": _choice("sqrt", "mup"),  # base < 0: width / |base|
     "data.vocab_size": _rng(257, 65535), "data.seq_len": _rng(2, 1 << 20),
     "optim.lr": _rng(0, None, lo_open=True), "optim.weight_decay": _rng(0), "optim.beta1": _rng(0, 1, hi_open=True),
     "optim.beta2": _rng(0, 1, hi_open=True), "optim.eps": _rng(0, None, lo_open=True),
