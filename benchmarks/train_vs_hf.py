@@ -56,10 +56,10 @@ def loss_fn(kind: str, model, x, y):
 
 
 def run_loop(kind: str, size: str, compiled: bool, steps: int, warmup: int, batch: int, seq: int, device: str,
-             vocab: int = VOCAB, bf16: bool | None = None) -> dict:
+             vocab: int = VOCAB, bf16: bool | None = None, backend: str = "inductor") -> dict:
     """Train ``warmup + steps`` steps; tokens/s over the last ``steps`` (device-synchronised)."""
     model = build(kind, size, vocab, seq, device)
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model, backend=backend) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, vocab, (warmup + steps, batch, seq + 1), generator=g)
