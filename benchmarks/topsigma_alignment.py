@@ -18,15 +18,24 @@ from pathlib import Path
 import torch
 
 from layerwise.lab.sweep import _sem, run_dir, run_key
-from layerwise.names import layer_index, module_type
+from layerwise.anatomy import anatomy
 from layerwise.spectral import gram_eigvals
 
 
 def top_sigmas(ckpt: Path) -> dict[str, float]:
     sd = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
-    names = [k for k, v in sd.items() if v.ndim == 2 and layer_index(k) is not None]
-    eigs = gram_eigvals([sd[k] for k in names])
-    return {k: float(e[-1].clamp_min(0).sqrt()) for k, e in zip(names, eigs)}
+    rows = anatomy(sd).block_matrices()
+    OPS.update({r.name: (r.block, r.operator or "") for r in rows})
+    eigs = gram_eigvals([r.tensor for r in rows])
+    return {r.name: float(e[-1].clamp_min(0).sqrt()) for r, e in zip(rows, eigs)}
+
+
+#: name -> (block, operator) of every matrix seen by top_sigmas
+OPS: dict[str, tuple[int | None, str]] = {}
+
+
+def module_type(name: str) -> str:
+    return OPS[name][1]
 
 
 def main() -> None:
@@ -81,7 +90,7 @@ def main() -> None:
         cols = " | ".join(ms([t[i] for t in per_seed]) for i in range(3))
         lines.append(f"| {p} | ({lr:g}, {wd:g}) | {cols} |")
         lo = by_w[widths[0]]
-        order = sorted(lo, key=lambda k: (layer_index(k), module_type(k)))
+        order = sorted(lo, key=lambda k: OPS[k])
         for w, sig in sorted(by_w.items()):
             ax.plot(range(len(order)), [sig[k] for k in order], marker="o", ms=3, label=f"width {w}")
         ax.set(title=f"{p} (lr {lr:g}, wd {wd:g})", xlabel="block matrix (layer, type)", ylabel="top σ")

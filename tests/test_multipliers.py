@@ -18,7 +18,7 @@ from layerwise.multipliers import (
     multiplier_stats,
     set_multiplier_impl,
 )
-from layerwise.names import block_linear_weights
+import layerwise as lw
 
 VOCAB = 64
 BLOCK_TYPES = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -73,8 +73,8 @@ def test_paper_placement_names_preserved_head_untouched():
     assert isinstance(model.layers[0].self_attn.q_proj, nn.Linear)
     assert isinstance(model.embed_tokens, MultipliedEmbedding)
     assert [n for n, _ in multiplier_parameters(model)] == [n for n in after if n in expected]
-    # names.block_linear_weights still sees the wrapped block weights
-    assert [n for n, _ in block_linear_weights(model)] == [n for n, _ in block_linear_weights(_nano())]
+    # the anatomy still sees the wrapped block weights as the same block matrices
+    assert [r.name for r in lw.anatomy(model).block_matrices()] == [r.name for r in lw.anatomy(_nano()).block_matrices()]
 
 
 @pytest.mark.parametrize(

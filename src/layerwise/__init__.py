@@ -6,7 +6,9 @@ Four methods as composable PyTorch parts (see README.md):
 * :class:`AlphaAdam` - AdamW with a sign-agreement update mask and per-tensor compensation
   (and :class:`CautiousAdamW`, its closest peer);
 * :func:`add_multipliers` / :func:`merge_multipliers` - learnable row/column/scalar multipliers;
-* :class:`WidthScaling` with :func:`param_groups` - muP width scaling with weight decay ~ sqrt(width).
+* :class:`WidthScaling` with :func:`param_groups` - muP width scaling with weight decay ~ sqrt(width);
+* :func:`anatomy` - what every parameter of any model is (role, block, operator, fan-in/out); every method
+  above asks it.
 
 The library never imports :mod:`layerwise.lab` (our training harness); the harness imports it.
 Public names are resolved lazily so ``import layerwise`` stays cheap.
@@ -25,6 +27,9 @@ _LAZY = {
     "scaling": ("layerwise.scaling", None),
     "multipliers": ("layerwise.multipliers", None),
     "names": ("layerwise.names", None),
+    "anatomy": ("layerwise.anatomy", None),  # callable module: lw.anatomy(model) -> Anatomy
+    "Anatomy": ("layerwise.anatomy", "Anatomy"),
+    "ParamInfo": ("layerwise.anatomy", "ParamInfo"),
     "AlphaDecay": ("layerwise.decay", "AlphaDecay"),
     "AlphaAdam": ("layerwise.optim", "AlphaAdam"),
     "CautiousAdamW": ("layerwise.optim", "CautiousAdamW"),

@@ -10,7 +10,8 @@ column) and/or a *scalar* multiplier ``s``.  All start at 1, so wrapping does no
 
 Conventions
 -----------
-* **Rows and columns follow the stored weight tensor.**  For ``nn.Linear`` (weight ``(out_features,
+* **Rows are outputs, columns are inputs** (for ``nn.Linear`` and ``nn.Embedding`` that is the stored
+  weight's rows and columns; for HF ``Conv1D`` the transpose).  For ``nn.Linear`` (weight ``(out_features,
   in_features)``) ``row_multiplier`` has ``out_features`` entries (it scales outputs) and ``col_multiplier``
   has ``in_features`` entries (it scales inputs).  For ``nn.Embedding`` (weight ``(num_embeddings,
   embedding_dim)``) ``row_multiplier`` has one entry per *vocabulary* entry (a learnable per-token scale) and
@@ -41,28 +42,41 @@ Forward implementations (``impl=``), all exact, chosen per module:
   backward from the formulas above).  No autocast support; for measurements.
   See ``benchmarks/multipliers_overhead.py`` and ``benchmarks/results/multipliers.md`` for timings.
 
-Placements (``placement=``):
+Placements (``placement=``), over the roles and operators of :func:`layerwise.anatomy`:
 
-* ``"paper"``: every ``nn.Linear`` inside the transformer blocks and the token embedding; never the LM head.
+* ``"paper"``: every block matrix (``nn.Linear`` or Hugging Face ``Conv1D``; q/k/v/o, fused qkv, gate/up/down,
+  Mamba2 / Falcon-H1 ``in_proj`` / ``out_proj``, a hand-written model's hidden layers) and the token
+  embedding; never the readout.  A block matrix held by anything else (a raw parameter, ``nn.MultiheadAttention``)
+  is an error naming it.
 * ``"symmetry_free"``: only multipliers that do not create a continuous symmetry among themselves or with a
   decayed weight: MLP ``down`` rows+cols, ``gate`` rows; attention ``o`` rows+cols, ``q`` rows (``k`` rows
-  would trade scale with ``q``, ``up`` rows with ``down`` cols, ``v`` rows with ``o`` cols); no embedding
-  (its column scale would trade with the ``o``/``down`` row scales through the residual stream).
-  ``kind`` intersects with this map: ``"row"`` keeps the row parts, ``"col"`` the column parts, ``"scalar"``
-  puts one scalar on each selected module, ``"rowcol"`` (default) keeps the map as is.
+  would trade scale with ``q``, ``up`` rows with ``down`` cols, ``v`` rows with ``o`` cols); SSM ``in_proj``
+  rows on its z (gate) and dt parts only (x, B, C pass the depthwise conv, which scales them; a *row subset*:
+  ``row_multiplier`` has one entry per selected row, their indices in the buffer ``row_multiplier_index``),
+  SSM ``out_proj`` rows, plus columns when the mixer has no gated RMSNorm; no embedding (its column scale would
+  trade with the ``o``/``down`` row scales through the residual stream).  Fused qkv / gate_up matrices and
+  block matrices of unknown operator get none, listed in one warning.  ``kind`` intersects with this map:
+  ``"row"`` keeps the row parts, ``"col"`` the column parts, ``"scalar"`` puts one scalar on each selected
+  module, ``"rowcol"`` (default) keeps the map as is.
 * a callable ``placement(name, module) -> kind | True | None``: the kind for that module (``True`` = the
-  ``kind`` argument, ``None``/``False`` = leave it alone).  It is called for every ``nn.Linear`` and
-  ``nn.Embedding``; ``name`` is the canonical module name.
+  ``kind`` argument, ``None``/``False`` = leave it alone).  It is called for every ``nn.Linear``, ``Conv1D``
+  and ``nn.Embedding``; ``name`` is the canonical module name.
+
+Hugging Face ``Conv1D`` (GPT-2) is wrapped by :class:`MultipliedConv1D` with the same meaning as for
+``nn.Linear``: ``row_multiplier`` over outputs, ``col_multiplier`` over inputs (its weight is stored
+``(in, out)``, so they act on the weight's columns and rows respectively).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerwise.names import MULTIPLIER_SUFFIXES, canonical_name, is_multiplier, layer_index, module_type
+from layerwise import anatomy as _anatomy
+from layerwise.names import MULTIPLIER_SUFFIXES, canonical_name, is_multiplier
 
 KINDS = ("rowcol", "row", "col", "scalar")
 PLACEMENTS = ("paper", "symmetry_free")
@@ -140,25 +154,48 @@ class _MultiplierMixin:
     impl: str
     weight: nn.Parameter
 
-    def _init_multipliers(self, kind: str) -> None:
+    #: the stored weight is (in, out) (HF Conv1D): rows (outputs) are its dim 1, columns (inputs) its dim 0
+    _transposed = False
+
+    def _init_multipliers(self, kind: str, rows: torch.Tensor | None = None) -> None:
         parts = _PARTS[kind]
         w = self.weight
-        self.row_multiplier = _ones(w.shape[0], w) if "row" in parts else None
-        self.col_multiplier = _ones(w.shape[1], w) if "col" in parts else None
+        n_out, n_in = (w.shape[1], w.shape[0]) if self._transposed else (w.shape[0], w.shape[1])
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.long, device=w.device).reshape(-1)
+            if "row" not in parts or rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= n_out:
+                raise ValueError(f"row subset needs a row multiplier and indices in [0, {n_out}), got {rows.tolist()}")
+            self.register_buffer("row_multiplier_index", rows)
+        else:
+            self.row_multiplier_index = None
+        self.row_multiplier = _ones(n_out if rows is None else rows.numel(), w) if "row" in parts else None
+        self.col_multiplier = _ones(n_in, w) if "col" in parts else None
         self.scalar_multiplier = _ones(1, w) if "scalar" in parts else None
         self.kind = kind
+
+    def _out_scale(self) -> torch.Tensor | None:
+        """The row multiplier over all outputs (ones outside a row subset)."""
+        r = self.row_multiplier
+        if r is None or self.row_multiplier_index is None:
+            return r
+        n_out = self.weight.shape[1] if self._transposed else self.weight.shape[0]
+        return torch.ones(n_out, device=r.device, dtype=r.dtype).scatter(0, self.row_multiplier_index, r)
 
     def multipliers(self) -> dict[str, nn.Parameter]:
         """The present multipliers by suffix (``row_multiplier`` ...)."""
         return {n: getattr(self, n) for n in MULTIPLIER_SUFFIXES if getattr(self, n, None) is not None}
 
     def effective_weight(self) -> torch.Tensor:
-        """W̃ = r[:, None] · W · c[None, :] · s (differentiable)."""
+        """W̃ = r[:, None] · W · c[None, :] · s in the stored layout (for an (in, out) Conv1D weight:
+        c[:, None] · W · r[None, :] · s); differentiable."""
         w = self.weight
-        if self.row_multiplier is not None:
-            w = w * self.row_multiplier[:, None]
-        if self.col_multiplier is not None:
-            w = w * self.col_multiplier
+        r, c = self._out_scale(), self.col_multiplier
+        if self._transposed:
+            r, c = c, r
+        if r is not None:
+            w = w * r[:, None]
+        if c is not None:
+            w = w * c
         if self.scalar_multiplier is not None:
             w = w * self.scalar_multiplier
         return w
@@ -169,17 +206,18 @@ class MultipliedLinear(_MultiplierMixin, nn.Linear):
 
     _layerwise_linear = True
 
-    def __init__(self, linear: nn.Linear, kind: str = "rowcol", impl: str = "materialize"):
+    def __init__(self, linear: nn.Linear, kind: str = "rowcol", impl: str = "materialize",
+                 rows: torch.Tensor | None = None):
         nn.Module.__init__(self)  # do not allocate a new weight: reuse the wrapped module's
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self._init_multipliers(_check_kind(kind))
+        self._init_multipliers(_check_kind(kind), rows)
         self.impl = _check_impl(impl)
         self.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r, c, s = self.row_multiplier, self.col_multiplier, self.scalar_multiplier
+        r, c, s = self._out_scale(), self.col_multiplier, self.scalar_multiplier
         if self.impl == "materialize":
             return F.linear(x, self.effective_weight(), self.bias)
         if self.impl == "function":
@@ -195,6 +233,59 @@ class MultipliedLinear(_MultiplierMixin, nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kind={self.kind!r}, impl={self.impl!r}"
+
+
+class MultipliedConv1D(_MultiplierMixin, nn.Module):
+    """Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2's layers: ``y = x W + b`` with ``W`` stored
+    ``(in, out)``) with multipliers of the same meaning as :class:`MultipliedLinear`: ``row_multiplier`` has
+    one entry per *output* (``W.shape[1]``), ``col_multiplier`` one per *input* (``W.shape[0]``).
+
+    Shares the original weight and bias; :func:`merge_multipliers` puts the original ``Conv1D`` back.  Its
+    state dict carries a ``multiplier_transposed`` flag so :func:`merge_multipliers_state_dict` merges
+    ``c[:, None] · W · r[None, :]`` for it.
+    """
+
+    _transposed = True
+    _layerwise_conv1d = True
+
+    def __init__(self, conv: nn.Module, kind: str = "rowcol", impl: str = "materialize",
+                 rows: torch.Tensor | None = None):
+        nn.Module.__init__(self)
+        w = getattr(conv, "weight", None)
+        if not isinstance(w, nn.Parameter) or w.ndim != 2:
+            raise ValueError(f"MultipliedConv1D wraps a Conv1D with a 2-D weight, got {type(conv).__name__}")
+        object.__setattr__(self, "_orig", conv)  # not a submodule: names stay <module>.weight / .bias
+        self.nf = w.shape[1]
+        self.weight = w
+        self.bias = conv.bias
+        self._init_multipliers(_check_kind(kind), rows)
+        self.register_buffer("multiplier_transposed", torch.ones((), dtype=torch.bool, device=w.device))
+        if _check_impl(impl) == "function":
+            raise ValueError("impl='function' exists for nn.Linear only; use 'materialize' or 'io' for Conv1D")
+        self.impl = impl
+        self.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.shape[:-1] + (self.nf,)
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.impl == "materialize":
+            w = self.effective_weight()
+            y = x2 @ w if self.bias is None else torch.addmm(self.bias, x2, w)
+            return y.reshape(size_out)
+        r, c, s = self._out_scale(), self.col_multiplier, self.scalar_multiplier
+        if c is not None:
+            x2 = x2 * c
+        y = x2 @ self.weight
+        if r is not None:
+            y = y * r
+        if s is not None:
+            y = y * s
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(size_out)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.weight.shape[0]}, kind={self.kind!r}, impl={self.impl!r}"
 
 
 class MultipliedEmbedding(_MultiplierMixin, nn.Embedding):
@@ -231,32 +322,101 @@ class MultipliedEmbedding(_MultiplierMixin, nn.Embedding):
         return f"{super().extra_repr()}, kind={self.kind!r}, impl={self.impl!r}"
 
 
-_WRAPPERS = (MultipliedLinear, MultipliedEmbedding)
+_WRAPPERS = (MultipliedLinear, MultipliedConv1D, MultipliedEmbedding)
 
 
-def _placement_kind(placement: Placement, kind: str, name: str, module: nn.Module) -> str | None:
-    """The kind of multiplier ``module`` gets under ``placement`` (None = none)."""
-    mtype = module_type(name)
-    if callable(placement):
-        out = placement(name, module)
-        if out is None or out is False:
-            return None
-        if out is True:
-            return kind
-        return _check_kind(out, what=f"kind returned by the placement callable for module {name!r}")
-    if placement == "paper":
-        if layer_index(name) is not None:  # every matrix inside a block (whatever its type is called)
-            return kind if isinstance(module, nn.Linear) else None
-        return kind if isinstance(module, nn.Embedding) and mtype == "embed" else None
-    # symmetry_free
-    if layer_index(name) is None or not isinstance(module, nn.Linear) or mtype not in SYMMETRY_FREE:
-        return None
+def _is_conv1d(mod: nn.Module) -> bool:
+    return any(c.__name__ == "Conv1D" for c in type(mod).__mro__) and hasattr(mod, "nf")
+
+
+def _restrict(kind: str, spec: str) -> str | None:
+    """The part of placement map entry ``spec`` (rowcol/row/col) that the requested ``kind`` keeps."""
     if kind == "scalar":
         return "scalar"
-    parts = [p for p in _PARTS[SYMMETRY_FREE[mtype]] if p in _PARTS[kind]]
+    parts = [p for p in _PARTS[spec] if p in _PARTS[kind]]
     if not parts:
         return None
     return "rowcol" if len(parts) == 2 else parts[0]
+
+
+@dataclass
+class _Plan:
+    name: str  # module name (raw, as named_modules gives it)
+    module: nn.Module
+    kind: str
+    rows: torch.Tensor | None = None
+
+
+def _plan(model: nn.Module, placement: Placement, kind: str) -> tuple[list[_Plan], list[str]]:
+    """What ``add_multipliers`` wraps: (plans, notes on block matrices the placement leaves alone on purpose)."""
+    an = _anatomy.anatomy(model)
+    raw_names = {canonical_name(n): n for n, _ in model.named_modules()}
+    wrappable = {cn: model.get_submodule(rn) if rn else model for cn, rn in raw_names.items()}
+    plans: list[_Plan] = []
+    notes: list[str] = []
+    if callable(placement):
+        for cn, mod in wrappable.items():
+            if type(mod) not in (nn.Linear, nn.Embedding) and not _is_conv1d(mod) and not isinstance(
+                    mod, (nn.Linear, nn.Embedding)):
+                continue
+            out = placement(cn, mod)
+            if out is None or out is False:
+                continue
+            k = kind if out is True else _check_kind(out, what=f"kind returned by the placement callable for module {cn!r}")
+            plans.append(_Plan(raw_names[cn], mod, k))
+        return plans, notes
+
+    def module_of(info) -> nn.Module:
+        mod = wrappable.get(info.module)
+        ok = mod is not None and info.name == f"{info.module}.weight" and (
+            type(mod) in (nn.Linear, nn.Embedding) or _is_conv1d(mod))
+        if not ok:
+            raise ValueError(
+                f"add_multipliers(placement={placement!r}): block matrix {info.name!r} belongs to "
+                f"{type(mod).__name__ if mod is not None else 'no module'} {info.module!r}, which cannot be wrapped "
+                "(only nn.Linear, transformers Conv1D and nn.Embedding weights); pass a placement callable that "
+                "leaves it out"
+            )
+        return mod
+
+    gated_norm_mixers = {r.module.rsplit(".", 1)[0] for r in an.where("norm") if r.block is not None}
+    for info in an.rows:
+        if info.role == "block_matrix":
+            if placement == "paper":
+                plans.append(_Plan(raw_names[info.module], module_of(info), kind))
+                continue
+            op = info.operator
+            if op in SYMMETRY_FREE:
+                k = _restrict(kind, SYMMETRY_FREE[op])
+                if k is not None:
+                    plans.append(_Plan(raw_names[info.module], module_of(info), k))
+            elif op == "ssm_in":
+                # rows on the z (gate) and dt parts only: x, B, C pass the depthwise conv, which scales them
+                if not info.parts:
+                    raise ValueError(f"add_multipliers(placement='symmetry_free'): cannot read the z/x/B/C/dt split "
+                                     f"of {info.name!r} (shape {list(info.shape)}); pass a placement callable")
+                rng = [(a, b) for part, a, b in info.parts if part in ("z", "dt")]
+                rows = torch.cat([torch.arange(a, b) for a, b in rng])
+                k = _restrict(kind, "row")
+                if k == "row":
+                    plans.append(_Plan(raw_names[info.module], module_of(info), "row", rows))
+                elif k == "scalar":
+                    plans.append(_Plan(raw_names[info.module], module_of(info), "scalar"))
+            elif op == "ssm_out":
+                mixer = info.module.rsplit(".", 1)[0]
+                spec = "row" if mixer in gated_norm_mixers else "rowcol"  # a gated RMSNorm already scales columns
+                k = _restrict(kind, spec)
+                if k is not None:
+                    plans.append(_Plan(raw_names[info.module], module_of(info), k))
+            elif op in ("k", "v", "up"):
+                pass  # their scale trades with q / o / down: symmetric by design
+            else:
+                notes.append(f"{info.name} (operator {op})")
+        elif info.role == "embedding" and info.operator == "token" and placement == "paper":
+            mod = wrappable.get(info.module)
+            if isinstance(mod, nn.Embedding) and info.name == f"{info.module}.weight":
+                plans.append(_Plan(raw_names[info.module], mod, kind))
+    return plans, notes
 
 
 def add_multipliers(
@@ -266,15 +426,18 @@ def add_multipliers(
     *,
     impl: str | None = None,
 ) -> list[nn.Parameter]:
-    """Add learnable multipliers (initialised to 1) to the selected Linear / Embedding modules, in place.
+    """Add learnable multipliers (initialised to 1) to the matrices the placement names, in place.
+
+    Which matrices: :func:`layerwise.anatomy` decides (block matrices, the token embedding, operators), so the
+    same placement works on our reference LLaMA, ``transformers``' LLaMA / Qwen2 / GPT-2 (``Conv1D``) /
+    GPT-NeoX / BERT / Falcon-H1 / Mamba2 and hand-written models.  See the module docstring for the placements.
 
     Args:
-        model: any ``nn.Module`` (our reference LLaMA, ``transformers``' ``LlamaForCausalLM``, ...).  Apply
-            before wrapping it with DDP / FSDP / ``torch.compile``.
+        model: any ``nn.Module``.  Apply before wrapping it with DDP / FSDP / ``torch.compile``.
         kind: ``"rowcol"`` | ``"row"`` | ``"col"`` | ``"scalar"`` (see the module docstring for row/column).
         placement: ``"paper"`` | ``"symmetry_free"`` | ``callable(name, module) -> kind | True | None``.
-        impl: forward implementation for every wrapped module; default ``"materialize"`` for Linear and
-            ``"io"`` for Embedding.  Change later with :func:`set_multiplier_impl`.
+        impl: forward implementation for every wrapped module; default ``"materialize"`` for Linear / Conv1D
+            and ``"io"`` for Embedding.  Change later with :func:`set_multiplier_impl`.
 
     Returns:
         The new multiplier parameters, in module order.  Names are ``<module>.row_multiplier`` etc.; the
@@ -282,7 +445,8 @@ def add_multipliers(
         optimizer after this call.
 
     Raises:
-        ValueError: unknown ``kind``/``placement``/``impl``, or the model already has multipliers.
+        ValueError: unknown ``kind``/``placement``/``impl``, the model already has multipliers, or a block matrix
+            the placement selects is not held by a wrappable module (``nn.Linear``, ``Conv1D``; named).
     """
     _check_kind(kind)
     if not callable(placement) and (not isinstance(placement, str) or placement not in PLACEMENTS):
@@ -298,22 +462,26 @@ def add_multipliers(
             f"model already has multipliers (e.g. on {existing[0]!r}, {len(existing)} modules); "
             "call merge_multipliers(model) first to fold them in"
         )
-    chosen: list[tuple[str, nn.Module, str]] = []
-    for name, mod in model.named_modules():
-        if type(mod) not in (nn.Linear, nn.Embedding) and not (
-            callable(placement) and isinstance(mod, (nn.Linear, nn.Embedding))
-        ):
-            continue
-        k = _placement_kind(placement, kind, canonical_name(name), mod)
-        if k is not None:
-            chosen.append((name, mod, k))
+    plans, notes = _plan(model, placement, kind)
+    if notes:
+        _anatomy.warn_once(f"add_multipliers:{placement}:{','.join(notes)}",
+                           f"add_multipliers(placement={placement!r}) puts no multiplier on {len(notes)} block "
+                           f"matrix(es) whose operator it has no rule for: " + ", ".join(notes[:8])
+                           + (" ..." if len(notes) > 8 else "") + "; pass a placement callable to choose")
     new_params: list[nn.Parameter] = []
-    for name, mod, k in chosen:
+    done: set[int] = set()
+    for plan in plans:
+        if id(plan.module) in done:
+            continue
+        done.add(id(plan.module))
+        mod = plan.module
         if isinstance(mod, nn.Embedding):
-            wrapper: nn.Module = MultipliedEmbedding(mod, k, impl or "io")
+            wrapper: nn.Module = MultipliedEmbedding(mod, plan.kind, impl or "io")
+        elif _is_conv1d(mod):
+            wrapper = MultipliedConv1D(mod, plan.kind, impl or "materialize", rows=plan.rows)
         else:
-            wrapper = MultipliedLinear(mod, k, impl or "materialize")
-        _set_submodule(model, name, wrapper)
+            wrapper = MultipliedLinear(mod, plan.kind, impl or "materialize", rows=plan.rows)
+        _set_submodule(model, plan.name, wrapper)
         new_params.extend(wrapper.multipliers().values())
     return new_params
 
@@ -330,7 +498,8 @@ def set_multiplier_impl(model: nn.Module, impl: str) -> None:
     """Switch every wrapped Linear (and, for ``io``/``materialize``, Embedding) to forward ``impl``."""
     _check_impl(impl)
     for mod in model.modules():
-        if isinstance(mod, MultipliedLinear) or (isinstance(mod, MultipliedEmbedding) and impl != "function"):
+        if isinstance(mod, MultipliedLinear) or (isinstance(mod, (MultipliedEmbedding, MultipliedConv1D))
+                                                 and impl != "function"):
             mod.impl = impl
 
 
@@ -354,13 +523,19 @@ def merge_multipliers(model: nn.Module) -> nn.Module:
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, _WRAPPERS)]
     for name, mod in wrapped:
         w = mod.weight
-        merged = _merge_tensor(w, mod.row_multiplier, mod.col_multiplier, mod.scalar_multiplier)
+        merged = mod.effective_weight().detach().to(w.dtype) if (mod._transposed or mod.row_multiplier_index is
+                                                                 not None) else \
+            _merge_tensor(w, mod.row_multiplier, mod.col_multiplier, mod.scalar_multiplier)
         if counts.get(id(w), 1) > 1:
             weight = nn.Parameter(merged, requires_grad=w.requires_grad)
         else:
             w.copy_(merged)
             weight = w
-        if isinstance(mod, MultipliedLinear):
+        if isinstance(mod, MultipliedConv1D):
+            plain = mod._orig
+            plain.weight = weight
+            plain.bias = mod.bias
+        elif isinstance(mod, MultipliedLinear):
             plain: nn.Module = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
             plain.bias = mod.bias
         else:
@@ -398,10 +573,14 @@ def merge_multipliers_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict
     """
     out = dict(state_dict)
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    extras: dict[str, dict[str, torch.Tensor]] = {}
     for key, val in state_dict.items():
         prefix, _, suffix = key.rpartition(".")
         if suffix in MULTIPLIER_SUFFIXES:
             groups.setdefault(prefix, {})[suffix] = val
+            del out[key]
+        elif suffix in ("row_multiplier_index", "multiplier_transposed"):
+            extras.setdefault(prefix, {})[suffix] = val
             del out[key]
     for prefix, mults in groups.items():
         wkey = f"{prefix}.weight" if prefix else "weight"
@@ -409,6 +588,12 @@ def merge_multipliers_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict
             raise ValueError(f"multiplier(s) {sorted(mults)} of {prefix!r} have no weight entry {wkey!r}")
         w = state_dict[wkey]
         r, c, s = (mults.get(n) for n in MULTIPLIER_SUFFIXES)
+        ex = extras.get(prefix, {})
+        transposed = bool(ex["multiplier_transposed"]) if "multiplier_transposed" in ex else False
+        if w.ndim == 2 and transposed:
+            w = w.t()  # merge in (out, in) layout, store back as (in, out)
+        if r is not None and "row_multiplier_index" in ex and w.ndim == 2:
+            r = torch.ones(w.shape[0], dtype=r.dtype).scatter(0, ex["row_multiplier_index"].long().cpu(), r.cpu())
         if w.ndim != 2 or (r is not None and r.shape != (w.shape[0],)) or (
             c is not None and c.shape != (w.shape[1],)
         ) or (s is not None and s.numel() != 1):
@@ -416,7 +601,10 @@ def merge_multipliers_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict
                 f"multiplier shapes of {prefix!r} do not fit weight {tuple(w.shape)}: "
                 + ", ".join(f"{k}={tuple(v.shape)}" for k, v in mults.items())
             )
-        out[wkey] = _merge_tensor(w, r, c, s.reshape(()) if s is not None else None)
+        merged = _merge_tensor(w, r, c, s.reshape(()) if s is not None else None)
+        out[wkey] = merged.t().contiguous() if transposed else merged
+    for prefix in set(extras) - set(groups):
+        raise ValueError(f"{prefix!r} has multiplier metadata {sorted(extras[prefix])} but no multiplier")
     return out
 
 
@@ -437,14 +625,18 @@ def multiplier_stats(model: nn.Module) -> dict[str, float]:
     """
     per_type: dict[str, list[torch.Tensor]] = {}
     out_scale: dict[tuple[int, str], torch.Tensor] = {}
+    an = None
     for name, mod in model.named_modules():
         if not isinstance(mod, _WRAPPERS):
             continue
+        if an is None:
+            an = _anatomy.anatomy(model)
         cname = canonical_name(name)
-        mtype = module_type(cname)
+        info = an.get(f"{cname}.weight")
+        mtype = ("embed" if info.role == "embedding" else info.operator or "other") if info is not None else "other"
         for suffix, p in mod.multipliers().items():
             per_type.setdefault(f"{mtype}/{suffix.split('_')[0]}", []).append(p.detach().float().reshape(-1))
-        li = layer_index(cname)
+        li = info.block if info is not None else None
         if li is not None and mtype in ("q", "k"):
             scale = torch.ones((), device=mod.weight.device)
             if mod.row_multiplier is not None:
@@ -476,7 +668,8 @@ def multiplier_stats(model: nn.Module) -> dict[str, float]:
 
 
 __all__ = [
-    "KINDS", "PLACEMENTS", "IMPLS", "SYMMETRY_FREE", "MultipliedLinear", "MultipliedEmbedding", "add_multipliers",
+    "KINDS", "PLACEMENTS", "IMPLS", "SYMMETRY_FREE", "MultipliedLinear", "MultipliedConv1D", "MultipliedEmbedding",
+    "add_multipliers",
     "merge_multipliers", "merge_multipliers_state_dict", "multiplier_parameters", "multiplier_stats",
     "set_multiplier_impl",
 ]

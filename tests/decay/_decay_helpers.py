@@ -28,3 +28,16 @@ def train_step(model, opt, x: torch.Tensor) -> None:
 
 
 
+
+
+def block_linear_weights(model):
+    """Reference list of the lab model's block matrices, written independently of layerwise.anatomy:
+    the nn.Linear weights under ``layers.N.`` (q, k, v, o, gate, up, down), in model order."""
+    return [(f"{n}.weight", m.weight) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith("layers.")]
+
+
+def layer_index(name):
+    """Block index of a lab-model name (``layers.3.mlp...`` -> 3), else None (hand-written reference)."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "layers" else None

@@ -10,9 +10,9 @@ from torch import nn
 
 import layerwise.decay.alphadecay as ad_mod
 from layerwise.decay import AlphaDecay, linear_decay_map, split_groups
-from layerwise.names import block_linear_weights, named_parameters
+from layerwise.names import named_parameters
 
-from _decay_helpers import batches, make_model, train_step
+from _decay_helpers import batches, block_linear_weights, layer_index, make_model, train_step
 
 
 # ------------------------------------------------------------------------------------------- the map

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from layerwise.decay import AWD, DECAY_CONTROLLERS, AdaDecay, TypeDecay, UniformDecay, build_decay
-from layerwise.names import block_linear_weights, layer_index, named_parameters
+from layerwise.names import named_parameters
 
-from _decay_helpers import batches, make_model, train_step
+from _decay_helpers import batches, block_linear_weights, layer_index, make_model, train_step
 
 
 def _set_grads(model, seed=5, scale=0.01):

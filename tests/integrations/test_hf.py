@@ -80,7 +80,7 @@ class Recorder(TrainerCallback):
 
     def _record(self, state, model, optimizer):
         wds = group_decays(optimizer)
-        names = [n for n, _ in lw.names.block_linear_weights(model)]
+        names = [r.name for r in lw.anatomy(model).block_matrices()]
         self.hist[state.global_step] = [wds[n] for n in names]
         if state.global_step in self.weights_at:
             params = dict(model.named_parameters())
@@ -137,7 +137,7 @@ def test_factory_builds_layerwise_groups(tmp_path):
     names = [n for g in opt.param_groups for n in g["param_names"]]
     assert sorted(names) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
     wd = group_decays(opt)
-    blocks = [n for n, _ in lw.names.block_linear_weights(model)]
+    blocks = [r.name for r in lw.anatomy(model).block_matrices()]
     assert len(blocks) == 14
     for g in opt.param_groups:  # analysed matrices sit alone in their groups (ready for AlphaDecay)
         if any(n in blocks for n in g["param_names"]):

@@ -70,7 +70,7 @@ class Recorder(pl.Callback):
 
     def _record(self, trainer, pl_module):
         wd = {n: g["weight_decay"] for g in trainer.optimizers[0].param_groups for n in g["param_names"]}
-        self.hist[trainer.global_step] = [float(wd[n]) for n, _ in lw.names.block_linear_weights(pl_module)]
+        self.hist[trainer.global_step] = [float(wd[r.name]) for r in lw.anatomy(pl_module).block_matrices()]
 
     def on_train_start(self, trainer, pl_module):
         self._record(trainer, pl_module)

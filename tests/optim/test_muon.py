@@ -10,7 +10,7 @@ from torch import nn
 
 from layerwise.lab.model import build_model
 from layerwise.multipliers import add_multipliers
-from layerwise.names import is_multiplier, layer_index
+from layerwise.names import is_multiplier
 from layerwise.optim.muon import MuonAdamW, muon_param_groups
 
 VOCAB = 64
@@ -48,7 +48,7 @@ def _reference_pair(model, lr, wd, mult_wd=2e-3):
     for name, p in model.named_parameters():
         if is_multiplier(name):
             adam_mult.append(p)
-        elif p.ndim == 2 and layer_index(name) is not None:
+        elif p.ndim == 2 and name.split(".")[0] == "layers":  # the lab model's blocks (hand-written)
             muon_p.append(p)
         elif p.ndim == 2:
             adam_decay.append(p)

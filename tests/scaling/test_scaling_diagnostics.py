@@ -11,9 +11,9 @@ from layerwise.lab.model import build_model
 from layerwise.scaling import (
     SublayerGains,
     coord_check,
-    find_blocks,
+    transformer_blocks,
     plot_coord_check,
-    top_singular_values,
+    block_top_singular_values,
     top_sv_metrics,
 )
 
@@ -97,17 +97,17 @@ def test_sublayer_gains_on_hf_llama_residual_rms():
         assert 0 < res[("attn", i)].gain < math.inf and 0 < res[("mlp", i)].gain < math.inf
 
 
-def test_find_blocks_error():
+def test_transformer_blocks_error():
     with pytest.raises(ValueError, match="no transformer blocks"):
         SublayerGains(nn.Sequential(nn.Linear(3, 3)))
     with pytest.raises(TypeError):
         SublayerGains("model")
 
 
-def test_top_singular_values_match_svd():
+def test_block_top_singular_values_match_svd():
     torch.manual_seed(0)
     model = build_model("nano", vocab_size=64)
-    top = top_singular_values(model, k=3)
+    top = block_top_singular_values(model, k=3)
     weights = {n: p for n, p in model.named_parameters() if "layers." in n and p.ndim == 2}
     assert set(top) == set(weights)
     for n, w in weights.items():
@@ -118,10 +118,10 @@ def test_top_singular_values_match_svd():
     assert met["top_sv/q/mean"] == pytest.approx(
         sum(float(top[f"layers.{i}.self_attn.q_proj.weight"][0]) for i in range(2)) / 2, rel=1e-6)
     with pytest.raises(ValueError, match="k"):
-        top_singular_values(model, k=0)
+        block_top_singular_values(model, k=0)
 
 
-def test_top_singular_values_use_effective_weight():
+def test_block_top_singular_values_use_effective_weight():
     mult = pytest.importorskip("layerwise.multipliers")
     torch.manual_seed(0)
     model = build_model("nano", vocab_size=64)
@@ -132,8 +132,8 @@ def test_top_singular_values_use_effective_weight():
         q.col_multiplier.uniform_(0.5, 2.0)
     w_eff = q.row_multiplier.detach()[:, None] * q.weight.detach() * q.col_multiplier.detach()[None, :]
     name = "layers.0.self_attn.q_proj.weight"
-    eff = top_singular_values(model, k=1)[name]
-    raw = top_singular_values(model, k=1, effective=False)[name]
+    eff = block_top_singular_values(model, k=1)[name]
+    raw = block_top_singular_values(model, k=1, effective=False)[name]
     torch.testing.assert_close(eff.double(), torch.linalg.svdvals(w_eff.double())[:1], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(raw.double(), torch.linalg.svdvals(q.weight.detach().double())[:1], rtol=1e-4, atol=1e-7)
 
@@ -183,8 +183,8 @@ def test_coord_check_errors():
         coord_check([32], _build(True), parametrization="ntk")
 
 
-def test_find_blocks_reference_model():
+def test_transformer_blocks_reference_model():
     model = build_model("nano", vocab_size=64)
-    blocks = find_blocks(model)
+    blocks = transformer_blocks(model)
     assert [b.layer for b in blocks] == [0, 1]
     assert blocks[0].attn is model.layers[0].self_attn and blocks[1].mlp_norm is model.layers[1].post_attention_layernorm

@@ -10,7 +10,7 @@ from torch import nn
 import layerwise as lw
 from layerwise.lab.model import build_model
 from layerwise.optim.groups import param_groups
-from layerwise.scaling import PARAM_CLASSES, WidthScaling, classify_parameter, init_std, param_class
+from layerwise.scaling import PARAM_CLASSES, WidthScaling, init_std, width_class
 
 LR, WD = 1e-3, 0.1
 
@@ -53,20 +53,20 @@ def _by_label(groups):
         ("module._orig_mod.lm_head.weight", (64, 8), "readout"),
         ("layers.0.self_attn.q_proj.row_multiplier", (8,), "multiplier"),
         ("layers.0.self_attn.q_proj.scalar_multiplier", (1,), "multiplier"),
-        ("some.gate_scale", (), "vector"),
-        ("some.weird.kernel", (4, 4, 3), "matrix"),
+        ("layers.0.mixer.A_log", (4,), "vector"),
+        ("layers.0.mixer.conv1d.weight", (12, 1, 4), "vector"),  # depthwise conv
+        ("some.gate_scale", (), None),  # unclassified: no silent default
+        ("some.weird.kernel", (4, 4, 3), None),
     ],
 )
-def test_classify_parameter(name, shape, expected):
-    assert classify_parameter(name, shape) == expected
-    assert param_class(name, torch.zeros(shape)) == expected
+def test_width_class(name, shape, expected):
+    # each name alone, as a state dict: the class comes from the anatomy role
+    assert width_class(lw.anatomy({name: torch.zeros(shape)}).by_name(name)) == expected
 
 
-def test_classify_bad_input():
-    with pytest.raises(TypeError, match="name"):
-        classify_parameter(3, (2, 2))
-    with pytest.raises(TypeError, match="shape"):
-        classify_parameter("a.weight", 5)
+def test_width_class_bad_input():
+    with pytest.raises(TypeError, match="ParamInfo"):
+        width_class("a.weight")
 
 
 def _assert_classes(groups, expected_by_name):
@@ -263,8 +263,9 @@ def test_mup_model_init_variance_scales_as_one_over_fan_in():
         model = _model(width, base=base)
         m = width / base
         assert model.readout_mult == pytest.approx(1 / m, rel=1e-15)
+        an = lw.anatomy(model)
         for name, p in model.named_parameters():
-            cls = classify_parameter(name, p)
+            cls = width_class(an.by_name(name))
             if cls == "vector":
                 assert torch.equal(p, torch.ones_like(p)), name
                 continue

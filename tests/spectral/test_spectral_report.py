@@ -139,14 +139,18 @@ def test_robustness_rows_and_skips():
         if r["reason"] is not None:
             assert math.isnan(r["alpha"])
     assert math.isfinite(rep.by_name("layers.1.q_proj.weight")["alpha"])
-    assert rep.skipped == [{"name": "layers.0.conv.weight", "shape": [4, 3, 3], "reason": "not a matrix (3-D tensor)"}]
+    # a convolution kernel is not a block matrix (anatomy role "conv"); asked for, it is skipped with a reason
+    assert rep.skipped == [] and "layers.0.conv.weight" not in rep.alphas()
+    assert analyze(sd, "all").skipped == [{"name": "layers.0.conv.weight", "shape": [4, 3, 3],
+                                          "reason": "not a matrix (3-D tensor)"}]
     # JSON: NaN -> null, round trip
     d = json.loads(rep.to_json())
     assert d["rows"][1]["alpha"] is None
     back = SpectralReport.from_json(rep.to_json())
     assert math.isnan(back.rows[1]["alpha"]) and back.rows[0]["alpha"] == rep.rows[0]["alpha"]
     md = rep.to_markdown()
-    assert "layers.0.k_proj.weight" in md and "zero matrix" in md and "skipped" in md
+    assert "layers.0.k_proj.weight" in md and "zero matrix" in md
+    assert "skipped" in analyze(sd, "all").to_markdown()
 
 
 def test_estimators_and_shape_correction(model):
@@ -177,5 +181,7 @@ def test_select_matrices_dedupes_tied_head():
             super().__init__()
             self.embed_tokens, self.lm_head = emb, head
 
-    names = [n for n, _ in select_matrices(M(), "blocks", include_embeddings=True, include_head=True)]
-    assert names == ["lm_head.weight", "embed_tokens.weight"]
+    # one tensor, one row (under its first name), whether asked for as embedding, head or both
+    for kw in ({"include_embeddings": True}, {"include_head": True}, {"include_embeddings": True, "include_head": True}):
+        names = [info.name for info, _ in select_matrices(M(), "blocks", **kw)]
+        assert names == ["embed_tokens.weight"], kw

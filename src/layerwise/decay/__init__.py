@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerwise.decay._base import DecayController, select_matrices, split_groups
+from layerwise.decay._base import DecayController, controlled_matrices, split_groups
 from layerwise.decay.alphadecay import AlphaDecay, estimate_alphas
 from layerwise.decay.baselines import AWD, AdaDecay, TypeDecay, UniformDecay
 from layerwise.decay.mapping import linear_decay_map
@@ -48,7 +48,7 @@ __all__ = [
     "build_decay",
     "linear_decay_map",
     "estimate_alphas",
-    "select_matrices",
+    "controlled_matrices",
     "split_groups",
 ]
 

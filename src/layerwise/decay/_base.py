@@ -8,7 +8,8 @@ Conventions (see DESIGN.md):
 * A controller counts optimizer steps itself with a step post-hook
   (``optimizer.register_step_post_hook``), so it is immune to schedulers stepped several times per step
   and to steps skipped by ``GradScaler`` (a skipped step runs no hook).
-* Per-module metadata is keyed by canonical parameter name (:mod:`layerwise.names`).
+* Per-module metadata is keyed by canonical parameter name (:mod:`layerwise.names`); what a parameter is
+  comes from :mod:`layerwise.anatomy`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Any, Callable, Iterable, Union
 import torch
 from torch import nn
 
-from layerwise import names as _names
+from layerwise import anatomy as _anatomy
+from layerwise.names import canonical_name
 
 Select = Union[None, str, "re.Pattern[str]", Callable[[str, torch.Tensor], bool], Iterable[str]]
 
@@ -26,32 +28,44 @@ Select = Union[None, str, "re.Pattern[str]", Callable[[str, torch.Tensor], bool]
 # ----------------------------------------------------------------------------------------- selection
 
 
-def select_matrices(model: nn.Module, select: Select = None) -> list[tuple[str, torch.Tensor]]:
-    """The (canonical name, parameter) pairs a controller analyses.
+def controlled_matrices(model: nn.Module, select: Select = None, *,
+                        controller: str = "controller") -> list[tuple[str, torch.Tensor]]:
+    """The (canonical name, parameter) pairs a weight-decay controller acts on.
 
-    ``select``: ``None`` → :func:`layerwise.names.block_linear_weights` (every ``nn.Linear`` weight
-    inside the transformer blocks); a regex (``str`` or compiled) → trainable 2-D parameters whose
-    canonical name it ``re.search``-matches; a callable ``(name, param) -> bool`` → trainable parameters
-    for which it returns true; an iterable of names → exactly those parameters.  Every selected tensor
-    must be 2-D.  Raises ``ValueError`` when nothing is selected.
+    ``select``: ``None`` -> the trainable block matrices of :func:`layerwise.anatomy` (every 2-D weight inside
+    a repeated block - ``nn.Linear`` or Hugging Face ``Conv1D``, q/k/v/o or fused qkv, gate/up/down, SSM
+    in/out; on a model without blocks, every 2-D layer that is neither an embedding nor a readout); a regex
+    (``str`` or compiled) -> trainable 2-D parameters whose canonical name it ``re.search``-matches; a callable
+    ``(name, param) -> bool`` -> trainable parameters for which it returns true; an iterable of names ->
+    exactly those parameters.  Every selected tensor must be 2-D.  Tied parameters count once.  Raises
+    ``ValueError`` when nothing is selected.  With ``select=None``, trainable parameters the anatomy cannot
+    classify (role ``other``) are listed in one warning (they keep their group's decay).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    params = dict(_names.named_parameters(model))
+    an = _anatomy.anatomy(model)
+    trainable = [r for r in an if r.trainable]
     if select is None:
-        chosen = [(n, p) for n, p in _names.block_linear_weights(model) if p.requires_grad]
+        chosen = [(r.name, r.tensor) for r in an.block_matrices(trainable=True)]
+        odd = [r for r in trainable if r.role == "other"]
+        if odd:
+            _anatomy.warn_once(
+                f"{controller}:{','.join(r.name for r in odd)}",
+                f"{controller}: {len(odd)} trainable parameter(s) cannot be classified and are not analysed "
+                "(they keep their group's weight decay): "
+                + ", ".join(f"{r.name} {list(r.shape)}" for r in odd[:8]) + (" ..." if len(odd) > 8 else "")
+                + "; pass select= (a regex, callable or list of names) to choose matrices yourself")
     elif isinstance(select, (str, re.Pattern)):
         pat = re.compile(select) if isinstance(select, str) else select
-        chosen = [(n, p) for n, p in params.items() if p.dim() == 2 and pat.search(n)]
+        chosen = [(r.name, r.tensor) for r in trainable if r.ndim == 2 and any(pat.search(n) for n in r.names)]
     elif callable(select):
-        chosen = [(n, p) for n, p in params.items() if select(n, p)]
+        chosen = [(r.name, r.tensor) for r in trainable if select(r.name, r.tensor)]
     else:
-        wanted = [_names.canonical_name(str(n)) for n in select]
-        unknown = [n for n in wanted if n not in params]
+        wanted = [canonical_name(str(n)) for n in select]
+        unknown = [n for n in wanted if an.get(n) is None or not an.get(n).trainable]
         if unknown:
             raise ValueError(f"select names parameter(s) not in the model (or not trainable): {unknown}")
-        chosen = [(n, params[n]) for n in wanted]
-    # dedupe (tied weights) while keeping order
+        chosen = [(n, an.by_name(n).tensor) for n in wanted]
     seen: set[int] = set()
     out = []
     for n, p in chosen:
@@ -63,8 +77,8 @@ def select_matrices(model: nn.Module, select: Select = None) -> list[tuple[str, 
         raise ValueError(f"only 2-D weight matrices can be analysed; select picked {bad}")
     if not out:
         raise ValueError(
-            "the model has no weight matrix to analyse (select matched nothing; default: nn.Linear weights "
-            "inside transformer blocks)"
+            "the model has no weight matrix to analyse (select matched nothing; default: the block matrices of "
+            "layerwise.anatomy(model))"
         )
     return out
 

@@ -14,7 +14,7 @@ from layerwise.decay._base import (
     Select,
     check_in_optimizer,
     resolve_wd0,
-    select_matrices,
+    controlled_matrices,
     split_groups,
 )
 from layerwise.decay.mapping import linear_decay_map
@@ -172,8 +172,8 @@ class AlphaDecay(DecayController):
         shape_correction: use ``α − α_noise(shape) + 2`` (:func:`layerwise.spectral.shape_corrected_alpha`;
             α_noise = what the estimator reads on Gaussian noise of that shape, cached per shape) so square
             and rectangular matrices are comparable (uncorrected, noise reads ≈ 2.13 square vs ≈ 3.0 at 1:2.7).
-        select: which matrices to analyse (default: ``nn.Linear`` weights inside the transformer blocks;
-            a regex, a callable ``(name, param) -> bool`` or a list of names; see ``select_matrices``).
+        select: which matrices to analyse (default: the block matrices of :func:`layerwise.anatomy`;
+            a regex, a callable ``(name, param) -> bool`` or a list of names; see ``controlled_matrices``).
 
     Note: the authors' code skips layer 0's ``q_proj`` by accident; we analyse it.
     """
@@ -205,7 +205,7 @@ class AlphaDecay(DecayController):
             raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
         if ema is not None and not (0.0 <= float(ema) < 1.0):
             raise ValueError(f"ema must be None or in [0, 1), got {ema!r}")
-        matrices = select_matrices(model, select)
+        matrices = controlled_matrices(model, select)
         check_in_optimizer(optimizer, matrices)
         super().__init__(optimizer, model)
         self.interval = interval

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from layerwise import anatomy as _anatomy
 from layerwise import names as _names
 from layerwise.decay._base import (
     DecayController,
@@ -33,7 +34,7 @@ from layerwise.decay._base import (
     check_in_optimizer,
     param_locations,
     resolve_wd0,
-    select_matrices,
+    controlled_matrices,
     split_groups,
 )
 
@@ -51,6 +52,11 @@ def _group_mode(optimizer: Any, group: dict, mode: str) -> str:
     if type(optimizer).__name__ in _COUPLED_OPTIMIZERS and type(optimizer).__module__.startswith("torch.optim"):
         return "coupled"
     return "decoupled"
+
+
+#: anatomy operators TypeDecay treats as attention / MLP matrices
+ATTENTION_OPERATORS = ("q", "k", "v", "o", "qkv")
+MLP_OPERATORS = ("gate", "up", "gate_up", "down")
 
 
 def _check_mode(mode: str) -> None:
@@ -84,7 +90,7 @@ class UniformDecay(DecayController):
     name = "uniform"
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, select: Select = None) -> None:
-        matrices = select_matrices(model, select)
+        matrices = controlled_matrices(model, select)
         check_in_optimizer(optimizer, matrices)
         super().__init__(optimizer, model)
         self.names = [n for n, _ in matrices]
@@ -105,8 +111,8 @@ class TypeDecay(DecayController):
 
     Each analysed matrix gets ``wd0 × multiplier[type]`` once, at construction: attention matrices
     (q/k/v/o) ``attention`` (0.6666 = AlphaDecay's s1), MLP matrices (gate/up/down) ``mlp`` (3 = s2),
-    any other type ×1 (``multipliers`` may override or add types, keyed by
-    :func:`layerwise.names.module_type`).  Groups are split as in :class:`~layerwise.decay.AlphaDecay`
+    any other type ×1 (``multipliers`` may override or add types, keyed by the anatomy operator
+    (:data:`layerwise.anatomy.OPERATORS`: q/k/v/o/qkv are attention, gate/up/gate_up/down MLP).  Groups are split as in :class:`~layerwise.decay.AlphaDecay`
     (create it before the LR scheduler).  ``wd0`` as in AlphaDecay.
     """
 
@@ -126,18 +132,19 @@ class TypeDecay(DecayController):
         for field, v in (("attention", attention), ("mlp", mlp)):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{field} multiplier must be finite and >= 0, got {v!r}")
-        matrices = select_matrices(model, select)
+        matrices = controlled_matrices(model, select)
         check_in_optimizer(optimizer, matrices)
         super().__init__(optimizer, model)
-        mult = {t: float(attention) for t in _names.ATTENTION_TYPES}
-        mult.update({t: float(mlp) for t in _names.MLP_TYPES})
+        mult = {t: float(attention) for t in ATTENTION_OPERATORS}
+        mult.update({t: float(mlp) for t in MLP_OPERATORS})
         mult.update({k: float(v) for k, v in (multipliers or {}).items()})
         self.multipliers = mult
         self.names = [n for n, _ in matrices]
         self._params = [p for _, p in matrices]
         groups = split_groups(optimizer, self._params)
         self.wd0 = resolve_wd0(groups, wd0, self.names)
-        self.decays = [w * mult.get(_names.module_type(n), 1.0) for n, w in zip(self.names, self.wd0)]
+        an = _anatomy.anatomy(model)
+        self.decays = [w * mult.get(an.by_name(n).operator or "", 1.0) for n, w in zip(self.names, self.wd0)]
         self._apply()
         self.version, self.last_update_step = 1, 0
         self._attach()
@@ -320,7 +327,7 @@ class AdaDecay(_PerStepDecay):
     ) -> None:
         if not (math.isfinite(slope) and slope >= 0):
             raise ValueError(f"slope must be finite and >= 0, got {slope!r}")
-        matrices = select_matrices(model, select)
+        matrices = controlled_matrices(model, select)
         check_in_optimizer(optimizer, matrices)
         _check_mode(mode)
         super().__init__(optimizer, model, mode)
@@ -333,7 +340,9 @@ class AdaDecay(_PerStepDecay):
         for g in groups:
             g["weight_decay"] = 0.0
         blocks: dict[Any, int] = {}
-        self._block = [blocks.setdefault(_names.layer_index(n), len(blocks)) for n in self.names]
+        an = _anatomy.anatomy(model)
+        self._block = [blocks.setdefault((an.by_name(n).stack, an.by_name(n).block), len(blocks))
+                       for n in self.names]
         self._nblocks = len(blocks)
         dev = self._params[0].device
         self._block_t = torch.tensor(self._block, device=dev)

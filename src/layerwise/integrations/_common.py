@@ -83,7 +83,7 @@ def build_optimizer(
         scaling: a :class:`layerwise.WidthScaling` or ``None``.
         multiplier_weight_decay, multiplier_lr_scale, no_decay: as in :func:`layerwise.param_groups`.
         split_matrices: give every matrix that :class:`layerwise.AlphaDecay` analyses (``decay_select``; default
-            every ``nn.Linear`` weight in the transformer blocks) its own parameter group now, so a decay
+            the block matrices of :func:`layerwise.anatomy`) its own parameter group now, so a decay
             controller can be attached after the LR scheduler exists.  Costs one group per matrix (a few more
             kernel launches per step for ``foreach`` optimizers); ``False`` keeps the merged groups.
         decay_select: which matrices to split (same meaning as ``AlphaDecay(select=...)``); must match the
@@ -95,7 +95,7 @@ def build_optimizer(
         The optimizer.  Every group carries ``params``, ``lr``, ``weight_decay``, ``param_names`` (canonical
         names) and ``group`` (a label); torch optimizers accept the extra keys.
     """
-    from layerwise.decay._base import select_matrices, split_groups
+    from layerwise.decay._base import controlled_matrices, split_groups
     from layerwise.optim.groups import param_groups
 
     if not isinstance(model, nn.Module):
@@ -113,7 +113,7 @@ def build_optimizer(
             f"optimizer {name!r} ({cls.__name__}) rejected the options {sorted(optimizer_options)}: {e}"
         ) from None
     if split_matrices:
-        split_groups(opt, [p for _, p in select_matrices(model, decay_select)])
+        split_groups(opt, [p for _, p in controlled_matrices(model, decay_select)])
     return opt
 
 

@@ -361,7 +361,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Raises ``ValueError`` when a multiplied weight is shared with another module (tied embeddings with a
     multiplied ``embed_tokens``): a plain model re-ties the two on load, so the export could not be exact.
     """
-    from layerwise.multipliers import MultipliedEmbedding, MultipliedLinear, merge_multipliers_state_dict
+    from layerwise.multipliers import (MultipliedConv1D, MultipliedEmbedding, MultipliedLinear,
+                                       merge_multipliers_state_dict)
 
     users: dict[int, list[str]] = {}
     for mname, mod in model.named_modules(remove_duplicate=False):
@@ -369,7 +370,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(w, torch.Tensor):
             users.setdefault(id(w), []).append(mname)
     for mname, mod in model.named_modules():
-        if isinstance(mod, (MultipliedLinear, MultipliedEmbedding)):
+        if isinstance(mod, (MultipliedLinear, MultipliedConv1D, MultipliedEmbedding)):
             shared = [u for u in users.get(id(mod.weight), []) if u != mname]
             if shared:
                 raise ValueError(

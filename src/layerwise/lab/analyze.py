@@ -39,7 +39,7 @@ from layerwise.spectral import SpectralReport, analyze, select_matrices
 __all__ = ["register", "run", "load_state_dict", "open_weights", "analyze_source", "plot_alpha_heatmap",
            "plot_esd", "main"]
 
-_TYPE_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "embed", "head", "other")
+_TYPE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "ssm_in", "ssm_out", "embed", "head", "other")
 
 
 class AnalyzeError(RuntimeError):
@@ -60,7 +60,11 @@ def _open_dcp(p: Path) -> tuple[WeightSource, Path] | None:
     if dcp_dir is None:
         return None
     # a torch.distributed.checkpoint folder (FSDP run), read in this one process (in memory)
-    return InMemorySource(dcp_dir, load_sharded_model_state(dcp_dir)), p if dcp_dir != p else p.parent
+    try:  # through layerwise.lab.safeload: a crafted .metadata pickle is refused, never run
+        sd = load_sharded_model_state(dcp_dir)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the path
+        raise AnalyzeError(f"{dcp_dir}: cannot read as a DCP checkpoint: {exc}") from exc
+    return InMemorySource(dcp_dir, sd), p if dcp_dir != p else p.parent
 
 
 def _open(p: Path) -> tuple[WeightSource, Path]:
@@ -301,7 +305,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory, .pt/.safetensors checkpoint, or Hugging Face model folder")
     p.add_argument("--out", default=None, help="output directory (default: next to the input)")
     p.add_argument("--select", default="blocks", choices=("blocks", "linear", "all"),
-                   help="which matrices (default: Linear weights inside transformer blocks)")
+                   help="which matrices (default: the block matrices of layerwise.anatomy)")
     p.add_argument("--include-embeddings", action="store_true", help="also analyse the embedding")
     p.add_argument("--include-head", action="store_true", help="also analyse the LM head")
     p.add_argument("--estimator", default="hill", choices=("hill", "ks"),

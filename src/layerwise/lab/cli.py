@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
-    for module in ("layerwise.lab.analyze", "layerwise.lab.sweep"):
+    for module in ("layerwise.lab.analyze", "layerwise.lab.sweep", "layerwise.lab.export", "layerwise.lab.anatomy_cmd"):
         try:
             mod = importlib.import_module(module)
         except ImportError:
@@ -160,10 +160,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layerwise {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
+        from layerwise.lab.checkpoint import CheckpointError
         from layerwise.lab.data import DataError
+        from layerwise.lab.distwatch import DistributedTimeoutError
+        from layerwise.lab.runlock import RunLockedError
+        from layerwise.lab.safeload import UnsafeCheckpointError
         from layerwise.lab.train import NonFiniteLossError
 
-        if isinstance(e, (DataError, NonFiniteLossError)):
+        if isinstance(e, (DataError, NonFiniteLossError, CheckpointError, RunLockedError, DistributedTimeoutError,
+                          UnsafeCheckpointError)):
             print(f"layerwise {args.command}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -33,6 +33,11 @@ class ModelSection:
     parametrization: str = "sp"  # "sp" | "mup" (see layerwise.scaling)
     base_hidden_size: int = 0  # muP base width (0 = this model's width)
     attn_scale: str = "sqrt"  # "sqrt" | "mup" (1/head_dim)
+    # Any Hugging Face causal LM (see layerwise.lab.hf_models): a config.json or a model folder, built with
+    # AutoModelForCausalLM.from_config (the size fields above are then unused); init_from = a model folder
+    # whose weights the run starts from (continued pre-training / fine-tuning).
+    hf_config: str = ""
+    init_from: str = ""
 
 
 @dataclass
@@ -51,8 +56,11 @@ class OptimSection:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | wsd | linear | constant (see layerwise.schedules)
     warmup_frac: float = 0.1  # linear warm-up over this fraction of max_steps
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    decay_frac: float = 0.2  # wsd: the final fraction of max_steps that cools down
+    decay_shape: str = "linear"  # wsd cool-down: linear | sqrt (1 - sqrt)
     grad_clip: float = 1.0  # 0 = no clipping
     fused: bool = True  # torch's fused AdamW/Adam where available
     # parameter groups
@@ -99,7 +107,8 @@ class TrainSection:
     seed: int = 0
     eval_every: int = 200  # 0 = only at the end
     log_every: int = 10
-    ckpt_every: int = 0  # 0 = only at evaluations and at the end
+    ckpt_every: int = 0  # 0 = only at evaluations and at the end (independent of log_every)
+    keep_checkpoints: int = 2  # the newest checkpoint and K-1 before it (a corrupt newest falls back)
     stop_at: int = 0  # > 0: checkpoint and end this invocation after this step (the schedule still runs to
     #                   max_steps; continue with --resume) — for preemptible or time-limited allocations
     device: str = "cpu"  # cpu | cuda
@@ -108,6 +117,7 @@ class TrainSection:
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     parallel: str = "none"  # none | ddp | fsdp
+    dist_timeout_s: float = 600.0  # every collective's timeout: a stalled/dead rank ends the job after this
     num_threads: int = 0  # torch intra-op threads (0 = torch default)
     tensorboard: bool = True
     progress: bool = True
@@ -175,8 +185,11 @@ def from_dict(d: dict, cfg: Config | None = None) -> Config:
 
 def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
     path = Path(path)
+    from layerwise.lab.validation import check_config_file
+
+    check_config_file(path)  # a directory / non-UTF-8 file: an error naming it
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:

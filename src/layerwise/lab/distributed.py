@@ -48,9 +48,11 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
+        """Leave the group; ``barrier=False`` after an error (a peer may be gone: waiting would only time out)."""
         if self.owns_group and dist.is_initialized():
-            dist.barrier()
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -60,8 +62,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup(parallel: str, device: str) -> DistContext:
-    """Join (or, without torchrun, create a one-process) process group for ``ddp``/``fsdp``."""
+def setup(parallel: str, device: str, timeout_s: float | None = None) -> DistContext:
+    """Join (or, without torchrun, create a one-process) process group for ``ddp``/``fsdp``; ``timeout_s``
+    bounds every collective (``train.dist_timeout_s``: a stalled peer ends the job instead of hanging it)."""
     if parallel == "none":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError("launched with torchrun (WORLD_SIZE > 1) but train.parallel='none'; "
@@ -75,8 +78,16 @@ def setup(parallel: str, device: str) -> DistContext:
         backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        if timeout_s:
+            import datetime
+
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.init_process_group(backend)
         owns = True
+        from layerwise.lab.distwatch import watch_parent
+
+        watch_parent()  # a torchrun worker exits if its agent is killed, instead of training on as an orphan
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), parallel,
                        owns)
 
@@ -90,7 +101,9 @@ def wrap(model: nn.Module, ctx: DistContext, device: str) -> nn.Module:
     if ctx.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.layers:
+        from layerwise.lab.hf_models import decoder_layers
+
+        for block in decoder_layers(model):
             fully_shard(block)
         fully_shard(model)
     return model
@@ -118,9 +131,10 @@ def model_state(model: nn.Module, ctx: DistContext, *, full: bool = True) -> dic
     return model.state_dict()
 
 
-def save_sharded(path: Path, model: nn.Module, optimizer, extra: dict, ctx: DistContext, save_fn) -> None:
+def save_sharded(path: Path, model: nn.Module, optimizer, extra: dict, ctx: DistContext, save_fn,
+                 commit=None) -> None:
     """DCP save into a temporary folder, then swap it in for ``path`` (rank 0), so an interrupted save never
-    replaces a good checkpoint."""
+    replaces a good checkpoint.  ``commit(tmp)`` (rank 0) does the swap instead when given (rotation)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -133,9 +147,12 @@ def save_sharded(path: Path, model: nn.Module, optimizer, extra: dict, ctx: Dist
     dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
     if ctx.is_main:
         save_fn(extra, tmp / "extra.pt")
-        if path.exists():
+        if commit is not None:
+            commit(tmp)
+        elif path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        if commit is None:
+            os.replace(tmp, path)
         if old.exists():
             shutil.rmtree(old)
     ctx.barrier()
@@ -150,24 +167,24 @@ def sharded_checkpoint(path: Path) -> Path | None:
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from layerwise.lab.safeload import load_dcp
 
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optimizer": osd}
-    dcp.load(state, checkpoint_id=str(path))
+    load_dcp(state, path)  # .metadata and non-tensor entries read without unpickling arbitrary globals
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def load_sharded_model_state(path: str | Path) -> dict[str, Any]:
     """Read the model weights of a DCP checkpoint folder in one process (no process group needed), e.g. for
-    ``layerwise analyze`` and export."""
-    import tempfile
+    ``layerwise analyze`` and export.  Read through :mod:`layerwise.lab.safeload` (no code runs from it)."""
+    from layerwise.lab.safeload import load_dcp_full
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    full = load_dcp_full(path)
+    if not isinstance(full.get("model"), dict):
+        from layerwise.lab.safeload import UnsafeCheckpointError
 
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "full.pt"
-        dcp_to_torch_save(str(path), str(out))
-        full = torch.load(out, map_location="cpu", weights_only=True)
+        raise UnsafeCheckpointError(f"{path}: DCP checkpoint has no 'model' entry (keys: {sorted(full)[:5]})")
     return full["model"]

@@ -118,7 +118,9 @@ def plot_decay_history(run: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from layerwise.names import layer_index, module_type
+    import torch
+
+    from layerwise.anatomy import anatomy
 
     recs = [json.loads(ln) for ln in (run / "spectral.jsonl").read_text().splitlines() if ln.strip()]
     recs = [r for r in recs if r.get("kind") == "decay" and r.get("rows")]
@@ -126,7 +128,14 @@ def plot_decay_history(run: Path, path: Path) -> None:
         return
     types = ["q", "k", "v", "o", "gate", "up", "down"]
     first, last = recs[0], recs[-1]
-    layers = sorted({layer_index(r["name"]) for r in last["rows"] if layer_index(r["name"]) is not None})
+    # block index and operator of each logged name, from the names alone (the rows are the analysed matrices)
+    an = anatomy({r["name"]: torch.empty(2, 2, device="meta") for rec in recs for r in rec["rows"]})
+
+    def where(name: str) -> tuple[int | None, str | None]:
+        info = an.get(name)
+        return (info.block, info.operator) if info is not None else (None, None)
+
+    layers = sorted({where(r["name"])[0] for r in last["rows"] if where(r["name"])[0] is not None})
     has_alpha = any(r.get("alpha") is not None for r in last["rows"])
     ncols = 3 if has_alpha else 1
     fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4))
@@ -135,7 +144,7 @@ def plot_decay_history(run: Path, path: Path) -> None:
     def grid(rec, key):
         g = np.full((len(layers), len(types)), np.nan)
         for r in rec["rows"]:
-            li, mt = layer_index(r["name"]), module_type(r["name"])
+            li, mt = where(r["name"])
             if li in layers and mt in types and r.get(key) is not None:
                 g[layers.index(li), types.index(mt)] = r[key]
         return g

@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from layerwise.lab import methods
+from layerwise.lab.checkpoint import CheckpointError, CheckpointStore, trim_jsonl  # noqa: F401 - re-exported
 from layerwise.lab.config import Config, ConfigError, load_toml, to_toml
 from layerwise.lab.data import BatchSampler, TokenData, eval_windows, prepare
+from layerwise.lab.export import stash_tokenizer
+from layerwise.lab.guard import NonFiniteGuard, NonFiniteLossError
+from layerwise.lab.hf_models import build_hf_model, uses_hf, write_run_config
 from layerwise.lab.model import LlamaModel, ModelConfig, model_config
 
 CKPT_NAME = "last.pt"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -40,6 +40,10 @@ def resolve_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
     m = cfg.model
     over = {k: getattr(m, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
                                        "num_kv_heads") if getattr(m, k)}
+    if "num_heads" in over and "num_kv_heads" not in over:  # the size's kv heads were derived from its own heads
+        from layerwise.lab.model import SIZES
+
+        over["num_kv_heads"] = SIZES.get(m.size, {}).get("num_kv_heads") or over["num_heads"]
     try:
         base = model_config(m.size)
         hidden = over.get("hidden_size", base.hidden_size)
@@ -52,6 +56,9 @@ def resolve_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
 
 
 def validate(cfg: Config) -> None:
+    from layerwise.lab.validation import check_values
+
+    check_values(cfg)  # ranges, choices, finite floats, head sizes, path lengths: errors name the key
     t, o = cfg.train, cfg.optim
     checks = [
         ("train.max_steps", t.max_steps >= 1), ("train.batch_size", t.batch_size >= 1),
@@ -78,15 +85,32 @@ def validate(cfg: Config) -> None:
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if t.compile_mode not in modes:
             raise ConfigError(f"train.compile_mode={t.compile_mode!r} must be one of {modes}")
+    schedule_of(cfg)
 
 
-def lr_factor(step: int, max_steps: int, warmup_frac: float, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup_frac`` of the run, then cosine from 1 to ``min_ratio``."""
-    warmup = int(warmup_frac * max_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def lr_factor(step: int, max_steps: int, warmup_frac: float, min_ratio: float, schedule: str = "cosine",
+              decay_frac: float = 0.2, decay_shape: str = "linear") -> float:
+    """The LR multiplier at 0-based ``step``: linear warm-up over ``warmup_frac`` of the run, then the
+    :mod:`layerwise.schedules` ``schedule`` (default cosine from 1 to ``min_ratio``)."""
+    return make_schedule(max_steps, warmup_frac, min_ratio, schedule, decay_frac, decay_shape)(step)
+
+
+def make_schedule(max_steps: int, warmup_frac: float, min_ratio: float, schedule: str = "cosine",
+                  decay_frac: float = 0.2, decay_shape: str = "linear"):
+    from layerwise.schedules import Schedule
+
+    return Schedule(schedule, max_steps, int(warmup_frac * max_steps), min_ratio, decay_frac, decay_shape)
+
+
+def schedule_of(cfg: Config):
+    """The run's :class:`layerwise.schedules.Schedule` (``optim.schedule`` & co.); errors name the field."""
+    o = cfg.optim
+    try:
+        return make_schedule(cfg.train.max_steps, o.warmup_frac, o.min_lr_ratio, o.schedule, o.decay_frac,
+                             o.decay_shape)
+    except ValueError as e:
+        raise ConfigError(f"optim.schedule={o.schedule!r} (warmup_frac={o.warmup_frac}, decay_frac="
+                          f"{o.decay_frac}, decay_shape={o.decay_shape!r}): {e}") from e
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -158,17 +182,22 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            trim_jsonl(self.path, resume_step)  # also drops a line torn by a crash mid-write
         elif resume_step is None and self.path.exists():
             self.path.unlink()
+        if resume_step is None and (run_dir / "tb").is_dir():  # a fresh run: no stale events from an old one
+            import shutil
+
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)
         self.file = open(self.path, "a")
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                # on resume, TensorBoard hides the old files' events after the checkpoint (no duplicates)
+                self.tb = SummaryWriter(str(run_dir / "tb"),
+                                        purge_step=None if resume_step is None else resume_step + 1)
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.tb = None
 
@@ -206,11 +235,25 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: Token
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    ctx = D.setup(t.parallel, t.device)
+    from layerwise.lab.distwatch import translate
+    from layerwise.lab.runlock import lock_run_dir
+
+    ctx = D.setup(t.parallel, t.device, timeout_s=t.dist_timeout_s)
+    ok, lock = False, None
     try:
-        return _train(cfg, run_dir, resume, data, quiet, ctx)
+        lock = lock_run_dir(run_dir, ctx)  # one writer per run directory (RunLockedError names the other)
+        out = _train(cfg, run_dir, resume, data, quiet, ctx)
+        ok = True
+        return out
+    except Exception as e:
+        err = translate(e, ctx, t.dist_timeout_s)  # a stalled / dead peer: a clear error naming the key
+        if err is not e:
+            raise err from e
+        raise
     finally:
-        ctx.close()
+        if lock is not None:
+            lock.release()
+        ctx.close(barrier=ok)
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, quiet: bool, ctx) -> dict:
@@ -235,40 +278,44 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
                 prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.valid)
             ctx.barrier()
         data = prepare(cfg.data.corpus, cfg.data.vocab_size, cfg.data.valid)
-    mcfg = resolve_model_config(cfg, data.vocab_size)
+    hf = uses_hf(cfg)
+    mcfg = None if hf else resolve_model_config(cfg, data.vocab_size)
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = ckpt_dir / CKPT_NAME
-    dcp_path = ckpt_dir / "last.dcp"
     sharded = t.parallel == "fsdp"
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    ctx.barrier()
-    ckpt, dcp_found = None, None
+    store = CheckpointStore(ckpt_dir, keep=t.keep_checkpoints, sharded=sharded, ctx=ctx)
+    store.remove_orphans(resume)  # temp files of a writer that died (the run directory is locked by now)
     if resume:
-        if sharded:
-            dcp_found = D.sharded_checkpoint(dcp_path)
-            ckpt = load_checkpoint(dcp_found / "extra.pt") if dcp_found else None
-        elif ckpt_path.exists():
-            ckpt = load_checkpoint(ckpt_path)
-    if ctx.is_main:
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        store.check_layout(t.parallel, ctx.world_size)  # before anything in the run directory changes
 
     torch.manual_seed(t.seed)  # same initial weights on every rank, for every method with this seed
-    model = LlamaModel(mcfg)
+    if hf:
+        model, mcfg = build_hf_model(cfg, data.vocab_size)
+        if ctx.is_main:
+            write_run_config(mcfg, run_dir)
+    else:
+        model = LlamaModel(mcfg)
+    mcfg_dict = json.loads(mcfg.to_json_string()) if hf else mcfg.to_dict()
     exclude_from_clip = methods.transform_model(model, cfg)
     model.to(device)
     fwd_model = D.wrap(model, ctx, dev_type)
     optimizer = methods.build_optimizer(model, cfg, mcfg, device)
     decay = methods.build_decay(optimizer, model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, t.max_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio))
+    lr_at = schedule_of(cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s))  # a closure: resume follows cfg
     start_step, tokens_seen, wall_prev = 0, 0, 0.0
+    ckpt = None
+    if resume:  # newest readable checkpoint; a corrupt newest one falls back to the previous with a warning
+        ckpt = store.restore(model, optimizer, parallel=t.parallel, world_size=ctx.world_size,
+                             load_sharded=D.load_sharded)
+        if ckpt is None:
+            import warnings
+
+            warnings.warn(f"--resume {run_dir}: no checkpoint in {ckpt_dir}; starting from step 0", RuntimeWarning,
+                          stacklevel=2)
+    if ctx.is_main:
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        stash_tokenizer(data, run_dir)
     if ckpt is not None:
-        if sharded:
-            D.load_sharded(dcp_found, model, optimizer)
-        else:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if decay is not None and ckpt.get("decay") is not None:
             decay.load_state_dict(ckpt["decay"])
@@ -278,7 +325,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
             scheduler.base_lrs = [b * ratio for b in scheduler.base_lrs]
             for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
                 g["initial_lr"] = base
-                g["lr"] = base * lr_factor(start_step, t.max_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio)
+                g["lr"] = base * lr_at(start_step)
     if t.compile:
         fwd_model = torch.compile(fwd_model, backend=t.compile_backend,
                                   mode=None if t.compile_mode == "default" else t.compile_mode)
@@ -292,20 +339,36 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     spectral_log = run_dir / "spectral.jsonl"
     if main and ckpt is None and spectral_log.exists():
         spectral_log.unlink()
+    elif main and ckpt is not None:
+        trim_jsonl(spectral_log, start_step)  # resumed: no duplicate steps
     diag = methods.Diagnostics(model, optimizer, decay, cfg)
 
-    def save(step: int) -> None:
+    def where() -> str:
+        if store.last.exists():
+            at = f" (step {store.last_step})" if store.last_step is not None else ""
+            return f"the last good checkpoint is kept at {store.last}{at}"
+        if store.restored_from is not None and store.restored_from.exists():
+            return f"the checkpoint this run resumed from is kept at {store.restored_from}"
+        return "no checkpoint was written"
+
+    guard = NonFiniteGuard(device, eager=dev_type == "cpu" and ctx.world_size == 1, where=where)
+
+    def save(step: int, verified: bool) -> None:
+        """``verified=False``: held as pending until the next step, computed from these weights, is finite."""
+        guard.verify(ctx, model.parameters())  # never write a checkpoint after a non-finite step
         extra = {"scheduler": scheduler.state_dict(), "decay": decay.state_dict() if decay is not None else None,
                  "step": step, "tokens": tokens_seen, "wall_s": wall_prev + (time.perf_counter() - t0),
-                 "model_config": mcfg.to_dict(), "optim_lr": cfg.optim.lr, "parallel": t.parallel,
+                 "model_config": mcfg_dict, "optim_lr": cfg.optim.lr, "parallel": t.parallel,
                  "world_size": ctx.world_size}
         if sharded:
-            D.save_sharded(dcp_path, model, optimizer, extra, ctx, atomic_torch_save)
+            D.save_sharded(store.last, model, optimizer, extra, ctx, atomic_torch_save,
+                           commit=lambda tmp: store.commit_dcp(tmp, step, verified))
         else:
-            if main:
-                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra},
-                                  ckpt_path)
+            if main:  # keeps train.keep_checkpoints in all (last.pt + step-N.pt)
+                store.save_pt({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra},
+                              atomic_torch_save, verified)
             ctx.barrier()
+        store.pending_step = None if verified else step  # every rank tracks it (rank 0 holds the file)
 
     bar = None
     if t.progress and not quiet and main:
@@ -317,22 +380,29 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     val_loss = float("nan")
     loss_sum = torch.zeros((), device=device)
     n_loss = 0
-    check_every_step = dev_type == "cpu" and ctx.world_size == 1
     model.train()
     if start_step == 0 and decay is not None and main:
         diag.log_decay(spectral_log, 0)
     x = None
     try:
         for step in range(start_step, t.max_steps):
+            step_loss = torch.zeros((), device=device)
             for micro in range(t.grad_accum):
                 x, y = sampler.get(step, micro, ctx.rank, ctx.world_size, t.grad_accum)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with D.set_grad_sync(fwd_model, ctx, micro == t.grad_accum - 1), autocast():
                     _, loss = fwd_model(x, y)
                     (loss / t.grad_accum).backward()
-                loss_sum += loss.detach() / t.grad_accum
+                step_loss += loss.detach() / t.grad_accum
+            loss_sum += step_loss
             n_loss += 1
             grad_norm = _clip(clip_params, exclude_from_clip, cfg) if cfg.optim.grad_clip > 0 else None
+            # before the step touches weights: a host check on CPU, a device flag (no sync) on CUDA/multi-rank
+            guard.before_step(step + 1, step_loss, grad_norm, model.parameters())
+            if store.pending_step is not None:  # these weights gave a finite step: the checkpoint is good
+                if not guard.eager:
+                    guard.verify(ctx)  # one sync per checkpoint, not per step
+                store.promote()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -340,18 +410,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
             done = step + 1
             if bar is not None:
                 bar.update(1)
-            if check_every_step and not torch.isfinite(loss_sum):
-                _raise_nonfinite(done, float(loss_sum) / n_loss, ckpt_path)
             if decay is not None and main:
                 diag.log_decay(spectral_log, done, done % t.log_every == 0)
             is_eval = done == t.max_steps or (t.eval_every and done % t.eval_every == 0)
             if done % t.log_every == 0 or is_eval:
                 now = time.perf_counter()
+                guard.verify(ctx)  # the lagged check, at a point that synchronises anyway
                 mean_loss = float(ctx.all_reduce_sum(loss_sum.clone())) / n_loss / ctx.world_size
-                if not math.isfinite(mean_loss):
-                    _raise_nonfinite(done, mean_loss, dcp_path if sharded else ckpt_path)
                 rec = {"step": done, "loss": mean_loss,
-                       "lr": cfg.optim.lr * lr_factor(step, t.max_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio),
+                       "lr": cfg.optim.lr * lr_at(step),
                        "tokens": tokens_seen,
                        "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log - eval_time, 1e-9)}
                 if grad_norm is not None:
@@ -366,10 +433,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
                     te = time.perf_counter()
                     val_loss = evaluate(fwd_model, data.val, cfg.data.seq_len, device, autocast, ctx=ctx)
                     rec["val_loss"], rec["val_ppl"] = val_loss, math.exp(min(val_loss, 50.0))
-                    save(done)
                     eval_time = time.perf_counter() - te
-                elif (t.ckpt_every and done % t.ckpt_every == 0) or done == t.stop_at:
-                    save(done)
                 if log is not None:
                     log.write(rec)
                 if bar is not None:
@@ -378,10 +442,23 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
                 loss_sum.zero_()
                 n_loss = 0
                 t_log, tok_log = time.perf_counter(), tokens_seen
+            # checkpoints: at evaluations, every ckpt_every steps (whether or not a logging step) and at stop_at;
+            # after the step's metrics line, so a resume never lacks a line for a step it does not redo
+            if is_eval or (t.ckpt_every and done % t.ckpt_every == 0) or done == t.stop_at:
+                ts = time.perf_counter()
+                save(done, verified=done in (t.max_steps, t.stop_at))
+                t_log += time.perf_counter() - ts  # the save does not count as training time
             if done == t.stop_at and done < t.max_steps:
-                if done % t.log_every and not is_eval:
-                    save(done)
                 return {"stopped_at": done, "steps": t.max_steps, "tokens": tokens_seen}
+    except NonFiniteLossError:
+        store.discard_pending()  # its next step was the non-finite one
+        raise
+    except Exception as e:  # lagged mode: NaN weights may break something else before the flag is read
+        if guard.seen_nonfinite():
+            store.discard_pending()
+            raise NonFiniteLossError(f"non-finite training loss or gradient norm (then {type(e).__name__}: "
+                                     f"{str(e)[:200]}); stopping — {where()}. Resume with a lower optim.lr.") from e
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -403,7 +480,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
         full = D.model_state(model, ctx)
         if main:
             atomic_torch_save({"model": merge_multipliers_state_dict(full), "step": t.max_steps,
-                               "model_config": mcfg.to_dict()}, ckpt_dir / "merged.pt")
+                               "model_config": mcfg_dict}, ckpt_dir / "merged.pt")
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -416,12 +493,6 @@ def _clip(params, excluded, cfg: Config) -> torch.Tensor:
         sep = cfg.multipliers.clip_separately or None
         return clip_grad_norm_(params + list(excluded), cfg.optim.grad_clip, exclude=excluded, clip_excluded=sep)
     return torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
-
-
-def _raise_nonfinite(step: int, value: float, ckpt_path: Path) -> None:
-    where = f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
-    raise NonFiniteLossError(f"non-finite training loss ({value}) at step {step}; stopping — {where}. "
-                             "Lower optim.lr or enable optim.grad_clip.")
 
 
 def run_config(run_dir: str | Path) -> Config:

@@ -2,7 +2,10 @@
 
 :func:`param_groups` turns a model (or ``(name, parameter)`` pairs) into ``torch.optim`` parameter groups,
 torchtitan-style: ordered regex rules over *canonical* names (first match wins), then the built-in
-classification of :func:`layerwise.scaling.classify_parameter`.  Every trainable parameter is assigned to
+classification: the :mod:`layerwise.anatomy` role of each parameter mapped to a width class by
+:func:`layerwise.scaling.width_class`.  A parameter the anatomy cannot classify (role ``other``) is an error
+when a width rule is given (the message lists them and shows the ``rules=`` entry that assigns them); without
+one it is treated by shape (< 2 dims: vector, else matrix) and listed in one warning.  Every trainable parameter is assigned to
 exactly one group — checked: a parameter that no rule assigns, two different tensors under one name, or a
 tensor placed twice raises ``ValueError`` naming it.
 
@@ -24,8 +27,10 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from layerwise.names import canonical_name, module_type
-from layerwise.scaling.rules import PARAM_CLASSES, WidthScaling, classify_parameter
+from layerwise import anatomy as _anatomy
+from layerwise.anatomy import ParamInfo
+from layerwise.names import canonical_name
+from layerwise.scaling.rules import PARAM_CLASSES, WidthScaling, width_class
 
 __all__ = ["param_groups", "RuleSpec"]
 
@@ -75,12 +80,17 @@ def _named(model_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]]
     return out
 
 
-def _token_match(name: str, tokens: Sequence[str]) -> bool:
-    """A no-decay token matches the module type (``norm``, ``embed``, ``multiplier`` ...) or any dotted
-    component of the canonical name (``bias``)."""
-    parts = set(name.split("."))
-    kind = module_type(name)
-    return any(t == kind or t in parts for t in tokens)
+#: short no-decay tokens and the anatomy roles they stand for
+_TOKEN_ROLES = {"embed": ("embedding", "position_embedding"), "head": ("readout",)}
+
+
+def _token_match(info: ParamInfo, tokens: Sequence[str]) -> bool:
+    """A no-decay token matches the anatomy role (``norm``, ``bias``, ``multiplier``, ``embedding``,
+    ``ssm_vector`` ...; ``embed`` = embedding or position embedding, ``head`` = readout), the operator
+    (``q``, ``down`` ...) or any dotted component of the canonical name."""
+    parts = set(info.name.split("."))
+    return any(t == info.role or info.role in _TOKEN_ROLES.get(t, ()) or t == info.operator or t in parts
+               for t in tokens)
 
 
 def _compile_rules(rules: Sequence[tuple[str, RuleSpec]] | None) -> list[tuple[re.Pattern[str], dict[str, Any]]]:
@@ -145,18 +155,23 @@ def param_groups(
         multiplier_weight_decay: λ of learnable multipliers (the LRM paper's 2e-3), never width-scaled.
         multiplier_lr_scale: multipliers' LR is ``lr × multiplier_lr_scale``.
         no_decay: tokens naming parameters that do *not* take the main ``weight_decay``; a token matches the
-            module type (``norm``, ``embed``, ``head``, ``multiplier``, ``q`` ...) or any dotted component of
-            the canonical name (``bias``).  A matching multiplier gets ``multiplier_weight_decay`` instead,
+            anatomy role (``norm``, ``bias``, ``multiplier``, ``embedding``, ``readout``, ...; ``embed`` and
+            ``head`` are short for embeddings and the readout), the operator (``q``, ``down`` ...) or any
+            dotted component of the canonical name.  A matching multiplier gets ``multiplier_weight_decay`` instead,
             every other matching parameter λ = 0.  (Drop ``"multiplier"`` to give multipliers the main λ;
             add ``"embed"`` for Fan et al.'s undecayed embeddings.)  Vector-like parameters (norms, biases,
             any tensor with < 2 dimensions) are never decayed, whatever the tokens.
         rules: ordered ``(regex, spec)`` pairs tried before the built-in classes; ``re.search`` on the
             canonical name, first match wins.  ``spec`` is a class name (``"vector"`` ...) or a mapping with
             keys ``group`` (label; default: the class), ``param_class`` (width class; default: built-in
-            classification), ``lr_scale`` (extra LR factor), ``wd_scale`` (extra λ factor) and
+            classification from the anatomy role), ``lr_scale`` (extra LR factor), ``wd_scale`` (extra λ factor) and
             ``weight_decay`` (this rule's base λ, replacing ``weight_decay`` / the no-decay choice; still
             width-scaled by the class factor).
         default_rules: if False, a parameter that matches no user rule is an error (``ValueError`` naming it).
+
+    Raises:
+        ValueError: with ``scaling``, parameters the anatomy cannot classify (role ``other``) and no rule
+            assigns a ``param_class`` - the message lists them and shows the ``rules=`` entry to add.
         per_parameter: one group per parameter instead of merging equal hyper-parameters (for controllers that
             set a decay per module, e.g. AlphaDecay).
 
@@ -179,8 +194,9 @@ def param_groups(
     compiled = _compile_rules(rules)
 
     named = _named(model_or_named_params)
-    groups: dict[tuple, dict[str, Any]] = {}
-    assigned: dict[int, str] = {}
+    an = _anatomy.anatomy(model_or_named_params if isinstance(model_or_named_params, nn.Module) else dict(named))
+    plan: list[tuple[str, torch.Tensor, ParamInfo, dict[str, Any], str | None]] = []
+    unclassified: list[ParamInfo] = []
     for name, p in named:
         spec: dict[str, Any] | None = None
         for regex, s in compiled:
@@ -191,7 +207,29 @@ def param_groups(
             if not default_rules:
                 raise ValueError(f"parameter {name!r} (shape {tuple(p.shape)}) is not assigned by any rule")
             spec = {}
-        cls = spec.get("param_class") or classify_parameter(name, p)
+        info = an.by_name(name)
+        cls = spec.get("param_class") or width_class(info)
+        if cls is None:
+            unclassified.append(info)
+        plan.append((name, p, info, spec, cls))
+    if unclassified:
+        listed = ", ".join(f"{r.name} {list(r.shape)}" for r in unclassified[:10]) + (
+            " ..." if len(unclassified) > 10 else "")
+        example = re.escape(unclassified[0].name)
+        if scaling is not None:
+            raise ValueError(
+                f"param_groups: {len(unclassified)} parameter(s) have no width class (layerwise.anatomy role "
+                f"'other'): {listed}.  Assign each a class with a rule, e.g. "
+                f"param_groups(..., rules=[(r\"^{example}$\", \"vector\")]) (classes: {PARAM_CLASSES})")
+        _anatomy.warn_once(f"param_groups:{listed}",
+                           f"param_groups: {len(unclassified)} parameter(s) cannot be classified by "
+                           f"layerwise.anatomy and are treated by shape (< 2 dims: vector, no decay; else matrix): "
+                           f"{listed}; pass rules=[(regex, class)] to choose")
+    groups: dict[tuple, dict[str, Any]] = {}
+    assigned: dict[int, str] = {}
+    for name, p, info, spec, cls in plan:
+        if cls is None:
+            cls = "vector" if p.ndim < 2 else "matrix"
         label = spec.get("group", cls)
 
         # base (lr, λ) of the parameter before width scaling
@@ -200,7 +238,7 @@ def param_groups(
             p_wd = spec["weight_decay"]
         elif cls == "vector":
             p_wd = 0.0
-        elif _token_match(name, no_decay):
+        elif _token_match(info, no_decay):
             p_wd = multiplier_weight_decay if cls == "multiplier" else 0.0
         else:
             p_wd = weight_decay

@@ -3,9 +3,8 @@
 The standard split (Keller Jordan's Muon, Moonshot's "Muon is scalable"): ``torch.optim.Muon`` for the 2-D
 weight matrices inside the transformer blocks (q/k/v/o, gate/up/down), ``torch.optim.AdamW`` for the token
 embedding, the LM head, norms, biases and learnable multipliers (:mod:`layerwise.multipliers`, which are
-vectors).  A parameter goes to Muon when its canonical name is inside a block
-(:func:`layerwise.names.layer_index` is not ``None``), it is 2-D, and it is not a multiplier
-(:func:`is_muon_param`); a group may force its side with ``"use_muon": True/False``.
+vectors).  A parameter goes to Muon when :mod:`layerwise.anatomy` says it is a block matrix (a 2-D weight
+inside a repeated block; :func:`is_muon_param`); a group may force its side with ``"use_muon": True/False``.
 
 :class:`MuonAdamW` holds one inner ``Muon`` and one inner ``AdamW``.  Its ``param_groups`` are the inner
 optimizers' group dicts themselves (Muon's first), so LR schedulers and weight-decay controllers that edit
@@ -42,14 +41,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import AdamW, Muon, Optimizer
 
-from layerwise.names import canonical_name, is_multiplier, layer_index, module_type
-from layerwise.names import named_parameters as _named_parameters
+from layerwise import anatomy as _anatomy
+from layerwise.names import canonical_name
 
 
 def is_muon_param(name: str, param: torch.Tensor) -> bool:
-    """True for a 2-D, non-multiplier parameter inside a transformer block (embeddings and the head are
-    outside the blocks, so they go to AdamW)."""
-    return param.ndim == 2 and layer_index(name) is not None and not is_multiplier(name)
+    """True for a block matrix (:mod:`layerwise.anatomy` role ``block_matrix``: a 2-D weight inside a
+    repeated block; embeddings and the head are outside the blocks, so they go to AdamW).  From the name and
+    shape alone; :func:`muon_param_groups` classifies a whole model at once."""
+    return param.ndim == 2 and _anatomy.anatomy({canonical_name(name): param}).rows[0].role == "block_matrix"
+
+
+_MUON_LABEL = {"block_matrix": "matrix", "embedding": "embedding", "position_embedding": "embedding",
+               "input": "embedding", "readout": "readout", "multiplier": "multiplier"}
 
 
 def muon_param_groups(
@@ -58,21 +62,17 @@ def muon_param_groups(
     """Parameter groups for :class:`MuonAdamW` from a model (the layerwise group contract).
 
     Groups (empty ones omitted), each with ``params``, ``param_names``, ``lr``, ``weight_decay``, ``group``,
-    ``use_muon``: ``"matrix"`` (block matrices, Muon, ``weight_decay``), ``"embedding"`` / ``"readout"`` /
-    ``"other"`` (other ≥2-D tensors, AdamW, ``weight_decay``), ``"vector"`` (norms, biases: AdamW, no decay),
+    ``use_muon``: ``"matrix"`` (block matrices, Muon, ``weight_decay``), ``"embedding"`` (embeddings, input
+    layers) / ``"readout"`` / ``"other"`` (other ≥2-D tensors, AdamW, ``weight_decay``), ``"vector"``
+    (vector-like: norms, biases, SSM vectors, depthwise convs: AdamW, no decay),
     ``"multiplier"`` (AdamW, ``multiplier_weight_decay``).
     """
     buckets: dict[str, list[tuple[str, nn.Parameter]]] = {}
-    for name, p in _named_parameters(model):
-        if is_multiplier(name):
-            label = "multiplier"
-        elif is_muon_param(name, p):
-            label = "matrix"
-        elif p.ndim < 2:
-            label = "vector"
-        else:
-            label = {"embed": "embedding", "head": "readout"}.get(module_type(name), "other")
-        buckets.setdefault(label, []).append((name, p))
+    for r in _anatomy.anatomy(model):
+        if not r.trainable:
+            continue
+        label = _MUON_LABEL.get(r.role) or ("vector" if r.vector_like or r.ndim < 2 else "other")
+        buckets.setdefault(label, []).append((r.name, r.tensor))
     decay = {"vector": 0.0, "multiplier": multiplier_weight_decay}
     groups = []
     for label in ("matrix", "embedding", "readout", "other", "vector", "multiplier"):

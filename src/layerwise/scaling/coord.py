@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerwise.scaling.diagnostics import _output_tensor, find_blocks
+from layerwise import anatomy as _anatomy
+from layerwise.scaling.diagnostics import _output_tensor, transformer_blocks
 from layerwise.scaling.rules import WidthScaling
 
 __all__ = ["CoordCheckResult", "coord_check", "plot_coord_check", "SITES"]
@@ -114,7 +115,7 @@ def coord_check(
             (:meth:`WidthScaling.from_parametrization` with ``base_width``), or ``width -> WidthScaling | None``.
         base_width: μP base width (default ``min(widths)``).
         optimizer_cls, optimizer_kwargs: the optimizer, built on the parameter groups.
-        batch_size, seq_len, vocab_size: random-token batches (vocabulary: the first ``nn.Embedding``'s size by
+        batch_size, seq_len, vocab_size: random-token batches (vocabulary: the token embedding's size by
             default); step t uses the same tokens at every width.
         seed: seeds model construction (``torch.manual_seed(seed)`` before each ``build_fn``) and batches.
     """
@@ -134,11 +135,13 @@ def coord_check(
         model = build_fn(width)
         model.train()
         device = next(model.parameters()).device
-        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+        an = _anatomy.anatomy(model)
+        tokens = an.where("embedding", operator="token")
+        emb = an.module(tokens[0].module) if tokens else None
         vocab = vocab_size or (emb.num_embeddings if emb is not None else None)
         if vocab is None:
             raise ValueError("coord_check: pass vocab_size (the model has no nn.Embedding)")
-        blocks = find_blocks(model)
+        blocks = transformer_blocks(model)
         groups = param_groups(model, lr, weight_decay, _resolve_scaling(parametrization, width, base))
         opt = optimizer_cls(groups, lr=lr, **(optimizer_kwargs or {}))
 

@@ -15,32 +15,25 @@ add).  RMS is over *all* elements the hooks saw (every token of every batch and 
 the normed input ``norm(h)`` instead (the sub-layer module's own input), i.e. the gain of ``f`` alone.
 If a block has no recognisable pre-norm module, ``gain`` falls back to ``gain_normed``.
 
-Blocks are found by name: a module named ``...layers.N`` (or ``h.N``, ``blocks.N``) with children
-``self_attn``/``attn``/``attention`` and ``mlp``/``feed_forward``/``ffn``, and pre-norms
-``input_layernorm``/``ln_1``/``attention_norm`` and ``post_attention_layernorm``/``ln_2``/``ffn_norm`` —
-our reference model and Hugging Face LLaMA.  Hooks accumulate on-device tensors (no host sync in a forward);
+Blocks and their attention / MLP sub-layers and pre-norms come from :meth:`layerwise.anatomy.Anatomy.blocks`
+(the attention sub-layer is the module holding the block's q/k/v/o matrices, the MLP the one holding
+gate/up/down) - our reference model, Hugging Face LLaMA, GPT-2, GPT-NeoX, Falcon-H1 (its attention and MLP;
+the SSM mixer is not a sub-layer here) ...  Hooks accumulate on-device tensors (no host sync in a forward);
 values are read when asked.
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from layerwise.names import canonical_name, layer_index, module_type
+from layerwise import anatomy as _anatomy
+from layerwise.names import canonical_name
 
-__all__ = ["SublayerGains", "SublayerGain", "find_blocks", "top_singular_values", "top_sv_metrics"]
-
-_BLOCK_NAME = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)$")
-_ATTN = ("self_attn", "attn", "attention")
-_MLP = ("mlp", "feed_forward", "ffn")
-_ATTN_NORM = ("input_layernorm", "ln_1", "attention_norm")
-_MLP_NORM = ("post_attention_layernorm", "ln_2", "ffn_norm")
-
+__all__ = ["SublayerGains", "SublayerGain", "transformer_blocks", "block_top_singular_values", "top_sv_metrics"]
 
 @dataclass
 class BlockParts:
@@ -55,33 +48,26 @@ class BlockParts:
     mlp_norm: nn.Module | None
 
 
-def _child(block: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
-    for n in names:
-        mod = getattr(block, n, None)
-        if isinstance(mod, nn.Module):
-            return mod
-    return None
+def transformer_blocks(model: nn.Module) -> list[BlockParts]:
+    """The blocks of a model with their attention / MLP / pre-norm modules (from :mod:`layerwise.anatomy`).
 
-
-def find_blocks(model: nn.Module) -> list[BlockParts]:
-    """The transformer blocks of a model with their attention / MLP / pre-norm children, by layer index.
-
-    Raises ``ValueError`` when no block with an attention or MLP child is found.
+    Raises ``ValueError`` when no block has an attention or an MLP sub-layer.
     """
     blocks = []
-    for raw, mod in model.named_modules():
-        name = canonical_name(raw)
-        m = _BLOCK_NAME.search(name)
-        if not m:
+    an = _anatomy.anatomy(model)
+    for b in an.blocks():
+        if b.attention is None and b.mlp is None:
             continue
-        attn, mlp = _child(mod, _ATTN), _child(mod, _MLP)
-        if attn is None and mlp is None:
-            continue
-        blocks.append(BlockParts(name, int(m.group(1)), mod, attn, mlp, _child(mod, _ATTN_NORM), _child(mod, _MLP_NORM)))
+
+        def get(name: str | None) -> nn.Module | None:
+            return an.module(name) if name else None
+
+        blocks.append(BlockParts(b.name, b.index, get(b.name), get(b.attention), get(b.mlp), get(b.attention_norm),
+                                 get(b.mlp_norm)))
     if not blocks:
         raise ValueError(
-            f"no transformer blocks found in {type(model).__name__}: expected modules named 'layers.N' with an "
-            f"attention child {_ATTN} or an MLP child {_MLP}"
+            f"no transformer blocks found in {type(model).__name__}: layerwise.anatomy finds no repeated block "
+            "holding attention (q/k/v/o) or MLP (gate/up/down) matrices"
         )
     return blocks
 
@@ -157,14 +143,14 @@ class SublayerGains:
         if not isinstance(model, nn.Module):
             raise TypeError(f"SublayerGains expects an nn.Module, got {type(model).__name__}")
         self.model = model
-        self._blocks = find_blocks(model)
+        self._blocks = transformer_blocks(model)
         self._handles: list[Any] = []
         self._acc: dict[str, tuple[BlockParts, str, _Acc]] = {}
         for b in self._blocks:
             for kind, sub, norm in (("attn", b.attn, b.attn_norm), ("mlp", b.mlp, b.mlp_norm)):
                 if sub is None:
                     continue
-                sub_name = next(canonical_name(n) for n, m in b.block.named_children() if m is sub)
+                sub_name = next(canonical_name(n) for n, m in b.block.named_modules() if m is sub)
                 self._acc[f"{b.name}.{sub_name}"] = (b, kind, _Acc(norm is not None))
 
     # -- hooks --------------------------------------------------------------------------------------
@@ -261,32 +247,24 @@ class SublayerGains:
         return out
 
 
-def _block_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    found = []
-    for raw, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) or getattr(mod, "_layerwise_linear", False):
-            found.append((canonical_name(f"{raw}.weight" if raw else "weight"), mod))
-    in_blocks = [(n, m) for n, m in found if layer_index(n) is not None]
-    return iter(in_blocks if in_blocks else found)
-
-
 @torch.no_grad()
-def top_singular_values(model: nn.Module, k: int = 1, *, effective: bool = True,
-                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def block_top_singular_values(model: nn.Module, k: int = 1, *, effective: bool = True,
+                              dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The ``k`` largest singular values (descending, 1-D tensor of length ``min(k, min(shape))``) of every
-    block matrix (the ``nn.Linear`` weights inside transformer blocks; all Linear weights if the model has no
-    blocks), keyed by canonical weight name.
+    block matrix (:meth:`layerwise.anatomy.Anatomy.block_matrices`), keyed by canonical weight name.
 
     ``effective=True`` uses a multiplier-wrapped layer's effective weight ``diag(r)·W·diag(c)·s``
     (``module.effective_weight()``), the matrix the forward pass applies; ``False`` the stored ``weight``.
     Singular values are the square roots of :func:`layerwise.spectral.gram_eigvals` (batched per shape).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"top_singular_values: k must be a positive int, got {k!r}")
+        raise ValueError(f"block_top_singular_values: k must be a positive int, got {k!r}")
     names, mats = [], []
-    for name, mod in _block_linears(model):
-        w = mod.effective_weight() if effective and hasattr(mod, "effective_weight") else mod.weight
-        names.append(name)
+    an = _anatomy.anatomy(model)
+    for r in an.block_matrices():
+        mod = an.module(r.module)
+        w = mod.effective_weight() if effective and hasattr(mod, "effective_weight") else r.tensor
+        names.append(r.name)
         mats.append(w.detach())
     if not mats:
         return {}
@@ -303,9 +281,10 @@ def top_singular_values(model: nn.Module, k: int = 1, *, effective: bool = True,
 
 
 def top_sv_metrics(model: nn.Module, prefix: str = "top_sv", *, effective: bool = True) -> dict[str, float]:
-    """Flat logging dict of σ_max: ``{prefix}/{canonical weight name}`` and ``{prefix}/{module type}/mean``
-    (module types q/k/v/o/gate/up/down).  One host sync."""
-    svs = top_singular_values(model, 1, effective=effective)
+    """Flat logging dict of σ_max: ``{prefix}/{canonical weight name}`` and ``{prefix}/{operator}/mean``
+    (anatomy operators q/k/v/o/qkv/gate/up/down/ssm_in/ssm_out; ``other`` where unknown).  One host sync."""
+    svs = block_top_singular_values(model, 1, effective=effective)
+    an = _anatomy.anatomy(model)
     if not svs:
         return {}
     vals = torch.stack([s[0].double().cpu() for s in svs.values()]).tolist()
@@ -313,7 +292,7 @@ def top_sv_metrics(model: nn.Module, prefix: str = "top_sv", *, effective: bool 
     per_type: dict[str, list[float]] = {}
     for name, v in zip(svs, vals):
         out[f"{prefix}/{name}"] = v
-        per_type.setdefault(module_type(name), []).append(v)
+        per_type.setdefault(an.by_name(name).operator or "other", []).append(v)
     for t, vs in per_type.items():
         out[f"{prefix}/{t}/mean"] = sum(vs) / len(vs)
     return out

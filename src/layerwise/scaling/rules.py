@@ -2,23 +2,24 @@
 
 Parameter classes
 -----------------
-Every parameter falls in one class, decided from its *canonical name* (:mod:`layerwise.names`) and its
-*shape* — never from attributes on the ``Parameter`` object.  The classes count how many of a tensor's
+Every parameter falls in one class, decided from its :mod:`layerwise.anatomy` role (never from attributes on
+the ``Parameter`` object, never guessed from a class name here).  The classes count how many of a tensor's
 dimensions grow with the model width ``d``:
 
-==============  =====================================================  ================================
-class           which parameters                                       width dimensions
-==============  =====================================================  ================================
-``matrix``      q/k/v/o, gate/up/down and any other >= 2-D tensor      two (fan_in and fan_out)
-``embedding``   the token embedding (``embed_tokens``, ``wte`` ...)    one (d; the vocabulary is fixed)
-``readout``     the LM head (``lm_head``)                              one (fan_in = d)
-``vector``      norms, biases, any other 1-D or 0-D tensor             one (or none)
-``multiplier``  learnable multipliers (``*.row_multiplier`` ...)        one (or none); vector-like
-==============  =====================================================  ================================
+==============  =========================================================================  ==================
+class           anatomy roles                                                              width dimensions
+==============  =========================================================================  ==================
+``matrix``      ``block_matrix`` (q/k/v/o, qkv, gate/up/down, SSM in/out), ``matrix``,      two (fan_in and
+                a full (non-depthwise) ``conv``                                            fan_out)
+``embedding``   ``embedding`` (token, token-type), ``position_embedding``, ``input``        one (fan_out = d)
+``readout``     ``readout`` (the LM head / classifier)                                     one (fan_in = d)
+``vector``      ``norm``, ``bias``, ``ssm_vector`` (A_log, D, dt_bias), depthwise ``conv``  one (or none)
+``multiplier``  ``multiplier`` (``*.row_multiplier`` ...); vector-like                      one (or none)
+==============  =========================================================================  ==================
 
-Order of the decision (first match wins): multiplier suffix -> ``multiplier``; ``ndim < 2`` -> ``vector``
-(so a ``q_proj.bias`` is a vector); module type ``embed`` -> ``embedding``; module type ``head`` ->
-``readout``; anything else -> ``matrix``.  A tied embedding/LM-head appears once, under its first name.
+A tied embedding / LM head is one tensor with role ``embedding``.  Role ``other`` (unclassified) has no class:
+:func:`width_class` returns ``None`` and :func:`layerwise.param_groups` with a width rule raises, listing the
+tensors and how to pass a rule for them.
 
 The rule (``m = width / base_width``)
 -------------------------------------
@@ -56,12 +57,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 from torch import nn
 
-from layerwise.names import is_multiplier, module_type
+from layerwise.anatomy import ParamInfo
 
 #: The parameter classes, in a fixed order (also the order of the groups built by ``param_groups``).
 PARAM_CLASSES: tuple[str, ...] = ("embedding", "matrix", "readout", "vector", "multiplier")
@@ -75,41 +75,24 @@ PARAMETRIZATIONS: dict[str, dict[str, float] | None] = {
 }
 
 
-def _shape_of(param_or_shape: torch.Tensor | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(param_or_shape, torch.Tensor):
-        return tuple(param_or_shape.shape)
-    try:
-        return tuple(int(s) for s in param_or_shape)
-    except TypeError:
-        raise TypeError(
-            f"classify_parameter expects a tensor or a shape, got {type(param_or_shape).__name__}"
-        ) from None
+_ROLE_CLASS = {
+    "embedding": "embedding", "position_embedding": "embedding", "input": "embedding",
+    "block_matrix": "matrix", "matrix": "matrix", "readout": "readout",
+    "norm": "vector", "bias": "vector", "ssm_vector": "vector", "multiplier": "multiplier",
+}
 
 
-def classify_parameter(name: str, param_or_shape: torch.Tensor | Sequence[int]) -> str:
-    """The width class of a parameter from its (canonical) name and its shape.
+def width_class(info: ParamInfo) -> str | None:
+    """The width class (one of :data:`PARAM_CLASSES`) of an anatomy row, ``None`` when unclassified.
 
-    Returns one of :data:`PARAM_CLASSES`: ``"multiplier"`` (name ends in a multiplier suffix), ``"vector"``
-    (fewer than 2 dimensions), ``"embedding"`` (module type ``embed``), ``"readout"`` (module type ``head``),
-    else ``"matrix"``.  See the module docstring for the table.
+    See the module docstring for the table; a ``conv`` is ``vector`` when depthwise (Mamba's ``conv1d``),
+    else ``matrix``.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"parameter name must be a str, got {type(name).__name__}")
-    shape = _shape_of(param_or_shape)
-    if is_multiplier(name):
-        return "multiplier"
-    if len(shape) < 2:
-        return "vector"
-    kind = module_type(name)
-    if kind == "embed":
-        return "embedding"
-    if kind == "head":
-        return "readout"
-    return "matrix"
-
-
-#: Short alias.
-param_class = classify_parameter
+    if not isinstance(info, ParamInfo):
+        raise TypeError(f"width_class expects a layerwise.anatomy.ParamInfo, got {type(info).__name__}")
+    if info.role == "conv":
+        return "vector" if info.depthwise else "matrix"
+    return _ROLE_CLASS.get(info.role)
 
 
 def _check_class(param_class: str) -> None:
@@ -149,16 +132,11 @@ def _positive_width(field: str, value: Any) -> int:
 
 
 def _model_width(model: nn.Module) -> int | None:
-    """The hidden size of a model when it can be read: ``model.config.hidden_size`` (ours and HF), else the
-    embedding dimension of the first ``nn.Embedding``; ``None`` if neither exists."""
-    cfg = getattr(model, "config", None)
-    hidden = getattr(cfg, "hidden_size", None) if cfg is not None else None
-    if isinstance(hidden, int) and not isinstance(hidden, bool):
-        return hidden
-    for mod in model.modules():
-        if isinstance(mod, nn.Embedding):
-            return int(mod.embedding_dim)
-    return None
+    """The model width as :func:`layerwise.anatomy` reads it (``config.hidden_size`` / ``d_model`` / ``n_embd``,
+    else the most common dimension of the block matrices); ``None`` if neither exists."""
+    from layerwise.anatomy import anatomy
+
+    return anatomy(model).width
 
 
 @dataclass(frozen=True)
@@ -266,5 +244,5 @@ class WidthScaling:
         if hidden is not None and hidden != self.width:
             raise ValueError(
                 f"WidthScaling.width={self.width} does not match the model's hidden size {hidden} "
-                f"(model.config.hidden_size or the embedding dimension); build the rule with width={hidden}"
+                f"(model.config.hidden_size, else the block matrices' width); build the rule with width={hidden}"
             )

@@ -1,19 +1,19 @@
 """``analyze(model_or_state_dict)``: one row of HT-SR statistics per weight matrix, as a :class:`SpectralReport`.
 
-Selection (``select=``):
+Selection (``select=``), from :func:`layerwise.anatomy` (the one place that knows model structure):
 
-* ``"blocks"`` (default) - the Linear weights inside transformer blocks (q/k/v/o, gate/up/down, ...); on a
-  model without recognisable blocks, every Linear weight (:func:`layerwise.names.block_linear_weights`).  On a
-  state dict: the 2-D ``*.weight`` tensors whose name has a block index (``layers.N.``, ``h.N.``, ...) and
-  is not an embedding, head or norm; without block names, every such 2-D weight.
-* ``"linear"`` - every Linear weight (modules) / every 2-D ``*.weight`` tensor (state dicts);
-* ``"all"`` - every parameter / tensor with two or more dimensions (multipliers excluded);
+* ``"blocks"`` (default) - the block matrices: every 2-D weight inside a repeated block (q/k/v/o or fused
+  qkv, gate/up/down, SSM in/out projections; ``nn.Linear`` and Hugging Face ``Conv1D`` alike); on a model
+  without blocks, every 2-D layer that is neither an embedding nor a readout.  A module and its state dict
+  give the same matrices.
+* ``"linear"`` - every 2-D layer weight: block matrices, other matrices, input layers and readouts;
+* ``"all"`` - every tensor with two or more dimensions (multipliers excluded);
 * a callable ``select(name, tensor) -> bool`` over every (canonical name, tensor) pair.
 
-``include_embeddings`` / ``include_head`` add the embedding and LM-head matrices (a tied head is reported
-under its own name).  Tensors that are selected but not 2-D are listed in ``report.skipped`` with a reason.
-Names are canonical (:func:`layerwise.names.canonical_name`); Hugging Face names such as
-``model.layers.0.self_attn.q_proj.weight`` are recognised as-is.
+``include_embeddings`` / ``include_head`` add the token-embedding and readout matrices (a tied pair is one
+tensor and one row, under its first name).  Tensors that are selected but not 2-D are listed in
+``report.skipped`` with a reason; unclassified >= 2-D tensors that a named selection leaves out are listed in
+one warning.  Names are canonical (:func:`layerwise.names.canonical_name`).
 
 Robustness: a zero, rank-deficient, non-finite, tiny (``N < min_n``) or degenerate matrix gives a row with
 ``alpha = NaN`` and a ``reason``; one bad matrix never breaks a report.
@@ -29,14 +29,15 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .. import names as _names
+from .. import anatomy as _anatomy
+from ..anatomy import ParamInfo
+from ..names import canonical_name
 from .eig import gram_eigvals
 from .estimators import TailFit, hill_fit, ks_alpha, shape_corrected_alpha
 from .metrics import spectral_metrics
 
-__all__ = ["analyze", "SpectralReport", "select_matrices"]
+__all__ = ["analyze", "SpectralReport", "select_matrices", "module_label"]
 
-_NON_MATRIX_TYPES = ("embed", "head", "norm", "multiplier")
 #: elements (sum over a chunk of matrices) whose Gram matrices are built at once; bounds peak memory
 _CHUNK_ELEMS = 1 << 27
 
@@ -71,8 +72,10 @@ def _jsonable(v: Any) -> Any:
 class SpectralReport:
     """Rows of HT-SR statistics, one per analysed matrix.
 
-    Each row is a dict with ``name`` (canonical), ``shape`` ([out, in]), ``module_type``
-    (q/k/v/o/gate/up/down/embed/head/other), ``layer`` (block index or ``None``), ``n_eigs`` (N = min(out, in)),
+    Each row is a dict with ``name`` (canonical), ``shape`` (as stored: ``[out, in]`` for ``nn.Linear``,
+    ``[in, out]`` for HF ``Conv1D``), ``module_type`` (the operator q/k/v/o/qkv/gate/up/down/ssm_in/ssm_out,
+    else embed/head/other; :func:`module_label`), ``role`` (the anatomy role), ``layer`` (block index or
+    ``None``), ``fan_in`` / ``fan_out``, ``n_eigs`` (N = min(out, in)),
     ``estimator``, ``alpha``, ``xmin``, ``ks`` (KS distance of the fit), ``n_tail``, ``alpha_corrected``
     (when a shape correction was asked for, else absent), ``spectral_norm``, ``frobenius_norm``,
     ``stable_rank``, ``matrix_entropy``, ``alpha_weighted``, ``lambda_max``, ``top_sv`` and ``reason``
@@ -95,7 +98,7 @@ class SpectralReport:
 
     def by_name(self, name: str) -> dict[str, Any]:
         """The row of ``name`` (canonical); ``KeyError`` if it was not analysed."""
-        cname = _names.canonical_name(name)
+        cname = canonical_name(name)
         for r in self.rows:
             if r["name"] == cname:
                 return r
@@ -141,61 +144,24 @@ class SpectralReport:
 
 
 # ------------------------------------------------------------------------------------------------ selection
-def _module_entries(model: nn.Module, select, include_embeddings: bool, include_head: bool):
-    params = [(_names.canonical_name(n), p) for n, p in model.named_parameters(remove_duplicate=False)]
-    chosen: list[tuple[str, torch.Tensor]] = []
-    if select == "blocks":
-        chosen = list(_names.block_linear_weights(model))
-    elif select == "linear":
-        for mname, mod in model.named_modules():
-            if isinstance(mod, nn.Linear) or getattr(mod, "_layerwise_linear", False):
-                chosen.append((_names.canonical_name(f"{mname}.weight" if mname else "weight"), mod.weight))
-    elif select == "all":
-        chosen = [(n, p) for n, p in params if p.ndim >= 2 and not _names.is_multiplier(n)]
-    elif callable(select):
-        chosen = [(n, p) for n, p in params if select(n, p)]
-    else:
-        raise ValueError(f"analyze: select must be 'blocks', 'linear', 'all' or a callable, got {select!r}")
-    if include_embeddings:
-        chosen += [(n, p) for n, p in params if _names.module_type(n) == "embed" and p.ndim == 2]
-    if include_head:
-        chosen += [(n, p) for n, p in params if _names.module_type(n) == "head" and n.endswith("weight")]
-    return chosen
+_OP_RANK = {t: i for i, t in enumerate(("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "ssm_in",
+                                        "ssm_out"))}
+_ROLE_RANK = {"block_matrix": 0, "input": 1, "matrix": 2, "embedding": 3, "position_embedding": 4, "readout": 5}
+#: roles each named selection takes (``"blocks"`` is :meth:`Anatomy.block_matrices`)
+_LINEAR_ROLES = ("block_matrix", "matrix", "input", "readout")
 
 
-def _state_dict_entries(sd: Mapping[str, Any], select, include_embeddings: bool, include_head: bool):
-    items = [(_names.canonical_name(str(k)), v) for k, v in sd.items() if isinstance(v, torch.Tensor)]
-
-    def matrix_weight(n: str, t: torch.Tensor) -> bool:
-        return n.endswith("weight") and t.ndim >= 2 and _names.module_type(n) not in _NON_MATRIX_TYPES
-
-    if select == "blocks":
-        chosen = [(n, t) for n, t in items if matrix_weight(n, t) and _names.layer_index(n) is not None]
-        if not chosen:
-            chosen = [(n, t) for n, t in items if matrix_weight(n, t)]
-    elif select == "linear":
-        chosen = [(n, t) for n, t in items if matrix_weight(n, t)]
-    elif select == "all":
-        chosen = [(n, t) for n, t in items if t.ndim >= 2 and not _names.is_multiplier(n)]
-    elif callable(select):
-        chosen = [(n, t) for n, t in items if select(n, t)]
-    else:
-        raise ValueError(f"analyze: select must be 'blocks', 'linear', 'all' or a callable, got {select!r}")
-    if include_embeddings:
-        chosen += [(n, t) for n, t in items if _names.module_type(n) == "embed" and t.ndim == 2]
-    if include_head:
-        chosen += [(n, t) for n, t in items if _names.module_type(n) == "head" and n.endswith("weight")
-                   and t.ndim == 2]
-    return chosen
+def module_label(info: ParamInfo) -> str:
+    """The ``module_type`` column of a report row: the operator (q/k/v/o/qkv/gate/up/down/ssm_in/...) when
+    known, else ``embed`` / ``head`` for embeddings / readouts, else ``other``."""
+    if info.operator is not None and info.operator not in ("token", "token_type", "position"):
+        return info.operator
+    return {"embedding": "embed", "position_embedding": "embed", "readout": "head"}.get(info.role, "other")
 
 
-_TYPE_RANK = {t: i for i, t in enumerate(("q", "k", "v", "o", "gate", "up", "down", "other", "embed", "head"))}
-
-
-def _sort_key(item: tuple[str, torch.Tensor]) -> tuple:
-    name = item[0]
-    layer = _names.layer_index(name)
-    return (layer is None, layer if layer is not None else 0, _TYPE_RANK.get(_names.module_type(name), 7), name)
+def _sort_key(info: ParamInfo) -> tuple:
+    return (info.block is None, info.stack or "", info.block if info.block is not None else 0,
+            _ROLE_RANK.get(info.role, 9), _OP_RANK.get(info.operator or "", len(_OP_RANK)), info.name)
 
 
 def select_matrices(
@@ -204,27 +170,53 @@ def select_matrices(
     *,
     include_embeddings: bool = False,
     include_head: bool = False,
-) -> list[tuple[str, torch.Tensor]]:
-    """The (canonical name, tensor) pairs :func:`analyze` would look at, without duplicates.
+) -> list[tuple[ParamInfo, torch.Tensor]]:
+    """The (anatomy row, tensor) pairs :func:`analyze` looks at, each tensor once.
 
-    Modules: in model order.  State dicts: by block index, then module type (q, k, v, o, gate, up, down,
-    other, embed, head), then name - the order of keys in a file does not matter.
+    Which rows (see :mod:`layerwise.anatomy` for the roles): ``"blocks"`` the block matrices
+    (:meth:`~layerwise.anatomy.Anatomy.block_matrices`); ``"linear"`` every 2-D layer weight (block matrices,
+    other matrices, input layers, readouts); ``"all"`` every tensor with >= 2 dimensions except multipliers;
+    a callable ``select(name, tensor)`` over every (canonical name, tensor).  ``include_embeddings`` adds the
+    token embeddings, ``include_head`` the readout (a tied embedding / LM head is one tensor, listed once).
+    Modules: in model order; state dicts: by block, then operator (q, k, v, qkv, o, gate, up, down, ssm in/out),
+    then name - the order of keys in a file does not matter.  The same matrices are selected from a module and
+    from its state dict.  Unclassified tensors (role ``other``) with >= 2 dimensions that a named selection
+    skips are listed in one warning.
     """
-    if isinstance(model_or_state_dict, nn.Module):
-        chosen = _module_entries(model_or_state_dict, select, include_embeddings, include_head)
-    elif isinstance(model_or_state_dict, Mapping):
-        chosen = _state_dict_entries(model_or_state_dict, select, include_embeddings, include_head)
-        # files (safetensors) store keys alphabetically: order by block, then module type, then name
-        chosen.sort(key=_sort_key)
-    else:
+    if not isinstance(model_or_state_dict, (nn.Module, Mapping)):
         raise TypeError(f"analyze: expected an nn.Module or a state dict (Mapping[str, Tensor]), got "
                         f"{type(model_or_state_dict).__name__}")
-    seen: set[str] = set()
+    an = _anatomy.anatomy(model_or_state_dict)
+    if select == "blocks":
+        chosen = an.block_matrices()
+    elif select == "linear":
+        chosen = an.where(_LINEAR_ROLES)
+    elif select == "all":
+        chosen = [r for r in an if r.ndim >= 2 and r.role != "multiplier"]
+    elif callable(select):
+        chosen = [r for r in an if select(r.name, r.tensor)]
+    else:
+        raise ValueError(f"analyze: select must be 'blocks', 'linear', 'all' or a callable, got {select!r}")
+    if include_embeddings:
+        chosen += an.where("embedding")
+    if include_head:
+        chosen += an.where("readout") + [r for r in an.where("embedding") if len(r.names) > 1]  # tied heads
+    if isinstance(select, str) and select != "all":
+        odd = [r for r in an.unclassified() if r.ndim >= 2]
+        if odd:
+            _anatomy.warn_once(f"analyze:{select}:{','.join(r.name for r in odd)}",
+                               f"analyze(select={select!r}) skips {len(odd)} tensor(s) it cannot classify: "
+                               + ", ".join(f"{r.name} {list(r.shape)}" for r in odd[:8])
+                               + (" ..." if len(odd) > 8 else "")
+                               + "; pass select='all' or a callable to analyse them")
+    if an.source == "state_dict":
+        chosen = sorted(chosen, key=_sort_key)
+    seen: set[int] = set()
     out = []
-    for n, t in chosen:
-        if n not in seen:
-            seen.add(n)
-            out.append((n, t))
+    for r in chosen:
+        if id(r) not in seen:
+            seen.add(id(r))
+            out.append((r, r.tensor))
     return out
 
 
@@ -286,7 +278,8 @@ def analyze(
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     mats: list[tuple[int, torch.Tensor]] = []
-    for name, t in entries:
+    for info, t in entries:
+        name = info.name
         shape = list(t.shape)
         if t.ndim != 2:
             skipped.append({"name": name, "shape": shape, "reason": f"not a matrix ({t.ndim}-D tensor)"})
@@ -300,8 +293,9 @@ def analyze(
         if t.device.type == "meta":
             skipped.append({"name": name, "shape": shape, "reason": "meta tensor (no data)"})
             continue
-        rows.append({"name": name, "shape": shape, "module_type": _names.module_type(name),
-                     "layer": _names.layer_index(name), "n_eigs": min(shape), "estimator": est_name})
+        rows.append({"name": name, "shape": shape, "module_type": module_label(info), "role": info.role,
+                     "layer": info.block, "fan_in": info.fan_in, "fan_out": info.fan_out, "n_eigs": min(shape),
+                     "estimator": est_name})
         mats.append((len(rows) - 1, t.detach()))
 
     eig_list: list[torch.Tensor | None] = [None] * len(rows)

@@ -1,0 +1,186 @@
+"""Any Hugging Face causal LM in the harness: ``model.hf_config`` / ``model.init_from``.
+
+``model.hf_config = PATH`` (a ``config.json`` or a folder holding one) builds
+``AutoModelForCausalLM.from_config`` under ``torch.manual_seed(train.seed)``, so seed k gives every method the
+same initial weights, as for the reference model.  ``model.init_from = DIR`` loads the weights of a local HF
+model folder instead (its own ``config.json`` unless ``hf_config`` is also given).
+
+The model keeps its own class, module tree and parameter names (``model.layers.0.self_attn.q_proj.weight``,
+``transformer.h.0.attn.c_attn.weight`` ...), so checkpoints are plain HF state dicts and every method sees the
+same names it would see on the user's model.  Only ``forward`` is adapted to the trainer's contract —
+``forward(idx) -> logits`` and ``forward(idx, targets) -> (logits, mean loss)`` with already-shifted targets —
+by swapping the instance's class for a subclass of its own class (:func:`as_trainer_lm`); the exported model
+(``layerwise export``) is the plain class again.
+
+Vocabulary: the embedding is sized to the data's tokenizer.  A config whose ``vocab_size`` differs is resized
+with a warning (``from_config``); weights loaded by ``init_from`` must cover the tokenizer (else an error).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerwise.lab.config import Config, ConfigError
+
+HF_CONFIG_NAME = "hf_config.json"  # the resolved HF config of a run, written into the run directory
+
+
+def uses_hf(cfg: Config) -> bool:
+    return bool(cfg.model.hf_config or cfg.model.init_from)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - transformers is in the [hf] extra
+        raise ConfigError("model.hf_config / model.init_from need the 'transformers' package: "
+                          "pip install 'layerwise[hf]'") from e
+    return transformers
+
+
+def load_hf_config(path: str | Path, field: str = "model.hf_config"):
+    """The ``PretrainedConfig`` of a ``config.json`` file or a folder holding one (no network)."""
+    tr = _transformers()
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise ConfigError(f"{field}: {path} is neither a config.json file nor a folder holding one")
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{field}: {p} is not readable JSON ({e})") from e
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ConfigError(f"{field}: {p} has no 'model_type'; it is not a Hugging Face model config")
+    try:
+        return tr.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise ConfigError(f"{field}: transformers cannot read {p} ({e})") from e
+
+
+def _check_causal_lm(config, field: str) -> None:
+    tr = _transformers()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"{field}: model_type {config.model_type!r} is not a causal LM known to transformers "
+                          f"{tr.__version__} (AutoModelForCausalLM)")
+
+
+def max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def resolve_hf_config(cfg: Config, vocab_size: int):
+    """The HF config a run builds: ``hf_config`` (else ``init_from``'s), vocab sized to the data's tokenizer."""
+    m = cfg.model
+    if m.parametrization != "sp":
+        raise ConfigError("model.parametrization='mup' is only implemented for the reference model; with "
+                          "model.hf_config / model.init_from use parametrization='sp'")
+    field = "model.hf_config" if m.hf_config else "model.init_from"
+    config = load_hf_config(m.hf_config or m.init_from, field)
+    _check_causal_lm(config, field)
+    if config.vocab_size != vocab_size:
+        if m.init_from and config.vocab_size < vocab_size:
+            raise ConfigError(f"model.init_from: {m.init_from} has vocab_size {config.vocab_size} but the data's "
+                              f"tokenizer has {vocab_size} tokens; use the model's own tokenizer "
+                              f"(data.tokenizer={m.init_from})")
+        if not m.init_from:
+            warnings.warn(f"{field}: vocab_size {config.vocab_size} of {m.hf_config} replaced by the data "
+                          f"tokenizer's {vocab_size}", stacklevel=2)
+            config.vocab_size = vocab_size
+    n_pos = max_positions(config)
+    if n_pos is not None and cfg.data.seq_len > n_pos:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {n_pos} positions ({field})")
+    config.use_cache = False
+    return config
+
+
+def build_hf_model(cfg: Config, vocab_size: int) -> tuple[nn.Module, Any]:
+    """(trainer-ready HF model in float32, its config).  Call under the run's ``torch.manual_seed``."""
+    tr = _transformers()
+    config = resolve_hf_config(cfg, vocab_size)
+    if cfg.model.init_from:
+        src = Path(cfg.model.init_from).expanduser()
+        if not src.is_dir():
+            raise ConfigError(f"model.init_from: {src} is not a model folder")
+        try:
+            model = tr.AutoModelForCausalLM.from_pretrained(str(src), config=config, dtype=torch.float32,
+                                                            local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.init_from: cannot load weights from {src} ({e})") from e
+    else:
+        model = tr.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if model.get_input_embeddings().weight.shape[0] < vocab_size:  # pragma: no cover - guarded above
+        raise ConfigError(f"the model's embedding has fewer rows than the tokenizer's {vocab_size} tokens")
+    model.train()
+    return as_trainer_lm(model), config
+
+
+# ---------------------------------------------------------------------------------------- forward adapter
+_ADAPTED: dict[type, type] = {}
+
+
+def _adapted_class(cls: type) -> type:
+    import torch.nn.functional as F
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = cls.forward(self, input_ids=idx, use_cache=False).logits
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    return type(cls.__name__, (cls,), {"forward": forward, "_layerwise_adapted": True,
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def as_trainer_lm(model: nn.Module) -> nn.Module:
+    """Give an HF causal LM the trainer's forward contract, in place (the instance's class becomes a subclass
+    of its own class, with the same name, so ``save_pretrained`` and ``isinstance`` are unchanged)."""
+    cls = type(model)
+    if getattr(cls, "_layerwise_adapted", False):
+        return model
+    if cls not in _ADAPTED:
+        _ADAPTED[cls] = _adapted_class(cls)
+    model.__class__ = _ADAPTED[cls]
+    return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP2 shards one by one: the reference model's ``layers``, else the modules of an
+    HF model's ``_no_split_modules`` classes (its decoder layers)."""
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers):
+        return list(layers)
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if not found:
+        raise ConfigError(f"{type(model).__name__}: cannot find its decoder layers to shard (no 'layers' list and "
+                          f"no modules of its _no_split_modules {sorted(names)})")
+    return found
+
+
+def write_run_config(config, run_dir: Path) -> None:
+    """The resolved HF config, for resume and export (``RUN_DIR/hf_config.json``)."""
+    from layerwise.lab.data import _atomic_write_bytes
+
+    _atomic_write_bytes(run_dir / HF_CONFIG_NAME, config.to_json_string().encode())
+
+
+def run_hf_config(run_dir: Path):
+    """The HF config a run was trained with, or None for a reference-model run."""
+    p = Path(run_dir) / HF_CONFIG_NAME
+    if not p.exists():
+        return None
+    tr = _transformers()
+    return tr.AutoConfig.from_pretrained(str(p), local_files_only=True)
