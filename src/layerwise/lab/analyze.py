@@ -123,7 +123,9 @@ def load_state_dict(path: str | os.PathLike) -> tuple[Mapping[str, torch.Tensor]
 def _select(meta: Mapping[str, torch.Tensor], select, include_embeddings: bool, include_head: bool):
     """Which matrices to analyse, decided on meta tensors (names, shapes, dtypes; no data).  The one call
     of the library's selection: replace it here when the selection rules change."""
-    return select_matrices(meta, select, include_embeddings=include_embeddings, include_head=include_head)
+    chosen = select_matrices(meta, select, include_embeddings=include_embeddings, include_head=include_head)
+    # (name, tensor) pairs; the library may describe each matrix by a richer row (an anatomy ParamInfo)
+    return [(k if isinstance(k, str) else k.name, t) for k, t in chosen]
 
 
 def _plan(chosen: list[tuple[str, torch.Tensor]], budget: int | None) -> list[list[str]]:
