@@ -53,6 +53,11 @@ def run_method(method: str, size: str, steps: int, warmup: int, batch: int, seq:
             "train.diagnostics_every=0", f"train.device={device}", "decay.interval=500"] + (extra or [])
     cfg = C.resolve("quick", None, over)
     cfg = C.apply_overrides(cfg, method_overrides(method))
+    from layerwise.lab.methods import resolve_relative_widths
+    from layerwise.lab.model import SIZES
+
+    # "scaling" gives base_hidden_size as -4 (= hidden / 4); resolve it here, as `layerwise compare` does
+    resolve_relative_widths(cfg, cfg.model.hidden_size or SIZES[size]["hidden_size"])
     data = synthetic_data(vocab, max(200_000, 4 * batch * (seq + 1)))
     with tempfile.TemporaryDirectory() as d:
         summary = train(cfg, Path(d) / "run", data=data, quiet=True)
