@@ -5,14 +5,14 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: a CPU wheel; a loose requirement with no torch present would pull CUDA packages
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,hf,lightning]"
+	$(PY) -m pip install -q -e ".[dev,lab,hf,lightning]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,6 +22,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# lint and type check (configured in pyproject.toml; not yet part of `make test`)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) runs

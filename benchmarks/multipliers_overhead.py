@@ -1,7 +1,7 @@
 """Cost of learnable multipliers: forward implementations per layer, and training-step overhead.
 
 Part 1 (``layers``): forward+backward of one Linear layer, plain vs. the three multiplier implementations
-(``materialize``: F.linear(x, r W c); ``io``: (x*c) W^T * r; ``function``: custom autograd.Function), on the
+(``materialize``: F.linear(x, r W c); ``io``: (x*c) W^T * r), on the
 ``quick`` shapes (hidden 128, ffn 352, 16x128 tokens) and llama-60m shapes (hidden 512, ffn 1376, 4x256 tokens).
 
 Part 3 (``extra``): the added weight-sized work alone (fwd+bwd of every wrapped Linear's effective weight)
@@ -62,7 +62,7 @@ def bench_layers(shape: str, rounds: int, reps: int, device: str) -> list[str]:
         torch.manual_seed(0)
         base = nn.Linear(fan_in, fan_out, bias=False).to(device)
         variants = {"none": base}
-        for impl in ("materialize", "io", "function"):
+        for impl in ("materialize", "io"):
             variants[impl] = MultipliedLinear(copy.deepcopy(base), "rowcol", impl)
         x = torch.randn(s["batch"], s["seq"], fan_in, device=device, requires_grad=True)
         dy = torch.randn(s["batch"], s["seq"], fan_out, device=device)
@@ -85,7 +85,7 @@ def bench_layers(shape: str, rounds: int, reps: int, device: str) -> list[str]:
         med = {k: min(v) for k, v in times.items()}  # min over rounds: robust to other processes' load
         rows.append(
             f"| {shape} | {fan_in}->{fan_out} | {tokens} | {med['none'] * 1e3:.3f} | "
-            + " | ".join(f"{med[k] * 1e3:.3f} ({med[k] / med['none']:.2f}x)" for k in ("materialize", "io", "function"))
+            + " | ".join(f"{med[k] * 1e3:.3f} ({med[k] / med['none']:.2f}x)" for k in ("materialize", "io"))
             + " |"
         )
         print(rows[-1], flush=True)
@@ -202,8 +202,8 @@ def main() -> None:
         CLOCK = time.process_time
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, clock {args.clock}")
     if args.part in ("layers", "all"):
-        print("| shapes | layer | tokens | none ms (min) | materialize ms | io ms | function ms |")
-        print("|---|---|---|---|---|---|---|")
+        print("| shapes | layer | tokens | none ms (min) | materialize ms | io ms |")
+        print("|---|---|---|---|---|---|")
         for sh in shapes:
             bench_layers(sh, args.rounds, args.reps, args.device)
     if args.part in ("extra", "all"):

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# the C++ optimizer kernel is content-addressed (source, flags, torch, CPU): one build serves every test
+# session instead of one per session's private cache
+os.environ.setdefault("LAYERWISE_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "layerwise",
+                                                             "kernels"))
 
 _WORDS = ("the king queen lord lady sword crown night day love death heart blood tongue eye hand fair foul "
           "speak hear come go now never ever thou thee thy my mine our your shall will must doth hath art "

@@ -195,11 +195,6 @@ def test_embedding_gradients_match_formulas(impl, kind):
         torch.testing.assert_close(getattr(mod, name).grad, want, rtol=1e-12, atol=1e-12, msg=name)
 
 
-def test_function_impl_rejected_for_embedding():
-    with pytest.raises(ValueError, match="Linear only"):
-        MultipliedEmbedding(nn.Embedding(4, 2), "rowcol", "function")
-
-
 def test_impls_agree_on_whole_model():
     model = _nano(dtype=torch.float64)
     mults = add_multipliers(model)

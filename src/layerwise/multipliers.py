@@ -38,8 +38,6 @@ Forward implementations (``impl=``), all exact, chosen per module:
   width (always, in LM training);
 * ``"io"`` (default for Embedding): scale the input by ``c`` and the output by ``r`` - activation-sized work;
   for an embedding the row factor is gathered per token (``r[idx]``) instead of scaling the whole table;
-* ``"function"``: a hand-written ``torch.autograd.Function`` for Linear (materialised weight, explicit
-  backward from the formulas above).  No autocast support; for measurements.
   See ``benchmarks/multipliers_overhead.py`` and ``benchmarks/results/multipliers.md`` for timings.
 
 Placements (``placement=``), over the roles and operators of :func:`layerwise.anatomy`:
@@ -80,7 +78,7 @@ from layerwise.names import MULTIPLIER_SUFFIXES, canonical_name, is_multiplier
 
 KINDS = ("rowcol", "row", "col", "scalar")
 PLACEMENTS = ("paper", "symmetry_free")
-IMPLS = ("materialize", "io", "function")
+IMPLS = ("materialize", "io")
 
 Placement = Union[str, Callable[[str, nn.Module], Union[str, bool, None]]]
 
@@ -104,47 +102,6 @@ def _check_impl(impl: object) -> str:
 
 def _ones(n: int, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(torch.ones(n, device=like.device, dtype=like.dtype))
-
-
-class _MultipliedLinearFn(torch.autograd.Function):
-    """y = x (s·diag(r) W diag(c))ᵀ + b with the backward written from the formulas (None = absent)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, r, c, s, bias):  # type: ignore[override]
-        scale = None  # broadcastable to weight: outer(r, c) * s, or a factor of it
-        for t in (r[:, None] if r is not None else None, c, s):
-            if t is not None:
-                scale = t if scale is None else scale * t
-        w_eff = weight * scale
-        ctx.save_for_backward(x, weight, w_eff, scale, r, c, s)
-        ctx.has_bias = bias is not None
-        return F.linear(x, w_eff, bias)
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        x, weight, w_eff, scale, r, c, s = ctx.saved_tensors
-        dx = dw = dr = dc = ds = db = None
-        if ctx.needs_input_grad[0]:
-            dx = dy @ w_eff
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        g = dy2.t() @ x.reshape(-1, x.shape[-1])  # ∂L/∂W̃, (out, in)
-        if ctx.needs_input_grad[1]:
-            dw = g * scale
-        if any(ctx.needs_input_grad[2:5]):
-            gw = g * weight
-            if r is not None and ctx.needs_input_grad[2]:
-                dr = gw @ c if c is not None else gw.sum(1)
-                dr = dr * s if s is not None else dr
-            if c is not None and ctx.needs_input_grad[3]:
-                dc = r @ gw if r is not None else gw.sum(0)
-                dc = dc * s if s is not None else dc
-            if s is not None and ctx.needs_input_grad[4]:
-                t = gw if r is None else gw * r[:, None]
-                t = t if c is None else t * c
-                ds = t.sum().reshape(s.shape)
-        if ctx.has_bias and ctx.needs_input_grad[5]:
-            db = dy2.sum(0)
-        return dx, dw, dr, dc, ds, db
 
 
 class _MultiplierMixin:
@@ -220,8 +177,6 @@ class MultipliedLinear(_MultiplierMixin, nn.Linear):
         r, c, s = self._out_scale(), self.col_multiplier, self.scalar_multiplier
         if self.impl == "materialize":
             return F.linear(x, self.effective_weight(), self.bias)
-        if self.impl == "function":
-            return _MultipliedLinearFn.apply(x, self.weight, r, c, s, self.bias)
         if c is not None:
             x = x * c
         y = F.linear(x, self.weight)
@@ -260,9 +215,7 @@ class MultipliedConv1D(_MultiplierMixin, nn.Module):
         self.bias = conv.bias
         self._init_multipliers(_check_kind(kind), rows)
         self.register_buffer("multiplier_transposed", torch.ones((), dtype=torch.bool, device=w.device))
-        if _check_impl(impl) == "function":
-            raise ValueError("impl='function' exists for nn.Linear only; use 'materialize' or 'io' for Conv1D")
-        self.impl = impl
+        self.impl = _check_impl(impl)
         self.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,9 +253,7 @@ class MultipliedEmbedding(_MultiplierMixin, nn.Embedding):
         self.scale_grad_by_freq, self.sparse = emb.scale_grad_by_freq, False
         self.weight = emb.weight
         self._init_multipliers(_check_kind(kind))
-        if _check_impl(impl) == "function":
-            raise ValueError("impl='function' exists for Linear only; use 'io' or 'materialize' for embeddings")
-        self.impl = impl
+        self.impl = _check_impl(impl)
         self.train(emb.training)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -495,11 +446,10 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def set_multiplier_impl(model: nn.Module, impl: str) -> None:
-    """Switch every wrapped Linear (and, for ``io``/``materialize``, Embedding) to forward ``impl``."""
+    """Switch every wrapped Linear and Embedding to forward ``impl``."""
     _check_impl(impl)
     for mod in model.modules():
-        if isinstance(mod, MultipliedLinear) or (isinstance(mod, (MultipliedEmbedding, MultipliedConv1D))
-                                                 and impl != "function"):
+        if isinstance(mod, (MultipliedLinear, MultipliedEmbedding, MultipliedConv1D)):
             mod.impl = impl
 
 

@@ -196,7 +196,7 @@ def _zero_grad_decay_check(model, opt, lr):
 
 
 def test_works_with_alphaadam():
-    alphaadam = pytest.importorskip("layerwise.optim.alphaadam")
+    import layerwise.optim.alphaadam as alphaadam
     model = make_model()
     opt = alphaadam.AlphaAdam(model.parameters(), lr=0.5, weight_decay=0.1, fast=False)
     dec = AlphaDecay(opt, model, interval=2)
@@ -223,7 +223,7 @@ def test_works_with_torch_muon_on_matrices_only():
 
 
 def test_works_with_muon_adamw_wrapper():
-    muon = pytest.importorskip("layerwise.optim.muon")
+    import layerwise.optim.muon as muon
     model = make_model()
     opt = muon.MuonAdamW(model, lr=0.5, weight_decay=0.1)
     n_before = len(opt.param_groups)

@@ -84,7 +84,11 @@ def test_random_overrides_fail_only_with_a_config_error_naming_a_key(overrides):
     try:
         C.apply_overrides(cfg, dict(overrides))
         validate(cfg)
-        resolve_model_config(cfg, cfg.data.vocab_size)
+        if cfg.model.hf_config or cfg.model.init_from:  # a Hugging Face model resolves its own config file
+            from layerwise.lab.hf_models import resolve_hf_config
+            resolve_hf_config(cfg, cfg.data.vocab_size)
+        else:
+            resolve_model_config(cfg, cfg.data.vocab_size)
     except C.ConfigError as e:
         assert _named_keys(str(e)), f"ConfigError names no key: {e}"
         return

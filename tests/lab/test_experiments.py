@@ -33,20 +33,33 @@ def test_method_specs():
 
 def test_compare_runs_resumes_and_reports(tmp_path, corpus_file, capsys):
     out = tmp_path / "cmp"
-    args = ["compare", "--preset", "smoke", "--methods", "adamw,adamw-nowd", "--seeds", "2", "--out", str(out), "--jobs", "2",
+    methods = "adamw,adamw-nowd,adamw[decay.name=uniform]"
+    args = ["compare", "--preset", "smoke", "--methods", methods, "--seeds", "2", "--out", str(out), "--jobs", "2",
             "--set", f"data.corpus={corpus_file}", "--set", "train.max_steps=6", "--set", "train.progress=false",
-            "--set", "train.tensorboard=false"]
+            "--set", "train.tensorboard=false", "--set", "train.log_every=1"]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in res["rows"]] == ["adamw", "adamw-nowd"]
+    assert [r["method"] for r in res["rows"]] == ["adamw", "adamw-nowd", "adamw_decay.name=uniform"]
     assert all(r["seeds"] == 2 for r in res["rows"])
     assert (out / "plots" / "loss_curves.png").stat().st_size > 1000
-    # same seed, same method -> same initial weights and batches; nowd differs only by the decay
-    s0 = json.loads((out / "adamw/seed0/summary.json").read_text())
-    s1 = json.loads((out / "adamw/seed1/summary.json").read_text())
-    assert s0["final_val_loss"] != s1["final_val_loss"]
+
+    def losses(method: str, seed: int) -> list[float]:
+        rows = [json.loads(ln) for ln in (out / method / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    # the paired design: seed k gives every method the same initial weights and the same batch order
+    for seed in (0, 1):
+        base, nowd, uniform = (losses(m, seed) for m in ("adamw", "adamw-nowd", "adamw_decay.name=uniform"))
+        assert len(base) == 6
+        # a controller that changes nothing: the whole trajectory (weights and every batch) is the same
+        assert uniform == pytest.approx(base, rel=1e-6, abs=0)
+        # step 1 is the initial weights on the first batch: the same whatever the optimizer's decay ...
+        assert nowd[0] == pytest.approx(base[0], rel=1e-7, abs=0)
+        # ... and the decay does act afterwards (the test could not tell the methods apart otherwise)
+        assert nowd[1:] != pytest.approx(base[1:], rel=1e-7, abs=0)
+    assert losses("adamw", 0)[0] != pytest.approx(losses("adamw", 1)[0], rel=1e-4)  # seeds differ
     capsys.readouterr()
     assert main(args) == 0  # second time: everything is skipped
-    assert capsys.readouterr().out.count("[skip]") == 4
+    assert capsys.readouterr().out.count("[skip]") == 6
     assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
     assert "adamw-nowd" in (tmp_path / "rep" / "results.md").read_text()

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+from layerwise.optim import _cpu_kernel as CK
 from layerwise.optim import _masked_kernels as K
 from layerwise.optim.alphaadam import AlphaAdam, CautiousAdamW
 
@@ -155,14 +156,44 @@ def test_cautious_matches_float64_reference():
 # ---------------------------------------------------------------------------------------------
 # fast (compiled) == eager reference
 
-@pytest.mark.parametrize("cpu_kernel", [False, None], ids=["compiled", "c-kernel"])
+def _count_paths(monkeypatch) -> dict[str, int]:
+    """Count the tensors each path updates (spies that call the real functions)."""
+    calls = {"c": 0, "compiled": 0, "eager": 0}
+    real_c, real_many, real_eager = CK.steps_, K.update_many_, K.masked_adamw_
+
+    def c(ps, *args):
+        calls["c"] += len(ps)
+        return real_c(ps, *args)
+
+    def many(ps, *args, **kwargs):
+        calls["compiled"] += len(ps)
+        return real_many(ps, *args, **kwargs)
+
+    def eager(*args, **kwargs):
+        calls["eager"] += 1
+        return real_eager(*args, **kwargs)
+
+    monkeypatch.setattr(CK, "steps_", c)
+    monkeypatch.setattr(K, "update_many_", many)
+    monkeypatch.setattr(K, "masked_adamw_", eager)
+    return calls
+
+
+@pytest.mark.parametrize("cpu_kernel", [
+    False, pytest.param(True, marks=pytest.mark.skipif(CK.load() is None, reason=f"no C kernel: {CK.error()}"))],
+    ids=["compiled", "c-kernel"])
 @pytest.mark.parametrize("cls,kw", [(AlphaAdam, {}), (CautiousAdamW, {})], ids=["alphaadam", "cautious"])
-def test_fast_matches_eager(cls, kw, cpu_kernel):
-    """Both fast paths (the compiled kernels; the C kernel, where it builds) against the eager reference."""
+def test_fast_matches_eager(cls, kw, cpu_kernel, monkeypatch):
+    """Both fast paths (the compiled kernels; the C kernel) against the eager reference, each checked to
+    be the path that actually ran."""
     a, b = make_params(3), make_params(3)
     eager = cls(a, lr=1e-2, weight_decay=0.1, fast=False, **kw)
     fast = cls(b, lr=1e-2, weight_decay=0.1, fast=True, cpu_kernel=cpu_kernel, **kw)
+    calls = _count_paths(monkeypatch)
     lockstep(eager, fast, a, b, 8)
+    n = 8 * len(SHAPES)
+    # the eager optimizer's own steps are the only eager calls
+    assert calls == ({"c": n, "compiled": 0, "eager": n} if cpu_kernel else {"c": 0, "compiled": n, "eager": n})
     de, df = eager.diagnostics(), fast.diagnostics()
     assert de.keys() == df.keys()
     for name in de:
@@ -398,13 +429,15 @@ def test_params_without_grad_are_skipped_and_names_used():
     assert set(opt2.diagnostics()) == {"group0.param0", "group0.param1"}
 
 
-def test_non_contiguous_param_takes_eager_path():
+def test_non_contiguous_param_takes_eager_path(monkeypatch):
     a = torch.nn.Parameter(torch.randn(8, 6).t())
     b = torch.nn.Parameter(a.detach().contiguous())
     assert not a.is_contiguous()
     g = torch.randn(6, 8)
     a.grad, b.grad = g.clone(), g.clone()
+    calls = _count_paths(monkeypatch)
     AlphaAdam([a], lr=1e-2, fast=True).step()
+    assert calls == {"c": 0, "compiled": 0, "eager": 1}
     AlphaAdam([b], lr=1e-2, fast=False).step()
     torch.testing.assert_close(a.detach(), b.detach())
 
@@ -452,15 +485,20 @@ def test_scratch_buffer_is_one_fp32_tensor_of_the_largest_masked_param():
     assert "scratch" not in str(opt.state_dict().keys())
 
 
-def test_compile_failure_falls_back_with_one_warning(monkeypatch):
+def _fresh_compiled(monkeypatch, backend) -> None:
     monkeypatch.setattr(K, "_COMPILED", {})
     monkeypatch.setattr(K, "_BROKEN", set())
     monkeypatch.setattr(K, "_WARNED", False)
+    monkeypatch.setattr(K, "_BACKEND", backend)
 
-    def broken(*args, **kwargs):
+
+def test_compile_failure_falls_back_with_one_warning(monkeypatch):
+    """A backend that fails while compiling (as inductor does without a C++ compiler): dynamo raises
+    before the graph runs; the optimizer warns once and the eager path gives the same result."""
+    def broken(gm, example_inputs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(K.torch, "compile", broken)
+    _fresh_compiled(monkeypatch, broken)
     a, b = make_params(13), make_params(13)
     fast, eager = AlphaAdam(a, lr=1e-2, fast=None, cpu_kernel=False), AlphaAdam(b, lr=1e-2, fast=False)
     with warnings.catch_warnings(record=True) as caught:
@@ -474,8 +512,32 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
     assert len([w for w in caught if "falling back to the eager path" in str(w.message)]) == 1
     for x, y in zip(a, b):
         assert torch.equal(x, y)
-    with pytest.raises(RuntimeError, match="no compiler here"):
-        monkeypatch.setattr(K, "_BROKEN", set())
-        strict = AlphaAdam(a, fast=True, cpu_kernel=False)
-        set_grads(a, grads_for(0, a))
+    _fresh_compiled(monkeypatch, broken)
+    strict = AlphaAdam(a, fast=True, cpu_kernel=False)
+    set_grads(a, grads_for(0, a))
+    with pytest.raises(Exception, match="no compiler here"):
         strict.step()
+
+
+def test_run_time_error_after_a_partial_write_is_not_reapplied(monkeypatch):
+    """A compiled kernel that writes its outputs and then fails at run time: the error propagates and the
+    update is not run a second time by the eager fallback (it would apply the step twice)."""
+    def writes_then_fails(gm, example_inputs):
+        def run(*args):
+            gm(*args)  # the whole update is written ...
+            raise RuntimeError("kernel failed after writing")  # ... then the run fails
+        return run
+
+    _fresh_compiled(monkeypatch, writes_then_fails)
+    a, b = make_params(21, SHAPES[:2]), make_params(21, SHAPES[:2])  # one compiled call of two tensors
+    fast = AlphaAdam(a, lr=1e-2, weight_decay=0.1, fast=None, cpu_kernel=False)
+    once = AlphaAdam(b, lr=1e-2, weight_decay=0.1, fast=False)
+    g = grads_for(0, a)
+    set_grads(a, g)
+    set_grads(b, g)
+    with pytest.raises(RuntimeError, match="kernel failed after writing"):
+        fast.step()
+    once.step()
+    for x, y in zip(a, b):  # exactly one update, not two
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert not K._BROKEN and not K._WARNED

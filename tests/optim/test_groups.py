@@ -130,7 +130,7 @@ def test_multiplier_group_simulated():
 
 
 def test_multiplier_group_with_real_wrapper():
-    mult = pytest.importorskip("layerwise.multipliers")
+    import layerwise.multipliers as mult
     model = build_model("nano", vocab_size=64)
     new = mult.add_multipliers(model, kind="rowcol", placement="paper")
     groups = param_groups(model, 1e-3, 0.1)
@@ -174,13 +174,6 @@ def test_strict_rules_name_unassigned_parameter():
     model = build_model("nano", vocab_size=64)
     with pytest.raises(ValueError, match="lm_head.weight.*not assigned"):
         param_groups(model, 1e-3, 0.1, rules=[(r"^(embed_tokens|layers|norm)", "matrix")], default_rules=False)
-
-
-def test_per_parameter_groups():
-    model = build_model("nano", vocab_size=64)
-    groups = param_groups(model, 1e-3, 0.1, per_parameter=True)
-    assert len(groups) == sum(1 for _ in model.parameters())
-    assert all(len(g["params"]) == 1 for g in groups)
 
 
 @pytest.mark.parametrize(

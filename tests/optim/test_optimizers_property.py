@@ -16,9 +16,17 @@ from typing import Callable
 import pytest
 import torch
 
+from layerwise.optim import registry
 from layerwise.optim.alphaadam import AlphaAdam, CautiousAdamW
+from layerwise.optim.muon import MuonAdamW
 
 Factory = Callable[[list], torch.optim.Optimizer]
+
+
+def _muon(groups: list[dict]) -> MuonAdamW:
+    """The matrix on the Muon side, the bias on the AdamW side (the problem's names are not block names)."""
+    return MuonAdamW([{**groups[0], "use_muon": True}, {**groups[1], "use_muon": False}], lr=5e-2,
+                     weight_decay=0.01)
 
 OPTIMIZERS: list[tuple[str, Factory]] = [
     ("torch_adamw", lambda p: torch.optim.AdamW(p, lr=5e-2, weight_decay=0.01)),
@@ -29,8 +37,15 @@ OPTIMIZERS: list[tuple[str, Factory]] = [
     ("alphaadam_unmasked", lambda p: AlphaAdam(p, lr=5e-2, masking=False)),
     ("cautious_adamw", lambda p: CautiousAdamW(p, lr=5e-2, weight_decay=0.01)),
     ("cautious_adamw_eager", lambda p: CautiousAdamW(p, lr=5e-2, fast=False)),
+    ("torch_adam_l2", lambda p: torch.optim.Adam(p, lr=5e-2, weight_decay=0.01)),
+    ("muon_adamw", _muon),
 ]
 IDS = [name for name, _ in OPTIMIZERS]
+
+
+def test_every_registered_optimizer_has_a_row():
+    classes = {type(factory(Problem().groups())) for _, factory in OPTIMIZERS}
+    assert {entry.cls() for entry in registry.OPTIMIZERS.values()} <= classes
 
 
 class Problem:

@@ -91,10 +91,23 @@ def test_sublayer_gains_on_hf_llama_residual_rms():
     res = {(r.kind, r.layer): r for r in g.results()}
     assert set(res) == {(k, i) for k in ("attn", "mlp") for i in range(2)}
     hs = out.hidden_states  # hs[i] = residual stream entering block i (for i < num_layers)
-    for i in range(2):
-        want = hs[i].double().pow(2).mean().sqrt().item()
-        assert res[("attn", i)].rms_in == pytest.approx(want, rel=1e-5)
-        assert 0 < res[("attn", i)].gain < math.inf and 0 < res[("mlp", i)].gain < math.inf
+    # the blocks replayed by hand from their parts: gain = rms(sub-layer output) / rms(residual stream in)
+    x = hs[0]
+    pos = torch.arange(idx.shape[1])[None]
+    with torch.no_grad():
+        cos_sin = model.model.rotary_emb(x, pos)
+        for i, layer in enumerate(model.model.layers):
+            a = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=cos_sin,
+                                attention_mask=None)[0]  # no mask: sdpa's causal path, as in the model
+            mid = x + a
+            y = layer.mlp(layer.post_attention_layernorm(mid))
+            rms = {k: t.double().pow(2).mean().sqrt().item() for k, t in (("x", x), ("a", a), ("mid", mid), ("y", y))}
+            assert res[("attn", i)].rms_in == pytest.approx(hs[i].double().pow(2).mean().sqrt().item(), rel=1e-5)
+            assert res[("attn", i)].gain == pytest.approx(rms["a"] / rms["x"], rel=1e-5)
+            assert res[("mlp", i)].gain == pytest.approx(rms["y"] / rms["mid"], rel=1e-5)
+            x = mid + y
+            if i + 1 < len(model.model.layers):  # the replay is the model's own forward (the last entry is normed)
+                torch.testing.assert_close(x, hs[i + 1], rtol=1e-5, atol=1e-6)
 
 
 def test_transformer_blocks_error():
@@ -122,7 +135,7 @@ def test_block_top_singular_values_match_svd():
 
 
 def test_block_top_singular_values_use_effective_weight():
-    mult = pytest.importorskip("layerwise.multipliers")
+    import layerwise.multipliers as mult
     torch.manual_seed(0)
     model = build_model("nano", vocab_size=64)
     mult.add_multipliers(model, kind="rowcol", placement="paper")

@@ -188,7 +188,7 @@ def test_user_rule_still_width_scaled():
 def test_identity_at_base_width(exps, mults):
     model = _model(64, base=64)
     if mults:
-        mult = pytest.importorskip("layerwise.multipliers")
+        import layerwise.multipliers as mult
         mult.add_multipliers(model)
     ref = param_groups(model, LR, WD, None, multiplier_lr_scale=0.7)
     got = param_groups(model, LR, WD, WidthScaling(64, 64, **exps), multiplier_lr_scale=0.7)

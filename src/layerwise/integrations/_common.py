@@ -20,32 +20,17 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from layerwise.optim import registry as _registry
+
 __all__ = ["OPTIMIZERS", "build_optimizer", "check_optimizer_options", "unwrap_optimizer", "decay_log_items"]
 
-#: optimizer names accepted by :func:`build_optimizer`
-OPTIMIZERS = ("alphaadam", "cautious", "adamw", "adam")
-
-
-def _optimizer_cls(name: str) -> type[torch.optim.Optimizer]:
-    if name == "alphaadam":
-        from layerwise.optim.alphaadam import AlphaAdam
-
-        return AlphaAdam
-    if name == "cautious":
-        from layerwise.optim.alphaadam import CautiousAdamW
-
-        return CautiousAdamW
-    if name == "adamw":
-        return torch.optim.AdamW
-    if name == "adam":
-        return torch.optim.Adam
-    raise ValueError(f"unknown optimizer name {name!r}; choose one of {list(OPTIMIZERS)}")
+#: optimizer names accepted by :func:`build_optimizer` (the registry :mod:`layerwise.optim.registry`)
+OPTIMIZERS = tuple(_registry.OPTIMIZERS)
 
 
 def check_optimizer_options(name: str, lr: float, weight_decay: float, betas: Sequence[float], eps: float) -> None:
     """Eager validation of the arguments of :func:`build_optimizer` (``ValueError`` naming the field)."""
-    if not isinstance(name, str) or name not in OPTIMIZERS:
-        raise ValueError(f"optimizer name must be one of {list(OPTIMIZERS)}, got {name!r}")
+    _registry.canonical_name(name)  # ValueError naming the choices
     for field, value in (("lr", lr), ("weight_decay", weight_decay), ("eps", eps)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{field} must be a non-negative finite number, got {value!r}")
@@ -74,9 +59,10 @@ def build_optimizer(
     Args:
         model: the model to optimise (its trainable parameters; canonical names).  Add multipliers
             (:func:`layerwise.add_multipliers`) *before* calling this.
-        name: ``"alphaadam"`` (:class:`layerwise.AlphaAdam`), ``"cautious"`` (:class:`layerwise.CautiousAdamW`),
-            ``"adamw"`` (``torch.optim.AdamW``) or ``"adam"`` (``torch.optim.Adam``, coupled L2 — the AlphaDecay
-            paper's main table).
+        name: a name of the optimizer registry (:data:`layerwise.optim.registry.OPTIMIZERS`): ``"alphaadam"``
+            (:class:`layerwise.AlphaAdam`), ``"cautious"`` (:class:`layerwise.CautiousAdamW`), ``"adamw"``
+            (``torch.optim.AdamW``), ``"adam"`` (``torch.optim.Adam``, coupled L2 — the AlphaDecay paper's main
+            table) or ``"muon"`` (:class:`layerwise.optim.MuonAdamW`).
         lr, weight_decay: base learning rate and weight decay λ (PyTorch's coupled convention
             ``θ ← θ·(1 − lr·λ)``); groups scale them (width scaling, multipliers, no-decay tokens).
         betas, eps: Adam hyper-parameters.
@@ -101,17 +87,12 @@ def build_optimizer(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_optimizer_options(name, lr, weight_decay, betas, eps)
-    cls = _optimizer_cls(name)
     groups = param_groups(
         model, lr=lr, weight_decay=weight_decay, scaling=scaling,
         multiplier_weight_decay=multiplier_weight_decay, multiplier_lr_scale=multiplier_lr_scale, no_decay=no_decay,
     )
-    try:
-        opt = cls(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **optimizer_options)
-    except TypeError as e:
-        raise TypeError(
-            f"optimizer {name!r} ({cls.__name__}) rejected the options {sorted(optimizer_options)}: {e}"
-        ) from None
+    opt = _registry.build(name, groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                          **optimizer_options)
     if split_matrices:
         split_groups(opt, [p for _, p in controlled_matrices(model, decay_select)])
     return opt

@@ -143,12 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     for module in ("layerwise.lab.analyze", "layerwise.lab.sweep", "layerwise.lab.export", "layerwise.lab.anatomy_cmd"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        mod.register(sub)
+        importlib.import_module(module).register(sub)  # an import error here is a bug: never hide a command
     return parser
+
+
+#: top-level modules of the ``lab`` extra (``pip install 'layerwise[lab]'``): the harness needs them, the
+#: library does not
+LAB_EXTRA_MODULES = ("tokenizers", "tqdm", "matplotlib", "tensorboard")
+
+
+def missing_lab_extra(exc: BaseException) -> str | None:
+    """The message for an ImportError of a ``lab``-extra package, else ``None``."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    if isinstance(exc, ImportError) and name in LAB_EXTRA_MODULES:
+        return (f"the package {name!r} is missing: the harness needs the 'lab' extra "
+                "(pip install 'layerwise[lab]')")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ImportError as e:
+        msg = missing_lab_extra(e)
+        if msg is None:
+            raise
+        print(f"layerwise {args.command}: error: {msg}", file=sys.stderr)
+        return 2
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"layerwise {args.command}: error: {e}", file=sys.stderr)
         return 2

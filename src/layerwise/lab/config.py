@@ -50,7 +50,7 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    name: str = "adamw"  # adamw | adam (coupled L2) | alphaadam | cautious_adamw | muon
+    name: str = "adamw"  # a name of layerwise.optim.registry: adamw | adam (coupled L2) | alphaadam | cautious | muon
     lr: float = 3e-3
     weight_decay: float = 0.1
     beta1: float = 0.9

@@ -107,9 +107,7 @@ def _train_job(job: tuple[dict, str]) -> dict:
 
 def _same_after_resolution(done_cfg: str, cfg: Config) -> bool:
     """A finished run's config equals ``cfg`` once relative widths (``base_hidden_size < 0``) are resolved."""
-    import tomllib
-
-    from layerwise.lab.config import from_dict
+    from layerwise.lab.config import from_dict, tomllib  # tomllib, or tomli on Python 3.10
     from layerwise.lab.model import model_config
 
     if cfg.model.base_hidden_size >= 0:

@@ -7,7 +7,7 @@ The method issues extend the three builder tables and :data:`METHODS`; the train
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,51 +15,17 @@ from torch import nn
 from layerwise.lab.config import Config, ConfigError
 
 # --------------------------------------------------------------------------------------- optimizers
-def _betas(cfg: Config) -> tuple[float, float]:
-    return (cfg.optim.beta1, cfg.optim.beta2)
-
-
-def _adamw(groups, cfg: Config, device: str):
-    kw = dict(lr=cfg.optim.lr, betas=_betas(cfg), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    if cfg.optim.fused:
-        kw["fused"] = True
-    return torch.optim.AdamW(groups, **kw)
-
-
-def _adam_l2(groups, cfg: Config, device: str):
-    """torch Adam with coupled L2 (``grad += wd * param``): the AlphaDecay paper's main table."""
-    kw = dict(lr=cfg.optim.lr, betas=_betas(cfg), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    if cfg.optim.fused:
-        kw["fused"] = True
-    return torch.optim.Adam(groups, **kw)
-
-
-def _alphaadam(groups, cfg: Config, device: str):
-    from layerwise.optim import AlphaAdam
-
+def _optimizer_options(name: str, cfg: Config) -> dict[str, Any]:
+    """The config's optimizer-specific options (the common lr/betas/eps/weight_decay are mapped by the
+    registry, :mod:`layerwise.optim.registry`)."""
     o = cfg.optim
-    return AlphaAdam(groups, lr=o.lr, betas=_betas(cfg), eps=o.eps, weight_decay=o.weight_decay,
-                     mask_ref=o.mask_ref, alpha_mode=o.alpha_mode, alpha_max=o.alpha_max, floor=o.floor)
-
-
-def _cautious(groups, cfg: Config, device: str):
-    from layerwise.optim import CautiousAdamW
-
-    o = cfg.optim
-    return CautiousAdamW(groups, lr=o.lr, betas=_betas(cfg), eps=o.eps, weight_decay=o.weight_decay)
-
-
-def _muon(groups, cfg: Config, device: str):
-    from layerwise.optim import MuonAdamW
-
-    o = cfg.optim
-    return MuonAdamW(groups, lr=o.muon_lr or o.lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
-                     adam_lr=o.lr, adam_betas=_betas(cfg), adam_eps=o.eps)
-
-
-OPTIMIZERS: dict[str, Callable] = {
-    "adamw": _adamw, "adam": _adam_l2, "alphaadam": _alphaadam, "cautious_adamw": _cautious, "muon": _muon,
-}
+    if name in ("adamw", "adam"):
+        return {"fused": True} if o.fused else {}
+    if name == "alphaadam":
+        return dict(mask_ref=o.mask_ref, alpha_mode=o.alpha_mode, alpha_max=o.alpha_max, floor=o.floor)
+    if name == "muon":  # Muon's own lr on the matrices; the AdamW half keeps optim.lr
+        return dict(momentum=o.muon_momentum, adam_lr=o.lr)
+    return {}
 
 
 def width_rule(cfg: Config, model_cfg) -> Any:
@@ -82,23 +48,31 @@ def build_param_groups(model: nn.Module, cfg: Config, model_cfg) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: Config, model_cfg, device: str):
-    name = cfg.optim.name
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name: unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[name](build_param_groups(model, cfg, model_cfg), cfg, device)
+    from layerwise.optim import registry
+
+    try:
+        name = registry.canonical_name(cfg.optim.name, field="optim.name")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    o = cfg.optim
+    lr = (o.muon_lr or o.lr) if name == "muon" else o.lr
+    return registry.build(name, build_param_groups(model, cfg, model_cfg), lr=lr, betas=(o.beta1, o.beta2),
+                          eps=o.eps, weight_decay=o.weight_decay, **_optimizer_options(name, cfg))
 
 
 # ------------------------------------------------------------------------------------ decay control
-DECAYS = ("none", "uniform", "alphadecay", "awd", "adadecay", "typedecay")
-
-
 def build_decay(optimizer, model: nn.Module, cfg: Config):
+    """The configured controller (``decay.name``: ``"none"`` or a name of
+    :data:`layerwise.decay.DECAY_CONTROLLERS`, the one registry of controller names)."""
+    from layerwise.decay import DECAY_CONTROLLERS
+    from layerwise.decay import build_decay as _build
+
     d = cfg.decay
-    if d.name not in DECAYS:
-        raise ConfigError(f"decay.name: unknown controller {d.name!r}; choose one of {list(DECAYS)}")
+    if d.name != "none" and d.name not in DECAY_CONTROLLERS:
+        raise ConfigError(f"decay.name: unknown controller {d.name!r}; choose one of "
+                          f"{['none', *sorted(DECAY_CONTROLLERS)]}")
     if d.name == "none":
         return None
-    from layerwise.decay import build_decay as _build
 
     opts: dict[str, Any] = {}
     if d.name == "alphadecay":
@@ -132,7 +106,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "awd": {"decay.name": "awd"},
     "adadecay": {"decay.name": "adadecay"},
     "alphaadam": {"optim.name": "alphaadam"},
-    "cautious": {"optim.name": "cautious_adamw"},
+    "cautious": {"optim.name": "cautious"},
     "multipliers": {"multipliers.kind": "rowcol", "multipliers.placement": "paper"},
     "muon": {"optim.name": "muon"},
     # muP + sqrt(d) weight decay with the base width at a quarter of the model's width: the base lr/wd are
@@ -188,8 +162,6 @@ class Diagnostics:
     def __init__(self, model: nn.Module, optimizer, decay, cfg: Config):
         self.model, self.optimizer, self.decay, self.cfg = model, optimizer, decay, cfg
         self._decay_version = None
-        if hasattr(optimizer, "track_diagnostics"):
-            optimizer.track_diagnostics = True
 
     def scalars(self, batch: torch.Tensor | None = None, autocast=None) -> dict[str, float]:
         out: dict[str, float] = {}

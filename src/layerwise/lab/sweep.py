@@ -18,21 +18,28 @@ do not end up alone at the tail of a parallel sweep.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from layerwise.lab.config import Config, ConfigError, apply_overrides, resolve, to_toml
+from layerwise.lab.config import ConfigError, apply_overrides, resolve, to_toml
+from layerwise.scaling.rules import PARAMETRIZATIONS as _WIDTH_RULES
 
-PARAMETRIZATIONS = {
-    "sp": {"model.parametrization": "sp"},
-    "mup": {"model.parametrization": "mup", "optim.wd_exponent": 0.0},
-    "mup-sqrtwd": {"model.parametrization": "mup", "optim.wd_exponent": 0.5},
-    "mup-lrwd": {"model.parametrization": "mup", "optim.wd_exponent": 1.0},
-}
+
+def _config_overrides(name: str) -> dict:
+    """A parametrisation of the library's registry (:data:`layerwise.scaling.PARAMETRIZATIONS`) as config
+    overrides: ``sp`` -> no width rule; the μP variants -> ``model.parametrization = "mup"`` plus their
+    ``WidthScaling`` options as ``optim.*`` fields."""
+    rule = _WIDTH_RULES[name]
+    if rule is None:
+        return {"model.parametrization": "sp"}
+    return {"model.parametrization": "mup", **{f"optim.{k}": v for k, v in rule.items()}}
+
+
+#: name -> config overrides, one per parametrisation of the library's registry
+PARAMETRIZATIONS = {name: _config_overrides(name) for name in _WIDTH_RULES}
 HEAD_DIM = 32
 FFN_RATIO = 2.75
 

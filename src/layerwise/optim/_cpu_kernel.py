@@ -1,5 +1,6 @@
-"""A small C kernel for the masked AdamW update of fp32 CPU tensors, built with the system C compiler
-on first use and loaded with :mod:`ctypes`.
+"""A small C++ kernel for the masked AdamW update of fp32 CPU tensors, built on first use with
+:func:`torch.utils.cpp_extension.load_inline` and registered as torch operators
+(``torch.ops.layerwise_ck.masked_step_`` / ``adamw_step_``).
 
 Why: the masked update needs a per-tensor statistic (``alpha``) before any parameter can move.  The
 compiled (inductor) path therefore reads every element twice and, since inductor never stores inside
@@ -15,52 +16,62 @@ One square root and one division per element, as in AdamW; for tensors whose scr
 pass 2 costs little more than reading and writing ``p``.  The scratch is the optimizer's per-device fp32
 buffer, the size of the largest masked parameter.  Memory traffic in units of one fp32 array pass:
 fused AdamW 7 (reads ``p, g, m, v``, writes ``p, m, v``); this kernel 10 when the scratch does not stay
-in cache (the scratch costs a write, its read-for-ownership and a read).  A variant for the ``"density"``
-mode that counts the mask from ``g, m`` alone and then runs one masked AdamW pass (9 units, no scratch)
-measured no faster here (1.52× vs 1.53× fused AdamW on a 32000 × 512 tensor, slower on small ones), so
-every mode uses the scratch.
-``rule="none"`` (``masking=False``) is plain AdamW in one pass.  The arithmetic follows torch
-AdamW's order of operations; the build uses ``-ffp-contract=off`` so that no fused multiply-adds
-change the rounding.  Large tensors are split over threads (``torch.get_num_threads()``): pass-1
-partial sums are added in chunk order.
+in cache.  ``rule="none"`` (``masking=False``) is plain AdamW in one pass.
 
-The library is cached in ``$LAYERWISE_CACHE/kernels`` (default ``~/.cache/layerwise/kernels``), keyed
-by the source, the flags, the compiler and the CPU's feature flags; it is written to a temporary file
-and renamed into place, so concurrent first uses never load a half-written file.  No compiler, a
-failed build or ``LAYERWISE_NO_CKERNEL=1`` → :func:`load` returns ``None`` and the optimizers use the
-compiled path.
+The rule is the one of :mod:`layerwise.optim._masked_rule` (the tests compare this kernel's moments,
+``alpha``, density and parameters with it); the arithmetic follows torch AdamW's order of operations and
+the build uses ``-ffp-contract=off`` so that no fused multiply-adds change the rounding.  Tensors above
+:data:`PARALLEL_MIN_NUMEL` elements are split into ``torch.get_num_threads()`` chunks run on torch's own
+intra-op thread pool (``at::parallel_for``; no pool of ours to manage); pass-1 partial sums are added
+in chunk order, so results do not depend on scheduling.
+
+Build: ``load_inline`` (ninja and a C++ compiler; only the operator-registration headers are included,
+about 15 s on one idle core the first time), in ``$LAYERWISE_KERNEL_CACHE/<key>`` (default
+``$LAYERWISE_CACHE/kernels``, else ``~/.cache/layerwise/kernels``), the key hashing the source, the flags,
+torch's version and the CPU's feature flags (``-march=native``: a cache shared by different machines never
+loads a foreign binary).
+Concurrent first uses are serialised by torch's build lock.  No compiler, no ninja, a failed build or
+``LAYERWISE_NO_CKERNEL=1`` → :func:`load` returns ``None``, :func:`error` says why, and the optimizers
+use the compiled path (warning once, unless the kernel was disabled on purpose).
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["load", "available", "step_", "RULE_CODES", "PARALLEL_MIN_NUMEL"]
+__all__ = ["load", "available", "error", "step_", "steps_", "RULE_CODES", "MODE_CODES", "PARALLEL_MIN_NUMEL"]
 
 RULE_CODES = {"none": 0, "previous": 1, "current": 2, "cautious": 3}
 MODE_CODES = {"norm": 0, "density": 1}
 #: tensors above this many elements are split over threads when ``torch.get_num_threads() > 1``
 PARALLEL_MIN_NUMEL = 1 << 20
+_NAME = "layerwise_ck"
 
 _SOURCE = r"""
-#include <math.h>
-#include <stdint.h>
-#include <float.h>
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <vector>
 
-#define BLK 1024
+namespace {
+
+constexpr int64_t BLK = 1024;
+constexpr int64_t PARALLEL_MIN_NUMEL = 1 << 20;
 
 /* h: 0 decay = 1 - lr*wd, 1 = 1 - beta1, 2 = beta2, 3 = 1 - beta2, 4 = eps, 5 = step_size,
-      6 = sqrt(1 - beta2^t), 7 = alpha_max, 8 = floor.  acc: sum u^2, sum (w u)^2, mask count (added to). */
+      6 = sqrt(1 - beta2^t), 7 = alpha_max, 8 = floor.  acc: sum u^2, sum (w u)^2, mask count. */
 
 #define PASS1(MASK_EXPR)                                                                     \
     for (int64_t b = lo; b < hi; b += BLK) {                                                 \
@@ -71,7 +82,7 @@ _SOURCE = r"""
             const float gf = g[i], mf = m[i], vf = v[i];                                     \
             const float mn = mf + b1c * (gf - mf);                                           \
             const float vn = vf * b2 + b2c * (gf * gf);                                      \
-            const float u = mn / (sqrtf(vn) / bc2 + eps);                                    \
+            const float u = mn / (std::sqrt(vn) / bc2 + eps);                                \
             const int k = (MASK_EXPR);                                                       \
             const float wu = (k ? 1.f : fl) * u;                                             \
             m[i] = mn; v[i] = vn; s[i] = wu;                                                 \
@@ -80,8 +91,8 @@ _SOURCE = r"""
         uu += su; ww += sw; cnt += sc;                                                       \
     }
 
-void lw_pass1(const float *restrict g, float *restrict m, float *restrict v, float *restrict s,
-              int64_t lo, int64_t hi, const float *h, int rule, double *acc) {
+void pass1(const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+           float* __restrict__ s, int64_t lo, int64_t hi, const float* h, int64_t rule, double* acc) {
     const float b1c = h[1], b2 = h[2], b2c = h[3], eps = h[4], bc2 = h[6], fl = h[8];
     double uu = 0.0, ww = 0.0, cnt = 0.0;
     if (rule == 1) {
@@ -91,17 +102,17 @@ void lw_pass1(const float *restrict g, float *restrict m, float *restrict v, flo
     } else {
         PASS1(mn * gf > 0.f)
     }
-    acc[0] += uu; acc[1] += ww; acc[2] += cnt;
+    acc[0] = uu; acc[1] = ww; acc[2] = cnt;
 }
 
-/* alpha and mask density from the accumulated sums; out = (alpha, density); returns step_size * alpha */
-float lw_alpha(const double *acc, int64_t n, const float *h, int mode, float *out) {
+/* alpha and density from the sums (layerwise.optim._masked_rule.alpha_from_sums); returns step_size * alpha */
+float alpha_of(const double* acc, int64_t n, const float* h, int64_t mode, float* out) {
     const float alpha_max = h[7], fl = h[8];
-    const float density = (float)acc[2] / (float)n;
+    const float density = (float)acc[2] / (float)(n > 0 ? n : 1);
     float alpha;
     if (mode == 0) {
         const float ww = (float)acc[1] > FLT_MIN ? (float)acc[1] : FLT_MIN;
-        alpha = sqrtf((float)acc[0] / ww);
+        alpha = std::sqrt((float)acc[0] / ww);
     } else {
         const float mean_w = density + fl * (1.f - density);
         alpha = 1.f / (mean_w > 1.f / alpha_max ? mean_w : 1.f / alpha_max);
@@ -112,13 +123,13 @@ float lw_alpha(const double *acc, int64_t n, const float *h, int mode, float *ou
     return h[5] * alpha;
 }
 
-void lw_pass2(float *restrict p, const float *restrict s, int64_t lo, int64_t hi, float decay, float coef) {
+void pass2(float* __restrict__ p, const float* __restrict__ s, int64_t lo, int64_t hi, float decay, float coef) {
     _Pragma("omp simd")
     for (int64_t i = lo; i < hi; i++) p[i] = p[i] * decay - coef * s[i];
 }
 
-void lw_adamw(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
-              int64_t lo, int64_t hi, const float *h) {
+void adamw(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+           int64_t lo, int64_t hi, const float* h) {
     const float decay = h[0], b1c = h[1], b2 = h[2], b2c = h[3], eps = h[4], step = h[5], bc2 = h[6];
     _Pragma("omp simd")
     for (int64_t i = lo; i < hi; i++) {
@@ -126,31 +137,175 @@ void lw_adamw(float *restrict p, const float *restrict g, float *restrict m, flo
         const float mn = mf + b1c * (gf - mf);
         const float vn = vf * b2 + b2c * (gf * gf);
         m[i] = mn; v[i] = vn;
-        p[i] = p[i] * decay - step * (mn / (sqrtf(vn) / bc2 + eps));
+        p[i] = p[i] * decay - step * (mn / (std::sqrt(vn) / bc2 + eps));
     }
 }
 
-/* the whole masked update of one tensor, one thread */
-void lw_masked(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
-               float *restrict s, int64_t n, const float *h, int rule, int mode, float *out) {
-    double acc[3] = {0.0, 0.0, 0.0};
-    lw_pass1(g, m, v, s, 0, n, h, rule, acc);
-    const float coef = lw_alpha(acc, n, h, mode, out);
-    lw_pass2(p, s, 0, n, h[0], coef);
+/* the chunks of a tensor: one per thread above PARALLEL_MIN_NUMEL, whole cache lines each */
+int64_t chunk_size(int64_t n, int64_t* count) {
+    const int64_t threads = n > PARALLEL_MIN_NUMEL ? at::get_num_threads() : 1;
+    int64_t step = (n + threads - 1) / threads;
+    step = (step + 63) / 64 * 64;
+    if (step < 1) step = 1;
+    *count = (n + step - 1) / step;
+    return step;
+}
+
+void check(const at::Tensor& t, const at::Tensor& p, const char* what) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+                "layerwise C kernel: ", what, " must be a contiguous fp32 CPU tensor");
+    TORCH_CHECK(t.numel() >= p.numel(), "layerwise C kernel: ", what, " has ", t.numel(),
+                " elements, the parameter ", p.numel());
+}
+
+/* the whole masked update of one tensor (pointers checked by the callers) */
+void masked_one(float* pp, const float* gp, float* mp, float* vp, float* sp, int64_t n, const float* hp,
+                int64_t rule, int64_t mode, float* op) {
+    int64_t chunks;
+    const int64_t step = chunk_size(n, &chunks);
+    double total[3] = {0.0, 0.0, 0.0};
+    if (chunks <= 1) {
+        pass1(gp, mp, vp, sp, 0, n, hp, rule, total);
+        const float coef = alpha_of(total, n, hp, mode, op);
+        pass2(pp, sp, 0, n, hp[0], coef);
+        return;
+    }
+    std::vector<double> acc(3 * chunks, 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; c++)
+            pass1(gp, mp, vp, sp, c * step, std::min(n, (c + 1) * step), hp, rule, &acc[3 * c]);
+    });
+    for (int64_t c = 0; c < chunks; c++)  // in chunk order: independent of the scheduling
+        for (int j = 0; j < 3; j++) total[j] += acc[3 * c + j];
+    const float coef = alpha_of(total, n, hp, mode, op);
+    const float decay = hp[0];
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; c++) pass2(pp, sp, c * step, std::min(n, (c + 1) * step), decay, coef);
+    });
+}
+
+void adamw_one(float* pp, const float* gp, float* mp, float* vp, int64_t n, const float* hp) {
+    int64_t chunks;
+    const int64_t step = chunk_size(n, &chunks);
+    if (chunks <= 1) {
+        adamw(pp, gp, mp, vp, 0, n, hp);
+        return;
+    }
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; c++) adamw(pp, gp, mp, vp, c * step, std::min(n, (c + 1) * step), hp);
+    });
+}
+
+void check_h(const at::Tensor& h) {
+    TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == 9,
+                "layerwise C kernel: h must be 9 contiguous fp32 CPU numbers");
+}
+
+void masked_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, at::Tensor s,
+                  const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out) {
+    check(p, p, "p"); check(g, p, "g"); check(m, p, "exp_avg"); check(v, p, "exp_avg_sq"); check(s, p, "scratch");
+    check_h(h);
+    TORCH_CHECK(out.numel() >= 2 && out.is_contiguous() && out.scalar_type() == at::kFloat,
+                "layerwise C kernel: out needs 2 contiguous fp32 elements");
+    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1), "layerwise C kernel: bad rule/mode");
+    masked_one(p.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
+               s.data_ptr<float>(), p.numel(), h.data_ptr<float>(), rule, mode, out.data_ptr<float>());
+}
+
+/* several tensors sharing h in one call (the optimizer's per-call cost once per group, not per tensor);
+   out: (len, 2) rows of (alpha, density) */
+void masked_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, at::Tensor s,
+                   const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out) {
+    const size_t k = ps.size();
+    TORCH_CHECK(gs.size() == k && ms.size() == k && vs.size() == k, "layerwise C kernel: list lengths differ");
+    TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() >= (int64_t)(2 * k),
+                "layerwise C kernel: out needs 2 contiguous fp32 elements per tensor");
+    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1), "layerwise C kernel: bad rule/mode");
+    check_h(h);
+    for (size_t i = 0; i < k; i++) {
+        check(ps[i], ps[i], "p"); check(gs[i], ps[i], "g"); check(ms[i], ps[i], "exp_avg");
+        check(vs[i], ps[i], "exp_avg_sq"); check(s, ps[i], "scratch");
+    }
+    const float* hp = h.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    float* sp = s.data_ptr<float>();
+    for (size_t i = 0; i < k; i++)
+        masked_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
+                   vs[i].data_ptr<float>(), sp, ps[i].numel(), hp, rule, mode, op + 2 * i);
+}
+
+void adamw_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, const at::Tensor& h) {
+    check(p, p, "p"); check(g, p, "g"); check(m, p, "exp_avg"); check(v, p, "exp_avg_sq");
+    check_h(h);
+    adamw_one(p.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), p.numel(),
+              h.data_ptr<float>());
+}
+
+void adamw_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, const at::Tensor& h) {
+    const size_t k = ps.size();
+    TORCH_CHECK(gs.size() == k && ms.size() == k && vs.size() == k, "layerwise C kernel: list lengths differ");
+    check_h(h);
+    for (size_t i = 0; i < k; i++) {
+        check(ps[i], ps[i], "p"); check(gs[i], ps[i], "g"); check(ms[i], ps[i], "exp_avg");
+        check(vs[i], ps[i], "exp_avg_sq");
+    }
+    const float* hp = h.data_ptr<float>();
+    for (size_t i = 0; i < k; i++)
+        adamw_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
+                  vs[i].data_ptr<float>(), ps[i].numel(), hp);
+}
+
+/* the sums and (alpha, density) of one tensor without touching it: for the tests of alpha_of */
+void alpha_from_sums_(const at::Tensor& sums, int64_t n, const at::Tensor& h, int64_t mode, at::Tensor out) {
+    const double acc[3] = {sums[0].item<double>(), sums[1].item<double>(), sums[2].item<double>()};
+    alpha_of(acc, n, h.data_ptr<float>(), mode, out.data_ptr<float>());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(layerwise_ck, lib) {
+    lib.def("masked_step_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor(d!) s, Tensor h, "
+            "int rule, int mode, Tensor(e!) out) -> ()");
+    lib.def("adamw_step_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor h) -> ()");
+    lib.def("masked_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor(d!) s, Tensor h, "
+            "int rule, int mode, Tensor(e!) out) -> ()");
+    lib.def("adamw_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor h) -> ()");
+    lib.def("alpha_from_sums_(Tensor sums, int n, Tensor h, int mode, Tensor(a!) out) -> ()");
+    lib.impl("masked_step_", c10::DispatchKey::CPU, TORCH_FN(masked_step_));
+    lib.impl("adamw_step_", c10::DispatchKey::CPU, TORCH_FN(adamw_step_));
+    lib.impl("masked_steps_", c10::DispatchKey::CPU, TORCH_FN(masked_steps_));
+    lib.impl("adamw_steps_", c10::DispatchKey::CPU, TORCH_FN(adamw_steps_));
+    lib.impl("alpha_from_sums_", c10::DispatchKey::CPU, TORCH_FN(alpha_from_sums_));
 }
 """
 
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
-          "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+          "-fopenmp-simd"]
 
-_LIB: ctypes.CDLL | None = None
+
+class _Ops:
+    """The loaded operators (overloads resolved once: the cheapest call)."""
+
+    def __init__(self) -> None:
+        ns = getattr(torch.ops, _NAME)
+        self.masked_step_ = ns.masked_step_.default
+        self.adamw_step_ = ns.adamw_step_.default
+        self.masked_steps_ = ns.masked_steps_.default
+        self.adamw_steps_ = ns.adamw_steps_.default
+        self.alpha_from_sums_ = ns.alpha_from_sums_.default
+
+
+_OPS: _Ops | None = None
 _TRIED = False
 _LOCK = threading.Lock()
-_POOL: ThreadPoolExecutor | None = None
 _ERROR: str | None = None
+_WARNED = False
 
 
 def _cache_dir() -> Path:
+    explicit = os.environ.get("LAYERWISE_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
     root = os.environ.get("LAYERWISE_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "layerwise") / "kernels"
 
@@ -165,59 +320,61 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cc: str) -> Path:
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise RuntimeError(f"no C compiler {cc!r}: {exc}") from exc
-    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), version, _cpu_flags(), sys.platform]).encode())
-    out = _cache_dir() / f"lw_masked_{key.hexdigest()[:20]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "lw_masked.c"
-        src.write_text(_SOURCE)
-        lib = Path(tmp) / out.name
-        r = subprocess.run([cc, *_FLAGS, str(src), "-o", str(lib), "-lm"], capture_output=True, text=True,
-                           timeout=300)
-        if r.returncode != 0:
-            raise RuntimeError(f"{cc} failed ({r.returncode}): {r.stderr.strip()[:500]}")
-        os.replace(lib, out)  # atomic: a concurrent loader sees the old name or the whole file
-    return out
+def build_dir_() -> Path:
+    """Where this machine's build of the kernel lives (the key: source, flags, torch, CPU features)."""
+    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), torch.__version__, _cpu_flags(),
+                                     sys.platform]).encode()).hexdigest()[:20]
+    return _cache_dir() / f"{_NAME}_{key}"
 
 
-def load() -> ctypes.CDLL | None:
-    """The kernel library (built on first use), or ``None`` where it cannot be built or is disabled."""
-    global _LIB, _TRIED, _ERROR
+def _build() -> None:
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler {cxx!r} found (set CXX to one)")
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed (torch.utils.cpp_extension needs it: pip install ninja)")
+
+    build_dir = build_dir_()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # is_python_module=False: the library is loaded into the process and registers torch.ops.layerwise_ck
+    cpp_extension.load_inline(_NAME, cpp_sources=_SOURCE, extra_cflags=_FLAGS, build_directory=str(build_dir),
+                              is_python_module=False, no_implicit_headers=True, verbose=False)
+
+
+def _registered() -> bool:
+    """Whether this process has the operators already (loaded from another cache directory, say)."""
+    return hasattr(getattr(torch.ops, _NAME), "masked_steps_")
+
+
+def load() -> Any:
+    """The kernel's operators (built on first use), or ``None`` where they cannot be built or are disabled
+    (:func:`error` then says why)."""
+    global _OPS, _TRIED, _ERROR
     if _TRIED:
-        return _LIB
+        return _OPS
     with _LOCK:
         if _TRIED:
-            return _LIB
+            return _OPS
         try:
             if os.environ.get("LAYERWISE_NO_CKERNEL", "") not in ("", "0"):
                 raise RuntimeError("disabled by LAYERWISE_NO_CKERNEL")
             if sys.platform == "win32":
                 raise RuntimeError("not built on Windows")
-            lib = ctypes.CDLL(str(_build(os.environ.get("CC", "cc"))))
-            vp, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-            lib.lw_pass1.argtypes = [vp, vp, vp, vp, i64, i64, vp, i32, vp]
-            lib.lw_pass1.restype = None
-            lib.lw_alpha.argtypes = [vp, i64, vp, i32, vp]
-            lib.lw_alpha.restype = f32
-            lib.lw_pass2.argtypes = [vp, vp, i64, i64, f32, f32]
-            lib.lw_pass2.restype = None
-            lib.lw_adamw.argtypes = [vp, vp, vp, vp, i64, i64, vp]
-            lib.lw_adamw.restype = None
-            lib.lw_masked.argtypes = [vp, vp, vp, vp, vp, i64, vp, i32, i32, vp]
-            lib.lw_masked.restype = None
-            _LIB = lib
-        except Exception as exc:  # no compiler, build error, load error: the compiled path takes over
-            _ERROR = f"{type(exc).__name__}: {exc}"
-            _LIB = None
+            if not _registered():
+                _build()
+            _OPS = _Ops()
+        except Exception as exc:  # no compiler or ninja, build error, load error: the compiled path takes over
+            lines = str(exc).strip().splitlines()
+            # a failed build's message is the whole compiler log: keep its first error line
+            detail = next((ln.strip() for ln in lines if "error:" in ln), lines[0] if lines else "")
+            _ERROR = f"{type(exc).__name__}: {detail}"[:500]
+            _OPS = None
         _TRIED = True
-    return _LIB
+    return _OPS
 
 
 def available() -> bool:
@@ -229,46 +386,40 @@ def error() -> str | None:
     return _ERROR
 
 
-def _pool(n: int) -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None or _POOL._max_workers < n:  # type: ignore[attr-defined]
-        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="layerwise-adamw")
-    return _POOL
-
-
-def _chunks(n: int, k: int) -> list[tuple[int, int]]:
-    step = -(-n // k)
-    step = -(-step // 64) * 64  # whole cache lines per chunk
-    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+def warn_unavailable() -> None:
+    """Warn once per process that the kernel is unavailable and why (not when disabled on purpose)."""
+    global _WARNED
+    if _WARNED or _ERROR is None or "LAYERWISE_NO_CKERNEL" in _ERROR:
+        return
+    _WARNED = True
+    warnings.warn(f"layerwise: the C++ kernel for fp32 CPU AlphaAdam/CautiousAdamW steps is unavailable "
+                  f"({_ERROR}); using the compiled path instead (correct, slower for masked updates). "
+                  "Set LAYERWISE_NO_CKERNEL=1 or pass cpu_kernel=False to silence this.",
+                  RuntimeWarning, stacklevel=4)
 
 
 def step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None,
           h: torch.Tensor, rule: str, mode: str, out: torch.Tensor | None) -> None:
     """Update one fp32 contiguous CPU tensor in place.  ``s``: fp32 scratch of at least ``p.numel()``
     elements (masked rules); ``out``: a 2-element fp32 tensor that receives ``(alpha, density)``."""
-    lib = _LIB
-    assert lib is not None, "call load() first"
-    n = p.numel()
-    pp, gp, mp, vp, hp = p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), h.data_ptr()
-    threads = torch.get_num_threads() if n > PARALLEL_MIN_NUMEL else 1
+    ops = _OPS
+    if ops is None:
+        raise RuntimeError(f"layerwise C kernel not loaded ({_ERROR or 'call load() first'})")
     if rule == "none":
-        if threads > 1:
-            list(_pool(threads).map(lambda c: lib.lw_adamw(pp, gp, mp, vp, c[0], c[1], hp), _chunks(n, threads)))
-        else:
-            lib.lw_adamw(pp, gp, mp, vp, 0, n, hp)
-        return
-    sp, op = s.data_ptr(), out.data_ptr()  # type: ignore[union-attr]
-    r, md = RULE_CODES[rule], MODE_CODES[mode]
-    if threads == 1:
-        lib.lw_masked(pp, gp, mp, vp, sp, n, hp, r, md, op)
-        return
-    chunks = _chunks(n, threads)
-    accs = (ctypes.c_double * (3 * len(chunks)))()
-    base = ctypes.addressof(accs)
-    pool = _pool(threads)
-    list(pool.map(lambda ic: lib.lw_pass1(gp, mp, vp, sp, ic[1][0], ic[1][1], hp, r, base + 24 * ic[0]),
-                  enumerate(chunks)))
-    total = (ctypes.c_double * 3)(*(sum(accs[3 * i + j] for i in range(len(chunks))) for j in range(3)))
-    coef = lib.lw_alpha(ctypes.addressof(total), n, hp, md, op)
-    decay = float(h[0])
-    list(pool.map(lambda c: lib.lw_pass2(pp, sp, c[0], c[1], decay, coef), chunks))
+        ops.adamw_step_(p, g, m, v, h)
+    else:
+        ops.masked_step_(p, g, m, v, s, h, RULE_CODES[rule], MODE_CODES[mode], out)
+
+
+def steps_(ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor],
+           s: torch.Tensor | None, h: torch.Tensor, rule: str, mode: str, out: torch.Tensor | None) -> None:
+    """:func:`step_` for several tensors sharing ``h``, in one call.  ``s``: scratch of at least the largest
+    tensor's size; ``out``: a contiguous ``(len(ps), 2)`` fp32 tensor that receives the rows
+    ``(alpha, density)``."""
+    ops = _OPS
+    if ops is None:
+        raise RuntimeError(f"layerwise C kernel not loaded ({_ERROR or 'call load() first'})")
+    if rule == "none":
+        ops.adamw_steps_(ps, gs, ms, vs, h)
+    else:
+        ops.masked_steps_(ps, gs, ms, vs, s, h, RULE_CODES[rule], MODE_CODES[mode], out)

@@ -21,99 +21,46 @@ storage dtypes.
   :func:`masked_finish_` (reads ``p, buf``; writes ``p``).  ``m_{t-1}`` is read before it is
   overwritten, so the ``"previous"`` mask needs no extra state.
 
-Hyper-parameter vector ``h`` (fp32, on the parameter's device), index: meaning
-
-0. ``decay = 1 - lr * weight_decay`` (PyTorch's coupled decoupled-decay convention)
-1. ``1 - beta1`` (the ``lerp`` weight of the first moment)
-2. ``beta2``
-3. ``1 - beta2``
-4. ``eps``
-5. ``step_size = lr / (1 - beta1**t)``
-6. ``sqrt(1 - beta2**t)``
-7. ``alpha_max``
-8. ``floor`` (gamma, the update weight of masked coordinates)
-
-Rules (``rule``): ``"none"`` (plain AdamW), ``"previous"`` / ``"current"`` (AlphaAdam: mask from the
-sign agreement of ``g`` with ``m_{t-1}`` / ``m_t``; mask = 1 where that momentum is exactly 0),
-``"cautious"`` (mask = 1[u * g > 0], no exception at zero: the C-Optim/timm rule).
-``alpha_mode``: ``"norm"`` (alpha = ||u|| / ||w * u||) or ``"density"`` (alpha = 1 / mean(w)), where
-``w = M + floor * (1 - M)`` is the per-coordinate weight of the update; alpha is clamped to
-``[1, alpha_max]``.  Both reduce to the textbook definitions at ``floor = 0``.
+The rule itself (the per-element update, the hyper-parameter vector ``h``, ``alpha`` from its sums) is
+defined once, in :mod:`layerwise.optim._masked_rule`; this module only arranges it into passes.
 """
 from __future__ import annotations
 
 import threading
 import types
 import warnings
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import _masked_rule as R
+
 __all__ = ["adamw_", "masked_stage_", "masked_finish_", "masked_fused_", "masked_adamw_", "RULES",
            "ALPHA_MODES", "H_SIZE", "PARALLEL_MIN_NUMEL", "BUCKET_SIZE", "update_many_"]
 
-RULES = ("none", "previous", "current", "cautious")
-ALPHA_MODES = ("norm", "density")
-H_SIZE = 9
-_TINY = torch.finfo(torch.float32).tiny
-
-
-def _moments(g: Tensor, m: Tensor, v: Tensor, h: Tensor):
-    """fp32 ``(g, m_{t-1}, m_t, v_t, u)``; ``u = m_t / (sqrt(v_t) / sqrt(1 - beta2^t) + eps)``
-    (torch AdamW's order of operations: ``lerp``, ``mul``/``addcmul``, ``sqrt``/div/add)."""
-    f32 = torch.float32
-    gf = g.to(f32)
-    mf = m.to(f32)
-    vf = v.to(f32)
-    m_new = mf + h[1] * (gf - mf)  # torch's lerp_(g, 1 - beta1) for weights < 0.5
-    v_new = vf * h[2] + h[3] * (gf * gf)
-    u = m_new / (v_new.sqrt() / h[6] + h[4])
-    return gf, mf, m_new, v_new, u
-
-
-def _mask(rule: str, gf: Tensor, mf: Tensor, m_new: Tensor) -> Tensor:
-    if rule == "previous":
-        return (mf * gf > 0) | (mf == 0)
-    if rule == "current":
-        return (m_new * gf > 0) | (m_new == 0)
-    if rule == "cautious":  # sign(u) == sign(m_t): the denominator is positive
-        return m_new * gf > 0
-    raise ValueError(f"unknown rule {rule!r}")  # pragma: no cover - validated by the optimizers
+RULES = R.RULES
+ALPHA_MODES = R.ALPHA_MODES
+H_SIZE = R.H_SIZE
 
 
 def adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> None:
     """Plain AdamW in one pass (``rule="none"``), agreeing with ``torch.optim.AdamW`` to fp32 rounding."""
-    _, _, m_new, v_new, u = _moments(g, m, v, h)
-    p.copy_(p.to(torch.float32) * h[0] - h[5] * u)
+    _, _, m_new, v_new, u = R.moments(g, m, v, h)
+    R.apply_(p, u, h)
     m.copy_(m_new)
     v.copy_(v_new)
 
 
-def _weighted_stats(rule: str, alpha_mode: str, gf: Tensor, mf: Tensor, m_new: Tensor, v_new: Tensor,
-                    u: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(w * u, alpha, density)``: the masked update direction and its per-tensor statistics."""
-    f32 = torch.float32
-    mask = _mask(rule, gf, mf, m_new)
-    maskf = mask.to(f32)
-    floor, alpha_max = h[8], h[7]
-    w = maskf + floor * (1.0 - maskf)
-    wu = w * u
-    density = mask.sum(dtype=torch.int64).to(f32) / mask.numel()
-    if alpha_mode == "norm":
-        # ||u|| / ||w u|| is invariant to scaling u, so the statistic uses
-        # u' = u / sqrt(1 - beta2^t) = m_t / (sqrt(v_t) + eps sqrt(1 - beta2^t)): one division per
-        # element instead of two (it is recomputed in the compiled kernel's reduction loop)
-        us = m_new / (v_new.sqrt() + h[6] * h[4])
-        wus = w * us
-        alpha = ((us * us).sum() / (wus * wus).sum().clamp_min(_TINY)).sqrt()
-    elif alpha_mode == "density":
-        mean_w = density + floor * (1.0 - density)
-        alpha = 1.0 / torch.maximum(mean_w, 1.0 / alpha_max)
-    else:  # pragma: no cover - validated by the optimizers
-        raise ValueError(f"unknown alpha_mode {alpha_mode!r}")
-    alpha = torch.minimum(alpha.clamp_min(1.0), alpha_max)
-    return wu, alpha, density
+def _weighted_stats(rule: str, alpha_mode: str, g: Tensor, m: Tensor, v: Tensor,
+                    h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(m_t, v_t, w * u, alpha, density)``: the moments, the masked direction and its statistics."""
+    gf, mf, m_new, v_new, u = R.moments(g, m, v, h)
+    maskf = R.mask(rule, gf, mf, m_new).to(torch.float32)
+    w = R.weight(maskf, h)
+    alpha, density = R.alpha_from_sums(R.partial_sums(m_new, v_new, w, maskf, h), h, alpha_mode)
+    return m_new, v_new, w * u, alpha, density
 
 
 def masked_stage_(g: Tensor, m: Tensor, v: Tensor, h: Tensor, buf: Tensor, rule: str,
@@ -121,8 +68,7 @@ def masked_stage_(g: Tensor, m: Tensor, v: Tensor, h: Tensor, buf: Tensor, rule:
     """Pass 1 of the eager path: update the moments densely, write ``buf = w * u`` (fp32) and return
     ``(alpha, density)`` as fp32 0-d tensors (``density`` = fraction of coordinates with mask 1; alpha
     in ``[1, alpha_max]``)."""
-    gf, mf, m_new, v_new, u = _moments(g, m, v, h)
-    wu, alpha, density = _weighted_stats(rule, alpha_mode, gf, mf, m_new, v_new, u, h)
+    m_new, v_new, wu, alpha, density = _weighted_stats(rule, alpha_mode, g, m, v, h)
     buf.copy_(wu)
     m.copy_(m_new)
     v.copy_(v_new)
@@ -138,9 +84,8 @@ def masked_fused_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: s
     and the density from ``g, m, v``) and the update loop, which recomputes ``u`` and the mask and
     writes ``p, m, v`` (inductor orders the writes after the reduction; ``m_{t-1}`` is still in ``m``).
     """
-    gf, mf, m_new, v_new, u = _moments(g, m, v, h)
-    wu, alpha, density = _weighted_stats(rule, alpha_mode, gf, mf, m_new, v_new, u, h)
-    p.copy_(p.to(torch.float32) * h[0] - (h[5] * alpha) * wu)
+    m_new, v_new, wu, alpha, density = _weighted_stats(rule, alpha_mode, g, m, v, h)
+    R.apply_(p, wu, h, alpha)
     m.copy_(m_new)
     v.copy_(v_new)
     return alpha, density
@@ -148,7 +93,7 @@ def masked_fused_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: s
 
 def masked_finish_(p: Tensor, buf: Tensor, h: Tensor, alpha: Tensor) -> None:
     """Pass 2: ``p <- p * (1 - lr * wd) - step_size * alpha * buf`` (written in ``p``'s dtype)."""
-    p.copy_(p.to(torch.float32) * h[0] - (h[5] * alpha) * buf)
+    R.apply_(p, buf, h, alpha)
 
 
 def masked_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: str, alpha_mode: str,
@@ -166,6 +111,8 @@ def masked_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: s
 
 
 _COMPILED: dict[tuple, Callable] = {}
+#: the torch.compile backend (tests substitute a failing one to exercise the fallback)
+_BACKEND: str | Callable = "inductor"
 _BROKEN: set = set()
 _WARNED = False
 _LOCK = threading.Lock()
@@ -179,7 +126,7 @@ PARALLEL_MIN_NUMEL = 32768
 # ``realize_reads_threshold``: m_t and u are read by many expressions; by default inductor would
 # materialise them in fresh full-size temporaries (an allocation, page faults and extra traffic in
 # every step) instead of recomputing them in registers.
-_OPTIONS = {
+_OPTIONS: dict[bool, dict[str, str | int | bool | Callable[..., Any]]] = {
     True: {"cpp.dynamic_threads": True, "realize_reads_threshold": 64},
     False: {"cpp.min_chunk_size": 1 << 40, "realize_reads_threshold": 64},
 }
@@ -224,7 +171,10 @@ def _compiled_many(rule: str, alpha_mode: str, parallel: bool, k: int) -> Callab
                 # recompile limit are per code object
                 tag = f"{rule}_{alpha_mode}_{'parallel' if parallel else 'serial'}_{k}"
                 target = _clone(_many(rule, alpha_mode), tag)
-                c = torch.compile(target, dynamic=True, fullgraph=True, options=_OPTIONS[parallel])
+                if _BACKEND == "inductor":
+                    c = torch.compile(target, dynamic=True, fullgraph=True, options=_OPTIONS[parallel])
+                else:
+                    c = torch.compile(target, dynamic=True, fullgraph=True, backend=_BACKEND)
                 _COMPILED[key] = c
     return c
 
@@ -238,30 +188,50 @@ def update_many_(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
     Every tensor must be flat, contiguous and not a view; all share ``h`` (same step count and
     device).  ``parallel`` picks the multi-threaded kernels (for tensors above
     :data:`PARALLEL_MIN_NUMEL` elements).  Sizes are symbolic and compiled without duck sizing, so
-    one compilation per bucket length serves every bucket of that length.  If compiling fails (before
-    anything is written) it warns once, disables that kernel for the process and runs the eager path,
-    unless ``strict`` (the error propagates).
+    one compilation per bucket length serves every bucket of that length.
+
+    If *compiling* fails (dynamo or inductor raises: nothing has been written yet) it warns once,
+    disables that kernel for the process and runs the eager path, unless ``strict`` (the error
+    propagates).  Any other error, e.g. one raised while the compiled kernel runs, propagates: the
+    kernel may already have written some tensors, and running the update again would apply it twice.
     """
     k = len(ps)
     key = (rule, alpha_mode, parallel, k)
+    fn = None
     try:
-        fn = _compiled_many(rule, alpha_mode, parallel, k)
-        if fn is not None:
-            with _NO_DUCK():
-                out = fn(ps, gs, ms, vs, h)
-            return [None] * k if rule == "none" else list(out)
-    except Exception as exc:  # raised while compiling: nothing was written yet
+        fn = _compiled_many(rule, alpha_mode, parallel, k)  # builds the wrapper only: nothing runs
+    except Exception as exc:
         if strict:
             raise
         _mark_broken(key, exc)
+    if fn is not None:
+        try:
+            with _NO_DUCK():
+                out = fn(ps, gs, ms, vs, h)
+        except _COMPILE_ERRORS as exc:  # dynamo/inductor failed before the graph ran
+            if strict:
+                raise
+            _mark_broken(key, exc)
+        else:
+            return [None] * k if rule == "none" else list(out)
     return [masked_adamw_(p, g, m, v, h, rule, alpha_mode) for p, g, m, v in zip(ps, gs, ms, vs)]
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    # what torch.compile raises while tracing or compiling (a failing backend, e.g. no C++ compiler for
+    # inductor, arrives as BackendCompilerFailed); errors raised by the compiled code itself are not these
+    from torch._dynamo import exc as dynamo_exc
+    return (dynamo_exc.TorchDynamoException,)
+
+
+_COMPILE_ERRORS = _compile_errors()
 
 
 def _NO_DUCK():
     # without duck sizing, tensors of equal size get distinct size symbols: one graph per bucket
     # length instead of one per pattern of equal sizes
     from torch.fx.experimental import _config as fx_config
-    return fx_config.patch(use_duck_shape=False)
+    return fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
 
 
 def _mark_broken(key, exc: BaseException) -> None:

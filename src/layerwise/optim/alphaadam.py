@@ -33,8 +33,8 @@ tensors, so AdamW state dicts load into these optimizers and back.  Moments are 
 parameter's dtype (like torch AdamW, and what ``Optimizer.load_state_dict`` casts to); the arithmetic is
 always fp32, so bf16 parameters get fp32 math with bf16 storage.
 
-Speed: by default (``fast=None``) fp32 CPU tensors go through a small C kernel
-(:mod:`layerwise.optim._cpu_kernel`: built once with the system compiler, cached, loaded with ctypes;
+Speed: by default (``fast=None``) fp32 CPU tensors go through a small C++ kernel
+(:mod:`layerwise.optim._cpu_kernel`: built once with ``torch.utils.cpp_extension.load_inline``, cached;
 one square root per element like AdamW, the masked direction kept in a scratch buffer between the two
 passes; ``cpu_kernel=`` controls it) and every other tensor through compiled kernels (``torch.compile``,
 ``dynamic=True`` on flat 1-D aliases: one compilation serves every shape; hyper-parameters travel in
@@ -58,7 +58,8 @@ anyway (0-d tensors, no copy, no sync); :meth:`diagnostics` turns them into floa
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,6 +67,7 @@ from torch.optim import Optimizer
 
 from . import _cpu_kernel as CK
 from . import _masked_kernels as K
+from . import _masked_rule as R
 
 __all__ = ["AlphaAdam", "CautiousAdamW"]
 
@@ -214,8 +216,8 @@ class _MaskedAdamW(Optimizer):
                   h: Tensor, parallel: bool) -> list[tuple[int, tuple[Tensor, Tensor] | None]]:
         # ``view(-1).detach()`` is a flat alias that is not a view (no ``_base``): the compiled
         # kernels' guards then see plain 1-D tensors, whatever the parameters' shapes
-        flat = [[t.view(-1).detach() for t in ts] for ts in zip(*(item[1:] for item in bucket))]
-        outs = K.update_many_(*flat, h, rule, mode, parallel=parallel, strict=self.fast is True)
+        ps, gs, ms, vs = ([t.view(-1).detach() for t in ts] for ts in zip(*(item[1:] for item in bucket)))
+        outs = K.update_many_(ps, gs, ms, vs, h, rule, mode, parallel=parallel, strict=self.fast is True)
         return [(item[0], out) for item, out in zip(bucket, outs)]
 
     @torch.no_grad()
@@ -227,7 +229,7 @@ class _MaskedAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         fast = self._use_fast()
-        use_c = fast and self.cpu_kernel is not False and CK.load() is not None
+        cpu_f32 = False  # any fp32 CPU tensor to update (only then is the C kernel loaded: it builds once)
         # validate everything before the first tensor moves (an error never leaves a half step)
         # and size the eager path's scratch buffer once (the C path grows it as it goes: first step only)
         need: dict[torch.device, int] = {}
@@ -248,11 +250,15 @@ class _MaskedAdamW(Optimizer):
                                        f"(parameter {self._param_name(gi, pi)!r})")
                 if masked and not fast:
                     need[p.device] = max(need.get(p.device, 0), p.numel())
+                cpu_f32 = cpu_f32 or (p.device.type == "cpu" and p.dtype == torch.float32)
         if any(_is_dtensor(p) for group in self.param_groups for p in group["params"] if p.grad is not None):
             self._last_stats = self._step_sharded()
             return loss
         for device, numel in need.items():
             self._scratch_for(device, numel)
+        use_c = fast and cpu_f32 and self.cpu_kernel is not False and CK.load() is not None
+        if fast and cpu_f32 and self.cpu_kernel is None and not use_c:
+            CK.warn_unavailable()  # once per process, with the reason
         stats: list[tuple[int, int, tuple[Tensor, Tensor] | None]] = []
         c_out: Tensor | None = None  # (alpha, density) rows of the C kernel's tensors, one allocation per step
         c_row = 0
@@ -270,6 +276,8 @@ class _MaskedAdamW(Optimizer):
             # compiled path: tensors sharing (device, step, dtypes, threading) go in buckets of
             # K.BUCKET_SIZE (a power of two), one compiled call per bucket (in parameter order)
             buckets: dict[tuple, list[tuple[int, Tensor, Tensor, Tensor, Tensor]]] = {}
+            # C kernel: the tensors sharing (device, step) in one call
+            c_batches: dict[tuple[torch.device, float], list[tuple[int, Tensor, Tensor, Tensor, Tensor]]] = {}
             group_stats: list[tuple[int, tuple[Tensor, Tensor] | None]] = []
             for pi, p in enumerate(group["params"]):
                 g = p.grad
@@ -282,22 +290,11 @@ class _MaskedAdamW(Optimizer):
                 key = (p.device, t)
                 h = h_cache.get(key)
                 if h is None:
-                    h = torch.tensor(
-                        [1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-                         lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t), alpha_max, floor],
-                        dtype=torch.float32, device=p.device)
-                    h_cache[key] = h
+                    h = h_cache[key] = R.hyper(lr, (beta1, beta2), eps, wd, t, alpha_max, floor, p.device)
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 pd = p.detach()
                 if use_c and self._c_ok(pd, g, m, v):
-                    if rule == "none":
-                        CK.step_(pd, g, m, v, None, h, rule, mode, None)
-                        group_stats.append((pi, None))
-                    else:
-                        out = c_out[c_row]  # type: ignore[index]
-                        c_row += 1
-                        CK.step_(pd, g, m, v, self._scratch_for(pd.device, pd.numel()), h, rule, mode, out)
-                        group_stats.append((pi, (out[0], out[1])))
+                    c_batches.setdefault(key, []).append((pi, pd, g, m, v))
                 elif fast and self._fast_ok(pd, g, m, v):
                     parallel = pd.numel() > K.PARALLEL_MIN_NUMEL
                     # one-element tensors apart: dynamo specialises sizes of 1
@@ -309,6 +306,17 @@ class _MaskedAdamW(Optimizer):
                         del buckets[bkey]
                 else:
                     group_stats.append((pi, self._run_eager(rule, mode, p, g, m, v, h)))
+            for key, batch in c_batches.items():
+                pis, ps, gs, ms, vs = (list(x) for x in zip(*batch))
+                if rule == "none":
+                    CK.steps_(ps, gs, ms, vs, None, h_cache[key], rule, mode, None)
+                    group_stats += [(pi, None) for pi in pis]
+                else:
+                    rows = c_out[c_row:c_row + len(ps)]  # type: ignore[index]
+                    c_row += len(ps)
+                    scratch = self._scratch_for(key[0], max(p.numel() for p in ps))
+                    CK.steps_(ps, gs, ms, vs, scratch, h_cache[key], rule, mode, rows)
+                    group_stats += [(pi, tuple(row.unbind())) for pi, row in zip(pis, rows.unbind())]
             for bkey, bucket in buckets.items():
                 # the rest in power-of-two lengths: at most log2(BUCKET_SIZE) + 1 compiled lengths
                 while bucket:
@@ -321,11 +329,9 @@ class _MaskedAdamW(Optimizer):
         return loss
 
     def _h(self, group: dict[str, Any], t: float, device: torch.device) -> Tensor:
-        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
-        beta1, beta2 = (float(b) for b in group["betas"])
-        return torch.tensor([1.0 - lr * wd, 1.0 - beta1, beta2, 1.0 - beta2, eps, lr / (1.0 - beta1 ** t),
-                             math.sqrt(1.0 - beta2 ** t), self._alpha_max(group), self._floor(group)],
-                            dtype=torch.float32, device=device)
+        betas = tuple(float(b) for b in group["betas"])
+        return R.hyper(float(group["lr"]), betas, float(group["eps"]), float(group["weight_decay"]),  # type: ignore[arg-type]
+                       t, self._alpha_max(group), self._floor(group), device)
 
     def _step_sharded(self) -> list[tuple[int, int, tuple[Tensor, Tensor] | None]]:
         """The step for sharded (DTensor, e.g. FSDP2) parameters.
@@ -354,15 +360,15 @@ class _MaskedAdamW(Optimizer):
                 if _is_dtensor(p) and group_pg is None:
                     group_pg = p.device_mesh.get_group()
                 h = self._h(group, t, pl.device)
-                gf, mf, m_new, v_new, u = K._moments(gl, ml, vl, h)
+                gf, mf, m_new, v_new, u = R.moments(gl, ml, vl, h)
                 if rule == "none":
                     wu = u
                     partial.append(torch.zeros(4, device=pl.device))
                 else:
-                    maskf = K._mask(rule, gf, mf, m_new).to(torch.float32)
-                    wu = (maskf + h[8] * (1.0 - maskf)) * u
-                    partial.append(torch.stack([(u * u).sum(), (wu * wu).sum(), maskf.sum(),
-                                                torch.tensor(float(maskf.numel()), device=pl.device)]))
+                    maskf = R.mask(rule, gf, mf, m_new).to(torch.float32)
+                    w = R.weight(maskf, h)
+                    wu = w * u
+                    partial.append(R.partial_sums(m_new, v_new, w, maskf, h))
                 ml.copy_(m_new)
                 vl.copy_(v_new)
                 work.append((gi, pi, pl, h, wu, rule, mode))
@@ -371,19 +377,14 @@ class _MaskedAdamW(Optimizer):
         sums = torch.stack(partial)
         if group_pg is not None and dist.get_world_size(group_pg) > 1:
             dist.all_reduce(sums, group=group_pg)
-        stats = []
-        for (gi, pi, pl, h, wu, rule, mode), (uu, ww, cnt, n) in zip(work, sums):
+        stats: list[tuple[int, int, tuple[Tensor, Tensor] | None]] = []
+        for (gi, pi, pl, h, wu, rule, mode), part in zip(work, sums):
             if rule == "none":
-                pl.copy_(pl.to(torch.float32) * h[0] - h[5] * wu)
+                R.apply_(pl, wu, h)
                 stats.append((gi, pi, None))
                 continue
-            density = cnt / n.clamp_min(1.0)
-            if mode == "norm":
-                alpha = (uu / ww.clamp_min(K._TINY)).sqrt()
-            else:
-                alpha = 1.0 / torch.maximum(density + h[8] * (1.0 - density), 1.0 / h[7])
-            alpha = torch.minimum(alpha.clamp_min(1.0), h[7])
-            pl.copy_(pl.to(torch.float32) * h[0] - (h[5] * alpha) * wu)
+            alpha, density = R.alpha_from_sums(part, h, mode)
+            R.apply_(pl, wu, h, alpha)
             stats.append((gi, pi, (alpha, density)))
         return stats
 

@@ -6,8 +6,8 @@ classification: the :mod:`layerwise.anatomy` role of each parameter mapped to a 
 :func:`layerwise.scaling.width_class`.  A parameter the anatomy cannot classify (role ``other``) is an error
 when a width rule is given (the message lists them and shows the ``rules=`` entry that assigns them); without
 one it is treated by shape (< 2 dims: vector, else matrix) and listed in one warning.  Every trainable parameter is assigned to
-exactly one group — checked: a parameter that no rule assigns, two different tensors under one name, or a
-tensor placed twice raises ``ValueError`` naming it.
+exactly one group — checked: a parameter that no rule assigns or two different tensors under one name raises
+``ValueError`` naming it (a tensor reachable under two names is placed once, under its first name).
 
 Group dicts follow the layerwise contract: ``"params"``, ``"lr"``, ``"weight_decay"``, ``"param_names"``
 (canonical names, same order as ``params``), ``"group"`` (a label: ``"embedding"``, ``"matrix"``,
@@ -139,7 +139,6 @@ def param_groups(
     no_decay: Sequence[str] = ("norm", "bias", "multiplier"),
     rules: Sequence[tuple[str, RuleSpec]] | None = None,
     default_rules: bool = True,
-    per_parameter: bool = False,
 ) -> list[dict[str, Any]]:
     """Build ``torch.optim`` parameter groups: one group per class (or user label) and hyper-parameters.
 
@@ -172,8 +171,6 @@ def param_groups(
     Raises:
         ValueError: with ``scaling``, parameters the anatomy cannot classify (role ``other``) and no rule
             assigns a ``param_class`` - the message lists them and shows the ``rules=`` entry to add.
-        per_parameter: one group per parameter instead of merging equal hyper-parameters (for controllers that
-            set a decay per module, e.g. AlphaDecay).
 
     Returns:
         A list of group dicts (see the module docstring), ordered by the first parameter of each group.
@@ -226,7 +223,6 @@ def param_groups(
                            f"layerwise.anatomy and are treated by shape (< 2 dims: vector, no decay; else matrix): "
                            f"{listed}; pass rules=[(regex, class)] to choose")
     groups: dict[tuple, dict[str, Any]] = {}
-    assigned: dict[int, str] = {}
     for name, p, info, spec, cls in plan:
         if cls is None:
             cls = "vector" if p.ndim < 2 else "matrix"
@@ -248,10 +244,7 @@ def param_groups(
         g_wd = p_wd * wd_factor
         lr_scale = g_lr / lr if lr > 0 else (multiplier_lr_scale if cls == "multiplier" else 1.0) * lr_factor
 
-        key = (label, cls, g_lr, g_wd) if not per_parameter else (label, cls, g_lr, g_wd, name)
-        if id(p) in assigned:  # cannot happen after _named's dedupe; kept as the contract's check
-            raise ValueError(f"parameter {name!r} is assigned twice (also as {assigned[id(p)]!r})")
-        assigned[id(p)] = name
+        key = (label, cls, g_lr, g_wd)
         g = groups.get(key)
         if g is None:
             g = groups[key] = {
