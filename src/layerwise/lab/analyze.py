@@ -6,10 +6,15 @@ PATH may be
   state dict);
 * a ``.pt`` / ``.pth`` / ``.bin`` file: such a dict (``"model"`` or ``"state_dict"`` key) or a raw state dict;
 * a ``.safetensors`` file;
-* a local Hugging Face model folder (``model.safetensors``, sharded ``model-*.safetensors``, or
-  ``pytorch_model.bin`` / ``pytorch_model-*.bin``).
+* a local Hugging Face model folder (``model.safetensors``, sharded ``model-*.safetensors`` with or without
+  ``model.safetensors.index.json``, or ``pytorch_model.bin`` / ``pytorch_model-*.bin`` /
+  ``pytorch_model.bin.index.json``).
 
-Checkpoints are loaded with ``torch.load(..., weights_only=True, map_location="cpu")``.  The command prints a
+Tensors are read lazily (:mod:`layerwise.lab.weight_source`): the matrices are selected from names and
+shapes alone, then read, analysed and released a bounded batch at a time, grouped by shape, so a checkpoint
+larger than memory can be analysed (peak memory follows the largest matrix, not the model; ``--batch-mb``).
+Torch files are opened with ``torch.load(..., mmap=True, weights_only=True, map_location="cpu")``.
+``--device cuda`` computes the Gram matrices and eigenvalues on a GPU.  The command prints a
 table, writes ``spectral.json`` and plots (``plots/spectral_alpha_heatmap.png``: α per layer × module type;
 ``plots/esd_<name>.png``: the ESD on log-log axes with the fitted tail) to ``--out`` (default: the run
 directory / model folder itself, or the directory holding the checkpoint file).
@@ -20,14 +25,19 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from layerwise.spectral import SpectralReport, analyze
+from layerwise import names as _names
+from layerwise.lab.weight_source import (InMemorySource, SafetensorsSource, SourceError, TorchFileSource,
+                                         WeightSource, from_checkpoint_obj, index_files)
+from layerwise.spectral import SpectralReport, analyze, select_matrices
 
-__all__ = ["register", "run", "load_state_dict", "plot_alpha_heatmap", "plot_esd", "main"]
+__all__ = ["register", "run", "load_state_dict", "open_weights", "analyze_source", "plot_alpha_heatmap",
+           "plot_esd", "main"]
 
 _TYPE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "ssm_in", "ssm_out", "embed", "head", "other")
 
@@ -37,78 +47,164 @@ class AnalyzeError(RuntimeError):
 
 
 def _from_checkpoint_obj(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
-    if isinstance(obj, Mapping):
-        for key in ("model", "state_dict", "model_state_dict"):
-            if key in obj and isinstance(obj[key], Mapping):
-                return obj[key]
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            return tensors
-    raise AnalyzeError(f"{path}: no state dict found (expected a dict with a 'model' key or a dict of tensors, "
-                       f"got {type(obj).__name__})")
-
-
-def _load_pt(path: Path) -> Mapping[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return from_checkpoint_obj(obj, path)
+    except SourceError as exc:
+        raise AnalyzeError(str(exc)) from exc
+
+
+def _open_dcp(p: Path) -> tuple[WeightSource, Path] | None:
+    from layerwise.lab.distributed import load_sharded_model_state, sharded_checkpoint
+
+    dcp_dir = sharded_checkpoint(p / "checkpoints" / "last.dcp") or sharded_checkpoint(p)
+    if dcp_dir is None:
+        return None
+    # a torch.distributed.checkpoint folder (FSDP run), read in this one process (in memory)
+    try:  # through layerwise.lab.safeload: a crafted .metadata pickle is refused, never run
+        sd = load_sharded_model_state(dcp_dir)
     except Exception as exc:  # noqa: BLE001 - re-raised with the path
-        raise AnalyzeError(f"{path}: cannot read as a torch checkpoint (weights_only=True): {exc}") from exc
-    return _from_checkpoint_obj(obj, path)
+        raise AnalyzeError(f"{dcp_dir}: cannot read as a DCP checkpoint: {exc}") from exc
+    return InMemorySource(dcp_dir, sd), p if dcp_dir != p else p.parent
 
 
-def _load_safetensors(path: Path) -> Mapping[str, torch.Tensor]:
-    try:
-        from safetensors.torch import load_file
-    except ImportError as exc:  # pragma: no cover - safetensors is a dependency
-        raise AnalyzeError(f"{path}: reading .safetensors needs the 'safetensors' package") from exc
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # noqa: BLE001
-        raise AnalyzeError(f"{path}: cannot read as safetensors: {exc}") from exc
-
-
-def load_state_dict(path: str | os.PathLike) -> tuple[Mapping[str, torch.Tensor], Path]:
-    """Load the weights at ``path`` (see the module docstring); returns ``(state_dict, default_out_dir)``."""
-    p = Path(path)
+def _open(p: Path) -> tuple[WeightSource, Path]:
     if not p.exists():
         raise AnalyzeError(f"{p}: no such file or directory")
     if p.is_dir():
         last = p / "checkpoints" / "last.pt"
         if last.is_file():
-            return _load_pt(last), p
-        from layerwise.lab.distributed import load_sharded_model_state, sharded_checkpoint
-
-        dcp_dir = sharded_checkpoint(p / "checkpoints" / "last.dcp") or sharded_checkpoint(p)
-        if dcp_dir is not None:  # a torch.distributed.checkpoint folder (FSDP run), read in this one process
-            try:  # through layerwise.lab.safeload: a crafted .metadata pickle is refused, never run
-                return load_sharded_model_state(dcp_dir), p if dcp_dir != p else p.parent
-            except Exception as exc:  # noqa: BLE001 - re-raised with the path
-                raise AnalyzeError(f"{dcp_dir}: cannot read as a DCP checkpoint: {exc}") from exc
+            return TorchFileSource.open(last, [last]), p
+        dcp = _open_dcp(p)
+        if dcp is not None:
+            return dcp
         if (p / "model.safetensors").is_file():
-            return _load_safetensors(p / "model.safetensors"), p
+            return SafetensorsSource.open(p, [p / "model.safetensors"]), p
+        if (p / "model.safetensors.index.json").is_file():
+            return SafetensorsSource.open(p, index_files(p / "model.safetensors.index.json")), p
         shards = sorted(p.glob("model-*.safetensors"))
         if shards:
-            sd: dict[str, torch.Tensor] = {}
-            for s in shards:
-                sd.update(_load_safetensors(s))
-            return sd, p
+            return SafetensorsSource.open(p, shards), p
         if (p / "pytorch_model.bin").is_file():
-            return _load_pt(p / "pytorch_model.bin"), p
+            return TorchFileSource.open(p, [p / "pytorch_model.bin"]), p
+        if (p / "pytorch_model.bin.index.json").is_file():
+            return TorchFileSource.open(p, index_files(p / "pytorch_model.bin.index.json")), p
         bins = sorted(p.glob("pytorch_model-*.bin"))
         if bins:
-            sd = {}
-            for b in bins:
-                sd.update(_load_pt(b))
-            return sd, p
+            return TorchFileSource.open(p, bins), p
         raise AnalyzeError(f"{p}: directory holds none of checkpoints/last.pt, checkpoints/last.dcp/, model.safetensors, "
-                           f"model-*.safetensors, pytorch_model.bin")
+                           f"model.safetensors.index.json, model-*.safetensors, pytorch_model.bin")
     if p.suffix == ".safetensors":
-        return _load_safetensors(p), p.parent
+        return SafetensorsSource.open(p, [p]), p.parent
     if p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        return _load_pt(p), p.parent
+        return TorchFileSource.open(p, [p]), p.parent
     raise AnalyzeError(f"{p}: unknown file type {p.suffix!r} (expected .pt, .pth, .bin, .ckpt or .safetensors)")
+
+
+def open_weights(path: str | os.PathLike) -> tuple[WeightSource, Path]:
+    """A lazy :class:`~layerwise.lab.weight_source.WeightSource` for ``path`` (see the module docstring)
+    and the default output directory.  Reads only headers / pickles, no tensor data."""
+    try:
+        return _open(Path(path))
+    except SourceError as exc:
+        raise AnalyzeError(str(exc)) from exc
+
+
+def load_state_dict(path: str | os.PathLike) -> tuple[Mapping[str, torch.Tensor], Path]:
+    """Load all the weights at ``path`` into memory (small checkpoints); returns ``(state_dict, out_dir)``.
+    ``layerwise analyze`` itself reads lazily (:func:`open_weights`, :func:`analyze_source`)."""
+    src, out = open_weights(path)
+    try:
+        return src.load_all(), out
+    except SourceError as exc:
+        raise AnalyzeError(str(exc)) from exc
+
+
+# ------------------------------------------------------------------------------------------- lazy analysis
+def _select(meta: Mapping[str, torch.Tensor], select, include_embeddings: bool, include_head: bool):
+    """Which matrices to analyse, decided on meta tensors (names, shapes, dtypes; no data).  The one call
+    of the library's selection: replace it here when the selection rules change."""
+    chosen = select_matrices(meta, select, include_embeddings=include_embeddings, include_head=include_head)
+    # (name, tensor) pairs; the library may describe each matrix by a richer row (an anatomy ParamInfo)
+    return [(k if isinstance(k, str) else k.name, t) for k, t in chosen]
+
+
+def _plan(chosen: list[tuple[str, torch.Tensor]], budget: int | None) -> list[list[str]]:
+    """Batches of names: same shape within a batch (they share one Gram batch), each batch's bytes (the
+    tensor as stored + its float32 copy + its Gram matrix) at most ``budget`` (at least one tensor).
+    ``budget=None``: twice the largest tensor's cost, so memory follows the largest matrix."""
+    def cost(t: torch.Tensor) -> int:
+        n = min(t.shape) if t.ndim == 2 else 0
+        return t.numel() * (t.element_size() + 4) + 4 * n * n
+
+    if not chosen:
+        return []
+    cap = budget if budget is not None else 2 * max(cost(t) for _, t in chosen)
+    groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+    for n, t in chosen:
+        groups.setdefault((tuple(t.shape), t.dtype), []).append((n, t))
+    batches: list[list[str]] = []
+    for items in groups.values():
+        cur: list[str] = []
+        size = 0
+        for n, t in items:
+            c = cost(t)
+            if cur and size + c > cap:
+                batches.append(cur)
+                cur, size = [], 0
+            cur.append(n)
+            size += c
+        batches.append(cur)
+    return batches
+
+
+def analyze_source(
+    source: WeightSource,
+    select: Any = "blocks",
+    *,
+    include_embeddings: bool = False,
+    include_head: bool = False,
+    device: str | torch.device = "cpu",
+    batch_bytes: int | None = None,
+    keep_eigs: bool = False,
+    **analyze_kwargs: Any,
+) -> SpectralReport:
+    """:func:`layerwise.spectral.analyze` over a lazy source: select on metadata, then read, move to
+    ``device``, analyse and release one batch (:func:`_plan`) at a time.  Rows come out in the order the
+    selection gives; every row is the one ``analyze`` gives on the whole state dict (rows are independent)."""
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    meta = source.meta()
+    raw_of: dict[str, str] = {}
+    for k in meta:
+        raw_of.setdefault(_names.canonical_name(str(k)), k)
+    chosen = _select(meta, select, include_embeddings, include_head)
+    order = {n: i for i, (n, _) in enumerate(chosen)}
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    eigs: dict[str, torch.Tensor] = {}
+    rep = None
+    for batch in _plan(chosen, batch_bytes):
+        try:
+            loaded = dict(source.read([raw_of[n] for n in batch]))
+        except SourceError as exc:
+            raise AnalyzeError(str(exc)) from exc
+        sd = {n: loaded.pop(raw_of[n]).to(device) for n in batch}
+        del loaded
+        wanted = set(sd)
+        rep = analyze(sd, lambda n, _t: n in wanted, keep_eigs=keep_eigs, **analyze_kwargs)
+        rows += rep.rows
+        skipped += rep.skipped
+        eigs.update(rep.eigs)
+        del sd
+    rows.sort(key=lambda r: order[r["name"]])
+    skipped.sort(key=lambda r: order.get(r["name"], len(order)))
+    settings = dict(rep.settings) if rep is not None else {}
+    settings.update(select=select if isinstance(select, str) else getattr(select, "__name__", "callable"),
+                    include_embeddings=include_embeddings, include_head=include_head, device=str(device))
+    out = SpectralReport(rows=rows, skipped=skipped, estimator=rep.estimator if rep is not None else
+                         str(analyze_kwargs.get("estimator", "hill")), settings=settings, eigs=eigs)
+    out.elapsed_s = time.perf_counter() - t0
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -239,31 +335,55 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--plot-esd", nargs="*", default=None, metavar="NAME",
                    help="matrices (names or substrings) whose ESD to plot (default: lowest- and highest-alpha)")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    p.add_argument("--device", default="cpu",
+                   help="where the Gram matrices and eigenvalues are computed: cpu (default), cuda, cuda:N")
+    p.add_argument("--batch-mb", type=float, default=None, metavar="MB",
+                   help="memory for one batch of matrices read at once (default: twice the largest matrix's "
+                        "stored + float32 + Gram size)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``layerwise analyze``; returns the process exit code (0 ok, 2 unreadable input)."""
+    device = str(getattr(args, "device", "cpu") or "cpu")
     try:
-        sd, default_out = load_state_dict(args.path)
+        dev = torch.device(device)
+    except RuntimeError:
+        print(f"layerwise analyze: error: --device {device!r} is not a device (cpu, cuda, cuda:N)", file=sys.stderr)
+        return 2
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print(f"layerwise analyze: error: --device {device}: CUDA is not available in this torch build/machine",
+              file=sys.stderr)
+        return 2
+    if dev.type not in ("cpu", "cuda"):
+        print(f"layerwise analyze: error: --device {device!r}: only cpu and cuda are supported", file=sys.stderr)
+        return 2
+    batch_mb = getattr(args, "batch_mb", None)
+    if batch_mb is not None and not (batch_mb > 0):
+        print(f"layerwise analyze: error: --batch-mb must be > 0, got {batch_mb}", file=sys.stderr)
+        return 2
+    try:
+        src, default_out = open_weights(args.path)
+        out = Path(args.out) if getattr(args, "out", None) else default_out
+        report = analyze_source(
+            src,
+            getattr(args, "select", "blocks"),
+            include_embeddings=getattr(args, "include_embeddings", False),
+            include_head=getattr(args, "include_head", False),
+            device=dev,
+            batch_bytes=None if batch_mb is None else int(batch_mb * 2**20),
+            estimator=getattr(args, "estimator", "hill"),
+            shape_correction=getattr(args, "shape_correction", None),
+            min_n=getattr(args, "min_n", 10),
+            keep_eigs=True,
+        )
     except AnalyzeError as exc:
         print(f"layerwise analyze: error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out) if getattr(args, "out", None) else default_out
-    report = analyze(
-        sd,
-        getattr(args, "select", "blocks"),
-        include_embeddings=getattr(args, "include_embeddings", False),
-        include_head=getattr(args, "include_head", False),
-        estimator=getattr(args, "estimator", "hill"),
-        shape_correction=getattr(args, "shape_correction", None),
-        min_n=getattr(args, "min_n", 10),
-        keep_eigs=True,
-    )
     if not report.rows:
         print(f"layerwise analyze: error: {args.path}: no weight matrices selected "
-              f"({len(sd)} tensors; try --select all)", file=sys.stderr)
+              f"({len(src)} tensors; try --select all)", file=sys.stderr)
         return 2
     cols = ["name", "shape", "layer", "module_type", "alpha"]
     if report.settings.get("shape_correction"):

@@ -134,6 +134,8 @@ class TrainSection:
     #                   max_steps; continue with --resume) — for preemptible or time-limited allocations
     device: str = "cpu"  # cpu | cuda
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager: graph capture without codegen)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     parallel: str = "none"  # none | ddp | fsdp
     dist_timeout_s: float = 600.0  # every collective's timeout: a stalled/dead rank ends the job after this

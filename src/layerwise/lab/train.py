@@ -77,6 +77,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"invalid value(s): {vals} (grad_accum must divide batch_size)")
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but CUDA is not available here")
+    if t.compile:
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if t.compile_backend not in backends:
+            raise ConfigError(f"train.compile_backend={t.compile_backend!r} is not a torch.compile backend "
+                              f"(available: {', '.join(backends)})")
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if t.compile_mode not in modes:
+            raise ConfigError(f"train.compile_mode={t.compile_mode!r} must be one of {modes}")
     schedule_of(cfg)
 
 
@@ -349,7 +357,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
                       f"learning rate {lr_before:.3g} -> {optimizer.param_groups[0]['lr']:.3g}; recorded in "
                       f"{run_dir / runid.IDENTITY_FILE}", flush=True)
     if t.compile:
-        fwd_model = torch.compile(fwd_model)
+        fwd_model = torch.compile(fwd_model, backend=t.compile_backend,
+                                  mode=None if t.compile_mode == "default" else t.compile_mode)
 
     sampler = BatchSampler(data.train, cfg.data.seq_len, t.batch_size, t.seed)
     tokens_per_step = t.batch_size * cfg.data.seq_len

@@ -13,13 +13,18 @@ tridiagonalisation, ``?sytrd``, is half matrix-vector work and does not scale wi
   run at once, each on its own chunks of matrices.  On the project's AMD EPYC machine one such solver is 1.3–1.4× faster than
   ``torch.linalg.eigvalsh`` (MKL's ``?syevd``; MKL takes a slower code path on AMD CPUs): 56 Gram matrices
   of 512 × 512 in 0.39 s against 0.51–0.55 s; two threads take 0.20 s (``benchmarks/eigvalsh_floor.py``).
-* ``"torch"`` — ``torch.linalg.eigvalsh``, split over a small thread pool on CPU (``workers``; torch releases
-  the GIL inside its kernels, which helps when another process holds a core), one batched call on CUDA.
+* ``"torch"`` — ``torch.linalg.eigvalsh``: one batched call on the calling thread (CPU and CUDA); on CPU,
+  MKL threads it itself and ``workers`` is not used.  It is deliberately *not* run from a thread pool:
+  every non-main thread that enters torch's OpenMP code gets its own OpenMP team, and once libgomp manages
+  more threads than there are CPUs it stops spinning between parallel regions ("throttled" spin), so every
+  later multi-region kernel of the process (``torch.linalg.svdvals``: ~1,500 futex sleeps per call instead
+  of ~1) ran ~3× slower for as long as the pool lived.  The ``"lapack"`` workers run no torch/OpenMP code.
 
 ``solver="auto"`` (default) uses ``"lapack"`` for CPU tensors when SciPy is importable, ``"torch"`` otherwise.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -93,10 +98,6 @@ def gram_matrices(weights: Sequence[torch.Tensor], dtype: torch.dtype = torch.fl
         for j, i in enumerate(idx):
             res[i] = batch[j]
     return res  # type: ignore[return-value]
-
-
-def _eigvalsh_batch(g: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.eigvalsh(g)
 
 
 _BLAS_CTL: object | None = None
@@ -208,6 +209,49 @@ def _lapack_eigvalsh(g: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _safe_range(dtype: torch.dtype, n: int) -> tuple[float, float]:
+    """``(lo, hi)``: a Gram matrix of size ``n`` whose largest diagonal entry lies outside this range is
+    formed again from a rescaled weight.  Below ``lo`` (√tiny) products of the entries underflow into
+    subnormals or zero; above ``hi`` the trace (≥ λ_max) may overflow."""
+    fi = torch.finfo(dtype)
+    return fi.tiny ** 0.5, fi.max / (4.0 * n)
+
+
+def _rescaled(ws, idx, g, finite, suspect, dtype):
+    """Form the Gram matrices of the ``suspect`` rows of batch ``g`` again from ``W / s`` with ``s`` a power
+    of two near ``max|W|`` (exact: no rounding), so that they are finite and keep their small entries.
+    Returns ``(g, finite, scale2)`` with ``scale2[j] = s_j²`` (1 where untouched), float64 on the host."""
+    scale2 = torch.ones(len(idx), dtype=torch.float64)
+    finite = finite.clone()
+    for j in torch.nonzero(suspect.cpu()).flatten().tolist():
+        w = ws[idx[j]].detach()
+        w = w if w.dtype == dtype else w.to(dtype)
+        amax = float(w.abs().amax())
+        if not math.isfinite(amax) or amax == 0.0:  # NaN/Inf in W itself: stays non-finite (NaN result)
+            continue
+        e = math.frexp(amax)[1]  # amax = m * 2**e with 0.5 <= m < 1
+        ws_ = torch.ldexp(w, torch.tensor(-e, dtype=torch.int32, device=w.device)).to(dtype)
+        if ws_.shape[0] <= ws_.shape[1]:
+            torch.matmul(ws_, ws_.mT, out=g[j])
+        else:
+            torch.matmul(ws_.mT, ws_, out=g[j])
+        finite[j] = bool(torch.isfinite(g[j].diagonal()).all())
+        scale2[j] = 4.0 ** e
+    return g, finite, scale2
+
+
+def _unscale(ev: torch.Tensor, scale2: float, dtype: torch.dtype) -> torch.Tensor:
+    """Eigenvalues of a rescaled Gram matrix times ``s²``: in ``dtype`` when they fit (no overflow, no
+    non-zero value flushed to zero), else in float64 (a matrix with entries ~1e19 or ~1e-30 in fp32)."""
+    e64 = ev.double() * scale2
+    if dtype == torch.float64:
+        return e64
+    back = e64.to(dtype)
+    if bool(torch.isfinite(back).all()) and bool(((back > 0) | (e64 == 0) | torch.isnan(e64)).all()):
+        return back
+    return e64
+
+
 @torch.no_grad()
 def gram_eigvals(
     weights: Sequence[torch.Tensor] | torch.Tensor,
@@ -221,9 +265,9 @@ def gram_eigvals(
     Args:
         weights: a sequence of 2-D tensors (any shapes, dtypes, devices), or one 2-D tensor.
         dtype: compute dtype, ``torch.float32`` (default; bf16/fp16 weights are upcast) or ``torch.float64``.
-        workers: CPU threads for the eigensolvers (``None``: ``torch.get_num_threads()`` capped by the core
-            count; ``1``: one).  On CPU each batch of Gram matrices is split over them (both solvers);
-            CUDA uses one batched call.
+        workers: CPU threads for the LAPACK eigensolvers (``None``: ``torch.get_num_threads()`` capped by
+            the core count; ``1``: one).  With ``solver="lapack"`` each batch of Gram matrices is split over
+            them; the torch solver (and CUDA) makes one batched call.
         solver: ``"auto"`` (default), ``"lapack"`` (SciPy's ``?syevr``; CPU only) or ``"torch"``
             (``torch.linalg.eigvalsh``); see the module docstring.  Both agree to fp32 rounding.
 
@@ -231,7 +275,9 @@ def gram_eigvals(
         For a sequence, a list (same order) of 1-D tensors of length ``min(out, in)``, ascending, in ``dtype``
         on each weight's device; for a single tensor, one such tensor.  Tiny negative eigenvalues from
         round-off are clamped to 0.  A matrix with a NaN or Inf entry yields an all-NaN vector (the other
-        matrices are unaffected).  Runs under ``torch.no_grad()``.
+        matrices are unaffected).  A finite matrix whose Gram matrix would overflow or underflow ``dtype``
+        (entries ~1e19 or ~1e-30 in float32) is formed from ``W / 2**k`` and its eigenvalues scaled back;
+        when they do not fit ``dtype`` they are returned in float64 for that matrix.  Runs under ``torch.no_grad()``.
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"gram_eigvals: dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -257,7 +303,15 @@ def gram_eigvals(
     for (n, device), (idx, g) in _gram_batches(ws, dtype).items():
         # a NaN/Inf in W makes a diagonal entry of its Gram matrix non-finite (G_ii = sum_k W_ik^2), and
         # |G_ij| <= sqrt(G_ii G_jj): checking the diagonal is enough, and costs nothing
-        finite = torch.isfinite(g.diagonal(dim1=-2, dim2=-1)).all(dim=1)
+        diag = g.diagonal(dim1=-2, dim2=-1)
+        finite = torch.isfinite(diag).all(dim=1)
+        dmax = diag.amax(dim=1)
+        lo, hi = _safe_range(dtype, n)
+        # out of the safe range (an overflowed or underflowing Gram matrix of a finite W): rescale those
+        suspect = ~finite | (dmax < lo) | (dmax > hi)  # dmax == 0: underflowed, or a zero W
+        scale2 = None
+        if bool(suspect.any()):
+            g, finite, scale2 = _rescaled(ws, idx, g, finite, suspect, dtype)
         all_finite = bool(finite.all())
         if not all_finite:  # eigensolvers fail or return garbage on NaN/Inf: solve a zero matrix instead
             g = torch.where(finite[:, None, None], g, torch.zeros((), dtype=g.dtype, device=g.device))
@@ -266,13 +320,14 @@ def gram_eigvals(
         if device.type == "cpu" and use_lapack:
             with _one_blas_thread():  # process-wide OpenBLAS setting: set here, not in each worker
                 ev = torch.cat(list(_pool(nw).map(_lapack_eigvalsh, chunks))) if chunks else _lapack_eigvalsh(g)
-        elif device.type == "cpu" and chunks:
-            ev = torch.cat(list(_pool(nw).map(_eigvalsh_batch, chunks)))
-        else:
+        else:  # torch's solver: on the calling thread only (see the module docstring)
             ev = torch.linalg.eigvalsh(g)
         ev = ev.clamp_(min=0)
         finite &= torch.isfinite(ev).all(dim=1)  # e.g. an off-diagonal overflow the diagonal did not show
         ev[~finite] = float("nan")
         for j, i in enumerate(idx):
             out[i] = ev[j]
+        if scale2 is not None:
+            for j in torch.nonzero(scale2 != 1).flatten().tolist():
+                out[idx[j]] = _unscale(ev[j], float(scale2[j]), dtype)
     return out[0] if single else out  # type: ignore[return-value]
