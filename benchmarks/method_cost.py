@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -37,8 +39,12 @@ def synthetic_data(vocab: int, n_tokens: int, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     dtype = np.uint16 if vocab <= 65535 else np.uint32
-    return TokenData(dir=Path(tempfile.gettempdir()), train=rng.integers(0, vocab, n_tokens).astype(dtype),
-                     val=rng.integers(0, vocab, 4 * 1024).astype(dtype), vocab_size=vocab, meta={})
+    train = rng.integers(0, vocab, n_tokens).astype(dtype)
+    val = rng.integers(0, vocab, 4 * 1024).astype(dtype)
+    # in-memory tokens: the run identity fingerprints the arrays themselves
+    files = {name: {"bytes": a.nbytes, "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
+             for name, a in (("synthetic-train", train), ("synthetic-valid", val))}
+    return TokenData(dir=Path(tempfile.gettempdir()), train=train, val=val, vocab_size=vocab, meta={"files": files})
 
 
 def run_method(method: str, size: str, steps: int, warmup: int, batch: int, seq: int, device: str,

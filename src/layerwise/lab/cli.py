@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--text-field", default="text", help="text column of record sources")
     pp.add_argument("--eos-token", default="", help="end-of-document token (default: from the tokenizer)")
     pp.add_argument("--max-tokens", type=int, default=0, help="tokenize at most this many training tokens")
-    pp.add_argument("--max-valid-tokens", type=int, default=0)
+    pp.add_argument("--max-valid-tokens", type=int, default=0, help="tokenize at most this many validation tokens (0 = all)")
     pp.add_argument("--num-proc", type=int, default=0, help="worker processes (0 = every core)")
     pp.add_argument("--force", action="store_true", help="rebuild even if a valid cache entry exists")
     pp.set_defaults(func=cmd_data)
