@@ -337,17 +337,23 @@ def _build(entry: Path, source, tok, tok_info: dict, vocab_size: int, max_tokens
         if verbose:
             print(f"  tokenized {n_train + n_val:,} tokens in {enc['seconds']:.1f}s "
                   f"({enc['tokens_per_s'] or 0:,.0f} tokens/s, {enc['num_proc']} process(es))")
-        if entry.exists():
-            old = entry.with_name(f".{entry.name}.old{os.getpid()}")
-            os.replace(entry, old)
-            os.replace(tmp, entry)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, entry)
+        replace_dir(tmp, entry)
         return meta
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Put the finished folder ``tmp`` at ``dest`` by renames (an existing ``dest`` is moved aside first, then
+    deleted), so a reader sees either the old complete folder or the new one, never a half-written mix."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
 
 
 def prepare_config(data_cfg, *, verbose: bool = False, force: bool = False) -> TokenData:

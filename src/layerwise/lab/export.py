@@ -261,13 +261,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         if cfg.model.parametrization == "mup" and not cfg.model.hf_config:
             record["folded"] = "muP readout multiplier in lm_head.weight; attention scale in q_proj.weight"
         (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        from layerwise.lab.data import replace_dir
+
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
