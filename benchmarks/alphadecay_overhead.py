@@ -14,6 +14,7 @@ Measures, interleaved in one process:
 
 Prints a markdown table; the overhead ratio is recompute / (500 x step).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,7 +100,10 @@ def main() -> None:
         del m2, o2, c
 
     shapes = sorted({tuple(w.shape) for w in mats})
-    print(f"device: {dev}" + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else f" ({torch.get_num_threads()} threads)"))
+    print(
+        f"device: {dev}"
+        + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else f" ({torch.get_num_threads()} threads)")
+    )
     print(f"model: llama-60m, {n_params / 1e6:.1f}M params, {len(mats)} analysed matrices, shapes {shapes}")
     print(f"batch: {args.batch} x {args.seq} tokens; autocast {args.dtype if dev == 'cuda' else 'off'}")
     print()

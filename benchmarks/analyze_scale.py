@@ -13,6 +13,7 @@ tensor in fp32 plus its Gram matrix, independent of the model's size.
     PYTHONPATH=src python benchmarks/analyze_scale.py [--sizes llama-60m,llama-135m,llama-350m,llama-1b]
         [--eager llama-60m,llama-135m] [--tmp /tmp] [--tiny]   (--tiny: sizes nano,tiny, a check of the script)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,11 @@ def hf_shapes(size: str, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
         p = f"model.layers.{i}."
         out += [(p + "input_layernorm.weight", (d,)), (p + "post_attention_layernorm.weight", (d,))]
         out += [(p + f"self_attn.{n}_proj.weight", (d, d)) for n in "qkvo"]
-        out += [(p + "mlp.gate_proj.weight", (f, d)), (p + "mlp.up_proj.weight", (f, d)),
-                (p + "mlp.down_proj.weight", (d, f))]
+        out += [
+            (p + "mlp.gate_proj.weight", (f, d)),
+            (p + "mlp.up_proj.weight", (f, d)),
+            (p + "mlp.down_proj.weight", (d, f)),
+        ]
     out += [("model.norm.weight", (d,)), ("lm_head.weight", (vocab, d))]
     return out
 
@@ -78,8 +82,9 @@ def write_checkpoint(folder: Path, size: str, vocab: int, shard_mb: float, seed:
     names = {k: f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)}
     for k, nm in names.items():
         os.replace(folder / f"part-{k}.tmp", folder / nm)
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": {w: names[k] for w, k in weight_map.items()}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": {w: names[k] for w, k in weight_map.items()}})
+    )
     return total
 
 
@@ -122,8 +127,9 @@ def run_worker(mode: str, folder: Path, out: Path, extra: list[str]) -> dict:
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", _WORKER, mode, str(folder), str(out), *extra],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-c", _WORKER, mode, str(folder), str(out), *extra], capture_output=True, text=True, env=env
+    )
     line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
     if p.returncode != 0 or line is None:
         raise SystemExit(f"{mode} worker on {folder} failed:\n{p.stderr[-3000:]}")
@@ -154,8 +160,14 @@ def main() -> None:
             t_write = time.perf_counter() - t0
             n_shards = len(list((work / "hf").glob("*.safetensors")))
             bound, big = largest_bound(size, vocab)
-            rec = {"size": size, "bytes": nbytes, "shards": n_shards, "bound": bound, "largest": big,
-                   "write_s": t_write}
+            rec = {
+                "size": size,
+                "bytes": nbytes,
+                "shards": n_shards,
+                "bound": bound,
+                "largest": big,
+                "write_s": t_write,
+            }
             load0 = os.getloadavg()[0]
             rec["lazy"] = run_worker("lazy", work / "hf", work / "out", args.analyze_args.split())
             if size in eager:
@@ -165,25 +177,36 @@ def main() -> None:
             rec["matrices"] = len(rows)
             results.append(rec)
             lz = rec["lazy"]
-            print(f"{size}: {nbytes / 2**20:,.0f} MiB in {n_shards} shards, {len(rows)} matrices, lazy "
-                  f"{lz['wall']:.1f} s, peak RSS {lz['peak_rss'] / 2**20:,.0f} MiB (after imports "
-                  f"{lz['base_rss'] / 2**20:,.0f} MiB, working set {(lz['peak_rss'] - lz['base_rss']) / 2**20:,.0f} "
-                  f"MiB; bound {bound / 2**20:,.0f} MiB)"
-                  + (f"; eager {rec['eager']['wall']:.1f} s, peak {rec['eager']['peak_rss'] / 2**20:,.0f} MiB"
-                     if "eager" in rec else "") + f"; load avg {rec['load']:.1f}", flush=True)
+            print(
+                f"{size}: {nbytes / 2**20:,.0f} MiB in {n_shards} shards, {len(rows)} matrices, lazy "
+                f"{lz['wall']:.1f} s, peak RSS {lz['peak_rss'] / 2**20:,.0f} MiB (after imports "
+                f"{lz['base_rss'] / 2**20:,.0f} MiB, working set {(lz['peak_rss'] - lz['base_rss']) / 2**20:,.0f} "
+                f"MiB; bound {bound / 2**20:,.0f} MiB)"
+                + (
+                    f"; eager {rec['eager']['wall']:.1f} s, peak {rec['eager']['peak_rss'] / 2**20:,.0f} MiB"
+                    if "eager" in rec
+                    else ""
+                )
+                + f"; load avg {rec['load']:.1f}",
+                flush=True,
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n| size | checkpoint (bf16) | matrices | lazy time | lazy peak RSS | working set (peak - after imports) "
-          "| bound (2x largest fp32 + Gram) | eager time | eager peak RSS | load avg |")
+    print(
+        "\n| size | checkpoint (bf16) | matrices | lazy time | lazy peak RSS | working set (peak - after imports) "
+        "| bound (2x largest fp32 + Gram) | eager time | eager peak RSS | load avg |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         lz, eg = r["lazy"], r.get("eager")
         eg_wall = f"{eg['wall']:.1f} s" if eg else "-"
         mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
-        print(f"| {r['size']} | {mib(r['bytes'])} ({r['shards']} shards) | {r['matrices']} | {lz['wall']:.1f} s | "
-              f"{mib(lz['peak_rss'])} | {mib(lz['peak_rss'] - lz['base_rss'])} | {mib(r['bound'])} "
-              f"({r['largest'][0]}x{r['largest'][1]}) | {eg_wall} | "
-              f"{mib(eg['peak_rss']) if eg else '-'} | {r['load']:.1f} |")
+        print(
+            f"| {r['size']} | {mib(r['bytes'])} ({r['shards']} shards) | {r['matrices']} | {lz['wall']:.1f} s | "
+            f"{mib(lz['peak_rss'])} | {mib(lz['peak_rss'] - lz['base_rss'])} | {mib(r['bound'])} "
+            f"({r['largest'][0]}x{r['largest'][1]}) | {eg_wall} | "
+            f"{mib(eg['peak_rss']) if eg else '-'} | {r['load']:.1f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

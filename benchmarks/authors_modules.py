@@ -9,6 +9,7 @@ Trains (AdamW, lr 3e-3 by default, wd 0.1, 16 x 128 tokens of the Shakespeare co
 both controllers on copies of the trained model and prints, for the modules both analyse, how much the
 authors' module set moves each decay (``authors / blocks - 1``), by module type, and who sets α_min.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,10 @@ def report(name: str, model) -> None:
     amin_b = min(a_b, key=a_b.get)
     amin_a = min(a_a, key=a_a.get)
     print(f"\n### {name}\n")
-    print(f"blocks: {len(wd_b)} matrices, α_min = {a_b[amin_b]:.3f} ({amin_b}); authors: {len(wd_a)} matrices, "
-          f"α_min = {a_a[amin_a]:.3f} ({amin_a}); α_max {max(a_b.values()):.3f} / {max(a_a.values()):.3f}\n")
+    print(
+        f"blocks: {len(wd_b)} matrices, α_min = {a_b[amin_b]:.3f} ({amin_b}); authors: {len(wd_a)} matrices, "
+        f"α_min = {a_a[amin_a]:.3f} ({amin_a}); α_max {max(a_b.values()):.3f} / {max(a_a.values()):.3f}\n"
+    )
     print("| module type | n | decay change authors/blocks − 1: min | median | max |")
     print("|---|---|---|---|---|")
     for kind in ("q", "k", "v", "o", "gate", "up", "down"):
@@ -86,13 +89,20 @@ def main() -> None:
 
         torch.manual_seed(args.seed)
         cfg = transformers.LlamaConfig(
-            vocab_size=td.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
-            num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads, num_key_value_heads=mc.num_heads,
-            max_position_embeddings=256, tie_word_embeddings=False,
+            vocab_size=td.vocab_size,
+            hidden_size=mc.hidden_size,
+            intermediate_size=mc.intermediate_size,
+            num_hidden_layers=mc.num_layers,
+            num_attention_heads=mc.num_heads,
+            num_key_value_heads=mc.num_heads,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
         )
         hf = transformers.LlamaForCausalLM(cfg)
         _train(hf, True, args.steps, sampler, args.lr)
-        report(f"HF LlamaForCausalLM, same shape ({sum(p.numel() for p in hf.parameters()) / 1e6:.1f} M parameters)", hf)
+        report(
+            f"HF LlamaForCausalLM, same shape ({sum(p.numel() for p in hf.parameters()) / 1e6:.1f} M parameters)", hf
+        )
 
 
 if __name__ == "__main__":

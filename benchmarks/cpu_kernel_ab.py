@@ -8,6 +8,7 @@ llama-60m parameter shapes of ``benchmarks/optimizer_step.py``, fused AdamW as t
 Both kernels update the same parameters; each optimizer keeps its own state.  Each round times one step of
 every optimizer in a rotated order (``--threads 1``: process CPU time, less sensitive to other processes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)  # type: ignore[union-attr]
     if not hasattr(old, "steps_"):  # a one-tensor-per-call kernel: the loop the optimizer used to run
+
         def steps_(ps, gs, ms, vs, s, h, rule, mode, out):
             for i in range(len(ps)):
                 old.step_(ps[i], gs[i], ms[i], vs[i], s, h, rule, mode, None if out is None else out[i])
+
         old.steps_ = steps_
     torch.set_num_threads(args.threads)
     _pin_malloc()
@@ -63,10 +66,12 @@ def main(argv: list[str] | None = None) -> None:
         return [{"params": params, "param_names": names}]
 
     opts = {"AdamW fused": (torch.optim.AdamW(groups(), fused=True, **kw), None)}
-    makers = [("AlphaAdam norm", lambda: A.AlphaAdam(groups(), **kw)),
-              ("AlphaAdam density", lambda: A.AlphaAdam(groups(), alpha_mode="density", **kw)),
-              ("AlphaAdam masking=False", lambda: A.AlphaAdam(groups(), masking=False, **kw)),
-              ("CautiousAdamW", lambda: A.CautiousAdamW(groups(), **kw))]
+    makers = [
+        ("AlphaAdam norm", lambda: A.AlphaAdam(groups(), **kw)),
+        ("AlphaAdam density", lambda: A.AlphaAdam(groups(), alpha_mode="density", **kw)),
+        ("AlphaAdam masking=False", lambda: A.AlphaAdam(groups(), masking=False, **kw)),
+        ("CautiousAdamW", lambda: A.CautiousAdamW(groups(), **kw)),
+    ]
     for label, make in makers:
         opts[f"{label} [old]"] = (make(), old)
         opts[f"{label} [new]"] = (make(), new_kernel)
@@ -95,14 +100,18 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append(t)
             ratios[name].append(t / this["AdamW fused"])
     A.CK = new_kernel
-    print(f"threads {torch.get_num_threads()}, rounds {args.rounds}, scale {args.scale}, clock {clock.__name__}, "
-          f"load average {os.getloadavg()[0]:.1f}; load() with a warm cache: old {loads['old']:.3f} s, "
-          f"new {loads['new']:.3f} s")
+    print(
+        f"threads {torch.get_num_threads()}, rounds {args.rounds}, scale {args.scale}, clock {clock.__name__}, "
+        f"load average {os.getloadavg()[0]:.1f}; load() with a warm cache: old {loads['old']:.3f} s, "
+        f"new {loads['new']:.3f} s"
+    )
     print("| optimizer | median step (s) | min step (s) | median ratio to fused AdamW |")
     print("|---|---:|---:|---:|")
     for name in opts:
-        print(f"| {name} | {statistics.median(times[name]):.4f} | {min(times[name]):.4f} | "
-              f"{statistics.median(ratios[name]):.2f}x |")
+        print(
+            f"| {name} | {statistics.median(times[name]):.4f} | {min(times[name]):.4f} | "
+            f"{statistics.median(ratios[name]):.2f}x |"
+        )
 
 
 if __name__ == "__main__":

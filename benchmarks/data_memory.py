@@ -8,6 +8,7 @@ tokenizer, so the measurement is the streaming pipeline, not BPE training), prep
 
     PYTHONPATH=src python benchmarks/data_memory.py --gb 1 --num-proc 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,13 +21,15 @@ import threading
 import time
 from pathlib import Path
 
-WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
-         "they you were her she there been one all we their has would when if so no will more out up into do any "
-         "time about than other some could them these two may first then only new people like over such our man "
-         "me even most made after also did many before must through back years where much your way well down "
-         "should because each just those how too little state good very make world still own see men work long "
-         "get here between both life being under never day same another know while last might us great old year "
-         "off come since against go came right used take three").split()
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there been one all we their has would when if so no will more out up into do any "
+    "time about than other some could them these two may first then only new people like over such our man "
+    "me even most made after also did many before must through back years where much your way well down "
+    "should because each just those how too little state good very make world still own see men work long "
+    "get here between both life being under never day same another know while last might us great old year "
+    "off come since against go came right used take three"
+).split()
 
 
 def rss_tree(pid: int) -> int:
@@ -107,8 +110,9 @@ def main() -> None:
         th = threading.Thread(target=sample_rss, daemon=True)
         th.start()
         t1 = time.perf_counter()
-        td = prepare(str(tmp / "big.jsonl"), tokenizer=str(tmp / "tokenizer.json"), num_proc=args.num_proc,
-                     verbose=True)
+        td = prepare(
+            str(tmp / "big.jsonl"), tokenizer=str(tmp / "tokenizer.json"), num_proc=args.num_proc, verbose=True
+        )
         wall = time.perf_counter() - t1
         stop.set()
         th.join()
@@ -116,14 +120,26 @@ def main() -> None:
 
         main_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         tokens = td.meta["train_tokens"] + td.meta["val_tokens"]
-        print(json.dumps({
-            "jsonl_gb": round(size / 1e9, 3), "documents": docs, "num_proc": args.num_proc,
-            "tokens": tokens, "shards": len(td.meta["shards"]["train"]) + len(td.meta["shards"]["valid"]),
-            "dtype": td.meta["dtype"], "wall_s": round(wall, 1), "tokens_per_s": round(tokens / wall),
-            "encode_tokens_per_s": round(td.meta["tokens_per_s"]),
-            "peak_rss_tree_mb": round(peak["tree"] / 2**20), "rss_before_mb": round(base / 2**20),
-            "peak_rss_main_mb": round(main_peak / 2**20), "load_avg": os.getloadavg(),
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "jsonl_gb": round(size / 1e9, 3),
+                    "documents": docs,
+                    "num_proc": args.num_proc,
+                    "tokens": tokens,
+                    "shards": len(td.meta["shards"]["train"]) + len(td.meta["shards"]["valid"]),
+                    "dtype": td.meta["dtype"],
+                    "wall_s": round(wall, 1),
+                    "tokens_per_s": round(tokens / wall),
+                    "encode_tokens_per_s": round(td.meta["tokens_per_s"]),
+                    "peak_rss_tree_mb": round(peak["tree"] / 2**20),
+                    "rss_before_mb": round(base / 2**20),
+                    "peak_rss_main_mb": round(main_peak / 2**20),
+                    "load_avg": os.getloadavg(),
+                },
+                indent=1,
+            )
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

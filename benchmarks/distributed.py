@@ -9,6 +9,7 @@
 2. AlphaAdam's communication per step under FSDP2: one all-reduce of 4 fp32 statistics per parameter
    tensor, counted from the parameter list (what `_step_sharded` stacks), against the parameter count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,11 @@ def main() -> None:
                 port = s.getsockname()[1]
             mp.spawn(_worker, args=(world, port, args.rounds, out), nprocs=world, join=True)
             results[world] = dict(out)
-        print(f"AlphaDecay recomputation, 56 llama-60m block matrices, {world} rank(s) x 1 thread: "
-              f"{results[world]['time']:.3f} s (alpha[0] = {results[world]['alpha0']:.6f})", flush=True)
+        print(
+            f"AlphaDecay recomputation, 56 llama-60m block matrices, {world} rank(s) x 1 thread: "
+            f"{results[world]['time']:.3f} s (alpha[0] = {results[world]['alpha0']:.6f})",
+            flush=True,
+        )
     if 1 in results and 2 in results:
         print(f"2 ranks / 1 rank: {results[2]['time'] / results[1]['time']:.2f}x the time")
 
@@ -77,9 +81,11 @@ def main() -> None:
     n_tensors = sum(1 for _ in model.parameters())
     n_params = sum(p.numel() for p in model.parameters())
     stat_bytes = n_tensors * 4 * 4
-    print(f"AlphaAdam under FSDP2: {n_tensors} tensors -> one all-reduce of {stat_bytes} bytes per step "
-          f"({stat_bytes / (4 * n_params):.2e} of the fp32 parameter bytes, {n_params / 1e6:.1f}M parameters); "
-          f"FSDP's own gradient reduce-scatter moves ~{4 * n_params / 1e6:.0f} MB per step")
+    print(
+        f"AlphaAdam under FSDP2: {n_tensors} tensors -> one all-reduce of {stat_bytes} bytes per step "
+        f"({stat_bytes / (4 * n_params):.2e} of the fp32 parameter bytes, {n_params / 1e6:.1f}M parameters); "
+        f"FSDP's own gradient reduce-scatter moves ~{4 * n_params / 1e6:.0f} MB per step"
+    )
 
 
 if __name__ == "__main__":

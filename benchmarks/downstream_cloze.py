@@ -10,6 +10,7 @@ from the held-out text, so a context-free model is at 0.25), then runs
 ``layerwise compare --preset P --methods M --seeds S --eval-tasks OUT/tasks/shakespeare_cloze.yaml`` with
 ``HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1`` and prints ``OUT/results.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,26 @@ def main() -> int:
     out = Path(args.out)
     yaml, docs = write_cloze_task("\n".join(val_docs), out / "tasks", n_docs=args.items, name="shakespeare_cloze")
     print(f"task {yaml}: {len(docs)} items from the validation split ({info.get('split', '')})")
-    rc = cli(["compare", "--preset", args.preset, "--methods", args.methods, "--seeds", str(args.seeds),
-              "--jobs", str(args.jobs), "--out", str(out), "--eval-tasks", str(yaml), "--eval-device", "cpu",
-              *[a for o in args.overrides for a in ("--set", o)]])
+    rc = cli(
+        [
+            "compare",
+            "--preset",
+            args.preset,
+            "--methods",
+            args.methods,
+            "--seeds",
+            str(args.seeds),
+            "--jobs",
+            str(args.jobs),
+            "--out",
+            str(out),
+            "--eval-tasks",
+            str(yaml),
+            "--eval-device",
+            "cpu",
+            *[a for o in args.overrides for a in ("--set", o)],
+        ]
+    )
     return rc
 
 

@@ -3,6 +3,7 @@ loop of ``eigvalsh``, against ``gram_eigvals`` (minimum of 3 timed repeats each)
 
     PYTHONPATH=src python benchmarks/eigvalsh_floor.py
 """
+
 import time
 
 import numpy as np
@@ -29,6 +30,8 @@ print(f"Gram products            {best(lambda: [w.mT @ w if w.shape[0] > w.shape
 print(f"eigvalsh, loop           {best(lambda: [torch.linalg.eigvalsh(g) for g in grams]):.3f} s")
 print(f"eigvalsh, one batch      {best(lambda: torch.linalg.eigvalsh(torch.stack(grams))):.3f} s")
 print(f"numpy eigvalsh, loop     {best(lambda: [np.linalg.eigvalsh(g.numpy()) for g in grams]):.3f} s")
-print(f"scipy ?syevr, loop       {best(lambda: [__import__('scipy').linalg.lapack.ssyevr(g.numpy(), compute_v=0) for g in grams]):.3f} s")
+print(
+    f"scipy ?syevr, loop       {best(lambda: [__import__('scipy').linalg.lapack.ssyevr(g.numpy(), compute_v=0) for g in grams]):.3f} s"
+)
 print(f"gram_eigvals (ours)      {best(lambda: gram_eigvals(ws)):.3f} s")
 print(f"gram_eigvals torch solver {best(lambda: gram_eigvals(ws, solver='torch')):.3f} s")

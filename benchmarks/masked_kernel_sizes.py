@@ -6,6 +6,7 @@ per-round ratios.  Shows where the second pass is cheap (scratch still in cache)
 
     PYTHONPATH=src python benchmarks/masked_kernel_sizes.py [--rounds 11]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,15 +48,21 @@ def main() -> None:
             def run():
                 for i in range(reps):
                     CK.step_(ps[i], gs[i], ms[i], vs[i], scratch, h, rule, mode, out)
+
             return run
-        fns = {"fused": fused.step, "norm": kernel("previous", "norm"), "cautious": kernel("cautious", "density"),
-               "adamw": kernel("none", "norm")}
+
+        fns = {
+            "fused": fused.step,
+            "norm": kernel("previous", "norm"),
+            "cautious": kernel("cautious", "density"),
+            "adamw": kernel("none", "norm"),
+        }
         for f in fns.values():
             f()
         ratios: dict[str, list[float]] = {k: [] for k in fns}
         for r in range(args.rounds):
             t = {}
-            for k in list(fns)[r % 4:] + list(fns)[:r % 4]:
+            for k in list(fns)[r % 4 :] + list(fns)[: r % 4]:
                 t0 = time.perf_counter()
                 fns[k]()
                 t[k] = time.perf_counter() - t0

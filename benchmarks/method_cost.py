@@ -14,9 +14,11 @@ AlphaDecay at interval 500 recomputes once at its first step and then every 500 
 its cost is the recomputation spread over --steps (so shorter windows overstate it); the per-recompute
 cost is in benchmarks/alphadecay_overhead.py.
 """
+
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -25,8 +27,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-import hashlib
 
 import numpy as np
 import torch
@@ -42,21 +42,43 @@ def synthetic_data(vocab: int, n_tokens: int, seed: int = 0):
     train = rng.integers(0, vocab, n_tokens).astype(dtype)
     val = rng.integers(0, vocab, 4 * 1024).astype(dtype)
     # in-memory tokens: the run identity fingerprints the arrays themselves
-    files = {name: {"bytes": a.nbytes, "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
-             for name, a in (("synthetic-train", train), ("synthetic-valid", val))}
+    files = {
+        name: {"bytes": a.nbytes, "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
+        for name, a in (("synthetic-train", train), ("synthetic-valid", val))
+    }
     return TokenData(dir=Path(tempfile.gettempdir()), train=train, val=val, vocab_size=vocab, meta={"files": files})
 
 
-def run_method(method: str, size: str, steps: int, warmup: int, batch: int, seq: int, device: str,
-               vocab: int = 32000, extra: list[str] | None = None) -> dict:
+def run_method(
+    method: str,
+    size: str,
+    steps: int,
+    warmup: int,
+    batch: int,
+    seq: int,
+    device: str,
+    vocab: int = 32000,
+    extra: list[str] | None = None,
+) -> dict:
     from layerwise.lab import config as C
     from layerwise.lab.methods import method_overrides
     from layerwise.lab.train import train
 
-    over = [f"model.size={size}", f"data.vocab_size={vocab}", f"data.seq_len={seq}", f"train.batch_size={batch}",
-            f"train.max_steps={warmup + steps}", "train.eval_every=0", f"train.log_every={warmup}",
-            "train.progress=false", "train.tensorboard=false", "train.spectral_every=0",
-            "train.diagnostics_every=0", f"train.device={device}", "decay.interval=500"] + (extra or [])
+    over = [
+        f"model.size={size}",
+        f"data.vocab_size={vocab}",
+        f"data.seq_len={seq}",
+        f"train.batch_size={batch}",
+        f"train.max_steps={warmup + steps}",
+        "train.eval_every=0",
+        f"train.log_every={warmup}",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.spectral_every=0",
+        "train.diagnostics_every=0",
+        f"train.device={device}",
+        "decay.interval=500",
+    ] + (extra or [])
     cfg = C.resolve("quick", None, over)
     cfg = C.apply_overrides(cfg, method_overrides(method))
     from layerwise.lab.methods import resolve_relative_widths
@@ -91,25 +113,46 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        r = run_method(args.worker, args.size, args.steps, args.warmup, args.batch, args.seq, args.device,
-                       args.vocab, args.extra)
+        r = run_method(
+            args.worker, args.size, args.steps, args.warmup, args.batch, args.seq, args.device, args.vocab, args.extra
+        )
         print("RESULT " + json.dumps(r), flush=True)
         return
     methods = args.methods.split(",")
     if "adamw" not in methods:
         methods.insert(0, "adamw")
     rng = random.Random(args.seed)
-    print(f"torch {torch.__version__}, {args.size}, device {args.device}, batch {args.batch}x{args.seq}, "
-          f"{args.steps} timed steps after {args.warmup}; load avg at start {os.getloadavg()}", flush=True)
+    print(
+        f"torch {torch.__version__}, {args.size}, device {args.device}, batch {args.batch}x{args.seq}, "
+        f"{args.steps} timed steps after {args.warmup}; load avg at start {os.getloadavg()}",
+        flush=True,
+    )
     res: dict[str, list[float]] = {m: [] for m in methods}
     loads = []
     for r in range(args.rounds):
         order = list(methods)
         rng.shuffle(order)
         for m in order:
-            cmd = [sys.executable, __file__, "--worker", m, "--size", args.size, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
-                   "--vocab", str(args.vocab), "--device", args.device] + [f"--set={e}" for e in args.extra]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                m,
+                "--size",
+                args.size,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                "--vocab",
+                str(args.vocab),
+                "--device",
+                args.device,
+            ] + [f"--set={e}" for e in args.extra]
             p = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
             if p.returncode != 0 or line is None:
@@ -122,8 +165,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for m in methods:
         ratios = [a / b for a, b in zip(res[m], res["adamw"])]
-        print(f"| {m} | {statistics.median(res[m]):,.0f} | {statistics.median(ratios) - 1:+.1%} | "
-              f"{', '.join(f'{x:.3f}' for x in ratios)} |")
+        print(
+            f"| {m} | {statistics.median(res[m]):,.0f} | {statistics.median(ratios) - 1:+.1%} | "
+            f"{', '.join(f'{x:.3f}' for x in ratios)} |"
+        )
 
 
 if __name__ == "__main__":

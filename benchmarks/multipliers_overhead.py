@@ -18,6 +18,7 @@ minima, plus the median and range of the per-round paired ratios (which show how
     PYTHONPATH=src .venv/bin/python benchmarks/multipliers_overhead.py [--part layers|steps|extra|all]
         [--rounds 7] [--steps 3] [--device cpu|cuda] [--shapes quick,llama-60m]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,6 +74,7 @@ def bench_layers(shape: str, rounds: int, reps: int, device: str) -> list[str]:
                     p.grad = None
                 x.grad = None
                 mod(x).backward(dy)
+
             return run
 
         fns = {k: make(m) for k, m in variants.items()}
@@ -115,6 +117,7 @@ def bench_steps(shape: str, rounds: int, steps: int, device: str, impls: tuple[s
             o.zero_grad(set_to_none=True)
             m(x, y)[1].backward()
             o.step()
+
         return run
 
     fns = {k: make(k) for k in models}
@@ -171,8 +174,10 @@ def bench_extra(shape: str, rounds: int, device: str) -> list[str]:
     for _ in range(rounds):
         t_extra.append(_time(extra, 1, device))
         t_step.append(_time(step, 1, device))
-    row = (f"| {shape} | {s['batch']}x{s['seq']} | {len(lins)} | {min(t_extra) * 1e3:.1f} | {min(t_step) * 1e3:.1f} | "
-           f"{min(t_extra) / min(t_step) * 100:.2f} % |")
+    row = (
+        f"| {shape} | {s['batch']}x{s['seq']} | {len(lins)} | {min(t_extra) * 1e3:.1f} | {min(t_step) * 1e3:.1f} | "
+        f"{min(t_extra) / min(t_step) * 100:.2f} % |"
+    )
     print(row, flush=True)
     return [row]
 
@@ -186,11 +191,19 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", default="quick,llama-60m")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave)")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="cpu = time.process_time (CPU seconds of this process; with --threads 1 on a machine "
-                    "loaded by other processes it is far less noisy than wall time; CPU device only)")
-    ap.add_argument("--impls", default="default", help="comma list of multiplier impls for the step benchmark "
-                    "(default = materialize for Linear, io for Embedding)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu = time.process_time (CPU seconds of this process; with --threads 1 on a machine "
+        "loaded by other processes it is far less noisy than wall time; CPU device only)",
+    )
+    ap.add_argument(
+        "--impls",
+        default="default",
+        help="comma list of multiplier impls for the step benchmark "
+        "(default = materialize for Linear, io for Embedding)",
+    )
     args = ap.parse_args()
     shapes = args.shapes.split(",")
     if args.threads:
@@ -212,8 +225,10 @@ def main() -> None:
         for sh in shapes:
             bench_extra(sh, args.rounds, args.device)
     if args.part in ("steps", "all"):
-        print("| shapes | batch | variant | none ms/step (min) | with multipliers ms/step (min) | overhead of mins | "
-              "median paired overhead | range of paired overhead | extra params |")
+        print(
+            "| shapes | batch | variant | none ms/step (min) | with multipliers ms/step (min) | overhead of mins | "
+            "median paired overhead | range of paired overhead | extra params |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for sh in shapes:
             bench_steps(sh, args.rounds, args.steps, args.device, tuple(args.impls.split(",")))

@@ -16,6 +16,7 @@ Peak extra memory: per optimizer, the peak resident set size during one step min
 before it (``/proc/self/clear_refs`` resets the peak; glibc's mmap threshold is pinned so freed
 temporaries leave the resident set and are counted again next time).  Linux only; else "n/a".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,13 +86,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--scale", type=float, default=1.0, help="shrink every dimension (quick checks)")
     ap.add_argument("--no-eager", action="store_true", help="skip the slow eager reference")
-    ap.add_argument("--one-tensor", action="store_true",
-                    help="only the 32000x512 embedding (kernel cost without per-tensor overhead)")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="wall: perf_counter; cpu: process CPU time (all threads), less sensitive to other "
-                    "processes on a loaded machine (use with --threads 1)")
-    ap.add_argument("--only", default="", help="comma-separated substrings: time only matching optimizers"
-                    " (fused AdamW always runs)")
+    ap.add_argument(
+        "--one-tensor",
+        action="store_true",
+        help="only the 32000x512 embedding (kernel cost without per-tensor overhead)",
+    )
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: perf_counter; cpu: process CPU time (all threads), less sensitive to other "
+        "processes on a loaded machine (use with --threads 1)",
+    )
+    ap.add_argument(
+        "--only", default="", help="comma-separated substrings: time only matching optimizers (fused AdamW always runs)"
+    )
     args = ap.parse_args(argv)
     pinned = _pin_malloc()
     if args.threads:
@@ -165,32 +174,43 @@ def main(argv: list[str] | None = None) -> None:
     state_mib = 2 * n_params * 4 / 2**20
 
     what = "one 32000x512 tensor" if args.one_tensor else "llama-60m shapes"
-    print(f"## optimizer step, {what} ({n_params / 1e6:.1f}M params, fp32), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, "
-          f"{args.clock} clock, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"## optimizer step, {what} ({n_params / 1e6:.1f}M params, fp32), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, "
+        f"{args.clock} clock, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print()
-    print("| optimizer | median step (s) | min step (s) | median ratio to fused AdamW | "
-          "ratio of min steps | first step incl. compile (s) | peak extra memory in a step (MiB) |")
+    print(
+        "| optimizer | median step (s) | min step (s) | median ratio to fused AdamW | "
+        "ratio of min steps | first step incl. compile (s) | peak extra memory in a step (MiB) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in opts:
         m = mem[name]
-        print(f"| {name} | {statistics.median(times[name]):.4f} | {min(times[name]):.4f} | "
-              f"{statistics.median(ratios[name]):.2f}x | {min(times[name]) / min(times[base]):.2f}x | "
-              f"{compile_s[name]:.2f} | "
-              f"{'n/a' if m is None else f'{m:.0f}'} |")
+        print(
+            f"| {name} | {statistics.median(times[name]):.4f} | {min(times[name]):.4f} | "
+            f"{statistics.median(ratios[name]):.2f}x | {min(times[name]) / min(times[base]):.2f}x | "
+            f"{compile_s[name]:.2f} | "
+            f"{'n/a' if m is None else f'{m:.0f}'} |"
+        )
     print()
-    print(f"(one state copy = exp_avg + exp_avg_sq = {state_mib:.0f} MiB; params {state_mib / 2:.0f} MiB; "
-          f"malloc pinned: {pinned}; python {sys.version.split()[0]})")
+    print(
+        f"(one state copy = exp_avg + exp_avg_sq = {state_mib:.0f} MiB; params {state_mib / 2:.0f} MiB; "
+        f"malloc pinned: {pinned}; python {sys.version.split()[0]})"
+    )
     from layerwise.optim import _cpu_kernel as CK
 
-    print(f"C kernel: {'loaded' if CK.load() is not None else 'unavailable (' + str(CK.error()) + ')'}; "
-          "the fast rows use it for fp32 CPU tensors.  Its persistent scratch (not in the table: allocated at "
-          f"the first step): {max(p.numel() for p in params) * 4 / 2**20:.1f} MiB per optimizer "
-          "(fp32, largest parameter).")
+    print(
+        f"C kernel: {'loaded' if CK.load() is not None else 'unavailable (' + str(CK.error()) + ')'}; "
+        "the fast rows use it for fp32 CPU tensors.  Its persistent scratch (not in the table: allocated at "
+        f"the first step): {max(p.numel() for p in params) * 4 / 2**20:.1f} MiB per optimizer "
+        "(fp32, largest parameter)."
+    )
     sample = next((o for n, o in opts.items() if n.startswith("AlphaAdam fast (norm")), None)
     if sample is not None:
         print("diagnostics sample (AlphaAdam fast norm):", dict(list(sample.diagnostics().items())[:2]))
+
 
 if __name__ == "__main__":
     main()

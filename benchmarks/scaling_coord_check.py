@@ -6,6 +6,7 @@ SublayerGains hooks on a forward pass (same process, interleaved).  Plots go to 
 
     PYTHONPATH=src .venv/bin/python benchmarks/scaling_coord_check.py --widths 64,128,256,512 --steps 6
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,28 +24,41 @@ def builder(parametrization: str, base: int, attn_scale: str):
     def build(width: int):
         mup = parametrization != "sp"
         return build_model(
-            "nano", vocab_size=256, hidden_size=width, intermediate_size=int(width * 2.75), num_heads=4,
-            max_seq_len=64, parametrization="mup" if mup else "sp", base_hidden_size=base,
+            "nano",
+            vocab_size=256,
+            hidden_size=width,
+            intermediate_size=int(width * 2.75),
+            num_heads=4,
+            max_seq_len=64,
+            parametrization="mup" if mup else "sp",
+            base_hidden_size=base,
             attn_scale=attn_scale if mup else "sqrt",
         )
+
     return build
 
 
 def hook_overhead(width: int, reps: int = 30) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = build_model("nano", vocab_size=256, hidden_size=width, intermediate_size=int(width * 2.75),
-                        num_heads=4, max_seq_len=64).eval()
+    model = build_model(
+        "nano", vocab_size=256, hidden_size=width, intermediate_size=int(width * 2.75), num_heads=4, max_seq_len=64
+    ).eval()
     idx = torch.randint(256, (8, 64))
     plain, hooked = [], []
     with torch.no_grad():
         for _ in range(3):
             model(idx)
         for _ in range(reps):  # interleaved
-            t = time.perf_counter(); model(idx); plain.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            model(idx)
+            plain.append(time.perf_counter() - t)
             with SublayerGains(model) as g:
-                t = time.perf_counter(); model(idx); hooked.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                model(idx)
+                hooked.append(time.perf_counter() - t)
             g.metrics()
-    plain.sort(); hooked.sort()
+    plain.sort()
+    hooked.sort()
     return plain[len(plain) // 2], hooked[len(hooked) // 2]
 
 
@@ -61,17 +75,29 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     widths = [int(w) for w in args.widths.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    print(f"widths {widths}, steps {args.steps}, lr {args.lr}, wd {args.wd}, batch 8x32 random tokens, "
-          f"AdamW, attn_scale={args.attn_scale} (μP runs), base width {min(widths)}")
+    print(
+        f"widths {widths}, steps {args.steps}, lr {args.lr}, wd {args.wd}, batch 8x32 random tokens, "
+        f"AdamW, attn_scale={args.attn_scale} (μP runs), base width {min(widths)}"
+    )
     sites = ("attn", "mlp", "residual", "logits")
     print("slope = least-squares slope of log2 RMS vs log2 width at the last step (all widths / widest two)")
-    print(f"| parametrization | " + " | ".join(f"slope {s}" for s in sites) + " | loss (narrow → wide) |")
+    print("| parametrization | " + " | ".join(f"slope {s}" for s in sites) + " | loss (narrow → wide) |")
     print("|---|" + "---|" * (len(sites) + 1))
     for par in ("sp", "mup", "mup-sqrtwd", "mup-lrwd"):
         t = time.perf_counter()
-        r = coord_check(widths, builder(par, min(widths), args.attn_scale), steps=args.steps, lr=args.lr,
-                        weight_decay=args.wd, parametrization=par, batch_size=8, seq_len=32, label=par)
+        r = coord_check(
+            widths,
+            builder(par, min(widths), args.attn_scale),
+            steps=args.steps,
+            lr=args.lr,
+            weight_decay=args.wd,
+            parametrization=par,
+            batch_size=8,
+            seq_len=32,
+            label=par,
+        )
         last = args.steps - 1
+
         def pair(site: str) -> float:
             a, b = widths[-2], widths[-1]
             return (math.log2(r.rms[site][b][last]) - math.log2(r.rms[site][a][last])) / (math.log2(b) - math.log2(a))
@@ -82,8 +108,10 @@ def main() -> None:
         plot_coord_check(r, os.path.join(args.out, f"coord_{par}.png"), title=f"coordinate check: {par}")
     for w in (widths[0], widths[-1]):
         p, h = hook_overhead(w)
-        print(f"SublayerGains hook overhead, forward at width {w} (8x64 tokens): {p * 1e3:.2f} ms -> "
-              f"{h * 1e3:.2f} ms ({h / p:.3f}x)")
+        print(
+            f"SublayerGains hook overhead, forward at width {w} (8x64 tokens): {p * 1e3:.2f} ms -> "
+            f"{h * 1e3:.2f} ms ({h / p:.3f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Each worker also times a fixed probe (svdvals of 8 of the matrices) before and a
 Run:  PYTHONPATH=src .venv/bin/python benchmarks/spectral_speed.py [--rounds 5] [--reps 3] [--ww]
       (--small: 2 layers of 128/344 shapes, for a quick check of the script)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ import time
 import torch
 from torch import nn
 
-from layerwise.spectral import analyze, gram_eigvals, hill_alpha, ks_alpha
+from layerwise.spectral import analyze, gram_eigvals, hill_alpha
 
 
 class Block(nn.Module):
@@ -189,15 +190,20 @@ def main() -> None:
         if m not in METHODS:
             raise SystemExit(f"--methods: unknown method {m!r} (known: {', '.join(METHODS)})")
     rng = random.Random(args.seed)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-          f"{platform.processor() or platform.machine()}, load avg at start {os.getloadavg()}", flush=True)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+        f"{platform.processor() or platform.machine()}, load avg at start {os.getloadavg()}",
+        flush=True,
+    )
     res: dict[tuple[str, str], list[dict]] = {}
     loads = []
     for r in range(args.rounds):
         jobs = [(m, v) for v in args.variants.split(",") for m in methods]
         rng.shuffle(jobs)
         for m, v in jobs:
-            cmd = [sys.executable, __file__, "--worker", m, v, "--reps", str(args.reps)] + (["--small"] if args.small else [])
+            cmd = [sys.executable, __file__, "--worker", m, v, "--reps", str(args.reps)] + (
+                ["--small"] if args.small else []
+            )
             p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
             if p.returncode != 0 or line is None:
@@ -205,8 +211,10 @@ def main() -> None:
             res.setdefault((m, v), []).append(json.loads(line[7:]))
         loads.append(os.getloadavg()[0])
         print(f"round {r} done, load avg {loads[-1]:.2f}", flush=True)
-    print(f"\nload avg (1 min) over rounds: median {statistics.median(loads):.2f} (min {min(loads):.2f}, "
-          f"max {max(loads):.2f})")
+    print(
+        f"\nload avg (1 min) over rounds: median {statistics.median(loads):.2f} (min {min(loads):.2f}, "
+        f"max {max(loads):.2f})"
+    )
     for v in args.variants.split(","):
         med = {m: statistics.median(x["time"] for x in res[(m, v)]) for m in methods}
         print(f"\n## variant {v}: medians over {args.rounds} fresh-process rounds x {args.reps} reps")
@@ -215,13 +223,17 @@ def main() -> None:
         for m in methods:
             inter = statistics.median(x["interference"] for x in res[(m, v)])
             rel = max((x.get("max_rel_alpha", float("nan")) for x in res[(m, v)]), default=float("nan"))
-            print(f"| {m} | {med[m] * 1000:.1f} ms | {med['(a) svd'] / med[m]:.2f}x | {inter:.2f} | "
-                  f"{'' if rel != rel else f'{rel:.1e}'} |")
+            print(
+                f"| {m} | {med[m] * 1000:.1f} ms | {med['(a) svd'] / med[m]:.2f}x | {inter:.2f} | "
+                f"{'' if rel != rel else f'{rel:.1e}'} |"
+            )
         if "ours-f2py" in med and "ours" in med:
             # paired per round: both ran in the same round, close in time
             pr = [a["time"] / b["time"] for a, b in zip(res[("ours-f2py", v)], res[("ours", v)])]
-            print(f"ctypes ?syevr vs SciPy f2py over threads: {med['ours-f2py'] / med['ours']:.2f}x "
-                  f"(per-round ratios {', '.join(f'{x:.2f}' for x in pr)})")
+            print(
+                f"ctypes ?syevr vs SciPy f2py over threads: {med['ours-f2py'] / med['ours']:.2f}x "
+                f"(per-round ratios {', '.join(f'{x:.2f}' for x in pr)})"
+            )
 
 
 if __name__ == "__main__":

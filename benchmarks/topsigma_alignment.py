@@ -8,6 +8,7 @@ ratio σ_top(widest) / σ_top(narrowest) (geometric mean over matrices, and per 
 claim: under μP with weight decay ∝ √d the top singular values align across widths (ratio ≈ 1), while other
 weight-decay exponents let them drift.  Writes ``topsigma.md`` and ``plots/topsigma.png`` in the sweep folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from layerwise.lab.sweep import _sem, run_dir, run_key
 from layerwise.anatomy import anatomy
+from layerwise.lab.sweep import _sem, run_dir, run_key
 from layerwise.spectral import gram_eigvals
 
 
@@ -46,8 +47,10 @@ def main() -> None:
     args = ap.parse_args()
     res = json.loads((args.sweep / "sweep.json").read_text())
     widths = res["widths"]
-    lines = ["| parametrization | (lr, wd) | σ_top ratio w=%d/w=%d (geo-mean) | attention | MLP |" % (widths[-1], widths[0]),
-             "|---|---|---|---|---|"]
+    lines = [
+        "| parametrization | (lr, wd) | σ_top ratio w=%d/w=%d (geo-mean) | attention | MLP |" % (widths[-1], widths[0]),
+        "|---|---|---|---|---|",
+    ]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,6 +90,7 @@ def main() -> None:
         def ms(vals):
             m, se = sum(vals) / len(vals), _sem(vals)
             return f"{m:.3f}" + (f" ± {se:.3f}" if se == se else "")
+
         cols = " | ".join(ms([t[i] for t in per_seed]) for i in range(3))
         lines.append(f"| {p} | ({lr:g}, {wd:g}) | {cols} |")
         lo = by_w[widths[0]]

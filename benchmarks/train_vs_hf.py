@@ -12,6 +12,7 @@ tokens/s over the timed steps (after --warmup steps, which include compilation).
 
 The trainer's own overhead over such a loop (its `tokens_per_s` vs this loop) is benchmarks/trainer_throughput.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,21 @@ def build(kind: str, size: str, vocab: int, seq: int, device: str):
         return LlamaModel(model_config(size, vocab_size=vocab, max_seq_len=max(seq, c["max_seq_len"]))).to(device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hc = LlamaConfig(vocab_size=vocab, hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-                     num_hidden_layers=c["num_layers"], num_attention_heads=c["num_heads"],
-                     num_key_value_heads=c["num_heads"], max_position_embeddings=max(seq, c["max_seq_len"]),
-                     rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False,
-                     mlp_bias=False, use_cache=False)
+    hc = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_hidden_layers=c["num_layers"],
+        num_attention_heads=c["num_heads"],
+        num_key_value_heads=c["num_heads"],
+        max_position_embeddings=max(seq, c["max_seq_len"]),
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        use_cache=False,
+    )
     hc._attn_implementation = "sdpa"
     return LlamaForCausalLM(hc).to(device)
 
@@ -55,8 +66,19 @@ def loss_fn(kind: str, model, x, y):
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def run_loop(kind: str, size: str, compiled: bool, steps: int, warmup: int, batch: int, seq: int, device: str,
-             vocab: int = VOCAB, bf16: bool | None = None, backend: str = "inductor") -> dict:
+def run_loop(
+    kind: str,
+    size: str,
+    compiled: bool,
+    steps: int,
+    warmup: int,
+    batch: int,
+    seq: int,
+    device: str,
+    vocab: int = VOCAB,
+    bf16: bool | None = None,
+    backend: str = "inductor",
+) -> dict:
     """Train ``warmup + steps`` steps; tokens/s over the last ``steps`` (device-synchronised)."""
     model = build(kind, size, vocab, seq, device)
     fwd = torch.compile(model, backend=backend) if compiled else model
@@ -84,8 +106,12 @@ def run_loop(kind: str, size: str, compiled: bool, steps: int, warmup: int, batc
             c0 = time.perf_counter()
     sync()
     dt = time.perf_counter() - t0
-    return {"tokens_per_s": steps * batch * seq / dt, "first_loss": float(losses[0]), "last_loss": float(losses[-1]),
-            "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "tokens_per_s": steps * batch * seq / dt,
+        "first_loss": float(losses[0]),
+        "last_loss": float(losses[-1]),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def _worker(args) -> None:
@@ -116,17 +142,37 @@ def main() -> None:
         return
     variants = ["ours-eager", "hf-eager"] + ([] if args.no_compile else ["ours-compiled", "hf-compiled"])
     rng = random.Random(args.seed)
-    print(f"torch {torch.__version__}, device {args.device}, batch {args.batch}x{args.seq}, "
-          f"load avg at start {os.getloadavg()}", flush=True)
+    print(
+        f"torch {torch.__version__}, device {args.device}, batch {args.batch}x{args.seq}, "
+        f"load avg at start {os.getloadavg()}",
+        flush=True,
+    )
     res: dict[tuple[str, str], list[dict]] = {}
     loads = []
     for r in range(args.rounds):
         jobs = [(v, s) for s in args.sizes.split(",") for v in variants]
         rng.shuffle(jobs)
         for v, s in jobs:
-            cmd = [sys.executable, __file__, "--worker", v, "--size", s, "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device,
-                   "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                v,
+                "--size",
+                s,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                "--device",
+                args.device,
+                "--threads",
+                str(args.threads),
+            ]
             p = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
             if p.returncode != 0 or line is None:
@@ -135,17 +181,23 @@ def main() -> None:
             print(f"  round {r} {s} {v}: {res[(v, s)][-1]['tokens_per_s']:,.0f} tok/s", flush=True)
         loads.append(os.getloadavg()[0])
     print(f"\nload avg (1 min) after each round: {', '.join(f'{x:.1f}' for x in loads)}")
-    print("\n| size | params (ours / hf) | ours eager | hf eager | ours/hf eager | ours compiled | hf compiled "
-          "| compile speed-up ours / hf |")
+    print(
+        "\n| size | params (ours / hf) | ours eager | hf eager | ours/hf eager | ours compiled | hf compiled "
+        "| compile speed-up ours / hf |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for s in args.sizes.split(","):
         med = {v: statistics.median(x["tokens_per_s"] for x in res[(v, s)]) for v in variants}
         pr = (res[("ours-eager", s)][0]["params"], res[("hf-eager", s)][0]["params"])
-        row = f"| {s} | {pr[0] / 1e6:.1f}M / {pr[1] / 1e6:.1f}M | {med['ours-eager']:,.0f} | {med['hf-eager']:,.0f} | " \
-              f"{med['ours-eager'] / med['hf-eager']:.2f}x |"
+        row = (
+            f"| {s} | {pr[0] / 1e6:.1f}M / {pr[1] / 1e6:.1f}M | {med['ours-eager']:,.0f} | {med['hf-eager']:,.0f} | "
+            f"{med['ours-eager'] / med['hf-eager']:.2f}x |"
+        )
         if not args.no_compile:
-            row += f" {med['ours-compiled']:,.0f} | {med['hf-compiled']:,.0f} | " \
-                   f"{med['ours-compiled'] / med['ours-eager']:.2f}x / {med['hf-compiled'] / med['hf-eager']:.2f}x |"
+            row += (
+                f" {med['ours-compiled']:,.0f} | {med['hf-compiled']:,.0f} | "
+                f"{med['ours-compiled'] / med['ours-eager']:.2f}x / {med['hf-compiled'] / med['hf-eager']:.2f}x |"
+            )
         else:
             row += " - | - | - |"
         print(row)

@@ -6,6 +6,7 @@ interleaved in one process.  Target: the harness keeps >= 95 % of the minimal lo
 The harness figure is its own ``tokens_per_s`` from metrics.jsonl (evaluation time excluded), after the
 first logging window (warm-up); the minimal loop is timed over the same steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,12 @@ def minimal_loop(cfg, data, steps: int, warmup: int) -> float:
     model = LlamaModel(resolve_model_config(cfg, data.vocab_size))
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr,
-                            betas=(cfg.optim.beta1, cfg.optim.beta2), fused=True)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        fused=True,
+    )
     sampler = BatchSampler(data.train, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
     t0 = None
     for step in range(steps):
@@ -79,8 +83,10 @@ def main() -> None:
         h_all.append(h)
         m_all.append(m)
         print(f"round {r}: harness {h:,.0f} tok/s  minimal {m:,.0f} tok/s  ratio {h / m:.3f}", flush=True)
-    print(f"median: harness {statistics.median(h_all):,.0f} tok/s, minimal {statistics.median(m_all):,.0f} tok/s, "
-          f"ratio {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+    print(
+        f"median: harness {statistics.median(h_all):,.0f} tok/s, minimal {statistics.median(m_all):,.0f} tok/s, "
+        f"ratio {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
+    )
 
 
 if __name__ == "__main__":

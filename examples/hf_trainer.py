@@ -10,6 +10,7 @@ What it shows: the optimizer factory (our param groups + AlphaAdam/AdamW, option
 AlphaDecay as a TrainerCallback (α and λ in the Trainer's logs), learnable multipliers excluded from gradient
 clipping, and a merged export that loads into a plain LlamaForCausalLM.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,12 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=25, help="AlphaDecay recomputation interval (optimizer steps)")
     ap.add_argument("--multipliers", action="store_true", help="add learnable row/column multipliers")
     ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--scale-width", type=int, default=0,
-                    help="width-scaling base width (0 = off): matrix LR x base/width, matrix WD x sqrt(width/base)")
+    ap.add_argument(
+        "--scale-width",
+        type=int,
+        default=0,
+        help="width-scaling base width (0 = off): matrix LR x base/width, matrix WD x sqrt(width/base)",
+    )
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--vocab-size", type=int, default=8192)
@@ -69,8 +74,13 @@ def main() -> None:
     data = prepare("shakespeare", vocab_size=a.vocab_size, verbose=True)
     torch.manual_seed(a.seed)
     cfg = LlamaConfig(
-        vocab_size=data.vocab_size, hidden_size=a.width, intermediate_size=int(a.width * 8 / 3) // 8 * 8,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=a.seq_len + 1,
+        vocab_size=data.vocab_size,
+        hidden_size=a.width,
+        intermediate_size=int(a.width * 8 / 3) // 8 * 8,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=a.seq_len + 1,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg)
@@ -80,19 +90,32 @@ def main() -> None:
 
     out = Path(a.out)
     args = TrainingArguments(
-        output_dir=str(out), max_steps=a.max_steps, per_device_train_batch_size=a.batch_size,
-        per_device_eval_batch_size=a.batch_size, lr_scheduler_type="cosine", warmup_steps=max(1, a.max_steps // 10),
-        logging_steps=max(1, a.max_steps // 10), save_strategy="no", eval_strategy="no", report_to="none",
-        max_grad_norm=0.0 if a.multipliers else 1.0, seed=a.seed, disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        output_dir=str(out),
+        max_steps=a.max_steps,
+        per_device_train_batch_size=a.batch_size,
+        per_device_eval_batch_size=a.batch_size,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, a.max_steps // 10),
+        logging_steps=max(1, a.max_steps // 10),
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        max_grad_norm=0.0 if a.multipliers else 1.0,
+        seed=a.seed,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
     )
     decay_cb = AlphaDecayCallback(interval=a.interval, log_per_module=False)
     callbacks = [decay_cb] + ([MultiplierClipCallback(1.0)] if a.multipliers else [])
     trainer = Trainer(
-        model=model, args=args, train_dataset=Windows(data.train, a.seq_len),
+        model=model,
+        args=args,
+        train_dataset=Windows(data.train, a.seq_len),
         eval_dataset=Windows(data.val, a.seq_len, limit=64),
-        optimizer_cls_and_kwargs=layerwise_optimizer(a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
-                                                     scaling=scaling),
+        optimizer_cls_and_kwargs=layerwise_optimizer(
+            a.optimizer, lr=a.lr, weight_decay=a.weight_decay, scaling=scaling
+        ),
         callbacks=callbacks,
     )
     move_callback_first(trainer, decay_cb)  # so reporting integrations see the alphadecay/* keys

@@ -10,6 +10,7 @@ What it shows: :class:`LayerwiseLM` (our param groups + AlphaAdam/AdamW, warm-up
 gradient clipping), :class:`AlphaDecayCallback` (its state goes into Lightning checkpoints) and
 :class:`WeightDecayMonitor`, logged to CSV under ``--out``.  ``--resume`` continues from ``--out/last.ckpt``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,13 @@ def main() -> None:
     torch.manual_seed(a.seed)
     model = build_model(a.size, vocab_size=data.vocab_size, max_seq_len=a.seq_len)
     module = LayerwiseLM(
-        model, a.optimizer, lr=a.lr, weight_decay=a.weight_decay, multipliers="rowcol" if a.multipliers else None,
-        warmup_steps=max(1, a.max_steps // 10), total_steps=a.max_steps,
+        model,
+        a.optimizer,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        multipliers="rowcol" if a.multipliers else None,
+        warmup_steps=max(1, a.max_steps // 10),
+        total_steps=a.max_steps,
     )
     out = Path(a.out)
     ckpt = out / "last.ckpt"
@@ -93,14 +99,24 @@ def main() -> None:
         start = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
     decay_cb = AlphaDecayCallback(interval=a.interval, log_per_module=True)
     trainer = pl.Trainer(
-        max_steps=a.max_steps, accelerator="auto", devices=1, gradient_clip_val=1.0,
-        logger=CSVLogger(str(out), name="logs"), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, log_every_n_steps=max(1, a.max_steps // 10), limit_val_batches=1.0,
-        val_check_interval=max(1, a.max_steps // 2), check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        max_steps=a.max_steps,
+        accelerator="auto",
+        devices=1,
+        gradient_clip_val=1.0,
+        logger=CSVLogger(str(out), name="logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=max(1, a.max_steps // 10),
+        limit_val_batches=1.0,
+        val_check_interval=max(1, a.max_steps // 2),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
         callbacks=[decay_cb, WeightDecayMonitor()],
     )
-    train = torch.utils.data.DataLoader(RandomWindows(data.train, a.seq_len, a.batch_size, a.seed, start),
-                                        batch_size=None)
+    train = torch.utils.data.DataLoader(
+        RandomWindows(data.train, a.seq_len, a.batch_size, a.seed, start), batch_size=None
+    )
     val = torch.utils.data.DataLoader(ValWindows(data.val, a.seq_len, limit=64), batch_size=a.batch_size)
     trainer.fit(module, train, val, ckpt_path=str(ckpt) if a.resume else None)
     trainer.save_checkpoint(ckpt)

@@ -3,6 +3,7 @@
 Shared by the anatomy tests and any other test that wants real Hugging Face architectures.  Each builder
 returns a freshly initialised model in eval mode with a fixed seed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,18 +29,36 @@ def _seeded(fn):
 def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=128,
-                                        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=64, tie_word_embeddings=False))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 @_seeded
 def qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=128,
-                                        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=64, tie_word_embeddings=False))
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 @_seeded
@@ -53,54 +72,108 @@ def gpt2():
 def gpt_neox():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=128,
-                                            num_hidden_layers=LAYERS, num_attention_heads=4,
-                                            max_position_embeddings=64))
+    return GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
+    )
 
 
 @_seeded
 def bert():
     from transformers import BertConfig, BertForMaskedLM
 
-    return BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=128,
-                                      num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=64))
+    return BertForMaskedLM(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
+    )
 
 
 @_seeded
 def roberta():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    return RobertaForSequenceClassification(RobertaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=128,
-                                                          num_hidden_layers=LAYERS, num_attention_heads=4,
-                                                          max_position_embeddings=66, num_labels=3))
+    return RobertaForSequenceClassification(
+        RobertaConfig(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            max_position_embeddings=66,
+            num_labels=3,
+        )
+    )
 
 
 @_seeded
 def falcon_h1():
     from transformers import FalconH1Config, FalconH1ForCausalLM
 
-    return FalconH1ForCausalLM(FalconH1Config(
-        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=128, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-        mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1,
-        mamba_d_conv=4, mamba_expand=1, mamba_chunk_size=16, tie_word_embeddings=False))
+    return FalconH1ForCausalLM(
+        FalconH1Config(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            intermediate_size=128,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=64,
+            mamba_d_ssm=64,
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_d_state=16,
+            mamba_n_groups=1,
+            mamba_d_conv=4,
+            mamba_expand=1,
+            mamba_chunk_size=16,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 @_seeded
 def mamba2():
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
-    return Mamba2ForCausalLM(Mamba2Config(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS,
-                                          num_heads=8, head_dim=16, state_size=16, n_groups=1, expand=2,
-                                          conv_kernel=4, chunk_size=16, tie_word_embeddings=False))
+    return Mamba2ForCausalLM(
+        Mamba2Config(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            num_hidden_layers=LAYERS,
+            num_heads=8,
+            head_dim=16,
+            state_size=16,
+            n_groups=1,
+            expand=2,
+            conv_kernel=4,
+            chunk_size=16,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 @_seeded
 def lab_llama():
     from layerwise.lab.model import LlamaModel, ModelConfig
 
-    return LlamaModel(ModelConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=128, num_layers=LAYERS,
-                                  num_heads=4, max_seq_len=64))
+    return LlamaModel(
+        ModelConfig(
+            vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=128, num_layers=LAYERS, num_heads=4, max_seq_len=64
+        )
+    )
 
 
 class HandMLP(nn.Module):
@@ -127,8 +200,16 @@ def hand_mlp():
 
 #: name -> builder, in the order of the zoo table
 BUILDERS = {
-    "llama": llama, "qwen2": qwen2, "gpt2": gpt2, "gpt_neox": gpt_neox, "bert": bert, "roberta": roberta,
-    "falcon_h1": falcon_h1, "mamba2": mamba2, "lab_llama": lab_llama, "hand_mlp": hand_mlp,
+    "llama": llama,
+    "qwen2": qwen2,
+    "gpt2": gpt2,
+    "gpt_neox": gpt_neox,
+    "bert": bert,
+    "roberta": roberta,
+    "falcon_h1": falcon_h1,
+    "mamba2": mamba2,
+    "lab_llama": lab_llama,
+    "hand_mlp": hand_mlp,
 }
 
 

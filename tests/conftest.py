@@ -1,4 +1,5 @@
 """Shared fixtures: a private data cache and a small generated text corpus (tests never use the network)."""
+
 from __future__ import annotations
 
 import os
@@ -10,12 +11,13 @@ import torch
 torch.set_num_threads(1)
 # the C++ optimizer kernel is content-addressed (source, flags, torch, CPU): one build serves every test
 # session instead of one per session's private cache
-os.environ.setdefault("LAYERWISE_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "layerwise",
-                                                             "kernels"))
+os.environ.setdefault("LAYERWISE_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "layerwise", "kernels"))
 
-_WORDS = ("the king queen lord lady sword crown night day love death heart blood tongue eye hand fair foul "
-          "speak hear come go now never ever thou thee thy my mine our your shall will must doth hath art "
-          "and but or if when where why how what who a an of in on to from with by for not no yes").split()
+_WORDS = (
+    "the king queen lord lady sword crown night day love death heart blood tongue eye hand fair foul "
+    "speak hear come go now never ever thou thee thy my mine our your shall will must doth hath art "
+    "and but or if when where why how what who a an of in on to from with by for not no yes"
+).split()
 
 
 def make_text(n_lines: int, seed: int) -> str:

@@ -2,6 +2,7 @@
 
 The expected role of every parameter is written by hand below (not produced by the code under test).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -36,20 +37,27 @@ def _wb(prefix: str, w: str, b: str = BIAS) -> dict[str, str]:
 _LLAMA_LAYER = {
     **{f"model.layers.{{i}}.self_attn.{p}_proj.weight": BM for p in "qkvo"},
     **{f"model.layers.{{i}}.mlp.{p}_proj.weight": BM for p in ("gate", "up", "down")},
-    "model.layers.{i}.input_layernorm.weight": NORM, "model.layers.{i}.post_attention_layernorm.weight": NORM,
+    "model.layers.{i}.input_layernorm.weight": NORM,
+    "model.layers.{i}.post_attention_layernorm.weight": NORM,
 }
 _LLAMA_TOP = {"model.embed_tokens.weight": EMB, "model.norm.weight": NORM, "lm_head.weight": OUT}
 
 _BERT_LAYER = {
-    **_wb("{p}.encoder.layer.{{i}}.attention.self.query", BM), **_wb("{p}.encoder.layer.{{i}}.attention.self.key", BM),
+    **_wb("{p}.encoder.layer.{{i}}.attention.self.query", BM),
+    **_wb("{p}.encoder.layer.{{i}}.attention.self.key", BM),
     **_wb("{p}.encoder.layer.{{i}}.attention.self.value", BM),
     **_wb("{p}.encoder.layer.{{i}}.attention.output.dense", BM),  # a block matrix, not a readout
     **_wb("{p}.encoder.layer.{{i}}.attention.output.LayerNorm", NORM),
-    **_wb("{p}.encoder.layer.{{i}}.intermediate.dense", BM), **_wb("{p}.encoder.layer.{{i}}.output.dense", BM),
+    **_wb("{p}.encoder.layer.{{i}}.intermediate.dense", BM),
+    **_wb("{p}.encoder.layer.{{i}}.output.dense", BM),
     **_wb("{p}.encoder.layer.{{i}}.output.LayerNorm", NORM),
 }
-_BERT_EMB = {"{p}.embeddings.word_embeddings.weight": EMB, "{p}.embeddings.position_embeddings.weight": POS,
-             "{p}.embeddings.token_type_embeddings.weight": EMB, **_wb("{p}.embeddings.LayerNorm", NORM)}
+_BERT_EMB = {
+    "{p}.embeddings.word_embeddings.weight": EMB,
+    "{p}.embeddings.position_embeddings.weight": POS,
+    "{p}.embeddings.token_type_embeddings.weight": EMB,
+    **_wb("{p}.embeddings.LayerNorm", NORM),
+}
 
 
 def _fmt(d: dict[str, str], p: str) -> dict[str, str]:
@@ -59,49 +67,117 @@ def _fmt(d: dict[str, str], p: str) -> dict[str, str]:
 #: model -> (expected role of every tensor (first name of tied ones), tied names, #block matrices)
 EXPECTED: dict[str, tuple[dict[str, str], dict[str, tuple[str, ...]], int]] = {
     "llama": (_expand(_LLAMA_LAYER, _LLAMA_TOP), {}, 14),
-    "qwen2": (_expand({**_LLAMA_LAYER, **{f"model.layers.{{i}}.self_attn.{p}_proj.bias": BIAS for p in "qkv"}},
-                      _LLAMA_TOP), {}, 14),
-    "gpt2": (_expand({**_wb("transformer.h.{i}.ln_1", NORM), **_wb("transformer.h.{i}.attn.c_attn", BM),
-                      **_wb("transformer.h.{i}.attn.c_proj", BM), **_wb("transformer.h.{i}.ln_2", NORM),
-                      **_wb("transformer.h.{i}.mlp.c_fc", BM), **_wb("transformer.h.{i}.mlp.c_proj", BM)},
-                     {"transformer.wte.weight": EMB, "transformer.wpe.weight": POS, **_wb("transformer.ln_f", NORM)}),
-             {"transformer.wte.weight": ("transformer.wte.weight", "lm_head.weight")}, 8),
-    "gpt_neox": (_expand({**_wb("gpt_neox.layers.{i}.input_layernorm", NORM),
-                          **_wb("gpt_neox.layers.{i}.post_attention_layernorm", NORM),
-                          **_wb("gpt_neox.layers.{i}.attention.query_key_value", BM),
-                          **_wb("gpt_neox.layers.{i}.attention.dense", BM),
-                          **_wb("gpt_neox.layers.{i}.mlp.dense_h_to_4h", BM),
-                          **_wb("gpt_neox.layers.{i}.mlp.dense_4h_to_h", BM)},
-                         {"gpt_neox.embed_in.weight": EMB, **_wb("gpt_neox.final_layer_norm", NORM),
-                          "lm_head.weight": OUT}), {}, 8),
-    "bert": (_expand(_fmt(_BERT_LAYER, "bert"),
-                     {**_fmt(_BERT_EMB, "bert"), "cls.predictions.bias": BIAS,
-                      **_wb("cls.predictions.transform.dense", MAT), **_wb("cls.predictions.transform.LayerNorm", NORM)}),
-             {"bert.embeddings.word_embeddings.weight": ("bert.embeddings.word_embeddings.weight",
-                                                         "cls.predictions.decoder.weight"),
-              "cls.predictions.bias": ("cls.predictions.bias", "cls.predictions.decoder.bias")}, 12),
-    "roberta": (_expand(_fmt(_BERT_LAYER, "roberta"),
-                        {**_fmt(_BERT_EMB, "roberta"), **_wb("classifier.dense", MAT),
-                         **_wb("classifier.out_proj", OUT)}), {}, 12),
-    "falcon_h1": (_expand({**{f"model.layers.{{i}}.feed_forward.{p}_proj.weight": BM for p in ("gate", "up", "down")},
-                           "model.layers.{i}.mamba.dt_bias": SSM, "model.layers.{i}.mamba.A_log": SSM,
-                           "model.layers.{i}.mamba.D": SSM, **_wb("model.layers.{i}.mamba.conv1d", CONV),
-                           "model.layers.{i}.mamba.in_proj.weight": BM, "model.layers.{i}.mamba.out_proj.weight": BM,
-                           **{f"model.layers.{{i}}.self_attn.{p}_proj.weight": BM for p in "qkvo"},
-                           "model.layers.{i}.input_layernorm.weight": NORM,
-                           "model.layers.{i}.pre_ff_layernorm.weight": NORM},
-                          {"model.embed_tokens.weight": EMB, "model.final_layernorm.weight": NORM,
-                           "lm_head.weight": OUT}), {}, 18),
-    "mamba2": (_expand({"backbone.layers.{i}.norm.weight": NORM, "backbone.layers.{i}.mixer.dt_bias": SSM,
-                        "backbone.layers.{i}.mixer.A_log": SSM, "backbone.layers.{i}.mixer.D": SSM,
-                        **_wb("backbone.layers.{i}.mixer.conv1d", CONV), "backbone.layers.{i}.mixer.in_proj.weight": BM,
-                        "backbone.layers.{i}.mixer.norm.weight": NORM, "backbone.layers.{i}.mixer.out_proj.weight": BM},
-                       {"backbone.embeddings.weight": EMB, "backbone.norm_f.weight": NORM, "lm_head.weight": OUT}),
-               {}, 4),
-    "lab_llama": (_expand({k.replace("model.", "", 1): v for k, v in _LLAMA_LAYER.items()},
-                          {"embed_tokens.weight": EMB, "norm.weight": NORM, "lm_head.weight": OUT}), {}, 14),
-    "hand_mlp": (_expand(_wb("hidden.{i}", BM), {**_wb("input", INP), **_wb("norm", NORM), **_wb("classifier", OUT)}),
-                 {}, 2),
+    "qwen2": (
+        _expand({**_LLAMA_LAYER, **{f"model.layers.{{i}}.self_attn.{p}_proj.bias": BIAS for p in "qkv"}}, _LLAMA_TOP),
+        {},
+        14,
+    ),
+    "gpt2": (
+        _expand(
+            {
+                **_wb("transformer.h.{i}.ln_1", NORM),
+                **_wb("transformer.h.{i}.attn.c_attn", BM),
+                **_wb("transformer.h.{i}.attn.c_proj", BM),
+                **_wb("transformer.h.{i}.ln_2", NORM),
+                **_wb("transformer.h.{i}.mlp.c_fc", BM),
+                **_wb("transformer.h.{i}.mlp.c_proj", BM),
+            },
+            {"transformer.wte.weight": EMB, "transformer.wpe.weight": POS, **_wb("transformer.ln_f", NORM)},
+        ),
+        {"transformer.wte.weight": ("transformer.wte.weight", "lm_head.weight")},
+        8,
+    ),
+    "gpt_neox": (
+        _expand(
+            {
+                **_wb("gpt_neox.layers.{i}.input_layernorm", NORM),
+                **_wb("gpt_neox.layers.{i}.post_attention_layernorm", NORM),
+                **_wb("gpt_neox.layers.{i}.attention.query_key_value", BM),
+                **_wb("gpt_neox.layers.{i}.attention.dense", BM),
+                **_wb("gpt_neox.layers.{i}.mlp.dense_h_to_4h", BM),
+                **_wb("gpt_neox.layers.{i}.mlp.dense_4h_to_h", BM),
+            },
+            {"gpt_neox.embed_in.weight": EMB, **_wb("gpt_neox.final_layer_norm", NORM), "lm_head.weight": OUT},
+        ),
+        {},
+        8,
+    ),
+    "bert": (
+        _expand(
+            _fmt(_BERT_LAYER, "bert"),
+            {
+                **_fmt(_BERT_EMB, "bert"),
+                "cls.predictions.bias": BIAS,
+                **_wb("cls.predictions.transform.dense", MAT),
+                **_wb("cls.predictions.transform.LayerNorm", NORM),
+            },
+        ),
+        {
+            "bert.embeddings.word_embeddings.weight": (
+                "bert.embeddings.word_embeddings.weight",
+                "cls.predictions.decoder.weight",
+            ),
+            "cls.predictions.bias": ("cls.predictions.bias", "cls.predictions.decoder.bias"),
+        },
+        12,
+    ),
+    "roberta": (
+        _expand(
+            _fmt(_BERT_LAYER, "roberta"),
+            {**_fmt(_BERT_EMB, "roberta"), **_wb("classifier.dense", MAT), **_wb("classifier.out_proj", OUT)},
+        ),
+        {},
+        12,
+    ),
+    "falcon_h1": (
+        _expand(
+            {
+                **{f"model.layers.{{i}}.feed_forward.{p}_proj.weight": BM for p in ("gate", "up", "down")},
+                "model.layers.{i}.mamba.dt_bias": SSM,
+                "model.layers.{i}.mamba.A_log": SSM,
+                "model.layers.{i}.mamba.D": SSM,
+                **_wb("model.layers.{i}.mamba.conv1d", CONV),
+                "model.layers.{i}.mamba.in_proj.weight": BM,
+                "model.layers.{i}.mamba.out_proj.weight": BM,
+                **{f"model.layers.{{i}}.self_attn.{p}_proj.weight": BM for p in "qkvo"},
+                "model.layers.{i}.input_layernorm.weight": NORM,
+                "model.layers.{i}.pre_ff_layernorm.weight": NORM,
+            },
+            {"model.embed_tokens.weight": EMB, "model.final_layernorm.weight": NORM, "lm_head.weight": OUT},
+        ),
+        {},
+        18,
+    ),
+    "mamba2": (
+        _expand(
+            {
+                "backbone.layers.{i}.norm.weight": NORM,
+                "backbone.layers.{i}.mixer.dt_bias": SSM,
+                "backbone.layers.{i}.mixer.A_log": SSM,
+                "backbone.layers.{i}.mixer.D": SSM,
+                **_wb("backbone.layers.{i}.mixer.conv1d", CONV),
+                "backbone.layers.{i}.mixer.in_proj.weight": BM,
+                "backbone.layers.{i}.mixer.norm.weight": NORM,
+                "backbone.layers.{i}.mixer.out_proj.weight": BM,
+            },
+            {"backbone.embeddings.weight": EMB, "backbone.norm_f.weight": NORM, "lm_head.weight": OUT},
+        ),
+        {},
+        4,
+    ),
+    "lab_llama": (
+        _expand(
+            {k.replace("model.", "", 1): v for k, v in _LLAMA_LAYER.items()},
+            {"embed_tokens.weight": EMB, "norm.weight": NORM, "lm_head.weight": OUT},
+        ),
+        {},
+        14,
+    ),
+    "hand_mlp": (
+        _expand(_wb("hidden.{i}", BM), {**_wb("input", INP), **_wb("norm", NORM), **_wb("classifier", OUT)}),
+        {},
+        2,
+    ),
 }
 #: the issue's "done when" counts, len(analyze(m).rows) at 2 layers
 DONE_WHEN = {"llama": 14, "qwen2": 14, "gpt2": 8, "gpt_neox": 8, "bert": 12, "falcon_h1": 18, "mamba2": 4}
@@ -165,24 +241,36 @@ def test_operators_fans_and_layouts(zoo):
     an = lw.anatomy(zoo["gpt2"])
     c_attn = an.by_name("transformer.h.0.attn.c_attn.weight")  # Conv1D, weight stored (in, out) = (64, 192)
     assert (c_attn.operator, c_attn.fan_in, c_attn.fan_out, c_attn.layout) == ("qkv", 64, 192, "in_out")
-    assert (an.by_name("transformer.h.1.mlp.c_fc.weight").fan_in, an.by_name("transformer.h.1.mlp.c_fc.weight").fan_out) \
-        == (64, 256)
-    assert [an.by_name(f"transformer.h.0.{n}.weight").operator for n in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")] == \
-        ["o", "up", "down"]
+    assert (
+        an.by_name("transformer.h.1.mlp.c_fc.weight").fan_in,
+        an.by_name("transformer.h.1.mlp.c_fc.weight").fan_out,
+    ) == (64, 256)
+    assert [an.by_name(f"transformer.h.0.{n}.weight").operator for n in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")] == [
+        "o",
+        "up",
+        "down",
+    ]
     wpe = an.by_name("transformer.wpe.weight")
     assert (wpe.role, wpe.operator, wpe.fan_out) == (POS, "position", 64)
     neox = lw.anatomy(zoo["gpt_neox"]).by_name("gpt_neox.layers.0.attention.query_key_value.weight")
     assert (neox.operator, neox.fan_in, neox.fan_out, neox.layout) == ("qkv", 64, 192, "out_in")
     llama = lw.anatomy(zoo["llama"])
-    assert (llama.by_name("model.layers.0.self_attn.k_proj.weight").fan_in,
-            llama.by_name("model.layers.0.self_attn.k_proj.weight").fan_out) == (64, 32)
+    assert (
+        llama.by_name("model.layers.0.self_attn.k_proj.weight").fan_in,
+        llama.by_name("model.layers.0.self_attn.k_proj.weight").fan_out,
+    ) == (64, 32)
     assert [r.operator for r in llama.where(BM, block=1)] == ["q", "k", "v", "o", "gate", "up", "down"]
     bert = lw.anatomy(zoo["bert"])
     assert [r.operator for r in bert.where(BM, block=0)] == ["q", "k", "v", "o", "up", "down"]
     fh = lw.anatomy(zoo["falcon_h1"]).by_name("model.layers.0.mamba.in_proj.weight")
     # hand: intermediate 64, n_groups*d_state 16, heads 4 -> z 64, x 64, B 16, C 16, dt 4
-    assert fh.operator == "ssm_in" and fh.parts == (("z", 0, 64), ("x", 64, 128), ("B", 128, 144),
-                                                     ("C", 144, 160), ("dt", 160, 164))
+    assert fh.operator == "ssm_in" and fh.parts == (
+        ("z", 0, 64),
+        ("x", 64, 128),
+        ("B", 128, 144),
+        ("C", 144, 160),
+        ("dt", 160, 164),
+    )
     conv = lw.anatomy(zoo["mamba2"]).by_name("backbone.layers.0.mixer.conv1d.weight")
     assert conv.depthwise and conv.vector_like and conv.fan_in == 4
     hand = lw.anatomy(zoo["hand_mlp"])
@@ -226,10 +314,18 @@ def _perturb(mults, seed=0):
 
 
 def _token_embedding(name):
-    return {"llama": "model.embed_tokens", "qwen2": "model.embed_tokens", "gpt2": "transformer.wte",
-            "gpt_neox": "gpt_neox.embed_in", "bert": "bert.embeddings.word_embeddings",
-            "roberta": "roberta.embeddings.word_embeddings", "falcon_h1": "model.embed_tokens",
-            "mamba2": "backbone.embeddings", "lab_llama": "embed_tokens", "hand_mlp": None}[name]
+    return {
+        "llama": "model.embed_tokens",
+        "qwen2": "model.embed_tokens",
+        "gpt2": "transformer.wte",
+        "gpt_neox": "gpt_neox.embed_in",
+        "bert": "bert.embeddings.word_embeddings",
+        "roberta": "roberta.embeddings.word_embeddings",
+        "falcon_h1": "model.embed_tokens",
+        "mamba2": "backbone.embeddings",
+        "lab_llama": "embed_tokens",
+        "hand_mlp": None,
+    }[name]
 
 
 def _check_merge(name, model, mults):
@@ -272,16 +368,25 @@ def test_paper_placement_wraps_block_matrices_and_token_embedding(name):
 
 
 SYMMETRY_FREE = {  # module -> (row entries, has column multiplier), layer 0 (layer 1 the same), by hand
-    "llama": {"model.layers.0.self_attn.q_proj": (64, False), "model.layers.0.self_attn.o_proj": (64, True),
-              "model.layers.0.mlp.gate_proj": (128, False), "model.layers.0.mlp.down_proj": (64, True)},
+    "llama": {
+        "model.layers.0.self_attn.q_proj": (64, False),
+        "model.layers.0.self_attn.o_proj": (64, True),
+        "model.layers.0.mlp.gate_proj": (128, False),
+        "model.layers.0.mlp.down_proj": (64, True),
+    },
     "gpt2": {"transformer.h.0.attn.c_proj": (64, True), "transformer.h.0.mlp.c_proj": (64, True)},
-    "falcon_h1": {"model.layers.0.self_attn.q_proj": (64, False), "model.layers.0.self_attn.o_proj": (64, True),
-                  "model.layers.0.feed_forward.gate_proj": (128, False),
-                  "model.layers.0.feed_forward.down_proj": (64, True),
-                  "model.layers.0.mamba.in_proj": (64 + 4, False),  # z and dt rows only
-                  "model.layers.0.mamba.out_proj": (64, True)},  # no gated RMSNorm: rows + columns
-    "mamba2": {"backbone.layers.0.mixer.in_proj": (128 + 8, False),
-               "backbone.layers.0.mixer.out_proj": (64, False)},  # gated RMSNorm scales its columns already
+    "falcon_h1": {
+        "model.layers.0.self_attn.q_proj": (64, False),
+        "model.layers.0.self_attn.o_proj": (64, True),
+        "model.layers.0.feed_forward.gate_proj": (128, False),
+        "model.layers.0.feed_forward.down_proj": (64, True),
+        "model.layers.0.mamba.in_proj": (64 + 4, False),  # z and dt rows only
+        "model.layers.0.mamba.out_proj": (64, True),
+    },  # no gated RMSNorm: rows + columns
+    "mamba2": {
+        "backbone.layers.0.mixer.in_proj": (128 + 8, False),
+        "backbone.layers.0.mixer.out_proj": (64, False),
+    },  # gated RMSNorm scales its columns already
 }
 
 
@@ -351,8 +456,18 @@ def test_param_groups_cover_every_parameter_once(zoo, name):
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len({id(p) for p in model.parameters()})
     cls = {n: g["param_class"] for g in groups for n in g["param_names"]}
-    want = {BM: "matrix", MAT: "matrix", EMB: "embedding", POS: "embedding", INP: "embedding", OUT: "readout",
-            NORM: "vector", BIAS: "vector", SSM: "vector", CONV: "vector"}
+    want = {
+        BM: "matrix",
+        MAT: "matrix",
+        EMB: "embedding",
+        POS: "embedding",
+        INP: "embedding",
+        OUT: "readout",
+        NORM: "vector",
+        BIAS: "vector",
+        SSM: "vector",
+        CONV: "vector",
+    }
     assert cls == {n: want[r] for n, r in EXPECTED[name][0].items()}
     lr = {n: g["lr"] for g in groups for n in g["param_names"]}
     for n, r in EXPECTED[name][0].items():
@@ -377,13 +492,22 @@ def _odd_model():
 def test_unclassified_is_reported_never_defaulted():
     model = _odd_model()
     an = lw.anatomy(model)
-    assert [r.name for r in an.unclassified()] == ["layers.0.experts", "layers.0.temperature",
-                                                    "layers.1.experts", "layers.1.temperature"]
+    assert [r.name for r in an.unclassified()] == [
+        "layers.0.experts",
+        "layers.0.temperature",
+        "layers.1.experts",
+        "layers.1.temperature",
+    ]
     with pytest.raises(ValueError, match=r"layers\.0\.experts.*rules=") as exc:
         lw.param_groups(model, lr=1e-3, weight_decay=0.1, scaling=lw.WidthScaling(8, 8))
     assert "layers.1.temperature" in str(exc.value)
-    groups = lw.param_groups(model, lr=1e-3, weight_decay=0.1, scaling=lw.WidthScaling(8, 8),
-                             rules=[(r"experts$", "matrix"), (r"temperature$", "vector")])
+    groups = lw.param_groups(
+        model,
+        lr=1e-3,
+        weight_decay=0.1,
+        scaling=lw.WidthScaling(8, 8),
+        rules=[(r"experts$", "matrix"), (r"temperature$", "vector")],
+    )
     assert sum(len(g["params"]) for g in groups) == 8
     with pytest.warns(UserWarning, match=r"layers\.0\.experts \[4, 8, 8\]"):
         rep = analyze(model)
@@ -412,7 +536,12 @@ def test_api_lookups_and_printer(zoo):
     assert (s["block_matrices"], s["unclassified"], s["tensors"]) == (8, 0, 28)
     blocks = an.blocks()
     assert [(b.name, b.attention, b.mlp, b.attention_norm, b.mlp_norm) for b in blocks][0] == (
-        "transformer.h.0", "transformer.h.0.attn", "transformer.h.0.mlp", "transformer.h.0.ln_1", "transformer.h.0.ln_2")
+        "transformer.h.0",
+        "transformer.h.0.attn",
+        "transformer.h.0.mlp",
+        "transformer.h.0.ln_1",
+        "transformer.h.0.ln_2",
+    )
 
 
 def test_cli_on_hf_folder_safetensors_and_pt(zoo, tmp_path, capsys):

@@ -1,10 +1,12 @@
 """Learnable multipliers: placement, names, gradient formulas (float64), merging, save/load, HF LLaMA."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
+import layerwise as lw
 from layerwise.lab.model import build_model
 from layerwise.multipliers import (
     IMPLS,
@@ -18,7 +20,6 @@ from layerwise.multipliers import (
     multiplier_stats,
     set_multiplier_impl,
 )
-import layerwise as lw
 
 VOCAB = 64
 BLOCK_TYPES = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -30,9 +31,7 @@ def _nano(seed: int = 0, dtype=torch.float32) -> nn.Module:
 
 
 def _block_modules(num_layers: int = 2, prefix: str = "") -> list[str]:
-    return [
-        f"{prefix}layers.{i}.{part}.{m}" for i in range(num_layers) for part, ms in BLOCK_TYPES.items() for m in ms
-    ]
+    return [f"{prefix}layers.{i}.{part}.{m}" for i in range(num_layers) for part, ms in BLOCK_TYPES.items() for m in ms]
 
 
 def _randomise(params, seed: int = 1) -> None:
@@ -74,7 +73,9 @@ def test_paper_placement_names_preserved_head_untouched():
     assert isinstance(model.embed_tokens, MultipliedEmbedding)
     assert [n for n, _ in multiplier_parameters(model)] == [n for n in after if n in expected]
     # the anatomy still sees the wrapped block weights as the same block matrices
-    assert [r.name for r in lw.anatomy(model).block_matrices()] == [r.name for r in lw.anatomy(_nano()).block_matrices()]
+    assert [r.name for r in lw.anatomy(model).block_matrices()] == [
+        r.name for r in lw.anatomy(_nano()).block_matrices()
+    ]
 
 
 @pytest.mark.parametrize(
@@ -189,8 +190,9 @@ def test_embedding_gradients_match_formulas(impl, kind):
     R = torch.randn(2, 4, 4, dtype=torch.float64)
     (mod(idx) * R).sum().backward()
     g = torch.zeros(7, 4, dtype=torch.float64).index_add_(0, idx.reshape(-1), R.reshape(-1, 4))
-    r, c, s = (t.detach() if t is not None else None for t in (mod.row_multiplier, mod.col_multiplier,
-                                                                 mod.scalar_multiplier))
+    r, c, s = (
+        t.detach() if t is not None else None for t in (mod.row_multiplier, mod.col_multiplier, mod.scalar_multiplier)
+    )
     for name, want in _expected_grads(emb.weight.detach(), r, c, s, g).items():
         torch.testing.assert_close(getattr(mod, name).grad, want, rtol=1e-12, atol=1e-12, msg=name)
 
@@ -293,9 +295,10 @@ def test_multiplier_stats():
         model.layers[1].self_attn.k_proj.row_multiplier.copy_(torch.tensor([1.0, 3.0] * 16))
     stats = multiplier_stats(model)
     assert stats["qk_ratio/layer0"] == pytest.approx(2.0)
-    assert stats["qk_ratio/layer1"] == pytest.approx(1.0 / 5 ** 0.5)
-    assert stats["qk_ratio/max_abs_log"] == pytest.approx(max(abs(torch.tensor(2.0).log().item()),
-                                                              0.5 * torch.tensor(5.0).log().item()))
+    assert stats["qk_ratio/layer1"] == pytest.approx(1.0 / 5**0.5)
+    assert stats["qk_ratio/max_abs_log"] == pytest.approx(
+        max(abs(torch.tensor(2.0).log().item()), 0.5 * torch.tensor(5.0).log().item())
+    )
     assert stats["q/row_mean"] == pytest.approx(1.5)  # layer 0 all 2, layer 1 all 1
     assert stats["k/row_rms"] == pytest.approx(((32 + 16 * 1 + 16 * 9) / 64) ** 0.5)
     assert stats["embed/col_mean"] == pytest.approx(1.0)
@@ -305,8 +308,14 @@ def test_multiplier_stats():
 def test_hf_llama():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -317,8 +326,11 @@ def test_hf_llama():
     mults = add_multipliers(model, placement="paper")
     after = dict(model.named_parameters())
     assert all(after[n] is p for n, p in before.items())
-    expected = {f"{m}.{s}" for m in _block_modules(prefix="model.") + ["model.embed_tokens"]
-                for s in ("row_multiplier", "col_multiplier")}
+    expected = {
+        f"{m}.{s}"
+        for m in _block_modules(prefix="model.") + ["model.embed_tokens"]
+        for s in ("row_multiplier", "col_multiplier")
+    }
     assert set(after) - set(before) == expected
     assert type(model.lm_head) is nn.Linear
     with torch.no_grad():
@@ -348,7 +360,9 @@ def test_paper_placement_on_unfamiliar_names():
     toy.output = nn.Linear(4, 10)
     add_multipliers(toy, kind="row")
     assert {n for n, _ in multiplier_parameters(toy)} == {
-        "wte.row_multiplier", "h.0.output.row_multiplier", "h.1.output.row_multiplier"
+        "wte.row_multiplier",
+        "h.0.output.row_multiplier",
+        "h.1.output.row_multiplier",
     }
 
 

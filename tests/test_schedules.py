@@ -1,4 +1,5 @@
 """LR schedules: each against its formula written out here, and the one definition everyone uses."""
+
 import math
 
 import pytest
@@ -27,8 +28,10 @@ def _ref(name, s, decay_frac=0.2, shape="linear"):
     return R + (1 - R) * (1 - (math.sqrt(q) if shape == "sqrt" else q))
 
 
-@pytest.mark.parametrize("name,shape", [("cosine", "linear"), ("linear", "linear"), ("constant", "linear"),
-                                        ("wsd", "linear"), ("wsd", "sqrt")])
+@pytest.mark.parametrize(
+    "name,shape",
+    [("cosine", "linear"), ("linear", "linear"), ("constant", "linear"), ("wsd", "linear"), ("wsd", "sqrt")],
+)
 def test_schedule_matches_formula(name, shape):
     f = Schedule(name, T, W, R, 0.2, shape)
     for s in range(0, T + 5):
@@ -66,7 +69,9 @@ def test_lr_scheduler_drives_every_group_and_state_is_only_the_step():
     sched = lr_scheduler(opt, "wsd", 20, warmup_steps=2, min_lr_ratio=0.0, decay_frac=0.5)
     f = Schedule("wsd", 20, 2, 0.0, 0.5)
     for s in range(20):
-        assert opt.param_groups[0]["lr"] == pytest.approx(f(s)) and opt.param_groups[1]["lr"] == pytest.approx(0.5 * f(s))
+        assert opt.param_groups[0]["lr"] == pytest.approx(f(s)) and opt.param_groups[1]["lr"] == pytest.approx(
+            0.5 * f(s)
+        )
         opt.step()
         sched.step()
     assert sched.state_dict()["lr_lambdas"] == [None, None]  # a closure: resume follows the new config
@@ -82,8 +87,16 @@ def test_trainer_and_lightning_use_the_same_schedule():
     pytest.importorskip("lightning")
     from layerwise.integrations.lightning import LayerwiseLM
 
-    m = LayerwiseLM(torch.nn.Linear(2, 2), "adamw", warmup_steps=5, total_steps=50, min_lr_ratio=0.1,
-                    schedule="wsd", decay_frac=0.3, decay_shape="sqrt")
+    m = LayerwiseLM(
+        torch.nn.Linear(2, 2),
+        "adamw",
+        warmup_steps=5,
+        total_steps=50,
+        min_lr_ratio=0.1,
+        schedule="wsd",
+        decay_frac=0.3,
+        decay_shape="sqrt",
+    )
     f = Schedule("wsd", 50, 5, 0.1, 0.3, "sqrt")
     assert [m.lr_factor(s) for s in range(55)] == [f(s) for s in range(55)]
     with pytest.raises(ValueError, match="needs total_steps"):

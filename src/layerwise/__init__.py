@@ -13,6 +13,7 @@ Four methods as composable PyTorch parts (see README.md):
 The library never imports :mod:`layerwise.lab` (our training harness); the harness imports it.
 Public names are resolved lazily so ``import layerwise`` stays cheap.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -8,6 +8,7 @@ a training loop has stepped once), the watched parameters that are still not hel
 reported with an :class:`UntrainedParameterWarning`, and the hook removes itself.  The cost is one pass over
 the stepping optimizer's parameter list for the first two steps.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -60,4 +61,6 @@ def _after_step(optimizer, args, kwargs) -> None:
             f"{len(missing)} learnable multiplier(s) (e.g. {', '.join(missing[:3])}) get gradients but are in no "
             "optimizer: add_multipliers() was called after the optimizer was built, so they never train. Build "
             "the parameter groups and the optimizer after add_multipliers().",
-            UntrainedParameterWarning, stacklevel=2)
+            UntrainedParameterWarning,
+            stacklevel=2,
+        )

@@ -1,7 +1,8 @@
 """Helpers shared by the distributed paths of the library (AlphaDecay spectra, sharded Muon)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def owner_ranks(shapes: Sequence[Sequence[int]], world_size: int) -> list[int]:

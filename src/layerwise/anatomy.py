@@ -114,6 +114,7 @@ Width
 ``Anatomy.width`` is ``config.hidden_size`` (or ``d_model`` / ``n_embd``) when the model has a config, else the
 most common dimension among the block matrices (``None`` without blocks); state dicts use the latter.
 """
+
 from __future__ import annotations
 
 import json
@@ -124,8 +125,9 @@ import sys
 import types
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,47 +135,97 @@ from torch import nn
 from layerwise.names import MULTIPLIER_SUFFIXES, canonical_name, is_multiplier
 
 __all__ = [
-    "ROLES", "VECTOR_ROLES", "MATRIX_ROLES", "OPERATORS", "ParamInfo", "BlockInfo", "Anatomy", "anatomy", "from_path",
-    "canonical_name", "is_multiplier", "MULTIPLIER_SUFFIXES", "warn_once",
+    "ROLES",
+    "VECTOR_ROLES",
+    "MATRIX_ROLES",
+    "OPERATORS",
+    "ParamInfo",
+    "BlockInfo",
+    "Anatomy",
+    "anatomy",
+    "from_path",
+    "canonical_name",
+    "is_multiplier",
+    "MULTIPLIER_SUFFIXES",
+    "warn_once",
 ]
 
-ROLES: tuple[str, ...] = ("embedding", "position_embedding", "input", "block_matrix", "matrix", "readout",
-                          "norm", "bias", "ssm_vector", "conv", "multiplier", "other")
+ROLES: tuple[str, ...] = (
+    "embedding",
+    "position_embedding",
+    "input",
+    "block_matrix",
+    "matrix",
+    "readout",
+    "norm",
+    "bias",
+    "ssm_vector",
+    "conv",
+    "multiplier",
+    "other",
+)
 #: roles whose tensors have (at most) one dimension that grows with width and are never decayed by default
 VECTOR_ROLES: tuple[str, ...] = ("norm", "bias", "ssm_vector", "multiplier")
 #: 2-D roles with both dimensions growing with width
 MATRIX_ROLES: tuple[str, ...] = ("block_matrix", "matrix")
-OPERATORS: tuple[str, ...] = ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "router", "ssm_in",
-                              "ssm_out", "token", "token_type", "position")
+OPERATORS: tuple[str, ...] = (
+    "q",
+    "k",
+    "v",
+    "o",
+    "qkv",
+    "gate",
+    "up",
+    "gate_up",
+    "down",
+    "router",
+    "ssm_in",
+    "ssm_out",
+    "token",
+    "token_type",
+    "position",
+)
 
 _SSM_VECTORS = frozenset({"A_log", "A", "D", "dt_bias"})
 _NORM_NAME = re.compile(r"(?:^|_)(?:[a-z]*norm[a-z0-9_]*|ln(?:_\w+)?|layernorm\w*)$", re.IGNORECASE)
-_EMBED_NAME = re.compile(r"^(?:embed_tokens|embed_in|wte|wpe|tok_embeddings|word_embeddings|embeddings|embedding|"
-                         r"token_embedding|position_embeddings|position_embedding|token_type_embeddings|"
-                         r"embed_positions|pos_embed|pos_emb|relative_attention_bias|shared|embed)$")
-_POSITION_NAME = re.compile(r"^(?:wpe|position_embeddings|position_embedding|embed_positions|pos_embed|pos_emb|"
-                            r"relative_attention_bias|rel_pos\w*)$")
+_EMBED_NAME = re.compile(
+    r"^(?:embed_tokens|embed_in|wte|wpe|tok_embeddings|word_embeddings|embeddings|embedding|"
+    r"token_embedding|position_embeddings|position_embedding|token_type_embeddings|"
+    r"embed_positions|pos_embed|pos_emb|relative_attention_bias|shared|embed)$"
+)
+_POSITION_NAME = re.compile(
+    r"^(?:wpe|position_embeddings|position_embedding|embed_positions|pos_embed|pos_emb|"
+    r"relative_attention_bias|rel_pos\w*)$"
+)
 _TOKEN_TYPE_NAME = re.compile(r"^(?:token_type_embeddings|segment_embeddings?)$")
-_READOUT_NAME = re.compile(r"^(?:lm_head|output|head|score|classifier|decoder|embed_out|fc_out|logits|out_proj|"
-                           r"output_layer|output_projection|readout|cls_head)$")
+_READOUT_NAME = re.compile(
+    r"^(?:lm_head|output|head|score|classifier|decoder|embed_out|fc_out|logits|out_proj|"
+    r"output_layer|output_projection|readout|cls_head)$"
+)
 _CONV1D_NAME = re.compile(r"^(?:c_attn|c_proj|c_fc|q_attn)$")
 
 # operator patterns over the module path *inside the block* (case-insensitive, first match wins)
-_OP_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((op, re.compile(p, re.IGNORECASE)) for op, p in (
-    ("ssm_in", r"(?:^|\.)(?:mamba|mixer|ssm)\.in_proj$"),
-    ("ssm_out", r"(?:^|\.)(?:mamba|mixer|ssm)\.out_proj$"),
-    ("qkv", r"(?:^|\.)(?:qkv_proj|c_attn|query_key_value|qkv|wqkv|w_pack|in_proj_weight)$"),
-    ("q", r"(?:^|\.)(?:q_proj|query|wq|q|q_lin|q_attn)$"),
-    ("k", r"(?:^|\.)(?:k_proj|key|wk|k|k_lin)$"),
-    ("v", r"(?:^|\.)(?:v_proj|value|wv|v|v_lin)$"),
-    ("o", r"(?:^|\.)(?:o_proj|out_lin|o|(?:attn|attention|self_attn|selfattention|encdecattention|mha)\."
-          r"(?:out_proj|dense|c_proj|wo|output\.dense))$"),
-    ("router", r"(?:^|\.)(?:router|(?:block_sparse_moe|moe|mlp|feed_forward|sparse_moe_block)\.gate)$"),
-    ("gate_up", r"(?:^|\.)gate_up_proj$"),
-    ("gate", r"(?:^|\.)(?:gate_proj|w1|wi_0)$"),
-    ("up", r"(?:^|\.)(?:up_proj|w3|wi_1|wi|c_fc|fc1|fc_in|dense_h_to_4h|intermediate\.dense)$"),
-    ("down", r"(?:^|\.)(?:down_proj|w2|wo|fc2|fc_out|dense_4h_to_h|mlp\.c_proj|output\.dense)$"),
-))
+_OP_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (op, re.compile(p, re.IGNORECASE))
+    for op, p in (
+        ("ssm_in", r"(?:^|\.)(?:mamba|mixer|ssm)\.in_proj$"),
+        ("ssm_out", r"(?:^|\.)(?:mamba|mixer|ssm)\.out_proj$"),
+        ("qkv", r"(?:^|\.)(?:qkv_proj|c_attn|query_key_value|qkv|wqkv|w_pack|in_proj_weight)$"),
+        ("q", r"(?:^|\.)(?:q_proj|query|wq|q|q_lin|q_attn)$"),
+        ("k", r"(?:^|\.)(?:k_proj|key|wk|k|k_lin)$"),
+        ("v", r"(?:^|\.)(?:v_proj|value|wv|v|v_lin)$"),
+        (
+            "o",
+            r"(?:^|\.)(?:o_proj|out_lin|o|(?:attn|attention|self_attn|selfattention|encdecattention|mha)\."
+            r"(?:out_proj|dense|c_proj|wo|output\.dense))$",
+        ),
+        ("router", r"(?:^|\.)(?:router|(?:block_sparse_moe|moe|mlp|feed_forward|sparse_moe_block)\.gate)$"),
+        ("gate_up", r"(?:^|\.)gate_up_proj$"),
+        ("gate", r"(?:^|\.)(?:gate_proj|w1|wi_0)$"),
+        ("up", r"(?:^|\.)(?:up_proj|w3|wi_1|wi|c_fc|fc1|fc_in|dense_h_to_4h|intermediate\.dense)$"),
+        ("down", r"(?:^|\.)(?:down_proj|w2|wo|fc2|fc_out|dense_4h_to_h|mlp\.c_proj|output\.dense)$"),
+    )
+)
 
 
 _WARNED: set[str] = set()
@@ -229,11 +281,22 @@ class ParamInfo:
         return self.role in VECTOR_ROLES
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "names": list(self.names), "role": self.role, "block": self.block,
-                "stack": self.stack, "operator": self.operator, "shape": list(self.shape), "fan_in": self.fan_in,
-                "fan_out": self.fan_out, "layout": self.layout, "module": self.module,
-                "module_class": self.module_class, "parts": [list(p) for p in self.parts] if self.parts else None,
-                "trainable": self.trainable}
+        return {
+            "name": self.name,
+            "names": list(self.names),
+            "role": self.role,
+            "block": self.block,
+            "stack": self.stack,
+            "operator": self.operator,
+            "shape": list(self.shape),
+            "fan_in": self.fan_in,
+            "fan_out": self.fan_out,
+            "layout": self.layout,
+            "module": self.module,
+            "module_class": self.module_class,
+            "parts": [list(p) for p in self.parts] if self.parts else None,
+            "trainable": self.trainable,
+        }
 
 
 @dataclass(frozen=True)
@@ -277,8 +340,9 @@ _MD_COLUMNS = ("name", "shape", "role", "block", "operator", "fan_in", "fan_out"
 class Anatomy(Sequence[ParamInfo]):
     """The rows of :func:`anatomy`, in parameter order, with look-ups and printers."""
 
-    def __init__(self, rows: list[ParamInfo], *, width: int | None, source: str,
-                 modules: Mapping[str, nn.Module] | None = None) -> None:
+    def __init__(
+        self, rows: list[ParamInfo], *, width: int | None, source: str, modules: Mapping[str, nn.Module] | None = None
+    ) -> None:
         self.rows = rows
         self.width = width
         self.source = source
@@ -322,8 +386,14 @@ class Anatomy(Sequence[ParamInfo]):
         except KeyError:
             raise KeyError(f"no module named {name!r} in this anatomy (source {self.source!r})") from None
 
-    def where(self, role: str | Iterable[str] | None = None, *, operator: str | Iterable[str] | None = None,
-              block: int | None = None, trainable: bool | None = None) -> list[ParamInfo]:
+    def where(
+        self,
+        role: str | Iterable[str] | None = None,
+        *,
+        operator: str | Iterable[str] | None = None,
+        block: int | None = None,
+        trainable: bool | None = None,
+    ) -> list[ParamInfo]:
         """Rows filtered by role(s), operator(s), block index and trainability."""
         roles = None if role is None else ({role} if isinstance(role, str) else set(role))
         if roles is not None:
@@ -331,8 +401,14 @@ class Anatomy(Sequence[ParamInfo]):
             if unknown:
                 raise ValueError(f"unknown role(s) {sorted(unknown)}; roles are {ROLES}")
         ops = None if operator is None else ({operator} if isinstance(operator, str) else set(operator))
-        return [r for r in self.rows if (roles is None or r.role in roles) and (ops is None or r.operator in ops)
-                and (block is None or r.block == block) and (trainable is None or r.trainable == trainable)]
+        return [
+            r
+            for r in self.rows
+            if (roles is None or r.role in roles)
+            and (ops is None or r.operator in ops)
+            and (block is None or r.block == block)
+            and (trainable is None or r.trainable == trainable)
+        ]
 
     def block_matrices(self, *, trainable: bool | None = None) -> list[ParamInfo]:
         """The ``block_matrix`` rows; on a model without blocks, its ``matrix`` and ``input`` rows (every
@@ -356,8 +432,11 @@ class Anatomy(Sequence[ParamInfo]):
                 mods = [r.module for r in rows if r.role == "block_matrix" and r.operator in ops]
                 common = _common_module(mods) if mods else ""
                 subs[kind] = common if len(common) > len(bname) else None
-            norms = {r.module.rsplit(".", 1)[-1]: r.module for r in rows
-                     if r.role == "norm" and r.module.rsplit(".", 1)[0] == bname}
+            norms = {
+                r.module.rsplit(".", 1)[-1]: r.module
+                for r in rows
+                if r.role == "norm" and r.module.rsplit(".", 1)[0] == bname
+            }
             attn_norm = next((norms[n] for n in _ATTN_NORMS if n in norms), None)
             mlp_norm = next((norms[n] for n in _MLP_NORMS if n in norms), None)
             out.append(BlockInfo(bname, stack, idx, subs["attention"], subs["mlp"], attn_norm, mlp_norm))
@@ -369,9 +448,12 @@ class Anatomy(Sequence[ParamInfo]):
 
     def summary(self) -> dict[str, int]:
         """Counts: ``block_matrices``, ``vector_like``, ``unclassified``, ``tensors`` and one per role."""
-        out = {"tensors": len(self.rows), "block_matrices": len(self.block_matrices()),
-               "vector_like": sum(1 for r in self.rows if r.vector_like),
-               "unclassified": len(self.unclassified())}
+        out = {
+            "tensors": len(self.rows),
+            "block_matrices": len(self.block_matrices()),
+            "vector_like": sum(1 for r in self.rows if r.vector_like),
+            "unclassified": len(self.unclassified()),
+        }
         for role in ROLES:
             out[role] = sum(1 for r in self.rows if r.role == role)
         return out
@@ -395,8 +477,10 @@ class Anatomy(Sequence[ParamInfo]):
         lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in self.rows]
         s = self.summary()
-        lines.append(f"\n{s['tensors']} tensors: {s['block_matrices']} block matrices, {s['vector_like']} "
-                     f"vector-like, {s['unclassified']} unclassified; width {self.width}")
+        lines.append(
+            f"\n{s['tensors']} tensors: {s['block_matrices']} block matrices, {s['vector_like']} "
+            f"vector-like, {s['unclassified']} unclassified; width {self.width}"
+        )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -404,12 +488,18 @@ class Anatomy(Sequence[ParamInfo]):
 
     def __repr__(self) -> str:
         s = self.summary()
-        return (f"Anatomy({s['tensors']} tensors, {s['block_matrices']} block matrices, {s['unclassified']} "
-                f"unclassified, width={self.width}, source={self.source!r})")
+        return (
+            f"Anatomy({s['tensors']} tensors, {s['block_matrices']} block matrices, {s['unclassified']} "
+            f"unclassified, width={self.width}, source={self.source!r})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"width": self.width, "source": self.source, "summary": self.summary(),
-                "rows": [r.to_dict() for r in self.rows]}
+        return {
+            "width": self.width,
+            "source": self.source,
+            "summary": self.summary(),
+            "rows": [r.to_dict() for r in self.rows],
+        }
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -444,7 +534,8 @@ def _module_kind(mod: nn.Module | None) -> str | None:
     if isinstance(mod, nn.modules.conv._ConvNd):
         return "conv"
     if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)) or any(
-            "Norm" in n for n in names[:1]):
+        "Norm" in n for n in names[:1]
+    ):
         return "norm"
     return None
 
@@ -472,7 +563,8 @@ def _find_blocks(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[str, 
         for i in range(1, len(parts) - 1):
             if parts[i].isdigit():
                 children.setdefault(".".join(parts[:i]), {}).setdefault(int(parts[i]), []).append(
-                    (tuple(parts[i + 1:]), shape))
+                    (tuple(parts[i + 1 :]), shape)
+                )
     block_sets: dict[str, set[int]] = {}
     for stack, kids in children.items():
         sigs = {idx: tuple(sorted((".".join(rest), sh) for rest, sh in items)) for idx, items in kids.items()}
@@ -522,9 +614,9 @@ def _mamba_parts(mod: nn.Module | None, fan_out: int) -> tuple[tuple[str, int, i
     if mod is None:
         return None
     try:
-        inter = int(getattr(mod, "intermediate_size"))
-        gn = int(getattr(mod, "n_groups")) * int(getattr(mod, "ssm_state_size"))
-        heads = int(getattr(mod, "num_heads"))
+        inter = int(mod.intermediate_size)
+        gn = int(mod.n_groups) * int(mod.ssm_state_size)
+        heads = int(mod.num_heads)
     except (AttributeError, TypeError, ValueError):
         return None
     sizes = (("z", inter), ("x", inter), ("B", gn), ("C", gn), ("dt", heads))
@@ -567,8 +659,14 @@ def _tie_key(t: torch.Tensor) -> tuple:
     if t.device.type == "meta" or t.numel() == 0 or type(t) not in (torch.Tensor, nn.Parameter):
         return ("id", id(t))  # meta / empty / DTensor shards: only the same object is tied
     try:
-        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
-                str(t.device))
+        return (
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            tuple(t.stride()),
+            t.dtype,
+            str(t.device),
+        )
     except (RuntimeError, NotImplementedError):
         return ("id", id(t))
 
@@ -603,8 +701,10 @@ def anatomy(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> Anat
         source = "state_dict"
         model = None
     else:
-        raise TypeError(f"anatomy: expected an nn.Module or a state dict (Mapping[str, Tensor]), got "
-                        f"{type(model_or_state_dict).__name__}")
+        raise TypeError(
+            f"anatomy: expected an nn.Module or a state dict (Mapping[str, Tensor]), got "
+            f"{type(model_or_state_dict).__name__}"
+        )
     modules: dict[str, nn.Module] = {}
     if model is not None:
         for n, m in model.named_modules():
@@ -639,8 +739,8 @@ def anatomy(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> Anat
             nk = _name_kind(name, shape)
             kind = nk if nk in ("norm", "embedding", "conv") else None
         blk = blocks.get(name)
-        stack, bidx = (blk if blk is not None else (None, None))
-        rel = ".".join(parts[len(stack.split(".")) + 1:-1]) if stack is not None else module
+        stack, bidx = blk if blk is not None else (None, None)
+        rel = ".".join(parts[len(stack.split(".")) + 1 : -1]) if stack is not None else module
         operator = None
         fan_in, fan_out, layout = _fans(kind, shape)
         prts = None
@@ -680,10 +780,25 @@ def anatomy(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> Anat
                 role = "matrix?"  # decided below, once the width is known
         else:
             role = "other"
-        pre.append(dict(name=name, names=tuple(e.names), role=role, block=bidx, stack=stack, operator=operator,
-                        shape=shape, fan_in=fan_in, fan_out=fan_out, layout=layout, module=module,
-                        module_class=type(e.owner).__name__ if e.owner is not None else None, parts=prts,
-                        trainable=e.trainable, tensor=e.tensor))
+        pre.append(
+            dict(
+                name=name,
+                names=tuple(e.names),
+                role=role,
+                block=bidx,
+                stack=stack,
+                operator=operator,
+                shape=shape,
+                fan_in=fan_in,
+                fan_out=fan_out,
+                layout=layout,
+                module=module,
+                module_class=type(e.owner).__name__ if e.owner is not None else None,
+                parts=prts,
+                trainable=e.trainable,
+                tensor=e.tensor,
+            )
+        )
 
     width = _config_width(model) if model is not None else None
     if width is None:
@@ -748,9 +863,18 @@ def _safetensors_meta(path: str) -> dict[str, torch.Tensor]:
             header = json.loads(fh.read(n))
         except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"anatomy: {path} has an unreadable safetensors header: {exc}") from None
-    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+    dtypes = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
     out = {}
     for k, v in header.items():
         if k == "__metadata__":
@@ -763,8 +887,9 @@ def _meta_model(folder: str, cfg_path: str) -> nn.Module:
     try:
         import transformers
     except ImportError:  # pragma: no cover - transformers is an optional extra
-        raise ValueError(f"anatomy: reading {folder} needs the transformers package (pip install transformers)") \
-            from None
+        raise ValueError(
+            f"anatomy: reading {folder} needs the transformers package (pip install transformers)"
+        ) from None
     with open(cfg_path, encoding="utf-8") as fh:
         raw = json.load(fh)
     config = transformers.AutoConfig.from_pretrained(folder)

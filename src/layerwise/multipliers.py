@@ -64,10 +64,12 @@ Hugging Face ``Conv1D`` (GPT-2) is wrapped by :class:`MultipliedConv1D` with the
 ``nn.Linear``: ``row_multiplier`` over outputs, ``col_multiplier`` over inputs (its weight is stored
 ``(in, out)``, so they act on the weight's columns and rows respectively).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +82,7 @@ KINDS = ("rowcol", "row", "col", "scalar")
 PLACEMENTS = ("paper", "symmetry_free")
 IMPLS = ("materialize", "io")
 
-Placement = Union[str, Callable[[str, nn.Module], Union[str, bool, None]]]
+Placement = Union[str, Callable[[str, nn.Module], str | bool | None]]
 
 #: symmetry-free placement: module type -> kind
 SYMMETRY_FREE: dict[str, str] = {"down": "rowcol", "gate": "row", "o": "rowcol", "q": "row"}
@@ -163,8 +165,9 @@ class MultipliedLinear(_MultiplierMixin, nn.Linear):
 
     _layerwise_linear = True
 
-    def __init__(self, linear: nn.Linear, kind: str = "rowcol", impl: str = "materialize",
-                 rows: torch.Tensor | None = None):
+    def __init__(
+        self, linear: nn.Linear, kind: str = "rowcol", impl: str = "materialize", rows: torch.Tensor | None = None
+    ):
         nn.Module.__init__(self)  # do not allocate a new weight: reuse the wrapped module's
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
@@ -203,8 +206,9 @@ class MultipliedConv1D(_MultiplierMixin, nn.Module):
     _transposed = True
     _layerwise_conv1d = True
 
-    def __init__(self, conv: nn.Module, kind: str = "rowcol", impl: str = "materialize",
-                 rows: torch.Tensor | None = None):
+    def __init__(
+        self, conv: nn.Module, kind: str = "rowcol", impl: str = "materialize", rows: torch.Tensor | None = None
+    ):
         nn.Module.__init__(self)
         w = getattr(conv, "weight", None)
         if not isinstance(w, nn.Parameter) or w.ndim != 2:
@@ -307,20 +311,30 @@ def _plan(model: nn.Module, placement: Placement, kind: str) -> tuple[list[_Plan
     notes: list[str] = []
     if callable(placement):
         for cn, mod in wrappable.items():
-            if type(mod) not in (nn.Linear, nn.Embedding) and not _is_conv1d(mod) and not isinstance(
-                    mod, (nn.Linear, nn.Embedding)):
+            if (
+                type(mod) not in (nn.Linear, nn.Embedding)
+                and not _is_conv1d(mod)
+                and not isinstance(mod, (nn.Linear, nn.Embedding))
+            ):
                 continue
             out = placement(cn, mod)
             if out is None or out is False:
                 continue
-            k = kind if out is True else _check_kind(out, what=f"kind returned by the placement callable for module {cn!r}")
+            k = (
+                kind
+                if out is True
+                else _check_kind(out, what=f"kind returned by the placement callable for module {cn!r}")
+            )
             plans.append(_Plan(raw_names[cn], mod, k))
         return plans, notes
 
     def module_of(info) -> nn.Module:
         mod = wrappable.get(info.module)
-        ok = mod is not None and info.name == f"{info.module}.weight" and (
-            type(mod) in (nn.Linear, nn.Embedding) or _is_conv1d(mod))
+        ok = (
+            mod is not None
+            and info.name == f"{info.module}.weight"
+            and (type(mod) in (nn.Linear, nn.Embedding) or _is_conv1d(mod))
+        )
         if not ok:
             raise ValueError(
                 f"add_multipliers(placement={placement!r}): block matrix {info.name!r} belongs to "
@@ -344,8 +358,10 @@ def _plan(model: nn.Module, placement: Placement, kind: str) -> tuple[list[_Plan
             elif op == "ssm_in":
                 # rows on the z (gate) and dt parts only: x, B, C pass the depthwise conv, which scales them
                 if not info.parts:
-                    raise ValueError(f"add_multipliers(placement='symmetry_free'): cannot read the z/x/B/C/dt split "
-                                     f"of {info.name!r} (shape {list(info.shape)}); pass a placement callable")
+                    raise ValueError(
+                        f"add_multipliers(placement='symmetry_free'): cannot read the z/x/B/C/dt split "
+                        f"of {info.name!r} (shape {list(info.shape)}); pass a placement callable"
+                    )
                 rng = [(a, b) for part, a, b in info.parts if part in ("z", "dt")]
                 rows = torch.cat([torch.arange(a, b) for a, b in rng])
                 k = _restrict(kind, "row")
@@ -416,10 +432,14 @@ def add_multipliers(
         )
     plans, notes = _plan(model, placement, kind)
     if notes:
-        _anatomy.warn_once(f"add_multipliers:{placement}:{','.join(notes)}",
-                           f"add_multipliers(placement={placement!r}) puts no multiplier on {len(notes)} block "
-                           f"matrix(es) whose operator it has no rule for: " + ", ".join(notes[:8])
-                           + (" ..." if len(notes) > 8 else "") + "; pass a placement callable to choose")
+        _anatomy.warn_once(
+            f"add_multipliers:{placement}:{','.join(notes)}",
+            f"add_multipliers(placement={placement!r}) puts no multiplier on {len(notes)} block "
+            f"matrix(es) whose operator it has no rule for: "
+            + ", ".join(notes[:8])
+            + (" ..." if len(notes) > 8 else "")
+            + "; pass a placement callable to choose",
+        )
     new_params: list[nn.Parameter] = []
     named: list[tuple[str, nn.Parameter]] = []
     done: set[int] = set()
@@ -479,9 +499,11 @@ def merge_multipliers(model: nn.Module) -> nn.Module:
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, _WRAPPERS)]
     for name, mod in wrapped:
         w = mod.weight
-        merged = mod.effective_weight().detach().to(w.dtype) if (mod._transposed or mod.row_multiplier_index is
-                                                                 not None) else \
-            _merge_tensor(w, mod.row_multiplier, mod.col_multiplier, mod.scalar_multiplier)
+        merged = (
+            mod.effective_weight().detach().to(w.dtype)
+            if (mod._transposed or mod.row_multiplier_index is not None)
+            else _merge_tensor(w, mod.row_multiplier, mod.col_multiplier, mod.scalar_multiplier)
+        )
         if counts.get(id(w), 1) > 1:
             weight = nn.Parameter(merged, requires_grad=w.requires_grad)
         else:
@@ -496,8 +518,11 @@ def merge_multipliers(model: nn.Module) -> nn.Module:
             plain.bias = mod.bias
         else:
             plain = nn.Embedding(
-                mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx,
-                scale_grad_by_freq=mod.scale_grad_by_freq, device="meta",
+                mod.num_embeddings,
+                mod.embedding_dim,
+                padding_idx=mod.padding_idx,
+                scale_grad_by_freq=mod.scale_grad_by_freq,
+                device="meta",
             )
         plain.weight = weight
         plain.train(mod.training)
@@ -550,9 +575,12 @@ def merge_multipliers_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict
             w = w.t()  # merge in (out, in) layout, store back as (in, out)
         if r is not None and "row_multiplier_index" in ex and w.ndim == 2:
             r = torch.ones(w.shape[0], dtype=r.dtype).scatter(0, ex["row_multiplier_index"].long().cpu(), r.cpu())
-        if w.ndim != 2 or (r is not None and r.shape != (w.shape[0],)) or (
-            c is not None and c.shape != (w.shape[1],)
-        ) or (s is not None and s.numel() != 1):
+        if (
+            w.ndim != 2
+            or (r is not None and r.shape != (w.shape[0],))
+            or (c is not None and c.shape != (w.shape[1],))
+            or (s is not None and s.numel() != 1)
+        ):
             raise ValueError(
                 f"multiplier shapes of {prefix!r} do not fit weight {tuple(w.shape)}: "
                 + ", ".join(f"{k}={tuple(v.shape)}" for k, v in mults.items())
@@ -624,8 +652,17 @@ def multiplier_stats(model: nn.Module) -> dict[str, float]:
 
 
 __all__ = [
-    "KINDS", "PLACEMENTS", "IMPLS", "SYMMETRY_FREE", "MultipliedLinear", "MultipliedConv1D", "MultipliedEmbedding",
+    "KINDS",
+    "PLACEMENTS",
+    "IMPLS",
+    "SYMMETRY_FREE",
+    "MultipliedLinear",
+    "MultipliedConv1D",
+    "MultipliedEmbedding",
     "add_multipliers",
-    "merge_multipliers", "merge_multipliers_state_dict", "multiplier_parameters", "multiplier_stats",
+    "merge_multipliers",
+    "merge_multipliers_state_dict",
+    "multiplier_parameters",
+    "multiplier_stats",
     "set_multiplier_impl",
 ]

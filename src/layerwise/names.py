@@ -8,9 +8,10 @@ FSDP1 / activation checkpointing (``_fsdp_wrapped_module.``, ``_checkpoint_wrapp
 This module only names things.  What a parameter *is* (its role, block, operator, fan-in/out) is decided in
 one place, :mod:`layerwise.anatomy`.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 

@@ -17,6 +17,7 @@ Steps at or beyond ``T`` keep the final value (``p = q = 1``).  :func:`lr_schedu
 ``LambdaLR`` through a closure, so a scheduler's ``state_dict`` holds only its step count: a run resumed with
 a longer ``total_steps`` follows the new schedule instead of the saved one.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,10 +50,15 @@ class Schedule:
             raise ValueError(f"schedule: unknown name {self.name!r}; choose one of {list(SCHEDULES)}")
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
             raise ValueError(f"schedule: total_steps must be an integer >= 1, got {self.total_steps!r}")
-        if (isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int)
-                or not 0 <= self.warmup_steps <= self.total_steps):
-            raise ValueError(f"schedule: warmup_steps must be an integer in [0, total_steps], got "
-                             f"{self.warmup_steps!r} (total_steps={self.total_steps})")
+        if (
+            isinstance(self.warmup_steps, bool)
+            or not isinstance(self.warmup_steps, int)
+            or not 0 <= self.warmup_steps <= self.total_steps
+        ):
+            raise ValueError(
+                f"schedule: warmup_steps must be an integer in [0, total_steps], got "
+                f"{self.warmup_steps!r} (total_steps={self.total_steps})"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"schedule: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.decay_shape not in DECAY_SHAPES:
@@ -61,9 +67,11 @@ class Schedule:
             if not 0.0 < self.decay_frac <= 1.0:
                 raise ValueError(f"schedule: decay_frac must be in (0, 1] for wsd, got {self.decay_frac!r}")
             if self.decay_start < self.warmup_steps:
-                raise ValueError(f"schedule: wsd's cool-down (the last {self.total_steps - self.decay_start} of "
-                                 f"{self.total_steps} steps, decay_frac={self.decay_frac}) overlaps the "
-                                 f"{self.warmup_steps} warm-up steps; lower decay_frac or the warm-up")
+                raise ValueError(
+                    f"schedule: wsd's cool-down (the last {self.total_steps - self.decay_start} of "
+                    f"{self.total_steps} steps, decay_frac={self.decay_frac}) overlaps the "
+                    f"{self.warmup_steps} warm-up steps; lower decay_frac or the warm-up"
+                )
 
     @property
     def decay_start(self) -> int:
@@ -88,9 +96,17 @@ class Schedule:
         return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, name: str = "cosine", total_steps: int = 1, *,
-                 warmup_steps: int = 0, min_lr_ratio: float = 0.0, decay_frac: float = 0.2,
-                 decay_shape: str = "linear", last_epoch: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str = "cosine",
+    total_steps: int = 1,
+    *,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+    decay_frac: float = 0.2,
+    decay_shape: str = "linear",
+    last_epoch: int = -1,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` following :class:`Schedule` (each group's LR = its own base LR × the factor), stepped
     once per optimizer step.  Works with any optimizer, including the Hugging Face ``Trainer``
     (``Trainer(optimizers=(opt, lr_scheduler(opt, "wsd", max_steps, warmup_steps=...)))``)."""

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import pytest
 import torch
 
 from layerwise.lab.model import build_model
@@ -25,16 +24,14 @@ def train_step(model, opt, x: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-
-
-
-
-
 def block_linear_weights(model):
     """Reference list of the lab model's block matrices, written independently of layerwise.anatomy:
     the nn.Linear weights under ``layers.N.`` (q, k, v, o, gate, up, down), in model order."""
-    return [(f"{n}.weight", m.weight) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.startswith("layers.")]
+    return [
+        (f"{n}.weight", m.weight)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith("layers.")
+    ]
 
 
 def layer_index(name):

@@ -1,4 +1,5 @@
 """AlphaDecay: the map, the α it uses, when it recomputes, group splitting, optimizer semantics, state."""
+
 from __future__ import annotations
 
 import io
@@ -6,14 +7,12 @@ import math
 
 import pytest
 import torch
+from _decay_helpers import batches, block_linear_weights, make_model, train_step
 from torch import nn
 
 import layerwise.decay.alphadecay as ad_mod
 from layerwise.decay import AlphaDecay, linear_decay_map, split_groups
 from layerwise.names import named_parameters
-
-from _decay_helpers import batches, block_linear_weights, layer_index, make_model, train_step
-
 
 # ------------------------------------------------------------------------------------------- the map
 
@@ -90,11 +89,22 @@ def test_excluded_modules_keep_wd0_and_groups_keep_hyperparameters():
     mlp = [n for n in names if ".mlp." in n]
     others = [n for n in names if n not in mlp]
     groups = [
-        {"params": [names[n] for n in mlp + others if names[n].dim() == 2], "lr": 2e-3, "weight_decay": 0.1,
-         "param_names": [n for n in mlp + others if names[n].dim() == 2], "group": "matrix", "lr_scale": 0.5,
-         "betas": (0.8, 0.9)},
-        {"params": [names[n] for n in names if names[n].dim() < 2], "lr": 1e-3, "weight_decay": 0.0,
-         "param_names": [n for n in names if names[n].dim() < 2], "group": "vector"},
+        {
+            "params": [names[n] for n in mlp + others if names[n].dim() == 2],
+            "lr": 2e-3,
+            "weight_decay": 0.1,
+            "param_names": [n for n in mlp + others if names[n].dim() == 2],
+            "group": "matrix",
+            "lr_scale": 0.5,
+            "betas": (0.8, 0.9),
+        },
+        {
+            "params": [names[n] for n in names if names[n].dim() < 2],
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "param_names": [n for n in names if names[n].dim() < 2],
+            "group": "vector",
+        },
     ]
     opt = torch.optim.AdamW(groups, lr=1e-3)
     dec = AlphaDecay(opt, model, interval=5, select=r"\.mlp\.")
@@ -197,6 +207,7 @@ def _zero_grad_decay_check(model, opt, lr):
 
 def test_works_with_alphaadam():
     import layerwise.optim.alphaadam as alphaadam
+
     model = make_model()
     opt = alphaadam.AlphaAdam(model.parameters(), lr=0.5, weight_decay=0.1, fast=False)
     dec = AlphaDecay(opt, model, interval=2)
@@ -208,8 +219,9 @@ def test_works_with_alphaadam():
 
 def test_works_with_torch_muon_on_matrices_only():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 16, bias=False), nn.Tanh(), nn.Linear(16, 16, bias=False),
-                          nn.Tanh(), nn.Linear(16, 8, bias=False))
+    model = nn.Sequential(
+        nn.Linear(12, 16, bias=False), nn.Tanh(), nn.Linear(16, 16, bias=False), nn.Tanh(), nn.Linear(16, 8, bias=False)
+    )
     opt = torch.optim.Muon(model.parameters(), lr=0.5, weight_decay=0.1)
     dec = AlphaDecay(opt, model, interval=2)
     assert len(dec.table()) == 3 and len(opt.param_groups) == 3
@@ -224,6 +236,7 @@ def test_works_with_torch_muon_on_matrices_only():
 
 def test_works_with_muon_adamw_wrapper():
     import layerwise.optim.muon as muon
+
     model = make_model()
     opt = muon.MuonAdamW(model, lr=0.5, weight_decay=0.1)
     n_before = len(opt.param_groups)
@@ -351,8 +364,10 @@ def test_errors_name_the_field():
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj\.weight"):
         AlphaDecay(partial, model)
     two = torch.optim.AdamW(
-        [{"params": [p for n, p in model.named_parameters() if "mlp" in n], "weight_decay": 0.1},
-         {"params": [p for n, p in model.named_parameters() if "mlp" not in n], "weight_decay": 0.05}]
+        [
+            {"params": [p for n, p in model.named_parameters() if "mlp" in n], "weight_decay": 0.1},
+            {"params": [p for n, p in model.named_parameters() if "mlp" not in n], "weight_decay": 0.05},
+        ]
     )
     with pytest.raises(ValueError, match="wd0 is ambiguous"):
         AlphaDecay(two, model)

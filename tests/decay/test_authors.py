@@ -2,6 +2,7 @@
 description in docs/methods.md §1 (module set, bias grouping, untuned parameters at wd0, the < 50-eigenvalue
 rule, the metrics and the assignment functions), compared on trained weights of a lab model and of a tiny
 Hugging Face LlamaForCausalLM."""
+
 from __future__ import annotations
 
 import math
@@ -10,12 +11,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from _decay_helpers import VOCAB, batches, train_step
 from torch import nn
 
 from layerwise.decay import AlphaDecay, assign_decays
 from layerwise.optim import param_groups
-
-from _decay_helpers import VOCAB, batches, train_step
 
 # --------------------------------------------------------------------------- the reference (float64, numpy)
 
@@ -67,8 +67,9 @@ def _assign(scores: np.ndarray, blocks: list, wd0: float, assign: str, s1: float
     raise AssertionError(assign)
 
 
-def authors_reference(model: nn.Module, wd0: float, s1=0.6666, s2=3.0, metric="alpha", assign="linear",
-                      slope=4.0, min_eigs=50) -> tuple[list[str], dict[int, float]]:
+def authors_reference(
+    model: nn.Module, wd0: float, s1=0.6666, s2=3.0, metric="alpha", assign="linear", slope=4.0, min_eigs=50
+) -> tuple[list[str], dict[int, float]]:
     """(analysed module names, expected weight decay of every parameter by id)."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     linears = linears[1:-1]  # the first and the last nn.Linear are not analysed
@@ -104,16 +105,22 @@ def lab_model(seed: int = 0):
 
     torch.manual_seed(seed)
     # kv heads 2 x head_dim 16: k_proj / v_proj have 32 < 50 eigenvalues and are skipped
-    return build_model("nano", vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_heads=4,
-                       num_kv_heads=2)
+    return build_model("nano", vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_heads=4, num_kv_heads=2)
 
 
 def hf_llama(seed: int = 0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
         max_position_embeddings=64,
     )
     return transformers.LlamaForCausalLM(cfg)
@@ -173,13 +180,22 @@ def test_hf_llama_authors_decays_match_reference_biases_in_their_module_group():
     assert q1.bias is not None and got[id(q1.bias)] == got[id(q1.weight)] != 1e-5
     assert got[id(model.model.layers[0].self_attn.q_proj.weight)] == 1e-5  # the first Linear: untuned
     assert {r["name"]: r["bias"] for r in dec.table()}["model.layers.1.self_attn.q_proj.weight"] == (
-        "model.layers.1.self_attn.q_proj.bias")
+        "model.layers.1.self_attn.q_proj.bias"
+    )
 
 
 @pytest.mark.parametrize(
     "metric,assign",
-    [("alphahat", "linear"), ("spectral_norm", "linear"), ("stable_rank", "linear"), ("entropy", "linear"),
-     ("alpha", "sqrt"), ("alpha", "log2"), ("alpha", "sigmoid"), ("stable_rank", "sigmoid")],
+    [
+        ("alphahat", "linear"),
+        ("spectral_norm", "linear"),
+        ("stable_rank", "linear"),
+        ("entropy", "linear"),
+        ("alpha", "sqrt"),
+        ("alpha", "log2"),
+        ("alpha", "sigmoid"),
+        ("stable_rank", "sigmoid"),
+    ],
 )
 def test_metrics_and_assignments_match_their_formulas(trained_lab, metric, assign):
     model = lab_model(seed=1)
@@ -238,14 +254,20 @@ def test_assign_functions_by_hand():
     wd0 = 0.1
     sq = [math.sqrt(v) for v in m]
     assert assign_decays(m, wd0, "sqrt").tolist() == pytest.approx(
-        [wd0 * 4 * s / (sum(sq) + 4e-8) for s in sq], rel=1e-12)
+        [wd0 * 4 * s / (sum(sq) + 4e-8) for s in sq], rel=1e-12
+    )
     lg = [math.log2(v) for v in m]
     assert assign_decays(m, wd0, "log2").tolist() == pytest.approx(
-        [wd0 * 4 * s / (sum(lg) + 4e-8) for s in lg], rel=1e-12)
+        [wd0 * 4 * s / (sum(lg) + 4e-8) for s in lg], rel=1e-12
+    )
     # sigmoid per block: {0: [2, 4]} (mean 3, std 1) and {1: [3, 9]} (mean 6, std 3): z = ∓1 (std + 1e-8)
     z0, z1 = 1.0 / (1.0 + 1e-8), 3.0 / (3.0 + 1e-8)
-    th = [2 / (1 + math.exp(4 * z0)), 2 / (1 + math.exp(-4 * z0)), 2 / (1 + math.exp(4 * z1)),
-          2 / (1 + math.exp(-4 * z1))]
+    th = [
+        2 / (1 + math.exp(4 * z0)),
+        2 / (1 + math.exp(-4 * z0)),
+        2 / (1 + math.exp(4 * z1)),
+        2 / (1 + math.exp(-4 * z1)),
+    ]
     got = assign_decays(m, wd0, "sigmoid", blocks=[0, 0, 1, 1])
     assert got.tolist() == pytest.approx([wd0 * t for t in th], rel=1e-12)
     assert assign_decays([5.0, 1.0], wd0, "sigmoid", blocks=[0, 1]).tolist() == [wd0, wd0]  # one per block
@@ -261,11 +283,16 @@ def test_assign_functions_by_hand():
 def test_authors_option_errors_name_the_field():
     model = lab_model()
     opt = torch.optim.AdamW(model.parameters(), weight_decay=0.1)
-    for kw, field in [({"modules": "all"}, "modules"), ({"metric": "gradnorm"}, "metric"),
-                      ({"assign": "exp"}, "assign"), ({"timing": "during"}, "timing"),
-                      ({"untuned": "zero"}, "untuned"), ({"min_eigs": -1}, "min_eigs"),
-                      ({"modules": "authors", "select": r"\.mlp\."}, "select"),
-                      ({"metric": "entropy", "shape_correction": True}, "shape_correction")]:
+    for kw, field in [
+        ({"modules": "all"}, "modules"),
+        ({"metric": "gradnorm"}, "metric"),
+        ({"assign": "exp"}, "assign"),
+        ({"timing": "during"}, "timing"),
+        ({"untuned": "zero"}, "untuned"),
+        ({"min_eigs": -1}, "min_eigs"),
+        ({"modules": "authors", "select": r"\.mlp\."}, "select"),
+        ({"metric": "entropy", "shape_correction": True}, "shape_correction"),
+    ]:
         with pytest.raises(ValueError, match=field):
             AlphaDecay(opt, model, **kw)
     with pytest.raises(ValueError, match="min_eigs"):

@@ -1,4 +1,5 @@
 """Baselines (uniform, TypeDecay, AWD, AdaDecay), the registry, and resume for every controller."""
+
 from __future__ import annotations
 
 import io
@@ -6,11 +7,10 @@ import math
 
 import pytest
 import torch
+from _decay_helpers import batches, block_linear_weights, layer_index, make_model, train_step
 
 from layerwise.decay import AWD, DECAY_CONTROLLERS, AdaDecay, TypeDecay, UniformDecay, build_decay
 from layerwise.names import named_parameters
-
-from _decay_helpers import batches, block_linear_weights, layer_index, make_model, train_step
 
 
 def _set_grads(model, seed=5, scale=0.01):
@@ -87,8 +87,10 @@ def test_awd_coupled_with_adam_l2_and_explicit_lambda():
 
 def _adadecay_reference(names, grads, numel, wd0, slope, norm="rms", eps=1e-8, block=None):
     block = block or layer_index
-    r = [math.sqrt(float(g.double().square().sum())) / (math.sqrt(n) if norm == "rms" else 1.0)
-         for g, n in zip(grads, numel)]
+    r = [
+        math.sqrt(float(g.double().square().sum())) / (math.sqrt(n) if norm == "rms" else 1.0)
+        for g, n in zip(grads, numel)
+    ]
     out = []
     for i, name in enumerate(names):
         peers = [r[j] for j, m in enumerate(names) if block(m) == block(name)]
@@ -143,8 +145,9 @@ def test_adadecay_default_is_the_papers_baseline_raw_norm_slope4_every_interval(
     for step in range(7):
         _set_grads(model, seed=10 + step)
         if (step + 1) % 3 == 0:
-            ref = _adadecay_reference(names, [p.grad for _, p in mats], [p.numel() for _, p in mats], wd0, 4.0,
-                                      norm="raw")
+            ref = _adadecay_reference(
+                names, [p.grad for _, p in mats], [p.numel() for _, p in mats], wd0, 4.0, norm="raw"
+            )
             lam = dict(zip(names, ref))
         w = {n: p.detach().double().clone() for n, p in named_parameters(model)}
         g = {n: p.grad.double().clone() for n, p in named_parameters(model)}
@@ -163,21 +166,37 @@ def test_adadecay_default_is_the_papers_baseline_raw_norm_slope4_every_interval(
 def test_adadecay_authors_modules_bias_and_untuned():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, attention_bias=True,
-                                   mlp_bias=True, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+        max_position_embeddings=32,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     lr, eps, wd0 = 0.1, 1.0, 0.2
-    opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if "norm" not in n]},
-                             {"params": [p for n, p in model.named_parameters() if "norm" in n], "weight_decay": 0.0}],
-                            lr=lr, eps=eps, weight_decay=wd0, betas=(0.0, 0.0))
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in model.named_parameters() if "norm" not in n]},
+            {"params": [p for n, p in model.named_parameters() if "norm" in n], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        eps=eps,
+        weight_decay=wd0,
+        betas=(0.0, 0.0),
+    )
     dec = AdaDecay(opt, model, interval=1, modules="authors")
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][1:-1]
     assert dec.names == [n + ".weight" for n, _ in linears]
     _set_grads(model, seed=3)
     hf_block = lambda n: n.split(".")[2]  # "model.layers.N...." (hand-written, as the authors' split('.')[2])
-    ref = _adadecay_reference(dec.names, [m.weight.grad for _, m in linears], [1] * len(linears), wd0, 4.0,
-                              norm="raw", block=hf_block)
+    ref = _adadecay_reference(
+        dec.names, [m.weight.grad for _, m in linears], [1] * len(linears), wd0, 4.0, norm="raw", block=hf_block
+    )
     lam = {}
     for (n, m), v in zip(linears, ref):
         lam[id(m.weight)] = lam[id(m.bias)] = v
@@ -212,8 +231,13 @@ def test_awd_authors_lambda_is_100_wd0():
 def test_adadecay_errors_name_the_field():
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), weight_decay=0.1)
-    for kw, field in [({"norm": "l1"}, "norm"), ({"interval": 0}, "interval"), ({"modules": "all"}, "modules"),
-                      ({"slope": -1.0}, "slope"), ({"modules": "authors", "select": "mlp"}, "select")]:
+    for kw, field in [
+        ({"norm": "l1"}, "norm"),
+        ({"interval": 0}, "interval"),
+        ({"modules": "all"}, "modules"),
+        ({"slope": -1.0}, "slope"),
+        ({"modules": "authors", "select": "mlp"}, "select"),
+    ]:
         with pytest.raises(ValueError, match=field):
             AdaDecay(opt, model, **kw)
     assert len(opt.param_groups) == 1 and not opt._optimizer_step_pre_hooks

@@ -10,6 +10,7 @@ reference model with torch AdamW and must
 * change nothing in the optimizer but ``weight_decay``: no group's other hyper-parameters, no group's
   parameter list, no group count after construction.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,10 @@ def _build(name: str, model):
 
 
 def _groups_without_decay(opt) -> list[dict]:
-    return [{k: ([id(p) for p in v] if k == "params" else copy.deepcopy(v)) for k, v in g.items()
-             if k != "weight_decay"} for g in opt.param_groups]
+    return [
+        {k: ([id(p) for p in v] if k == "params" else copy.deepcopy(v)) for k, v in g.items() if k != "weight_decay"}
+        for g in opt.param_groups
+    ]
 
 
 def _check_decays(opt, decay) -> None:
@@ -66,8 +69,9 @@ def test_state_dict_round_trip(name):
     opt2, decay2 = _build(name, model2)
     decay2.load_state_dict(copy.deepcopy(sd))
     assert repr(decay2.state_dict()) == repr(sd)
-    assert [(r["name"], float(r["weight_decay"])) for r in decay2.table()] == \
-        [(r["name"], float(r["weight_decay"])) for r in decay.table()]
+    assert [(r["name"], float(r["weight_decay"])) for r in decay2.table()] == [
+        (r["name"], float(r["weight_decay"])) for r in decay.table()
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(CONTROLLERS))
@@ -93,7 +97,9 @@ def test_resume_equals_uninterrupted_and_only_weight_decay_changes(name):
         train_step(model2, opt2, x)
     for (n, a), (_, b) in zip(model.named_parameters(), model2.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
-    assert [float(g["weight_decay"]) for g in opt2.param_groups] == \
-        pytest.approx([float(g["weight_decay"]) for g in opt.param_groups], rel=1e-6)
-    assert [float(r["weight_decay"]) for r in decay2.table()] == \
-        pytest.approx([float(r["weight_decay"]) for r in decay.table()], rel=1e-6)
+    assert [float(g["weight_decay"]) for g in opt2.param_groups] == pytest.approx(
+        [float(g["weight_decay"]) for g in opt.param_groups], rel=1e-6
+    )
+    assert [float(r["weight_decay"]) for r in decay2.table()] == pytest.approx(
+        [float(r["weight_decay"]) for r in decay.table()], rel=1e-6
+    )

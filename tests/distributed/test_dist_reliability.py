@@ -1,5 +1,6 @@
 """2 gloo ranks under torchrun: a stopped rank ends the job (collective timeout), and killing the torchrun agent
 does not leave workers training on as orphans."""
+
 from __future__ import annotations
 
 import os
@@ -21,11 +22,36 @@ def _launch(run_dir: Path, corpus: Path) -> subprocess.Popen:
     from layerwise.lab.data import prepare
 
     prepare(str(corpus), 512)  # the cache entry exists before the ranks start (no long first barrier)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "layerwise",
-           "train", "--preset", "smoke", "--set", f"data.corpus={corpus}", "--set", "train.progress=false",
-           "--set", "train.tensorboard=false", "--set", "train.parallel=ddp", "--set", "train.max_steps=100000",
-           "--set", "train.eval_every=0", "--set", "train.log_every=1", "--set", f"train.dist_timeout_s={TIMEOUT_S}",
-           "--out", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "layerwise",
+        "train",
+        "--preset",
+        "smoke",
+        "--set",
+        f"data.corpus={corpus}",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "train.tensorboard=false",
+        "--set",
+        "train.parallel=ddp",
+        "--set",
+        "train.max_steps=100000",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        f"train.dist_timeout_s={TIMEOUT_S}",
+        "--out",
+        str(run_dir),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

@@ -4,6 +4,7 @@ exports like the single-process one.
 The two ranks are forked from the test process (torch, transformers and the model code already imported:
 about 20 s less CPU than a torchrun launch on 2 cores) and join a real gloo process group through the
 environment, exactly as under torchrun."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ pytestmark = pytest.mark.timeout(300)
 def _rank_main(rank: int, port: int, cfg_dict: dict, run_dir: str) -> None:
     code = 1
     try:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        os.environ.update(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
         from layerwise.lab.config import from_dict
         from layerwise.lab.train import train
 
@@ -70,8 +72,20 @@ def _torchrun(cfg_dict: dict, run_dir) -> None:
 
     cfg_file = Path(run_dir).with_suffix(".toml")
     cfg_file.write_text(to_toml(from_dict(cfg_dict)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "layerwise",
-           "train", "--config", str(cfg_file), "--out", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "layerwise",
+        "train",
+        "--config",
+        str(cfg_file),
+        "--out",
+        str(run_dir),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
@@ -83,12 +97,27 @@ def test_hf_qwen2_fsdp_equals_single_process_and_exports(tmp_path, corpus_file):
     from layerwise.lab.export import export_run
     from layerwise.lab.train import train
 
-    over = [f"data.corpus={corpus_file}", "train.progress=false", "train.tensorboard=false", "train.max_steps=4",
-            "train.eval_every=0", "train.log_every=2", "train.batch_size=4", "multipliers.kind=rowcol"]
+    over = [
+        f"data.corpus={corpus_file}",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.max_steps=4",
+        "train.eval_every=0",
+        "train.log_every=2",
+        "train.batch_size=4",
+        "multipliers.kind=rowcol",
+    ]
     vocab = prepare_config(C.resolve("smoke", None, over).data).vocab_size
-    transformers.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                             tie_word_embeddings=False).save_pretrained(str(tmp_path / "qwen2"))
+    transformers.Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ).save_pretrained(str(tmp_path / "qwen2"))
     over.append(f"model.hf_config={tmp_path / 'qwen2'}")
     one = train(C.resolve("smoke", None, over), tmp_path / "one", quiet=True)
     _two_ranks(C.resolve("smoke", None, over + ["train.parallel=fsdp"]).to_dict(), tmp_path / "two")

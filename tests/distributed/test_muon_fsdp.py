@@ -4,6 +4,7 @@ the owner assignment.
 
 Run as a script under torchrun, this file is the worker of :func:`test_sharded_step_is_bitwise_torch_muon`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,6 +20,7 @@ import torch
 from layerwise.optim.muon import MuonAdamW, muon_owners
 
 pytestmark = pytest.mark.timeout(300)
+
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
@@ -84,8 +86,9 @@ def _worker(out: Path) -> None:
     for (n, p), (_, q) in zip(ref.named_parameters(), sh.named_parameters()):
         assert torch.equal(p, q.full_tensor()), n
     muon_state = [o_sh.state[p] for p in o_sh.muon.param_groups[0]["params"]]
-    assert muon_state and all(set(s) == {"momentum_buffer"} and s["momentum_buffer"].placements == (Shard(0),)
-                              for s in muon_state)
+    assert muon_state and all(
+        set(s) == {"momentum_buffer"} and s["momentum_buffer"].placements == (Shard(0),) for s in muon_state
+    )
 
     # (b) DCP round trip of the sharded Muon state into a fresh sharded model: continues identically
     ckpt = out / "ckpt"

@@ -1,4 +1,5 @@
 """The trainer under torchrun with 2 gloo processes == one process (same global batch), and DCP resume."""
+
 from __future__ import annotations
 
 import json
@@ -13,14 +14,41 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _run(args, nproc, run_dir, corpus, extra=()):
-    base = ["--preset", "smoke", "--set", f"data.corpus={corpus}", "--set", "train.progress=false",
-            "--set", "train.tensorboard=false", "--set", "train.max_steps=8", "--set", "train.eval_every=0",
-            "--set", "train.log_every=4", "--set", "train.batch_size=4", *extra]
+    base = [
+        "--preset",
+        "smoke",
+        "--set",
+        f"data.corpus={corpus}",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "train.tensorboard=false",
+        "--set",
+        "train.max_steps=8",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.log_every=4",
+        "--set",
+        "train.batch_size=4",
+        *extra,
+    ]
     if nproc == 1:
         cmd = [sys.executable, "-m", "layerwise", *args, *base, "--out", str(run_dir)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "layerwise", *args, *base, "--out", str(run_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "layerwise",
+            *args,
+            *base,
+            "--out",
+            str(run_dir),
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -49,8 +77,13 @@ def single(tmp_path_factory, corpus_file):
 
 
 def test_ddp_equals_single_process(single, tmp_path, corpus_file):
-    _run(["train"], 2, tmp_path / "ddp", corpus_file,
-         ["--set", "train.parallel=ddp", "--set", "decay.name=alphadecay", "--set", "decay.interval=4"])
+    _run(
+        ["train"],
+        2,
+        tmp_path / "ddp",
+        corpus_file,
+        ["--set", "train.parallel=ddp", "--set", "decay.name=alphadecay", "--set", "decay.interval=4"],
+    )
     s1 = json.loads((single / "summary.json").read_text())
     s2 = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert s2["world_size"] == 2
@@ -85,10 +118,23 @@ def test_fsdp_equals_single_process_and_dcp_resume(single, tmp_path, corpus_file
     run = tmp_path / "resumed"
     _run(["train"], 2, run, corpus_file, fs + ["--set", "train.stop_at=4"])
     assert (run / "checkpoints" / "last.dcp" / ".metadata").exists() and not (run / "summary.json").exists()
-    cmd_resume = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                  "layerwise", "train", "--resume", str(run), "--set", "train.stop_at=0"]
-    res = subprocess.run(cmd_resume, capture_output=True, text=True, timeout=240,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd_resume = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "layerwise",
+        "train",
+        "--resume",
+        str(run),
+        "--set",
+        "train.stop_at=0",
+    ]
+    res = subprocess.run(
+        cmd_resume, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     s3 = json.loads((run / "summary.json").read_text())
     assert s3["final_val_loss"] == pytest.approx(s2["final_val_loss"], rel=1e-6)
@@ -108,8 +154,14 @@ def test_alphaadam_fsdp_equals_single_process(tmp_path, corpus_file):
 
 def test_multipliers_and_width_scaling_under_fsdp_equal_single_process(tmp_path, corpus_file):
     """Learnable multipliers (clipping without them) and muP width scaling, groups built after sharding."""
-    extra = ["--set", "multipliers.kind=rowcol", "--set", "model.parametrization=mup",
-             "--set", "model.base_hidden_size=16"]
+    extra = [
+        "--set",
+        "multipliers.kind=rowcol",
+        "--set",
+        "model.parametrization=mup",
+        "--set",
+        "model.base_hidden_size=16",
+    ]
     _run(["train"], 1, tmp_path / "one", corpus_file, extra)
     _run(["train"], 2, tmp_path / "two", corpus_file, extra + ["--set", "train.parallel=fsdp"])
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())

@@ -1,5 +1,6 @@
 """Hugging Face Trainer integration: optimizer factory, AlphaDecay callback (schedule, logging, resume),
 multiplier clipping, merged export.  Tiny LlamaForCausalLM, a handful of CPU steps."""
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,14 @@ WD0 = 0.1
 def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=SEQ, tie_word_embeddings=tie,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg)
 
@@ -51,10 +58,22 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 def training_args(out, max_steps: int, save_steps: int = 1000, max_grad_norm: float = 1.0, **kw) -> TrainingArguments:
-    return TrainingArguments(**kw,
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, logging_steps=1,
-        save_strategy="steps", save_steps=save_steps, report_to="none", use_cpu=True, disable_tqdm=True,
-        seed=0, data_seed=0, dataloader_num_workers=0, lr_scheduler_type="constant", max_grad_norm=max_grad_norm,
+    return TrainingArguments(
+        **kw,
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=save_steps,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+        max_grad_norm=max_grad_norm,
     )
 
 
@@ -112,8 +131,9 @@ def run(tmp_path, max_steps, interval, *, save_steps=1000, resume=None, weights_
     cb = AlphaDecayCallback(interval=interval)
     rec = Recorder(cb, weights_at)
     args = training_args(tmp_path, max_steps, save_steps, restore_callback_states_from_checkpoint=restore)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), optimizer_cls_and_kwargs=opt_kwargs(),
-                      callbacks=[cb, rec])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=TokenDataset(), optimizer_cls_and_kwargs=opt_kwargs(), callbacks=[cb, rec]
+    )
     trainer.train(resume_from_checkpoint=resume)
     live = [c for c in trainer.callback_handler.callbacks if isinstance(c, AlphaDecayCallback)]
     assert len(live) == 1
@@ -128,8 +148,12 @@ def test_factory_builds_layerwise_groups(tmp_path):
     lw.add_multipliers(model)
     factory, kwargs = opt_kwargs()
     assert factory is LayerwiseOptimizerFactory
-    trainer = Trainer(model=model, args=training_args(tmp_path, 1), train_dataset=TokenDataset(),
-                      optimizer_cls_and_kwargs=(factory, kwargs))
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, 1),
+        train_dataset=TokenDataset(),
+        optimizer_cls_and_kwargs=(factory, kwargs),
+    )
     trainer.create_optimizer()
     opt = trainer.optimizer
     assert isinstance(opt, lw.AlphaAdam)
@@ -150,8 +174,11 @@ def test_factory_builds_layerwise_groups(tmp_path):
         else:
             assert wd[n] == pytest.approx(WD0), n
     # the groups are the library's param_groups, re-split: same (lr, wd, label) per name
-    ref = {n: (g["lr"], g["weight_decay"], g["group"]) for g in lw.param_groups(model, lr=2e-2, weight_decay=WD0)
-           for n in g["param_names"]}
+    ref = {
+        n: (g["lr"], g["weight_decay"], g["group"])
+        for g in lw.param_groups(model, lr=2e-2, weight_decay=WD0)
+        for n in g["param_names"]
+    }
     got = {n: (g["lr"], g["weight_decay"], g["group"]) for g in opt.param_groups for n in g["param_names"]}
     assert got == ref
 
@@ -204,8 +231,9 @@ def test_resume_restores_decays(tmp_path, restore):
     _, cb_a, rec_a = run(tmp_path / "a", max_steps=6, interval=2, save_steps=3)
     ckpt = tmp_path / "a" / "checkpoint-3"
     assert ckpt.is_dir()
-    _, cb_b, rec_b = run(tmp_path / "b", max_steps=6, interval=2, resume=str(ckpt), model=tiny_llama(1),
-                         restore=restore)
+    _, cb_b, rec_b = run(
+        tmp_path / "b", max_steps=6, interval=2, resume=str(ckpt), model=tiny_llama(1), restore=restore
+    )
     # at resume time (step 3) the decays are the saved ones (from step 2's weights), not recomputed from step 3's
     assert sorted(rec_b.hist) == [3, 4, 5, 6]
     assert rec_b.hist[3] == rec_a.hist[3]
@@ -217,19 +245,25 @@ def test_resume_restores_decays(tmp_path, restore):
 def test_resume_without_saved_state_recomputes_with_warning(tmp_path):
     # a checkpoint written without the callback: resume recomputes from the weights and counts from global_step
     model = tiny_llama(0)
-    trainer = Trainer(model=model, args=training_args(tmp_path / "a", 2, save_steps=2), train_dataset=TokenDataset(),
-                      optimizer_cls_and_kwargs=opt_kwargs())
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path / "a", 2, save_steps=2),
+        train_dataset=TokenDataset(),
+        optimizer_cls_and_kwargs=opt_kwargs(),
+    )
     trainer.train()
     with pytest.warns(UserWarning, match="without a saved AlphaDecay state"):
-        _, cb, _ = run(tmp_path / "b", max_steps=3, interval=2, resume=str(tmp_path / "a" / "checkpoint-2"),
-                       model=tiny_llama(0))
+        _, cb, _ = run(
+            tmp_path / "b", max_steps=3, interval=2, resume=str(tmp_path / "a" / "checkpoint-2"), model=tiny_llama(0)
+        )
     assert cb.decay.step == 3 and cb.decay.version == 1
 
 
 def test_callback_rejects_unsplit_default_optimizer(tmp_path):
     cb = AlphaDecayCallback(interval=2)
-    trainer = Trainer(model=tiny_llama(0), args=training_args(tmp_path, 2), train_dataset=TokenDataset(),
-                      callbacks=[cb])
+    trainer = Trainer(
+        model=tiny_llama(0), args=training_args(tmp_path, 2), train_dataset=TokenDataset(), callbacks=[cb]
+    )
     with pytest.raises(ValueError, match="layerwise_optimizer"):
         trainer.train()
     with pytest.raises(TypeError, match="select"):
@@ -238,8 +272,13 @@ def test_callback_rejects_unsplit_default_optimizer(tmp_path):
 
 def test_move_callback_first(tmp_path):
     cb = AlphaDecayCallback(interval=2)
-    trainer = Trainer(model=tiny_llama(0), args=training_args(tmp_path, 1), train_dataset=TokenDataset(),
-                      optimizer_cls_and_kwargs=opt_kwargs(), callbacks=[cb])
+    trainer = Trainer(
+        model=tiny_llama(0),
+        args=training_args(tmp_path, 1),
+        train_dataset=TokenDataset(),
+        optimizer_cls_and_kwargs=opt_kwargs(),
+        callbacks=[cb],
+    )
     assert trainer.callback_handler.callbacks[0] is not cb
     move_callback_first(trainer, AlphaDecayCallback)
     assert trainer.callback_handler.callbacks[0] is cb
@@ -256,29 +295,50 @@ def test_multiplier_clip_excludes_multipliers(tmp_path):
     class Before(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
             seen["mult_before"] = [p.grad.clone() for p in mults]
-            seen["norm_before"] = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(p.grad.double()) for n, p in model.named_parameters()
-                 if not n.endswith("_multiplier") and p.grad is not None]))
+            seen["norm_before"] = torch.linalg.vector_norm(
+                torch.stack(
+                    [
+                        torch.linalg.vector_norm(p.grad.double())
+                        for n, p in model.named_parameters()
+                        if not n.endswith("_multiplier") and p.grad is not None
+                    ]
+                )
+            )
 
     class After(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
             seen["mult_after"] = [p.grad.clone() for p in mults]
-            seen["norm_after"] = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(p.grad.double()) for n, p in model.named_parameters()
-                 if not n.endswith("_multiplier") and p.grad is not None]))
+            seen["norm_after"] = torch.linalg.vector_norm(
+                torch.stack(
+                    [
+                        torch.linalg.vector_norm(p.grad.double())
+                        for n, p in model.named_parameters()
+                        if not n.endswith("_multiplier") and p.grad is not None
+                    ]
+                )
+            )
 
     clip = MultiplierClipCallback(max_norm)
-    trainer = Trainer(model=model, args=training_args(tmp_path, 1, max_grad_norm=0.0), train_dataset=TokenDataset(),
-                      optimizer_cls_and_kwargs=opt_kwargs("adamw"), callbacks=[Before(), clip, After()])
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, 1, max_grad_norm=0.0),
+        train_dataset=TokenDataset(),
+        optimizer_cls_and_kwargs=opt_kwargs("adamw"),
+        callbacks=[Before(), clip, After()],
+    )
     trainer.train()
     assert seen["norm_before"] > 10 * max_norm
     assert float(seen["norm_after"]) == pytest.approx(max_norm, rel=1e-5)
     assert float(clip.last_norm) == pytest.approx(float(seen["norm_before"]), rel=1e-5)
     for a, b in zip(seen["mult_before"], seen["mult_after"]):
         assert torch.equal(a, b)
-    bad = Trainer(model=tiny_llama(0), args=training_args(tmp_path / "x", 1, max_grad_norm=1.0),
-                  train_dataset=TokenDataset(), optimizer_cls_and_kwargs=opt_kwargs("adamw"),
-                  callbacks=[MultiplierClipCallback(1.0)])
+    bad = Trainer(
+        model=tiny_llama(0),
+        args=training_args(tmp_path / "x", 1, max_grad_norm=1.0),
+        train_dataset=TokenDataset(),
+        optimizer_cls_and_kwargs=opt_kwargs("adamw"),
+        callbacks=[MultiplierClipCallback(1.0)],
+    )
     with pytest.raises(ValueError, match="max_grad_norm"):
         bad.train()
 

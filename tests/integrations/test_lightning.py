@@ -1,5 +1,6 @@
 """Lightning integration: AlphaDecay callback (schedule, logging, checkpoint resume), WeightDecayMonitor,
 LayerwiseLM (groups, schedule, multiplier-excluding clipping).  Tiny reference LLaMA, a few CPU steps."""
+
 from __future__ import annotations
 
 import math
@@ -57,9 +58,19 @@ def module(seed=0, **kw):
 
 
 def trainer(max_steps, callbacks, logger=False, **kw):
-    return pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, enable_progress_bar=False,
-                      enable_model_summary=False, logger=logger, enable_checkpointing=False,
-                      num_sanity_val_steps=0, log_every_n_steps=1, callbacks=callbacks, **kw)
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=logger,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        callbacks=callbacks,
+        **kw,
+    )
 
 
 class Recorder(pl.Callback):
@@ -167,8 +178,11 @@ def test_layerwise_lm_groups_schedule_and_clipping():
     conf = m.configure_optimizers()
     opt = conf["optimizer"]
     assert isinstance(opt, lw.AlphaAdam)
-    ref = {n: (g["lr"], g["weight_decay"], g["group"]) for g in lw.param_groups(m, lr=2e-2, weight_decay=WD0)
-           for n in g["param_names"]}
+    ref = {
+        n: (g["lr"], g["weight_decay"], g["group"])
+        for g in lw.param_groups(m, lr=2e-2, weight_decay=WD0)
+        for n in g["param_names"]
+    }
     got = {n: (g["initial_lr"], g["weight_decay"], g["group"]) for g in opt.param_groups for n in g["param_names"]}
     assert got == ref
     assert all(g["lr"] == pytest.approx(0.5 * g["initial_lr"]) for g in opt.param_groups)  # warm-up step 0

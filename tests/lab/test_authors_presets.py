@@ -1,4 +1,5 @@
 """The presets follow the AlphaDecay authors' scripts per optimizer; the decay options reach the controllers."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,10 +11,15 @@ from layerwise.lab.config import ConfigError, apply_overrides, preset
 from layerwise.lab.model import build_model
 
 
-@pytest.mark.parametrize("name,optim,wd,s2", [
-    ("llama-60m", "adamw", 0.1, 5.0), ("llama-135m", "adamw", 0.1, 5.0),
-    ("llama-60m-adam", "adam", 1e-5, 3.0), ("llama-135m-adam", "adam", 1e-5, 3.0),
-])
+@pytest.mark.parametrize(
+    "name,optim,wd,s2",
+    [
+        ("llama-60m", "adamw", 0.1, 5.0),
+        ("llama-135m", "adamw", 0.1, 5.0),
+        ("llama-60m-adam", "adam", 1e-5, 3.0),
+        ("llama-135m-adam", "adam", 1e-5, 3.0),
+    ],
+)
 def test_paper_presets_per_optimizer(name, optim, wd, s2):
     cfg = preset(name)
     assert (cfg.optim.name, cfg.optim.weight_decay, cfg.decay.s1, cfg.decay.s2) == (optim, wd, 0.6666, s2)
@@ -30,11 +36,22 @@ def _build(overrides):
 
 
 def test_decay_options_reach_the_controllers():
-    dec = _build({**methods.METHODS["alphadecay-authors"], "decay.metric": "stable_rank", "decay.assign": "sigmoid",
-                  "decay.slope": 2.0})
+    dec = _build(
+        {
+            **methods.METHODS["alphadecay-authors"],
+            "decay.metric": "stable_rank",
+            "decay.assign": "sigmoid",
+            "decay.slope": 2.0,
+        }
+    )
     assert isinstance(dec, AlphaDecay)
-    assert (dec.modules, dec.timing, dec.metric, dec.assign, dec.slope) == ("authors", "before", "stable_rank",
-                                                                           "sigmoid", 2.0)
+    assert (dec.modules, dec.timing, dec.metric, dec.assign, dec.slope) == (
+        "authors",
+        "before",
+        "stable_rank",
+        "sigmoid",
+        2.0,
+    )
     assert dec.names[0] == "layers.0.self_attn.k_proj.weight"  # layer 0's q_proj is the first nn.Linear
     ada = _build({"decay.name": "adadecay", "decay.interval": 7})
     assert isinstance(ada, AdaDecay) and (ada.interval, ada.norm, ada.slope) == (7, "raw", 4.0)

@@ -1,4 +1,5 @@
 """The CLI names the ``lab`` extra when a harness-only package is missing, and the packaging facts behind it."""
+
 from __future__ import annotations
 
 import sys

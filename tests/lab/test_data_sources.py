@@ -1,5 +1,6 @@
 """Data at scale: record formats through `datasets`, hf: datasets from a local folder, pretrained tokenizers,
 uint32 shards, parallel workers, max_tokens, sharded reading."""
+
 import json
 import random
 
@@ -10,8 +11,10 @@ from layerwise.lab import data as D
 from layerwise.lab import sources as S
 from layerwise.lab.tokens import ShardedTokens, load_pretrained
 
-DOCS = [f"document {i}: " + " ".join(random.Random(i).choice("abc def ghi jkl".split()) for _ in range(8))
-        for i in range(25)]
+DOCS = [
+    f"document {i}: " + " ".join(random.Random(i).choice("abc def ghi jkl".split()) for _ in range(8))
+    for i in range(25)
+]
 
 
 def _write_jsonl(path, docs, field="text"):
@@ -106,8 +109,10 @@ def test_text_file_streamed_in_pieces_is_the_whole_text(tmp_path, monkeypatch, c
 
 def test_pretrained_tokenizer_uint32_parallel_sharded(tmp_path):
     rng = random.Random(0)
-    docs = [" ".join(f"w{rng.choice([rng.randrange(100), rng.randrange(65000, 69998)])}" for _ in range(12))
-            for _ in range(300)]
+    docs = [
+        " ".join(f"w{rng.choice([rng.randrange(100), rng.randrange(65000, 69998)])}" for _ in range(12))
+        for _ in range(300)
+    ]
     corpus = _write_jsonl(tmp_path / "c.jsonl", docs)
     tok = _wordlevel_tokenizer(tmp_path / "tokenizer.json", 70000)
     td = D.prepare(str(corpus), tokenizer=str(tmp_path / "tokenizer.json"), num_proc=2, shard_tokens=1000)

@@ -1,5 +1,6 @@
 """``layerwise eval``: lm-evaluation-harness on a local multiple-choice cloze, checked against log-likelihoods
 computed here by hand with the model itself (float64), fully offline."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -16,9 +17,18 @@ from conftest import make_text
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
 
 from layerwise.lab.cli import main  # noqa: E402
-from layerwise.lab.downstream import (EVAL_FILE, EvalError, eval_markdown, eval_rows, evaluate,  # noqa: E402
-                                      fingerprint, parse_tasks, require_lm_eval,
-                                      task_entries, write_cloze_task)
+from layerwise.lab.downstream import (
+    EVAL_FILE,
+    EvalError,
+    eval_markdown,
+    eval_rows,
+    evaluate,  # noqa: E402
+    fingerprint,
+    parse_tasks,
+    require_lm_eval,
+    task_entries,
+    write_cloze_task,
+)
 
 EOS = "<|endoftext|>"
 N_DOCS = 24
@@ -32,14 +42,29 @@ def build_hf_dir(path, train_text: str):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(train_text.splitlines(), trainers.BpeTrainer(
-        vocab_size=320, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    tok.train_from_iterator(
+        train_text.splitlines(),
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.bos_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # larger weights than the default init: log-likelihoods that differ between choices
         for p in model.parameters():
@@ -71,7 +96,7 @@ def hand_loglikelihoods(hf_dir, docs) -> list[list[float]]:
         row = []
         for c in d["choices"]:
             whole = tok.encode(d["context"] + " " + c).ids
-            assert whole[:len(ctx)] == ctx  # the continuation's tokens start where the context's end
+            assert whole[: len(ctx)] == ctx  # the continuation's tokens start where the context's end
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([whole[:-1]])).logits[0], -1)
             row.append(sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole))))
@@ -104,8 +129,24 @@ def no_network(monkeypatch, tmp_path):
 def test_local_cloze_accuracy_equals_hand_loglikelihoods(hf_and_task, tmp_path, no_network):
     hf, yaml, docs = hf_and_task
     out = tmp_path / "res"
-    assert main(["eval", str(hf), "--tasks", str(yaml), "--batch-size", "5", "--device", "cpu", "--log-samples",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(hf),
+                "--tasks",
+                str(yaml),
+                "--batch-size",
+                "5",
+                "--device",
+                "cpu",
+                "--log-samples",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert no_network == []
     data = json.loads((out / EVAL_FILE).read_text())
     e = data["tasks"]["lw_cloze"]
@@ -113,8 +154,10 @@ def test_local_cloze_accuracy_equals_hand_loglikelihoods(hf_and_task, tmp_path, 
     assert data["lm_eval_version"] == importlib.metadata.version("lm_eval")
 
     hand = hand_loglikelihoods(hf, docs)
-    samples = sorted((json.loads(ln) for ln in (out / "eval_samples" / "lw_cloze.jsonl").read_text().splitlines()),
-                     key=lambda r: r["doc_id"])
+    samples = sorted(
+        (json.loads(ln) for ln in (out / "eval_samples" / "lw_cloze.jsonl").read_text().splitlines()),
+        key=lambda r: r["doc_id"],
+    )
     assert len(samples) == N_DOCS
     for s, row in zip(samples, hand):
         got = [r[0] for r in s["filtered_resps"]]
@@ -122,8 +165,10 @@ def test_local_cloze_accuracy_equals_hand_loglikelihoods(hf_and_task, tmp_path, 
     spread = [max(r) - min(r) for r in hand]
     assert min(spread) > 1e-2  # the choices are told apart: the argmax below is not decided by rounding
     acc = sum(max(range(4), key=row.__getitem__) == d["label"] for row, d in zip(hand, docs)) / N_DOCS
-    acc_norm = sum(max(range(4), key=lambda i: row[i] / len(d["choices"][i])) == d["label"]
-                   for row, d in zip(hand, docs)) / N_DOCS
+    acc_norm = (
+        sum(max(range(4), key=lambda i: row[i] / len(d["choices"][i])) == d["label"] for row, d in zip(hand, docs))
+        / N_DOCS
+    )
     assert e["metrics"]["acc"] == pytest.approx(acc, abs=1e-12)
     assert e["metrics"]["acc_norm"] == pytest.approx(acc_norm, abs=1e-12)
     # lm-eval's s.e. of a mean of 0/1 scores: the sample standard deviation over sqrt(n)
@@ -188,16 +233,24 @@ def test_bad_input_gets_clear_errors(tmp_path, hf_and_task, monkeypatch, capsys)
 
 def test_task_entries_from_an_lm_eval_result():
     """Metric names with filters, lm-eval's 'N/A' s.e., groups with an aggregate vs tags without one."""
-    res = {"results": {"mmlu": {"alias": "mmlu", "acc,none": 0.31, "acc_stderr,none": 0.004},
-                       "mmlu_anatomy": {"alias": " - anatomy", "acc,none": 0.28, "acc_stderr,none": 0.039},
-                       "arc_easy": {"alias": "arc_easy", "acc,none": 0.40, "acc_stderr,none": "N/A",
-                                    "acc_norm,none": 0.38, "acc_norm_stderr,none": 0.01},
-                       "gsm8k": {"exact_match,strict-match": 0.02, "exact_match_stderr,strict-match": 0.004}},
-           "group_subtasks": {"mmlu": ["mmlu_anatomy"], "ai2_arc": ["arc_easy"], "gsm8k": []},
-           "versions": {"mmlu": 2, "mmlu_anatomy": 1.0, "arc_easy": 1.0, "gsm8k": 3.0},
-           "n-shot": {"arc_easy": 0, "gsm8k": 5},
-           "n-samples": {"arc_easy": {"original": 2376, "effective": 100}, "gsm8k": {"original": 1319,
-                                                                                    "effective": 100}}}
+    res = {
+        "results": {
+            "mmlu": {"alias": "mmlu", "acc,none": 0.31, "acc_stderr,none": 0.004},
+            "mmlu_anatomy": {"alias": " - anatomy", "acc,none": 0.28, "acc_stderr,none": 0.039},
+            "arc_easy": {
+                "alias": "arc_easy",
+                "acc,none": 0.40,
+                "acc_stderr,none": "N/A",
+                "acc_norm,none": 0.38,
+                "acc_norm_stderr,none": 0.01,
+            },
+            "gsm8k": {"exact_match,strict-match": 0.02, "exact_match_stderr,strict-match": 0.004},
+        },
+        "group_subtasks": {"mmlu": ["mmlu_anatomy"], "ai2_arc": ["arc_easy"], "gsm8k": []},
+        "versions": {"mmlu": 2, "mmlu_anatomy": 1.0, "arc_easy": 1.0, "gsm8k": 3.0},
+        "n-shot": {"arc_easy": 0, "gsm8k": 5},
+        "n-samples": {"arc_easy": {"original": 2376, "effective": 100}, "gsm8k": {"original": 1319, "effective": 100}},
+    }
     e = task_entries(res, limit=100, num_fewshot=None, fp="x")
     assert set(e) == {"mmlu", "mmlu_anatomy", "arc_easy", "gsm8k"}
     assert e["mmlu_anatomy"]["subtask_of"] == "mmlu" and "subtask_of" not in e["arc_easy"]  # ai2_arc: a tag
@@ -213,8 +266,10 @@ def _fake_run(path, seed, evals: dict):
     (path / "config.toml").write_text("")
     (path / "summary.json").write_text(json.dumps({"seed": seed, "final_val_loss": 1.0}))
     fp = fingerprint(path)
-    tasks = {t: {"version": 1, "metrics": m, "stderr": {k: 0.05 for k in m}, "fingerprint": fp, "limit": None}
-             for t, m in evals.items()}
+    tasks = {
+        t: {"version": 1, "metrics": m, "stderr": {k: 0.05 for k in m}, "fingerprint": fp, "limit": None}
+        for t, m in evals.items()
+    }
     (path / EVAL_FILE).write_text(json.dumps({"tasks": tasks}))
 
 
@@ -237,8 +292,9 @@ def test_report_columns_mean_se_and_paired_differences(tmp_path):
     assert len(warnings) == 1 and "earlier state" in warnings[0] and "seed2" in warnings[0]
     a, b = stats["a"]["t/acc"], stats["b"]["t/acc"]
     assert a["n"] == 3 and a["mean"] == pytest.approx(0.95 / 3)
-    assert a["se"] == pytest.approx(math.sqrt(((0.25 - 0.95 / 3) ** 2 + (0.4 - 0.95 / 3) ** 2
-                                               + (0.3 - 0.95 / 3) ** 2) / 2 / 3))
+    assert a["se"] == pytest.approx(
+        math.sqrt(((0.25 - 0.95 / 3) ** 2 + (0.4 - 0.95 / 3) ** 2 + (0.3 - 0.95 / 3) ** 2) / 2 / 3)
+    )
     assert b["n"] == 2 and b["mean"] == pytest.approx(0.40)
     assert b["paired"] == pytest.approx(0.075) and b["n_paired"] == 2  # (0.10 + 0.05) / 2 over seeds 0, 1
     assert b["paired_se"] == pytest.approx(0.025)  # stdev(0.10, 0.05) / sqrt(2)
@@ -263,14 +319,36 @@ def test_run_dir_without_export_gets_clear_error(tmp_path, hf_and_task, monkeypa
 def test_compare_eval_tasks_paired_columns(tmp_path, corpus_file, capsys, no_network):
     yaml, docs = write_cloze_task(make_text(60, seed=7), tmp_path / "tasks", n_docs=8, name="lw_cloze8")
     out = tmp_path / "cmp"
-    args = ["compare", "--preset", "smoke", "--methods", "adamw,multipliers", "--seeds", "2", "--out", str(out),
-            "--set", f"data.corpus={corpus_file}", "--set", "train.max_steps=2", "--set", "train.progress=false",
-            "--set", "train.tensorboard=false", "--eval-tasks", str(yaml), "--eval-device", "cpu"]
+    args = [
+        "compare",
+        "--preset",
+        "smoke",
+        "--methods",
+        "adamw,multipliers",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "--set",
+        f"data.corpus={corpus_file}",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "train.tensorboard=false",
+        "--eval-tasks",
+        str(yaml),
+        "--eval-device",
+        "cpu",
+    ]
     assert main(args) == 0
     assert no_network == []
     res = json.loads((out / "results.json").read_text())
-    per_run = {m: [json.loads((out / m / f"seed{k}" / EVAL_FILE).read_text())["tasks"]["lw_cloze8"]
-                   for k in (0, 1)] for m in ("adamw", "multipliers")}
+    per_run = {
+        m: [json.loads((out / m / f"seed{k}" / EVAL_FILE).read_text())["tasks"]["lw_cloze8"] for k in (0, 1)]
+        for m in ("adamw", "multipliers")
+    }
     assert all(e["n_samples"] == 8 for es in per_run.values() for e in es)
     rows = {r["method"]: r["eval"]["lw_cloze8/acc"] for r in res["rows"]}
     a = [e["metrics"]["acc"] for e in per_run["adamw"]]

@@ -1,4 +1,5 @@
 """``layerwise export`` / ``generate``: a run becomes a plain Hugging Face folder with the run's logits."""
+
 import json
 
 import pytest
@@ -14,8 +15,19 @@ from layerwise.lab.train import train  # noqa: E402
 
 
 def _cfg(corpus, *over):
-    return C.resolve("smoke", None, [f"data.corpus={corpus}", "train.progress=false", "train.tensorboard=false",
-                                     "train.max_steps=6", "train.eval_every=0", "train.log_every=3", *over])
+    return C.resolve(
+        "smoke",
+        None,
+        [
+            f"data.corpus={corpus}",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.max_steps=6",
+            "train.eval_every=0",
+            "train.log_every=3",
+            *over,
+        ],
+    )
 
 
 def _assert_same_logits(run, out, vocab):
@@ -30,10 +42,14 @@ def _assert_same_logits(run, out, vocab):
     return hf
 
 
-@pytest.mark.parametrize("extra", [
-    ["multipliers.kind=rowcol"],  # multipliers merged
-    ["model.parametrization=mup", "model.base_hidden_size=16", "model.attn_scale=mup"],  # readout/attn folded
-], ids=["multipliers", "mup"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["multipliers.kind=rowcol"],  # multipliers merged
+        ["model.parametrization=mup", "model.base_hidden_size=16", "model.attn_scale=mup"],  # readout/attn folded
+    ],
+    ids=["multipliers", "mup"],
+)
 def test_export_reloads_with_equal_logits(tmp_path, corpus_file, extra):
     run = tmp_path / "run"
     train(_cfg(corpus_file, *extra), run, quiet=True)
@@ -72,7 +88,9 @@ def test_export_errors_and_replacement(tmp_path, corpus_file):
     out = tmp_path / "hf"
     assert main(["export", str(run), str(out)]) == 0
     assert main(["export", str(run), str(out)]) == 0  # an earlier export is replaced
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
     assert not list(tmp_path.glob(".hf.tmp*"))
     # greedy generation is deterministic and continues the prompt, from the run dir and the HF folder alike
     a = generate(run, "KING.", max_new_tokens=5, temperature=0)

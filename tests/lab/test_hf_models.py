@@ -1,5 +1,6 @@
 """Any Hugging Face causal LM in the harness: built from a config, trained with the methods, resumed, exported,
 and used as the starting point of another run (model.init_from)."""
+
 import json
 
 import pytest
@@ -18,22 +19,43 @@ from layerwise.lab.train import train  # noqa: E402
 
 def tiny_configs(vocab):
     """Tiny configs of four architectures (attention-only, Conv1D + tied embeddings, and the Mamba2 hybrid)."""
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return {
         "llama": transformers.LlamaConfig(**common),
         "qwen2": transformers.Qwen2Config(**common, tie_word_embeddings=False),
-        "gpt2": transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                        bos_token_id=0, eos_token_id=0),
-        "falcon_h1": transformers.FalconH1Config(**common, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4,
-                                                 mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=16),
+        "gpt2": transformers.GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        ),
+        "falcon_h1": transformers.FalconH1Config(
+            **common, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=16
+        ),
     }
 
 
 def base_cfg(corpus, *over):
-    return C.resolve("smoke", None, [f"data.corpus={corpus}", "train.progress=false", "train.tensorboard=false",
-                                     "train.max_steps=4", "train.eval_every=0", "train.log_every=2",
-                                     "train.batch_size=2", "train.diagnostics_every=2", *over])
+    return C.resolve(
+        "smoke",
+        None,
+        [
+            f"data.corpus={corpus}",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.max_steps=4",
+            "train.eval_every=0",
+            "train.log_every=2",
+            "train.batch_size=2",
+            "train.diagnostics_every=2",
+            *over,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +70,12 @@ def hf_dirs(tmp_path_factory, corpus_file):
 
 
 # GPT-2 ties its embeddings and uses Conv1D: AlphaDecay (multipliers on it are the anatomy issue's)
-METHOD = {"llama": "multipliers.kind=rowcol", "qwen2": "optim.name=alphaadam", "gpt2": "decay.name=alphadecay",
-          "falcon_h1": "multipliers.kind=rowcol"}
+METHOD = {
+    "llama": "multipliers.kind=rowcol",
+    "qwen2": "optim.name=alphaadam",
+    "gpt2": "decay.name=alphadecay",
+    "falcon_h1": "multipliers.kind=rowcol",
+}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "falcon_h1"])
@@ -78,8 +104,13 @@ def test_train_export_reload_and_init_from(arch, hf_dirs, corpus_file, tmp_path)
 
 
 def test_hf_resume_equals_uninterrupted_and_layers(hf_dirs, corpus_file, tmp_path):
-    over = [f"model.hf_config={hf_dirs['qwen2']}", "multipliers.kind=rowcol", "optim.schedule=wsd",
-            "optim.decay_frac=0.5", "train.max_steps=6"]
+    over = [
+        f"model.hf_config={hf_dirs['qwen2']}",
+        "multipliers.kind=rowcol",
+        "optim.schedule=wsd",
+        "optim.decay_frac=0.5",
+        "train.max_steps=6",
+    ]
     full = train(base_cfg(corpus_file, *over), tmp_path / "full", quiet=True)
     part = train(base_cfg(corpus_file, *over, "train.stop_at=3"), tmp_path / "part", quiet=True)
     assert part["stopped_at"] == 3
@@ -120,8 +151,16 @@ def test_hf_config_errors(hf_dirs, corpus_file, tmp_path):
 def test_sweep_resizes_an_hf_config(hf_dirs, corpus_file, tmp_path):
     from layerwise.lab.sweep import sweep
 
-    over = ["train.progress=false", "train.tensorboard=false", f"data.corpus={corpus_file}", "train.max_steps=2",
-            "train.eval_every=0", "train.log_every=1", "train.batch_size=2", f"model.hf_config={hf_dirs['qwen2']}"]
+    over = [
+        "train.progress=false",
+        "train.tensorboard=false",
+        f"data.corpus={corpus_file}",
+        "train.max_steps=2",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "train.batch_size=2",
+        f"model.hf_config={hf_dirs['qwen2']}",
+    ]
     res = sweep("smoke", [32, 64], [3e-3], [0.1], ["sp"], tmp_path / "sw", overrides=over, quiet=True)
     assert res["widths"] == [32, 64]
     for w, heads in ((32, 1), (64, 2)):

@@ -43,8 +43,8 @@ def test_rotary_is_relative():
     q, k = torch.randn(dim), torch.randn(dim)
 
     def score(pq, pk):
-        rq = apply_rotary(q.view(1, 1, 1, dim), cos[pq:pq + 1], sin[pq:pq + 1])
-        rk = apply_rotary(k.view(1, 1, 1, dim), cos[pk:pk + 1], sin[pk:pk + 1])
+        rq = apply_rotary(q.view(1, 1, 1, dim), cos[pq : pq + 1], sin[pq : pq + 1])
+        rk = apply_rotary(k.view(1, 1, 1, dim), cos[pk : pk + 1], sin[pk : pk + 1])
         return float((rq * rk).sum())
 
     assert score(5, 2) == pytest.approx(score(30, 27), rel=1e-4, abs=1e-5)
@@ -53,9 +53,15 @@ def test_rotary_is_relative():
 def test_hf_parameter_names_and_sizes():
     model = build_model("nano", vocab_size=64)
     names = {n for n, _ in model.named_parameters()}
-    for n in ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.1.mlp.down_proj.weight",
-              "layers.0.input_layernorm.weight", "layers.0.post_attention_layernorm.weight", "norm.weight",
-              "lm_head.weight"):
+    for n in (
+        "embed_tokens.weight",
+        "layers.0.self_attn.q_proj.weight",
+        "layers.1.mlp.down_proj.weight",
+        "layers.0.input_layernorm.weight",
+        "layers.0.post_attention_layernorm.weight",
+        "norm.weight",
+        "lm_head.weight",
+    ):
         assert n in names
     tiny = build_model("tiny")
     assert 1e6 <= tiny.num_parameters() <= 3e6
@@ -74,8 +80,9 @@ def test_init_std_and_mup_width_scaling():
     torch.manual_seed(0)
     sp = build_model("nano", vocab_size=64, hidden_size=256, intermediate_size=512)
     assert sp.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
-    mup = build_model("nano", vocab_size=64, hidden_size=256, intermediate_size=512, parametrization="mup",
-                      base_hidden_size=64)
+    mup = build_model(
+        "nano", vocab_size=64, hidden_size=256, intermediate_size=512, parametrization="mup", base_hidden_size=64
+    )
     # width multiplier 4 -> hidden std / 2, embedding and readout std unchanged, logits x 1/4
     assert mup.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.01, rel=0.05)
     assert mup.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.05)

@@ -1,5 +1,6 @@
 """Peer oracle: the lab's reference LLaMA and Hugging Face ``LlamaForCausalLM`` built from the same sizes and
 loaded with the same weights give the same logits (grouped-query attention, RoPE, RMSNorm, SwiGLU, untied head)."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,14 +12,28 @@ from layerwise.lab.model import build_model
 
 def _pair(num_heads: int = 4, num_kv_heads: int = 2, dtype=torch.float64):
     torch.manual_seed(0)
-    ours = build_model("nano", vocab_size=97, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                       rope_theta=500.0, norm_eps=1e-5).to(dtype).eval()
+    ours = (
+        build_model(
+            "nano", vocab_size=97, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_theta=500.0, norm_eps=1e-5
+        )
+        .to(dtype)
+        .eval()
+    )
     c = ours.config
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, tie_word_embeddings=False,
-        attention_bias=False, mlp_bias=False, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        max_position_embeddings=c.max_seq_len,
+        rms_norm_eps=c.norm_eps,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+    )
     hf = transformers.LlamaForCausalLM(hf_cfg).to(dtype).eval()
     # HF names are ours under ``model.``, except the head
     sd = {(k if k.startswith("lm_head.") else f"model.{k}"): v for k, v in ours.state_dict().items()}

@@ -1,5 +1,6 @@
 """Fault handling of runs (issue 19): safe DCP loading, the last finite checkpoint after a NaN, K checkpoints with
 fallback, orphaned temp files, one writer per run directory, layout changes on resume, no duplicate logs."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,18 @@ from layerwise.lab.train import train
 
 
 def _cfg(corpus, **over):
-    cfg = C.resolve("smoke", None, [f"data.corpus={corpus}", "train.progress=false", "train.tensorboard=false",
-                                    "train.eval_every=0", "train.log_every=2", "train.max_steps=8"])
+    cfg = C.resolve(
+        "smoke",
+        None,
+        [
+            f"data.corpus={corpus}",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.eval_every=0",
+            "train.log_every=2",
+            "train.max_steps=8",
+        ],
+    )
     return C.apply_overrides(cfg, over)
 
 
@@ -51,8 +62,10 @@ def _dcp_folder(path, marker, evil_metadata=True, evil_entry=False):
         state["payload"] = _Evil(marker)
     with pytest.warns(UserWarning):  # "assuming the intent is to save in a single process"
         dcp.save(state, checkpoint_id=str(path), no_dist=True)
-    torch.save({"step": 4, "tokens": 0, "wall_s": 0.0, "parallel": "fsdp", "world_size": 1, "scheduler": {},
-                "decay": None}, path / "extra.pt")
+    torch.save(
+        {"step": 4, "tokens": 0, "wall_s": 0.0, "parallel": "fsdp", "world_size": 1, "scheduler": {}, "decay": None},
+        path / "extra.pt",
+    )
     if evil_metadata:
         (path / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
     return path
@@ -114,15 +127,25 @@ def test_nan_run_keeps_last_finite_checkpoint_and_resumes_with_lower_lr(tmp_path
     train(_cfg(corpus_file, **{"train.stop_at": 4, "train.ckpt_every": 1}), run, quiet=True)
     # the issue's settings: huge lr, no clipping, a checkpoint every step
     with pytest.raises(NonFiniteLossError, match=r"non-finite .* at step (\d+).*kept at .*last\.pt \(step \d+\)"):
-        train(_cfg(corpus_file, **{"train.ckpt_every": 1, "optim.lr": 1e6, "optim.grad_clip": 0.0,
-                                   "optim.warmup_frac": 0.0}), run, resume=True, quiet=True, allow_changes=True)
+        train(
+            _cfg(
+                corpus_file,
+                **{"train.ckpt_every": 1, "optim.lr": 1e6, "optim.grad_clip": 0.0, "optim.warmup_frac": 0.0},
+            ),
+            run,
+            resume=True,
+            quiet=True,
+            allow_changes=True,
+        )
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["step"] >= 4
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     opt_tensors = [v for s in ck["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)]
     assert opt_tensors and all(torch.isfinite(v).all() for v in opt_tensors)
     assert not (run / "checkpoints" / ".pending.pt").exists()
-    summary = train(_cfg(corpus_file, **{"train.ckpt_every": 1, "optim.lr": 3e-3}), run, resume=True, quiet=True, allow_changes=True)
+    summary = train(
+        _cfg(corpus_file, **{"train.ckpt_every": 1, "optim.lr": 3e-3}), run, resume=True, quiet=True, allow_changes=True
+    )
     assert summary["steps"] == 8 and summary["final_val_loss"] == summary["final_val_loss"]  # finite, not NaN
     assert _steps(run / "metrics.jsonl") == [2, 4, 6, 8]
 
@@ -150,8 +173,15 @@ def test_ckpt_every_keep_k_fallback_orphans_and_no_duplicate_logs(tmp_path, corp
     import layerwise.lab.train as T
 
     run = tmp_path / "r"
-    over = {"train.ckpt_every": 3, "train.log_every": 10, "train.keep_checkpoints": 3, "train.tensorboard": True,
-            "decay.name": "alphadecay", "decay.interval": 2, "train.max_steps": 10}
+    over = {
+        "train.ckpt_every": 3,
+        "train.log_every": 10,
+        "train.keep_checkpoints": 3,
+        "train.tensorboard": True,
+        "decay.name": "alphadecay",
+        "decay.interval": 2,
+        "train.max_steps": 10,
+    }
     real_write = T.MetricsLog.write
 
     def write_then_crash(self, rec):  # a crash right after step 8's log line (checkpoint at 6)
@@ -172,9 +202,14 @@ def test_ckpt_every_keep_k_fallback_orphans_and_no_duplicate_logs(tmp_path, corp
     # the newest checkpoint gets corrupted and a crashed writer left a temp file
     (ck / "last.pt").write_bytes((ck / "last.pt").read_bytes()[:1000])
     (ck / ".last.pt.tmp99999").write_bytes(b"partial")
-    with pytest.warns(RuntimeWarning, match=r"last\.pt: .*unreadable, resuming from the previous one "
-                                            r"\(step-00000003\.pt, step 3\)"):
-        summary = train(_cfg(corpus_file, **{**over, "train.log_every": 4}), run, resume=True, quiet=True, allow_changes=True)
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"last\.pt: .*unreadable, resuming from the previous one "
+        r"\(step-00000003\.pt, step 3\)",
+    ):
+        summary = train(
+            _cfg(corpus_file, **{**over, "train.log_every": 4}), run, resume=True, quiet=True, allow_changes=True
+        )
     assert summary["steps"] == 10
     names = sorted(p.name for p in ck.iterdir())
     assert names == ["last.pt", "last.pt.corrupt", "step-00000006.pt", "step-00000009.pt"]
@@ -220,17 +255,34 @@ def test_store_keeps_k_and_drops_a_previous_runs_files(tmp_path):
 def test_second_writer_fails_at_once_naming_the_first(tmp_path, corpus_file, capsys):
     run = tmp_path / "r"
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             from layerwise.lab.runlock import RunLock
             RunLock({str(run)!r}).acquire()
             print("locked", flush=True)
             time.sleep(120)
-        """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        args = ["train", "--preset", "smoke", "--set", f"data.corpus={corpus_file}", "--set", "train.progress=false",
-                "--out", str(run)]
+        args = [
+            "train",
+            "--preset",
+            "smoke",
+            "--set",
+            f"data.corpus={corpus_file}",
+            "--set",
+            "train.progress=false",
+            "--out",
+            str(run),
+        ]
         assert main(args) == 1
         err = capsys.readouterr().err
         assert f"in use by another layerwise process: pid {holder.pid}" in err
@@ -280,7 +332,9 @@ def test_fsdp_dcp_rotation_pending_and_fallback_in_one_process(tmp_path, corpus_
     assert torch.load(ck / "last.dcp" / "extra.pt", weights_only=True)["step"] == 6
     (ck / "last.dcp" / ".metadata").write_bytes(b"\x80\x04garbage")
     with pytest.warns(RuntimeWarning, match=r"last\.dcp: .*unreadable, resuming from the previous one"):
-        summary = train(_cfg(corpus_file, **{**over, "train.max_steps": 8}), run, resume=True, quiet=True, allow_changes=True)
+        summary = train(
+            _cfg(corpus_file, **{**over, "train.max_steps": 8}), run, resume=True, quiet=True, allow_changes=True
+        )
     assert summary["steps"] == 8
     assert sorted(p.name for p in ck.iterdir()) == ["last.dcp", "last.dcp.corrupt", "step-00000006.dcp"]
     assert _steps(run / "metrics.jsonl") == [3, 6, 8]

@@ -1,12 +1,12 @@
 """Run identity: a result is only ever reported under the config and data that produced it; resume integrity;
 honest reports (n/a over one seed, experiments kept apart, unknown --ref); tokens_per_s; Ctrl-C."""
+
 import json
-import re
 import math
+import re
 import signal
 
 import pytest
-import torch
 
 from layerwise.lab import runid
 from layerwise.lab import train as T
@@ -54,8 +54,23 @@ def test_compare_refuses_stale_runs_and_overwrite_reruns_them(tmp_path, corpus_f
 def test_identity_records_absolute_corpus_and_data_checksums(tmp_path, corpus_file, monkeypatch):
     monkeypatch.chdir(corpus_file.parent)
     run = tmp_path / "r"
-    assert main(["train", "--preset", "smoke", "--set", f"data.corpus={corpus_file.name}", *FAST,
-                 "--set", "train.max_steps=2", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "smoke",
+                "--set",
+                f"data.corpus={corpus_file.name}",
+                *FAST,
+                "--set",
+                "train.max_steps=2",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert f'corpus = "{corpus_file.resolve()}"' in (run / "config.toml").read_text()
     ident = json.loads((run / "identity.json").read_text())
     meta = json.loads((run / "summary.json").read_text())["data_dir"]
@@ -82,8 +97,10 @@ def test_resume_refuses_changed_corpus_naming_it(tmp_path, corpus_file, capsys):
     corpus = tmp_path / "text.txt"
     corpus.write_text(corpus_file.read_text())
     run = tmp_path / "r"
-    assert main(["train", *_smoke(corpus), "--set", "train.max_steps=6", "--set", "train.stop_at=3",
-                 "--out", str(run)]) == 0
+    assert (
+        main(["train", *_smoke(corpus), "--set", "train.max_steps=6", "--set", "train.stop_at=3", "--out", str(run)])
+        == 0
+    )
     corpus.write_text(corpus_file.read_text()[: len(corpus_file.read_text()) // 2])  # the corpus changes
     capsys.readouterr()
     assert main(["train", "--resume", str(run)]) == 2
@@ -95,8 +112,23 @@ def test_resume_refuses_changed_corpus_naming_it(tmp_path, corpus_file, capsys):
 
 def test_resume_config_changes_need_the_flag_and_are_recorded(tmp_path, corpus_file, capsys):
     run = tmp_path / "r"
-    assert main(["train", *_smoke(corpus_file), "--set", "train.max_steps=8", "--set", "train.stop_at=4",
-                 "--set", "optim.warmup_frac=0.0", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *_smoke(corpus_file),
+                "--set",
+                "train.max_steps=8",
+                "--set",
+                "train.stop_at=4",
+                "--set",
+                "optim.warmup_frac=0.0",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--set", "train.max_steps=16"]) == 2
     err = capsys.readouterr().err
@@ -125,8 +157,11 @@ def test_resume_without_checkpoint_says_it_starts_fresh(tmp_path, corpus_file, c
 
     run = tmp_path / "r"
     run.mkdir()
-    cfg = resolve("smoke", None, [f"data.corpus={corpus_file}", "train.max_steps=2", "train.progress=false",
-                                  "train.tensorboard=false"])
+    cfg = resolve(
+        "smoke",
+        None,
+        [f"data.corpus={corpus_file}", "train.max_steps=2", "train.progress=false", "train.tensorboard=false"],
+    )
     (run / "config.toml").write_text(to_toml(cfg))
     with pytest.warns(RuntimeWarning, match="no checkpoint in .*; starting from step 0"):
         assert main(["train", "--resume", str(run)]) == 0
@@ -136,8 +171,19 @@ def test_resume_without_checkpoint_says_it_starts_fresh(tmp_path, corpus_file, c
 def test_report_keeps_experiments_apart_and_rejects_unknown_ref(tmp_path, corpus_file, capsys):
     a, b = tmp_path / "cmpA", tmp_path / "cmpB"
     for out, steps in ((a, 4), (b, 3)):  # two experiments in compare's layout, both with a method "adamw"
-        assert main(["train", *_smoke(corpus_file), "--set", f"train.max_steps={steps}",
-                     "--out", str(out / "adamw" / "seed0")]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    *_smoke(corpus_file),
+                    "--set",
+                    f"train.max_steps={steps}",
+                    "--out",
+                    str(out / "adamw" / "seed0"),
+                ]
+            )
+            == 0
+        )
     found = find_runs([a, b])
     assert sorted(found) == ["cmpA/adamw", "cmpB/adamw"]
     rep = tmp_path / "rep"
@@ -181,9 +227,19 @@ def test_tokens_per_s_excludes_evaluation_once_and_time_based_checkpoints(tmp_pa
     monkeypatch.setattr(T, "evaluate", evaluate)
     monkeypatch.setattr(T.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(T, "atomic_torch_save", lambda obj, path: (saves.append(obj.get("step")), real_save(obj, path)))
-    cfg = resolve("smoke", None, [f"data.corpus={corpus_file}", "train.progress=false", "train.tensorboard=false",
-                                  "train.max_steps=8", "train.log_every=2", "train.eval_every=4",
-                                  f"train.ckpt_minutes={1.5 / 60}"])
+    cfg = resolve(
+        "smoke",
+        None,
+        [
+            f"data.corpus={corpus_file}",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.max_steps=8",
+            "train.log_every=2",
+            "train.eval_every=4",
+            f"train.ckpt_minutes={1.5 / 60}",
+        ],
+    )
     T.train(cfg, tmp_path / "r", quiet=True)
     recs = [json.loads(ln) for ln in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
     per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -246,8 +302,17 @@ def test_a_finished_run_of_a_relative_width_method_is_reused(tmp_path, corpus_fi
     planner resolves it the same way, so the finished run is recognised as this config's."""
     from layerwise.lab.experiments import _DataCache, method_config, plan
 
-    base = resolve("smoke", None, [f"data.corpus={corpus_file}", "train.max_steps=2", "train.progress=false",
-                                   "train.tensorboard=false", "train.eval_every=0"])
+    base = resolve(
+        "smoke",
+        None,
+        [
+            f"data.corpus={corpus_file}",
+            "train.max_steps=2",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.eval_every=0",
+        ],
+    )
     cfg = method_config(base, "scaling", 0)
     run = tmp_path / "scaling" / "seed0"
     T.train(cfg.copy(), run, quiet=True)

@@ -9,9 +9,27 @@ from layerwise.lab.sweep import _argmin, width_overrides
 
 def test_sweep_tiny_grid_table_plots_and_resume(tmp_path, corpus_file, capsys):
     out = tmp_path / "sw"
-    args = ["sweep", "--preset", "smoke", "--widths", "32,64", "--lrs", "1e-3,1e-2", "--wds", "0,0.1",
-            "--parametrization", "sp,mup-sqrtwd,mup-lrwd", "--out", str(out), "--set", f"data.corpus={corpus_file}",
-            "--set", "train.max_steps=4", "--set", "train.eval_every=0"]
+    args = [
+        "sweep",
+        "--preset",
+        "smoke",
+        "--widths",
+        "32,64",
+        "--lrs",
+        "1e-3,1e-2",
+        "--wds",
+        "0,0.1",
+        "--parametrization",
+        "sp,mup-sqrtwd,mup-lrwd",
+        "--out",
+        str(out),
+        "--set",
+        f"data.corpus={corpus_file}",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.eval_every=0",
+    ]
     assert main(args) == 0
     res = json.loads((out / "sweep.json").read_text())
     for p in ("sp", "mup-sqrtwd", "mup-lrwd"):
@@ -42,13 +60,34 @@ def test_sweep_tiny_grid_table_plots_and_resume(tmp_path, corpus_file, capsys):
 
 def test_sweep_seeds_give_standard_errors_and_per_seed_shifts(tmp_path, corpus_file):
     out = tmp_path / "sw"
-    args = ["sweep", "--preset", "smoke", "--widths", "32,64", "--lrs", "1e-3,1e-2", "--wds", "0.1",
-            "--parametrization", "mup", "--seeds", "2", "--out", str(out), "--set", f"data.corpus={corpus_file}",
-            "--set", "train.max_steps=3", "--set", "train.eval_every=0"]
+    args = [
+        "sweep",
+        "--preset",
+        "smoke",
+        "--widths",
+        "32,64",
+        "--lrs",
+        "1e-3,1e-2",
+        "--wds",
+        "0.1",
+        "--parametrization",
+        "mup",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "--set",
+        f"data.corpus={corpus_file}",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.eval_every=0",
+    ]
     assert main(args) == 0
     r = json.loads((out / "sweep.json").read_text())["parametrizations"]["mup"]
-    losses = [json.loads((out / f"mup/w64/lr0.01_wd0.1/seed{s}/summary.json").read_text())["final_val_loss"]
-              for s in (0, 1)]
+    losses = [
+        json.loads((out / f"mup/w64/lr0.01_wd0.1/seed{s}/summary.json").read_text())["final_val_loss"] for s in (0, 1)
+    ]
     mean = sum(losses) / 2
     assert r["grids"]["64"][1][0] == pytest.approx(mean)
     assert r["sem"]["64"][1][0] == pytest.approx(abs(losses[0] - losses[1]) / 2)  # s.e. of 2 = |a - b| / 2

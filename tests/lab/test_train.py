@@ -72,8 +72,16 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus_file):
     run = tmp_path / "r"
     train(_cfg(corpus_file, **{"train.max_steps": 10, "train.eval_every": 10}), run, quiet=True)
-    cfg = _cfg(corpus_file, **{"train.max_steps": 20, "train.eval_every": 10, "optim.lr": 1e30,
-                               "optim.warmup_frac": 0.0, "optim.grad_clip": 0.0})
+    cfg = _cfg(
+        corpus_file,
+        **{
+            "train.max_steps": 20,
+            "train.eval_every": 10,
+            "optim.lr": 1e30,
+            "optim.warmup_frac": 0.0,
+            "optim.grad_clip": 0.0,
+        },
+    )
     with pytest.raises(NonFiniteLossError, match="non-finite"):
         train(cfg, run, resume=True, quiet=True, allow_changes=True)
     ck = load_checkpoint(run / "checkpoints/last.pt")
@@ -90,8 +98,21 @@ def test_lr_schedule_warmup_then_cosine_to_min():
 
 def test_cli_train_end_to_end_and_resume(tmp_path, corpus_file, capsys):
     out = tmp_path / "cli"
-    rc = main(["train", "--preset", "smoke", "--set", f"data.corpus={corpus_file}", "--set", "train.progress=false",
-               "--set", "train.max_steps=10", "--out", str(out)])
+    rc = main(
+        [
+            "train",
+            "--preset",
+            "smoke",
+            "--set",
+            f"data.corpus={corpus_file}",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "train.max_steps=10",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     for key in ("final_val_loss", "final_val_ppl", "steps", "tokens", "wall_s"):
@@ -121,7 +142,7 @@ def test_validation_loss_is_exact_token_weighted_mean(tmp_path, corpus_file):
     with torch.no_grad():  # reference: one long pass over all targets, token by token windows of 32
         total, n = 0.0, 0
         for s in range(0, len(val) - 1, 32):
-            w = torch.from_numpy(val[s:s + 33].astype("int64"))[None]
+            w = torch.from_numpy(val[s : s + 33].astype("int64"))[None]
             total += F.cross_entropy(model(w[:, :-1])[0].double(), w[0, 1:], reduction="sum").item()
             n += w.shape[1] - 1
     assert got == pytest.approx(total / n, rel=1e-6)
@@ -132,8 +153,14 @@ def test_multipliers_run_exports_merged_checkpoint_with_equal_outputs(tmp_path, 
     from layerwise.multipliers import add_multipliers
 
     run = tmp_path / "m"
-    train(_cfg(corpus_file, **{"train.max_steps": 6, "multipliers.kind": "rowcol", "train.diagnostics_every": 3,
-                               "train.log_every": 3}), run, quiet=True)
+    train(
+        _cfg(
+            corpus_file,
+            **{"train.max_steps": 6, "multipliers.kind": "rowcol", "train.diagnostics_every": 3, "train.log_every": 3},
+        ),
+        run,
+        quiet=True,
+    )
     last = load_checkpoint(run / "checkpoints/last.pt")
     merged = load_checkpoint(run / "checkpoints/merged.pt")
     assert any(k.endswith("row_multiplier") for k in last["model"])

@@ -3,6 +3,7 @@
 Kept cheap: the ``smoke`` preset's nano model, 4 steps, no evaluation in between; the compiled graph is
 small.  Compiled and eager kernels round differently, so losses agree to float32 tolerance, not bitwise.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,20 @@ from layerwise.lab.train import train
 
 
 def _cfg(corpus, compile_: bool, backend: str = "inductor"):
-    return C.resolve("smoke", None, [f"data.corpus={corpus}", "train.progress=false", "train.tensorboard=false",
-                                     "train.max_steps=4", "train.eval_every=0", "train.log_every=1",
-                                     f"train.compile={'true' if compile_ else 'false'}",
-                                     f"train.compile_backend={backend}"])
+    return C.resolve(
+        "smoke",
+        None,
+        [
+            f"data.corpus={corpus}",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.max_steps=4",
+            "train.eval_every=0",
+            "train.log_every=1",
+            f"train.compile={'true' if compile_ else 'false'}",
+            f"train.compile_backend={backend}",
+        ],
+    )
 
 
 @pytest.mark.timeout(1200)  # ~20 CPU-seconds of tracing; generous for a loaded machine
@@ -30,8 +41,14 @@ def test_compiled_training_matches_eager(tmp_path, corpus_file):
     torch._dynamo.reset()
     comp = train(_cfg(corpus_file, True, "aot_eager"), tmp_path / "compiled", quiet=True)
     torch._dynamo.reset()
-    le = [json.loads(l)["loss"] for l in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
-    lc = [json.loads(l)["loss"] for l in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    le = [
+        json.loads(l)["loss"] for l in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l
+    ]
+    lc = [
+        json.loads(l)["loss"]
+        for l in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in l
+    ]
     assert len(le) == len(lc) == 4
     assert lc == pytest.approx(le, rel=2e-4, abs=1e-5)
     assert le[-1] < le[0]  # it trains

@@ -1,4 +1,5 @@
 """AlphaAdam / CautiousAdamW against independent float64 references and torch.optim.AdamW."""
+
 from __future__ import annotations
 
 import copy
@@ -47,14 +48,13 @@ def lockstep(ref_opt, opt, a, b, steps: int, before_step=None) -> None:
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
 
 
-def reference_step(p, g, m, v, t, *, lr, betas, eps, wd, rule, alpha_mode="norm", alpha_max=10.0,
-                   floor=0.0):
+def reference_step(p, g, m, v, t, *, lr, betas, eps, wd, rule, alpha_mode="norm", alpha_max=10.0, floor=0.0):
     """Float64 reference of one update (written from the formulas, not from the library)."""
     p, g, m, v = (x.double() for x in (p, g, m, v))
     b1, b2 = betas
     m_new = b1 * m + (1 - b1) * g
     v_new = b2 * v + (1 - b2) * g * g
-    u = (m_new / (1 - b1 ** t)) / ((v_new / (1 - b2 ** t)).sqrt() + eps)
+    u = (m_new / (1 - b1**t)) / ((v_new / (1 - b2**t)).sqrt() + eps)
     if rule == "none":
         mask = torch.ones_like(g, dtype=torch.bool)
     elif rule == "previous":
@@ -79,6 +79,7 @@ def reference_step(p, g, m, v, t, *, lr, betas, eps, wd, rule, alpha_mode="norm"
 # ---------------------------------------------------------------------------------------------
 # masking=False is torch AdamW
 
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_masking_false_matches_torch_adamw(fast):
     a, b = make_params(), make_params()
@@ -91,38 +92,62 @@ def test_masking_false_matches_torch_adamw(fast):
         for o in (ref, opt):
             for group in o.param_groups:
                 group["lr"] = 3e-2 * (0.5 + 0.5 * math.cos(step / 25 * math.pi))
+
     lockstep(ref, opt, a, b, 25, schedule)
     for x, y in zip(a, b):
         torch.testing.assert_close(opt.state[y]["exp_avg"], ref.state[x]["exp_avg"], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(opt.state[y]["exp_avg_sq"], ref.state[x]["exp_avg_sq"],
-                                   rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(opt.state[y]["exp_avg_sq"], ref.state[x]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
         assert opt.state[y]["step"].dtype == torch.float32 and opt.state[y]["step"].item() == 25
 
 
 # ---------------------------------------------------------------------------------------------
 # the update against the float64 reference, one step at a time (eager path: all variants)
 
-@pytest.mark.parametrize("rule,alpha_mode,floor", [
-    ("previous", "norm", 0.0), ("previous", "density", 0.0), ("current", "norm", 0.0),
-    ("current", "density", 0.0), ("previous", "norm", 0.3), ("previous", "density", 0.3),
-])
+
+@pytest.mark.parametrize(
+    "rule,alpha_mode,floor",
+    [
+        ("previous", "norm", 0.0),
+        ("previous", "density", 0.0),
+        ("current", "norm", 0.0),
+        ("current", "density", 0.0),
+        ("previous", "norm", 0.3),
+        ("previous", "density", 0.3),
+    ],
+)
 def test_alphaadam_matches_float64_reference(rule, alpha_mode, floor):
     params = make_params(1)
     kw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-8, wd=0.05)
-    opt = AlphaAdam(params, lr=kw["lr"], betas=kw["betas"], eps=kw["eps"], weight_decay=kw["wd"],
-                    mask_ref=rule, alpha_mode=alpha_mode, floor=floor, alpha_max=10.0, fast=False)
+    opt = AlphaAdam(
+        params,
+        lr=kw["lr"],
+        betas=kw["betas"],
+        eps=kw["eps"],
+        weight_decay=kw["wd"],
+        mask_ref=rule,
+        alpha_mode=alpha_mode,
+        floor=floor,
+        alpha_max=10.0,
+        fast=False,
+    )
     seen_alpha = []
     for step in range(1, 7):
         grads = grads_for(step, params)
-        before = [(p.detach().clone(), opt.state[p]["exp_avg"].clone() if opt.state[p] else torch.zeros_like(p),
-                   opt.state[p]["exp_avg_sq"].clone() if opt.state[p] else torch.zeros_like(p))
-                  for p in params]
+        before = [
+            (
+                p.detach().clone(),
+                opt.state[p]["exp_avg"].clone() if opt.state[p] else torch.zeros_like(p),
+                opt.state[p]["exp_avg_sq"].clone() if opt.state[p] else torch.zeros_like(p),
+            )
+            for p in params
+        ]
         set_grads(params, grads)
         opt.step()
         diag = opt.diagnostics()
         for j, (p, g, (p0, m0, v0)) in enumerate(zip(params, grads, before)):
             p_ref, m_ref, v_ref, alpha, density = reference_step(
-                p0, g, m0, v0, step, rule=rule, alpha_mode=alpha_mode, floor=floor, **kw)
+                p0, g, m0, v0, step, rule=rule, alpha_mode=alpha_mode, floor=floor, **kw
+            )
             torch.testing.assert_close(p.double(), p_ref, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(opt.state[p]["exp_avg"].double(), m_ref, rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(opt.state[p]["exp_avg_sq"].double(), v_ref, rtol=1e-5, atol=1e-9)
@@ -136,25 +161,31 @@ def test_alphaadam_matches_float64_reference(rule, alpha_mode, floor):
 def test_cautious_matches_float64_reference():
     params = make_params(2)
     kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, wd=0.1)
-    opt = CautiousAdamW(params, lr=kw["lr"], betas=kw["betas"], eps=kw["eps"], weight_decay=kw["wd"],
-                        fast=False)
+    opt = CautiousAdamW(params, lr=kw["lr"], betas=kw["betas"], eps=kw["eps"], weight_decay=kw["wd"], fast=False)
     for step in range(1, 6):
         grads = grads_for(step, params)
-        before = [(p.detach().clone(), opt.state[p]["exp_avg"].clone() if opt.state[p] else torch.zeros_like(p),
-                   opt.state[p]["exp_avg_sq"].clone() if opt.state[p] else torch.zeros_like(p))
-                  for p in params]
+        before = [
+            (
+                p.detach().clone(),
+                opt.state[p]["exp_avg"].clone() if opt.state[p] else torch.zeros_like(p),
+                opt.state[p]["exp_avg_sq"].clone() if opt.state[p] else torch.zeros_like(p),
+            )
+            for p in params
+        ]
         set_grads(params, grads)
         opt.step()
         diag = opt.diagnostics()
         for j, (p, g, (p0, m0, v0)) in enumerate(zip(params, grads, before)):
             p_ref, _, _, alpha, density = reference_step(
-                p0, g, m0, v0, step, rule="cautious", alpha_mode="density", alpha_max=1000.0, **kw)
+                p0, g, m0, v0, step, rule="cautious", alpha_mode="density", alpha_max=1000.0, **kw
+            )
             torch.testing.assert_close(p.double(), p_ref, rtol=1e-5, atol=1e-6)
             assert diag[f"group0.param{j}"]["alpha"] == pytest.approx(1.0 / density, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
 # fast (compiled) == eager reference
+
 
 def _count_paths(monkeypatch) -> dict[str, int]:
     """Count the tensors each path updates (spies that call the real functions)."""
@@ -179,9 +210,11 @@ def _count_paths(monkeypatch) -> dict[str, int]:
     return calls
 
 
-@pytest.mark.parametrize("cpu_kernel", [
-    False, pytest.param(True, marks=pytest.mark.skipif(CK.load() is None, reason=f"no C kernel: {CK.error()}"))],
-    ids=["compiled", "c-kernel"])
+@pytest.mark.parametrize(
+    "cpu_kernel",
+    [False, pytest.param(True, marks=pytest.mark.skipif(CK.load() is None, reason=f"no C kernel: {CK.error()}"))],
+    ids=["compiled", "c-kernel"],
+)
 @pytest.mark.parametrize("cls,kw", [(AlphaAdam, {}), (CautiousAdamW, {})], ids=["alphaadam", "cautious"])
 def test_fast_matches_eager(cls, kw, cpu_kernel, monkeypatch):
     """Both fast paths (the compiled kernels; the C kernel) against the eager reference, each checked to
@@ -208,10 +241,8 @@ def test_fast_buckets_match_eager(monkeypatch):
     shapes = [(5, 3), (15,), (7, 2), (4, 4), (16,), (3, 5), (9,), (2, 2, 2), (6,), (11,)]
     a, b = make_params(5, shapes), make_params(5, shapes)
     for ps in (a, b):
-        ps.append(torch.nn.Parameter(torch.randn(12, generator=torch.Generator().manual_seed(7))
-                                     .to(torch.bfloat16)))
-        ps.append(torch.nn.Parameter(torch.randn(K.PARALLEL_MIN_NUMEL + 5,
-                                                 generator=torch.Generator().manual_seed(8))))
+        ps.append(torch.nn.Parameter(torch.randn(12, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)))
+        ps.append(torch.nn.Parameter(torch.randn(K.PARALLEL_MIN_NUMEL + 5, generator=torch.Generator().manual_seed(8))))
     names = [f"p{i}" for i in range(len(a))]
     eager = AlphaAdam([{"params": a, "param_names": names}], lr=1e-2, weight_decay=0.1, fast=False)
     fast = AlphaAdam([{"params": b, "param_names": names}], lr=1e-2, weight_decay=0.1, fast=True, cpu_kernel=False)
@@ -266,6 +297,7 @@ def test_fast_bucket_lengths_are_powers_of_two(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # mask semantics
 
+
 def test_masked_coordinates_move_only_by_weight_decay():
     (p,) = make_params(4, shapes=[(40, 30)])
     lr, wd = 1e-2, 0.1
@@ -274,7 +306,7 @@ def test_masked_coordinates_move_only_by_weight_decay():
     opt.step()
     m_prev = opt.state[p]["exp_avg"].clone()
     p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
-    masked = (m_prev * p.grad <= 0)
+    masked = m_prev * p.grad <= 0
     assert 0.3 < masked.float().mean().item() < 0.7
     p_before = p.detach().clone()
     opt.step()
@@ -335,18 +367,24 @@ def test_norm_alpha_preserves_update_norm():
     opt = AlphaAdam([p], lr=1e-2, weight_decay=0.0, alpha_max=100.0, fast=False)
     for step in range(3):
         p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
-        m, v = (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()) if opt.state[p] else (
-            torch.zeros_like(p), torch.zeros_like(p))
+        m, v = (
+            (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
+            if opt.state[p]
+            else (torch.zeros_like(p), torch.zeros_like(p))
+        )
         before = p.detach().clone()
         opt.step()
-        unmasked = reference_step(before, p.grad, m, v, step + 1, lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
-                                  wd=0.0, rule="none")[0]
-        assert (p.detach() - before).norm().item() == pytest.approx((unmasked - before.double()).norm().item(),
-                                                                   rel=1e-4)
+        unmasked = reference_step(
+            before, p.grad, m, v, step + 1, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, wd=0.0, rule="none"
+        )[0]
+        assert (p.detach() - before).norm().item() == pytest.approx(
+            (unmasked - before.double()).norm().item(), rel=1e-4
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # state dicts
+
 
 def _run(opt, params, steps, start):
     for step in range(start, start + steps):
@@ -398,6 +436,7 @@ def test_adamw_state_loads_into_alphaadam_and_back():
 # ---------------------------------------------------------------------------------------------
 # dtypes, grads, names, errors
 
+
 def test_bf16_params_use_fp32_math():
     a = make_params(11, dtype=torch.float32)
     b = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in a]
@@ -416,8 +455,7 @@ def test_bf16_params_use_fp32_math():
 
 def test_params_without_grad_are_skipped_and_names_used():
     a = make_params(12)
-    opt = AlphaAdam([{"params": a, "param_names": ["w", "b", "c"], "group": "matrix", "lr_scale": 2.0}],
-                    fast=False)
+    opt = AlphaAdam([{"params": a, "param_names": ["w", "b", "c"], "group": "matrix", "lr_scale": 2.0}], fast=False)
     a[0].grad = torch.ones_like(a[0])
     before = a[1].detach().clone()
     opt.step()
@@ -442,13 +480,26 @@ def test_non_contiguous_param_takes_eager_path(monkeypatch):
     torch.testing.assert_close(a.detach(), b.detach())
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(lr=-1.0), "lr"), (dict(betas=(1.0, 0.9)), "betas[0]"), (dict(betas=(0.9, -0.1)), "betas[1]"),
-    (dict(betas=(0.9,)), "betas"), (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(alpha_max=0.5), "alpha_max"), (dict(alpha_max=math.inf), "alpha_max"), (dict(floor=1.5), "floor"),
-    (dict(floor=-0.1), "floor"), (dict(mask_ref="next"), "mask_ref"), (dict(alpha_mode="max"), "alpha_mode"),
-    (dict(masking="yes"), "masking"), (dict(fast="auto"), "fast"), (dict(lr=float("nan")), "lr"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(betas=(1.0, 0.9)), "betas[0]"),
+        (dict(betas=(0.9, -0.1)), "betas[1]"),
+        (dict(betas=(0.9,)), "betas"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(alpha_max=0.5), "alpha_max"),
+        (dict(alpha_max=math.inf), "alpha_max"),
+        (dict(floor=1.5), "floor"),
+        (dict(floor=-0.1), "floor"),
+        (dict(mask_ref="next"), "mask_ref"),
+        (dict(alpha_mode="max"), "alpha_mode"),
+        (dict(masking="yes"), "masking"),
+        (dict(fast="auto"), "fast"),
+        (dict(lr=float("nan")), "lr"),
+    ],
+)
 def test_invalid_hyperparameters_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=r"\b" + re.escape(field) + "="):
         AlphaAdam(make_params(), **kwargs)
@@ -466,8 +517,7 @@ def test_sparse_grad_raises_naming_the_parameter():
     emb = torch.nn.Embedding(10, 4, sparse=True)
     dense = torch.nn.Parameter(torch.ones(3))
     dense.grad = torch.ones(3)
-    opt = AlphaAdam([{"params": [dense, emb.weight], "param_names": ["d", "embed_tokens.weight"]}],
-                    fast=False)
+    opt = AlphaAdam([{"params": [dense, emb.weight], "param_names": ["d", "embed_tokens.weight"]}], fast=False)
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse.*embed_tokens.weight"):
         opt.step()
@@ -495,6 +545,7 @@ def _fresh_compiled(monkeypatch, backend) -> None:
 def test_compile_failure_falls_back_with_one_warning(monkeypatch):
     """A backend that fails while compiling (as inductor does without a C++ compiler): dynamo raises
     before the graph runs; the optimizer warns once and the eager path gives the same result."""
+
     def broken(gm, example_inputs):
         raise RuntimeError("no compiler here")
 
@@ -522,10 +573,12 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
 def test_run_time_error_after_a_partial_write_is_not_reapplied(monkeypatch):
     """A compiled kernel that writes its outputs and then fails at run time: the error propagates and the
     update is not run a second time by the eager fallback (it would apply the step twice)."""
+
     def writes_then_fails(gm, example_inputs):
         def run(*args):
             gm(*args)  # the whole update is written ...
             raise RuntimeError("kernel failed after writing")  # ... then the run fails
+
         return run
 
     _fresh_compiled(monkeypatch, writes_then_fails)

@@ -1,4 +1,5 @@
 """clip_grad_norm_ with exclusions: torch parity, exclusion semantics, separate clip, argument errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -47,7 +48,7 @@ def test_exclusion_changes_the_decision():
     # reference: including it clips everything
     w2, m2 = _clone([w, mult])
     total_incl = clip_grad_norm_([w2, m2], 1.0)
-    assert total_incl.item() == pytest.approx((0.6 ** 2 + 25) ** 0.5, rel=1e-6)
+    assert total_incl.item() == pytest.approx((0.6**2 + 25) ** 0.5, rel=1e-6)
     assert w2.grad.norm().item() < 0.6 * 0.2
     # excluding it: total is the included norm, nothing is scaled
     total = clip_grad_norm_([w, mult], 1.0, exclude=[mult])

@@ -1,5 +1,6 @@
 """The C++ kernel of the masked update (layerwise.optim._cpu_kernel) against the one definition of the
 rule (layerwise.optim._masked_rule) and the eager reference path built from it."""
+
 from __future__ import annotations
 
 import subprocess
@@ -19,14 +20,24 @@ needs_c = pytest.mark.skipif(CK.load() is None, reason=f"C kernel unavailable: {
 
 def _h(t: int = 3, floor: float = 0.0, alpha_max: float = 10.0) -> torch.Tensor:
     lr, wd, b1, b2, eps = 1e-3, 0.1, 0.9, 0.95, 1e-8
-    return torch.tensor([1 - lr * wd, 1 - b1, b2, 1 - b2, eps, lr / (1 - b1 ** t), (1 - b2 ** t) ** 0.5,
-                         alpha_max, floor], dtype=torch.float32)
+    return torch.tensor(
+        [1 - lr * wd, 1 - b1, b2, 1 - b2, eps, lr / (1 - b1**t), (1 - b2**t) ** 0.5, alpha_max, floor],
+        dtype=torch.float32,
+    )
 
 
 @needs_c
-@pytest.mark.parametrize("rule,mode,floor", [("previous", "norm", 0.0), ("previous", "density", 0.0),
-                                             ("current", "norm", 0.25), ("current", "density", 0.5),
-                                             ("cautious", "density", 0.0), ("previous", "norm", 1.0)])
+@pytest.mark.parametrize(
+    "rule,mode,floor",
+    [
+        ("previous", "norm", 0.0),
+        ("previous", "density", 0.0),
+        ("current", "norm", 0.25),
+        ("current", "density", 0.5),
+        ("cautious", "density", 0.0),
+        ("previous", "norm", 1.0),
+    ],
+)
 @pytest.mark.parametrize("n,threads", [(1, 1), (7, 1), (1029, 1), (CK.PARALLEL_MIN_NUMEL + 333, 2)])
 def test_kernel_equals_eager_reference(rule, mode, floor, n, threads):
     """Sizes off every vector/block/chunk boundary; zeros in m (mask = 1 there, first-step rule);
@@ -55,13 +66,16 @@ def test_kernel_equals_eager_reference(rule, mode, floor, n, threads):
 
 @needs_c
 @pytest.mark.parametrize("mode", ["norm", "density"])
-@pytest.mark.parametrize("sums,n,floor,alpha_max", [
-    ((4.0, 1.0, 30.0, None), 100, 0.0, 10.0),     # norm: sqrt(4 / 1) = 2; density 0.3 -> 1 / 0.3
-    ((4.0, 0.0, 0.0, None), 100, 0.0, 10.0),      # nothing kept: norm alpha hits alpha_max, density 0
-    ((1.0, 4.0, 100.0, None), 100, 0.0, 10.0),    # alpha below 1 is clamped to 1
-    ((9.0, 1.0, 5.0, None), 100, 0.5, 2.5),       # floor 0.5: mean(w) = 0.05 + 0.5 * 0.95; alpha_max 2.5
-    ((1e6, 1.0, 1.0, None), 1000, 0.0, 1000.0),   # density floor 1 / alpha_max
-])
+@pytest.mark.parametrize(
+    "sums,n,floor,alpha_max",
+    [
+        ((4.0, 1.0, 30.0, None), 100, 0.0, 10.0),  # norm: sqrt(4 / 1) = 2; density 0.3 -> 1 / 0.3
+        ((4.0, 0.0, 0.0, None), 100, 0.0, 10.0),  # nothing kept: norm alpha hits alpha_max, density 0
+        ((1.0, 4.0, 100.0, None), 100, 0.0, 10.0),  # alpha below 1 is clamped to 1
+        ((9.0, 1.0, 5.0, None), 100, 0.5, 2.5),  # floor 0.5: mean(w) = 0.05 + 0.5 * 0.95; alpha_max 2.5
+        ((1e6, 1.0, 1.0, None), 1000, 0.0, 1000.0),  # density floor 1 / alpha_max
+    ],
+)
 def test_kernel_alpha_equals_alpha_from_sums(mode, sums, n, floor, alpha_max):
     """The kernel's scalar ``alpha``/density step (native code, so a second copy of the formula) against
     ``_masked_rule.alpha_from_sums`` on hand-picked sums, edge cases included."""
@@ -74,8 +88,11 @@ def test_kernel_alpha_equals_alpha_from_sums(mode, sums, n, floor, alpha_max):
     torch.testing.assert_close(out[0], alpha, rtol=1e-6, atol=0)
     # and by hand, independently of both
     d = cnt / n
-    expect = (uu / ww) ** 0.5 if (mode == "norm" and ww > 0) else (
-        alpha_max if mode == "norm" else 1.0 / max(d + floor * (1 - d), 1.0 / alpha_max))
+    expect = (
+        (uu / ww) ** 0.5
+        if (mode == "norm" and ww > 0)
+        else (alpha_max if mode == "norm" else 1.0 / max(d + floor * (1 - d), 1.0 / alpha_max))
+    )
     assert float(out[0]) == pytest.approx(min(max(expect, 1.0), alpha_max), rel=1e-6)
 
 
@@ -124,10 +141,13 @@ def test_plain_adamw_kernel_equals_torch_adamw():
 def test_optimizer_c_path_equals_eager_with_mixed_tensors(cls, monkeypatch):
     """In one optimizer, fp32 tensors take the C kernel and a bf16 tensor the compiled path; a tensor
     without a gradient is skipped.  (Single-path agreement, diagnostics included: test_fast_matches_eager.)"""
+
     def params():
         gen = torch.Generator().manual_seed(3)
-        return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(33, 17), (64,), (5, 5)]] + \
-            [torch.nn.Parameter(torch.randn(9, generator=gen).to(torch.bfloat16))]
+        return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(33, 17), (64,), (5, 5)]] + [
+            torch.nn.Parameter(torch.randn(9, generator=gen).to(torch.bfloat16))
+        ]
+
     a, b = params(), params()
     fast, eager = cls(a, lr=1e-2, weight_decay=0.1, cpu_kernel=True), cls(b, lr=1e-2, weight_decay=0.1, fast=False)
     calls = {"c": 0, "compiled": 0}
@@ -214,7 +234,9 @@ def test_kernel_is_built_once_into_its_cache():
     build = CK.build_dir_()
     (lib,) = build.glob("*.so")
     mtime = lib.stat().st_mtime_ns
-    code = ("from layerwise.optim import _cpu_kernel as CK; import sys; "
-            "sys.exit(0 if CK.load() is not None else CK.error())")
+    code = (
+        "from layerwise.optim import _cpu_kernel as CK; import sys; "
+        "sys.exit(0 if CK.load() is not None else CK.error())"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
     assert lib.stat().st_mtime_ns == mtime

@@ -1,4 +1,5 @@
 """param_groups: class membership, hyper-parameters, rules, dedupe, errors, torch.optim compatibility."""
+
 from __future__ import annotations
 
 import pytest
@@ -131,6 +132,7 @@ def test_multiplier_group_simulated():
 
 def test_multiplier_group_with_real_wrapper():
     import layerwise.multipliers as mult
+
     model = build_model("nano", vocab_size=64)
     new = mult.add_multipliers(model, kind="rowcol", placement="paper")
     groups = param_groups(model, 1e-3, 0.1)
@@ -160,11 +162,13 @@ def test_user_rules_first_match_wins():
     ]
     by = _by_label(param_groups(model, 1e-3, 0.1, rules=rules))
     assert sorted(by["qk"]["param_names"]) == sorted(
-        f"layers.{i}.self_attn.{t}_proj.weight" for i in range(2) for t in "qk")
+        f"layers.{i}.self_attn.{t}_proj.weight" for i in range(2) for t in "qk"
+    )
     assert by["qk"]["lr"] == pytest.approx(5e-4) and by["qk"]["weight_decay"] == 0.3
     assert by["qk"]["param_class"] == "matrix"
     assert sorted(by["attn"]["param_names"]) == sorted(
-        f"layers.{i}.self_attn.{t}_proj.weight" for i in range(2) for t in "vo")
+        f"layers.{i}.self_attn.{t}_proj.weight" for i in range(2) for t in "vo"
+    )
     assert by["attn"]["weight_decay"] == 0.1
     # lm_head forced into the vector class: no decay, grouped with the norms
     assert "lm_head.weight" in by["vector"]["param_names"] and by["vector"]["weight_decay"] == 0.0

@@ -1,5 +1,6 @@
 """MuonAdamW: routing covers every parameter once, equals separate torch Muon + AdamW, state round trip,
 LR schedulers and hooks act through param_groups."""
+
 from __future__ import annotations
 
 import copy
@@ -56,9 +57,14 @@ def _reference_pair(model, lr, wd, mult_wd=2e-3):
             adam_nodecay.append(p)
     muon = torch.optim.Muon(muon_p, lr=lr, weight_decay=wd, adjust_lr_fn="match_rms_adamw")
     adam = torch.optim.AdamW(
-        [{"params": adam_decay, "weight_decay": wd}, {"params": adam_nodecay, "weight_decay": 0.0},
-         {"params": adam_mult, "weight_decay": mult_wd}],
-        lr=lr, betas=(0.9, 0.95), eps=1e-8,
+        [
+            {"params": adam_decay, "weight_decay": wd},
+            {"params": adam_nodecay, "weight_decay": 0.0},
+            {"params": adam_mult, "weight_decay": mult_wd},
+        ],
+        lr=lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
     return muon, adam
 
@@ -73,8 +79,9 @@ def test_split_covers_every_parameter_once():
     muon_names = {names[id(p)] for g in opt.param_groups if g["use_muon"] for p in g["params"]}
     want = {n for n, p in model.named_parameters() if n.endswith("_proj.weight")}
     assert muon_names == want
-    assert {id(p) for g in opt.muon.param_groups for p in g["params"]} == {id(p) for g in opt.param_groups
-                                                                          if g["use_muon"] for p in g["params"]}
+    assert {id(p) for g in opt.muon.param_groups for p in g["params"]} == {
+        id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]
+    }
     labels = {g["group"]: g for g in opt.param_groups}
     assert labels["multiplier"]["weight_decay"] == 2e-3 and labels["vector"]["weight_decay"] == 0.0
     assert labels["embedding"]["param_names"] == ["embed_tokens.weight"]
@@ -86,8 +93,16 @@ def test_split_covers_every_parameter_once():
 def test_routing_from_named_parameters_and_group_dicts():
     model = _model()
     a = MuonAdamW(model.named_parameters(), lr=1e-3)
-    b = MuonAdamW([{"params": [p for _, p in model.named_parameters()],
-                    "param_names": [n for n, _ in model.named_parameters()], "lr": 1e-3, "group": "all"}])
+    b = MuonAdamW(
+        [
+            {
+                "params": [p for _, p in model.named_parameters()],
+                "param_names": [n for n, _ in model.named_parameters()],
+                "lr": 1e-3,
+                "group": "all",
+            }
+        ]
+    )
     for opt in (a, b):
         muon = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
         assert muon == {id(p) for n, p in model.named_parameters() if n.endswith("_proj.weight")}
@@ -96,8 +111,9 @@ def test_routing_from_named_parameters_and_group_dicts():
         MuonAdamW(list(model.parameters()))
     with pytest.raises(ValueError, match="empty"):
         MuonAdamW([])
-    forced = MuonAdamW([{"params": [model.lm_head.weight], "use_muon": True},
-                        {"params": [model.norm.weight], "use_muon": False}])
+    forced = MuonAdamW(
+        [{"params": [model.lm_head.weight], "use_muon": True}, {"params": [model.norm.weight], "use_muon": False}]
+    )
     assert forced.muon.param_groups[0]["params"][0] is model.lm_head.weight
 
 
@@ -224,8 +240,14 @@ def test_muon_and_adamw_steps_match_float64_reference():
     w = nn.Parameter(torch.randn(24, 40, generator=gen) * 0.1)
     v = nn.Parameter(torch.randn(40, generator=gen))
     lr, wd, mu, b1, b2, eps = 0.02, 0.1, 0.95, 0.9, 0.95, 1e-8
-    opt = MuonAdamW([{"params": [w], "use_muon": True}, {"params": [v], "use_muon": False, "weight_decay": 0.0}],
-                    lr=lr, weight_decay=wd, momentum=mu, adam_betas=(b1, b2), adam_eps=eps)
+    opt = MuonAdamW(
+        [{"params": [w], "use_muon": True}, {"params": [v], "use_muon": False, "weight_decay": 0.0}],
+        lr=lr,
+        weight_decay=wd,
+        momentum=mu,
+        adam_betas=(b1, b2),
+        adam_eps=eps,
+    )
     w64, v64 = w.detach().double().clone(), v.detach().double().clone()
     buf = torch.zeros_like(w64)
     m, s = torch.zeros_like(v64), torch.zeros_like(v64)
@@ -239,7 +261,7 @@ def test_muon_and_adamw_steps_match_float64_reference():
         w64 = w64 * (1 - lr * wd) - step_w
         m = b1 * m + (1 - b1) * gv.double()
         s = b2 * s + (1 - b2) * gv.double() ** 2
-        v64 = v64 - lr * (m / (1 - b1 ** t)) / ((s / (1 - b2 ** t)).sqrt() + eps)
+        v64 = v64 - lr * (m / (1 - b1**t)) / ((s / (1 - b2**t)).sqrt() + eps)
         # Muon's matrix update goes through bfloat16: ~1.5 % of the update's norm, accumulated over t steps
         assert float((w.detach().double() - w64).norm()) < 0.03 * t * float(step_w.norm())
         torch.testing.assert_close(v.detach().double(), v64, rtol=1e-5, atol=1e-6)

@@ -8,10 +8,11 @@ To cover a new optimizer, add a row to ``OPTIMIZERS``: a name and a factory ``pa
 * survive save/load mid-run: continuing from a reloaded state dict gives the same parameters as
   continuing without the round trip.
 """
+
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -25,14 +26,16 @@ Factory = Callable[[list], torch.optim.Optimizer]
 
 def _muon(groups: list[dict]) -> MuonAdamW:
     """The matrix on the Muon side, the bias on the AdamW side (the problem's names are not block names)."""
-    return MuonAdamW([{**groups[0], "use_muon": True}, {**groups[1], "use_muon": False}], lr=5e-2,
-                     weight_decay=0.01)
+    return MuonAdamW([{**groups[0], "use_muon": True}, {**groups[1], "use_muon": False}], lr=5e-2, weight_decay=0.01)
+
 
 OPTIMIZERS: list[tuple[str, Factory]] = [
     ("torch_adamw", lambda p: torch.optim.AdamW(p, lr=5e-2, weight_decay=0.01)),
     ("alphaadam", lambda p: AlphaAdam(p, lr=5e-2, weight_decay=0.01)),  # default: fast path
-    ("alphaadam_eager_current_density_floor",
-     lambda p: AlphaAdam(p, lr=5e-2, mask_ref="current", alpha_mode="density", floor=0.2, fast=False)),
+    (
+        "alphaadam_eager_current_density_floor",
+        lambda p: AlphaAdam(p, lr=5e-2, mask_ref="current", alpha_mode="density", floor=0.2, fast=False),
+    ),
     ("alphaadam_eager_previous_norm", lambda p: AlphaAdam(p, lr=5e-2, fast=False)),
     ("alphaadam_unmasked", lambda p: AlphaAdam(p, lr=5e-2, masking=False)),
     ("cautious_adamw", lambda p: CautiousAdamW(p, lr=5e-2, weight_decay=0.01)),
@@ -59,8 +62,10 @@ class Problem:
         self.b = torch.nn.Parameter(torch.zeros(8, dtype=dtype))
 
     def groups(self) -> list[dict]:
-        return [{"params": [self.w], "param_names": ["w"]},
-                {"params": [self.b], "param_names": ["b"], "weight_decay": 0.0}]
+        return [
+            {"params": [self.w], "param_names": ["w"]},
+            {"params": [self.b], "param_names": ["b"], "weight_decay": 0.0},
+        ]
 
     def loss(self) -> torch.Tensor:
         pred = self.x @ self.w.float().T + self.b.float()

@@ -1,4 +1,5 @@
 """Sub-layer gains vs a hand computation, top singular values vs SVD, coordinate check and its plot."""
+
 from __future__ import annotations
 
 import math
@@ -10,11 +11,11 @@ from torch import nn
 from layerwise.lab.model import build_model
 from layerwise.scaling import (
     SublayerGains,
-    coord_check,
-    transformer_blocks,
-    plot_coord_check,
     block_top_singular_values,
+    coord_check,
+    plot_coord_check,
     top_sv_metrics,
+    transformer_blocks,
 )
 
 
@@ -36,8 +37,10 @@ def _hand_gains(model, batches):
             cos, sin = model.rope_cos[:t], model.rope_sin[:t]
             x = model.embed_tokens(idx)
             for i, blk in enumerate(model.layers):
-                for kind, norm, f in (("attn", blk.input_layernorm, lambda n: blk.self_attn(n, cos, sin)),
-                                      ("mlp", blk.post_attention_layernorm, blk.mlp)):
+                for kind, norm, f in (
+                    ("attn", blk.input_layernorm, lambda n: blk.self_attn(n, cos, sin)),
+                    ("mlp", blk.post_attention_layernorm, blk.mlp),
+                ):
                     n = norm(x)
                     y = f(n)
                     a = acc.setdefault((kind, i), [0.0, 0.0, 0.0])
@@ -81,8 +84,15 @@ def test_sublayer_gains_match_hand_computation():
 
 def test_sublayer_gains_on_hf_llama_residual_rms():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     idx = torch.randint(64, (2, 8))
@@ -97,8 +107,9 @@ def test_sublayer_gains_on_hf_llama_residual_rms():
     with torch.no_grad():
         cos_sin = model.model.rotary_emb(x, pos)
         for i, layer in enumerate(model.model.layers):
-            a = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=cos_sin,
-                                attention_mask=None)[0]  # no mask: sdpa's causal path, as in the model
+            a = layer.self_attn(
+                hidden_states=layer.input_layernorm(x), position_embeddings=cos_sin, attention_mask=None
+            )[0]  # no mask: sdpa's causal path, as in the model
             mid = x + a
             y = layer.mlp(layer.post_attention_layernorm(mid))
             rms = {k: t.double().pow(2).mean().sqrt().item() for k, t in (("x", x), ("a", a), ("mid", mid), ("y", y))}
@@ -129,13 +140,15 @@ def test_block_top_singular_values_match_svd():
     met = top_sv_metrics(model)
     assert met["top_sv/layers.0.mlp.down_proj.weight"] == pytest.approx(float(top["layers.0.mlp.down_proj.weight"][0]))
     assert met["top_sv/q/mean"] == pytest.approx(
-        sum(float(top[f"layers.{i}.self_attn.q_proj.weight"][0]) for i in range(2)) / 2, rel=1e-6)
+        sum(float(top[f"layers.{i}.self_attn.q_proj.weight"][0]) for i in range(2)) / 2, rel=1e-6
+    )
     with pytest.raises(ValueError, match="k"):
         block_top_singular_values(model, k=0)
 
 
 def test_block_top_singular_values_use_effective_weight():
     import layerwise.multipliers as mult
+
     torch.manual_seed(0)
     model = build_model("nano", vocab_size=64)
     mult.add_multipliers(model, kind="rowcol", placement="paper")
@@ -153,8 +166,15 @@ def test_block_top_singular_values_use_effective_weight():
 
 def _build(mup: bool):
     def build(width: int):
-        return build_model("nano", vocab_size=64, hidden_size=width, intermediate_size=int(width * 2.75),
-                           parametrization="mup" if mup else "sp", base_hidden_size=32)
+        return build_model(
+            "nano",
+            vocab_size=64,
+            hidden_size=width,
+            intermediate_size=int(width * 2.75),
+            parametrization="mup" if mup else "sp",
+            base_hidden_size=32,
+        )
+
     return build
 
 
@@ -200,4 +220,6 @@ def test_transformer_blocks_reference_model():
     model = build_model("nano", vocab_size=64)
     blocks = transformer_blocks(model)
     assert [b.layer for b in blocks] == [0, 1]
-    assert blocks[0].attn is model.layers[0].self_attn and blocks[1].mlp_norm is model.layers[1].post_attention_layernorm
+    assert (
+        blocks[0].attn is model.layers[0].self_attn and blocks[1].mlp_norm is model.layers[1].post_attention_layernorm
+    )

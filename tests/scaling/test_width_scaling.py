@@ -1,4 +1,5 @@
 """WidthScaling: exact group values, identity at the base width, classes (ours and HF LLaMA), init, errors."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,15 @@ def _one_thread():
 
 
 def _model(width: int, base: int = 32, mup: bool = True, **kw):
-    return build_model("nano", vocab_size=64, hidden_size=width, intermediate_size=int(width * 2.75),
-                       parametrization="mup" if mup else "sp", base_hidden_size=base, **kw)
+    return build_model(
+        "nano",
+        vocab_size=64,
+        hidden_size=width,
+        intermediate_size=int(width * 2.75),
+        parametrization="mup" if mup else "sp",
+        base_hidden_size=base,
+        **kw,
+    )
 
 
 def _with_multiplier(model):
@@ -93,9 +101,16 @@ def test_classes_on_reference_model():
 def _hf_llama(hidden=32, bias=False):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False,
-        attention_bias=bias, mlp_bias=bias,
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        attention_bias=bias,
+        mlp_bias=bias,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg)
@@ -133,7 +148,7 @@ def test_exact_group_values_base32_width128(wd_exponent, wd_factor):
     by = _by_label(param_groups(model, LR, WD, rule, multiplier_weight_decay=2e-3))
     m = 4.0
     expected = {  # (lr, weight_decay), from the formulas, independently of the implementation
-        "matrix": (LR / m, WD * m ** wd_exponent),
+        "matrix": (LR / m, WD * m**wd_exponent),
         "embedding": (LR, WD),
         "readout": (LR, WD),
         "vector": (LR, 0.0),
@@ -153,15 +168,16 @@ def test_exact_group_values_base32_width128(wd_exponent, wd_factor):
 
 
 def test_non_power_of_two_width_and_exponents():
-    rule = WidthScaling(32, 96, lr_exponent=0.75, wd_exponent=0.5, embedding_lr_exponent=0.5,
-                        embedding_wd_exponent=0.25, readout="lr")
+    rule = WidthScaling(
+        32, 96, lr_exponent=0.75, wd_exponent=0.5, embedding_lr_exponent=0.5, embedding_wd_exponent=0.25, readout="lr"
+    )
     m = 3.0
     t = rule.table()
-    assert t["matrix"]["lr_mult"] == pytest.approx(m ** -0.75, rel=1e-15)
-    assert t["matrix"]["wd_mult"] == pytest.approx(m ** 0.5, rel=1e-15)
-    assert t["embedding"]["lr_mult"] == pytest.approx(m ** -0.5, rel=1e-15)
-    assert t["embedding"]["wd_mult"] == pytest.approx(m ** 0.25, rel=1e-15)
-    assert t["readout"]["lr_mult"] == pytest.approx(m ** -0.75, rel=1e-15)
+    assert t["matrix"]["lr_mult"] == pytest.approx(m**-0.75, rel=1e-15)
+    assert t["matrix"]["wd_mult"] == pytest.approx(m**0.5, rel=1e-15)
+    assert t["embedding"]["lr_mult"] == pytest.approx(m**-0.5, rel=1e-15)
+    assert t["embedding"]["wd_mult"] == pytest.approx(m**0.25, rel=1e-15)
+    assert t["readout"]["lr_mult"] == pytest.approx(m**-0.75, rel=1e-15)
     assert t["readout"]["wd_mult"] == 1.0
     assert t["vector"] == {"lr_mult": 1.0, "wd_mult": 1.0, "shrink_mult": 1.0}
     assert t["multiplier"] == {"lr_mult": 1.0, "wd_mult": 1.0, "shrink_mult": 1.0}
@@ -175,20 +191,27 @@ def test_readout_lr_mode_groups():
 
 def test_user_rule_still_width_scaled():
     rule = WidthScaling(32, 128)
-    by = _by_label(param_groups(_model(128), LR, WD, rule,
-                                rules=[(r"mlp\.down_proj", {"group": "down", "lr_scale": 0.5})]))
+    by = _by_label(
+        param_groups(_model(128), LR, WD, rule, rules=[(r"mlp\.down_proj", {"group": "down", "lr_scale": 0.5})])
+    )
     assert by["down"]["lr"] == pytest.approx(LR / 4 * 0.5, rel=1e-15)
     assert by["down"]["weight_decay"] == pytest.approx(WD * 2, rel=1e-15)
 
 
 # --------------------------------------------------------------------------------------- identity
-@pytest.mark.parametrize("exps", [dict(), dict(lr_exponent=0.3, wd_exponent=1.0, embedding_lr_exponent=1.0,
-                                              embedding_wd_exponent=0.7, readout="lr")])
+@pytest.mark.parametrize(
+    "exps",
+    [
+        dict(),
+        dict(lr_exponent=0.3, wd_exponent=1.0, embedding_lr_exponent=1.0, embedding_wd_exponent=0.7, readout="lr"),
+    ],
+)
 @pytest.mark.parametrize("mults", [False, True])
 def test_identity_at_base_width(exps, mults):
     model = _model(64, base=64)
     if mults:
         import layerwise.multipliers as mult
+
         mult.add_multipliers(model)
     ref = param_groups(model, LR, WD, None, multiplier_lr_scale=0.7)
     got = param_groups(model, LR, WD, WidthScaling(64, 64, **exps), multiplier_lr_scale=0.7)
@@ -273,7 +296,7 @@ def test_mup_model_init_variance_scales_as_one_over_fan_in():
             n = p.numel()
             tol = 5 * math.sqrt(2.0 / n)  # 5 standard errors of a sample variance
             want_std = init_std(cls, 0.02, m)
-            assert var == pytest.approx(want_std ** 2, rel=tol), (name, width)
+            assert var == pytest.approx(want_std**2, rel=tol), (name, width)
             if cls == "matrix":
                 fan_in, base_fan_in = p.shape[1], p.shape[1] / m
-                assert var * fan_in == pytest.approx(0.02 ** 2 * base_fan_in, rel=tol), (name, width)
+                assert var * fan_in == pytest.approx(0.02**2 * base_fan_in, rel=tol), (name, width)

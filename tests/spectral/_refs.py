@@ -1,4 +1,5 @@
 """Independent float64 NumPy references for the spectral tests (no code shared with the library)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -45,11 +45,15 @@ def test_files_and_hf_folder_give_same_alphas(tmp_path, tiny):
     save_file(sd, str(tmp_path / "w.safetensors"))
     hf = tmp_path / "hf"
     hf.mkdir()
-    save_file({("model." + k if not k.startswith("lm_head") else k): v for k, v in sd.items()},
-              str(hf / "model.safetensors"))
+    save_file(
+        {("model." + k if not k.startswith("lm_head") else k): v for k, v in sd.items()}, str(hf / "model.safetensors")
+    )
     alphas = []
-    for path, out in [(tmp_path / "raw.pt", tmp_path / "o1"), (tmp_path / "w.safetensors", tmp_path / "o2"),
-                      (hf, tmp_path / "o3")]:
+    for path, out in [
+        (tmp_path / "raw.pt", tmp_path / "o1"),
+        (tmp_path / "w.safetensors", tmp_path / "o2"),
+        (hf, tmp_path / "o3"),
+    ]:
         assert cli.run(_parse([str(path), "--out", str(out), "--estimator", "ks", "--no-plots"])) == 0
         rows = json.loads((out / "spectral.json").read_text())["rows"]
         alphas.append([r["alpha"] for r in rows])

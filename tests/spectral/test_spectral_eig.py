@@ -29,8 +29,14 @@ def test_gram_is_smaller_side():
 @pytest.mark.parametrize("solver,workers", [("torch", 1), ("torch", 2), ("torch", 3), ("lapack", 1), ("auto", 2)])
 def test_batched_equals_per_matrix(solver, workers):
     torch.manual_seed(1)
-    ws = [torch.randn(20, 20), torch.randn(40, 20), torch.randn(20, 20), torch.randn(20, 50), torch.randn(8, 3),
-          torch.randn(20, 20)]
+    ws = [
+        torch.randn(20, 20),
+        torch.randn(40, 20),
+        torch.randn(20, 20),
+        torch.randn(20, 50),
+        torch.randn(8, 3),
+        torch.randn(20, 20),
+    ]
     batched = gram_eigvals(ws, workers=workers, solver=solver)
     for w, b in zip(ws, batched):
         single = gram_eigvals(w, workers=1, solver=solver)

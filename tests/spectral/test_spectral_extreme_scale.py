@@ -4,6 +4,7 @@ In float32 ``W Wᵀ`` of such matrices underflows to 0 (1e-60) or overflows to I
 must still equal the squared singular values (float64 SVD reference), and α must equal that of the same
 matrix at unit scale (Hill's α is scale-invariant).
 """
+
 from __future__ import annotations
 
 import pytest

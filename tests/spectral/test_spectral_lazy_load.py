@@ -1,4 +1,5 @@
 """``layerwise analyze`` reads weights lazily, in bounded batches, from files and sharded folders (issue 20)."""
+
 from __future__ import annotations
 
 import argparse
@@ -131,10 +132,11 @@ def test_torch_checkpoint_mmap_and_legacy(tmp_path, hf_sd):
     src, _ = cli.open_weights(tmp_path / "ck.pt")
     assert isinstance(src, TorchFileSource)
     k = "model.layers.0.self_attn.q_proj.weight"
-    (name, t), = list(src.read([k]))
+    ((name, t),) = list(src.read([k]))
     assert name == k and torch.equal(t, hf_sd[k])
     torch.save(hf_sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     with pytest.warns(UserWarning, match="legacy"):
         src2, _ = cli.open_weights(tmp_path / "legacy.pt")
-    assert [r["alpha"] for r in cli.analyze_source(src2).rows] == \
-        pytest.approx([r["alpha"] for r in analyze(hf_sd).rows], rel=1e-6)
+    assert [r["alpha"] for r in cli.analyze_source(src2).rows] == pytest.approx(
+        [r["alpha"] for r in analyze(hf_sd).rows], rel=1e-6
+    )

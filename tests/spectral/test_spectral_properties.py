@@ -17,8 +17,14 @@ def test_random_matrices_always_give_a_defined_result(shape, log_scale, seed, ra
     w = torch.randn(*shape, generator=g, dtype=torch.float64) * 10.0**log_scale
     r = min(rank, *shape)
     if r < min(shape):  # plant a rank
-        w = (torch.randn(shape[0], max(r, 1), generator=g, dtype=torch.float64)
-             @ torch.randn(max(r, 1), shape[1], generator=g, dtype=torch.float64)) * 10.0**log_scale * (r > 0)
+        w = (
+            (
+                torch.randn(shape[0], max(r, 1), generator=g, dtype=torch.float64)
+                @ torch.randn(max(r, 1), shape[1], generator=g, dtype=torch.float64)
+            )
+            * 10.0**log_scale
+            * (r > 0)
+        )
     e = gram_eigvals(w, torch.float64)
     assert e.shape == (min(shape),) and bool((e >= 0).all()) and bool((e[1:] >= e[:-1]).all())
     for fit in (hill_fit(e), ks_alpha(e, min_tail=2)):

@@ -67,9 +67,11 @@ def test_state_dict_with_hf_names_equals_module(model):
     sd["lm_head.weight"] = model.state_dict()["lm_head.weight"]
     rep_sd = analyze(sd, include_embeddings=True, include_head=True)
     rep_m = analyze(model, include_embeddings=True, include_head=True)
-    assert [r["name"] for r in rep_sd.rows][:3] == ["model.layers.0.self_attn.q_proj.weight",
-                                                   "model.layers.0.self_attn.k_proj.weight",
-                                                   "model.layers.0.self_attn.v_proj.weight"]
+    assert [r["name"] for r in rep_sd.rows][:3] == [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+    ]
     assert sorted(r["alpha"] for r in rep_sd.rows) == pytest.approx(sorted(r["alpha"] for r in rep_m.rows))
     assert [r["layer"] for r in rep_sd.rows[:7]] == [0] * 7
     # prefixes from wrappers are stripped
@@ -100,8 +102,12 @@ def test_multiplier_wrapped_linear_and_plain_module():
 
     net = Net()
     rep = analyze(net)
-    assert [r["name"] for r in rep.rows] == ["layers.0.q_proj.weight", "layers.0.down_proj.weight",
-                                            "layers.1.q_proj.weight", "layers.1.down_proj.weight"]
+    assert [r["name"] for r in rep.rows] == [
+        "layers.0.q_proj.weight",
+        "layers.0.down_proj.weight",
+        "layers.1.q_proj.weight",
+        "layers.1.down_proj.weight",
+    ]
     sd_rep = analyze(net.state_dict())  # row_multiplier (1-D) and biases ignored
     assert [r["name"] for r in sd_rep.rows] == [r["name"] for r in rep.rows]
     # a model without blocks: every Linear
@@ -115,8 +121,9 @@ def test_robustness_rows_and_skips():
         "layers.0.q_proj.weight": torch.randn(32, 32),
         "layers.0.k_proj.weight": torch.zeros(32, 32),
         "layers.0.v_proj.weight": torch.randn(32, 1) @ torch.randn(1, 32),
-        "layers.0.o_proj.weight": torch.randn(32, 32).index_put_((torch.tensor([1]), torch.tensor([2])),
-                                                                 torch.tensor(float("nan"))),
+        "layers.0.o_proj.weight": torch.randn(32, 32).index_put_(
+            (torch.tensor([1]), torch.tensor([2])), torch.tensor(float("nan"))
+        ),
         "layers.0.gate_proj.weight": torch.full((32, 32), float("inf")),
         "layers.0.up_proj.weight": torch.randn(5, 7),
         "layers.0.down_proj.weight": torch.randn(1, 64),
@@ -141,8 +148,9 @@ def test_robustness_rows_and_skips():
     assert math.isfinite(rep.by_name("layers.1.q_proj.weight")["alpha"])
     # a convolution kernel is not a block matrix (anatomy role "conv"); asked for, it is skipped with a reason
     assert rep.skipped == [] and "layers.0.conv.weight" not in rep.alphas()
-    assert analyze(sd, "all").skipped == [{"name": "layers.0.conv.weight", "shape": [4, 3, 3],
-                                          "reason": "not a matrix (3-D tensor)"}]
+    assert analyze(sd, "all").skipped == [
+        {"name": "layers.0.conv.weight", "shape": [4, 3, 3], "reason": "not a matrix (3-D tensor)"}
+    ]
     # JSON: NaN -> null, round trip
     d = json.loads(rep.to_json())
     assert d["rows"][1]["alpha"] is None
@@ -182,6 +190,10 @@ def test_select_matrices_dedupes_tied_head():
             self.embed_tokens, self.lm_head = emb, head
 
     # one tensor, one row (under its first name), whether asked for as embedding, head or both
-    for kw in ({"include_embeddings": True}, {"include_head": True}, {"include_embeddings": True, "include_head": True}):
+    for kw in (
+        {"include_embeddings": True},
+        {"include_head": True},
+        {"include_embeddings": True, "include_head": True},
+    ):
         names = [info.name for info, _ in select_matrices(M(), "blocks", **kw)]
         assert names == ["embed_tokens.weight"], kw

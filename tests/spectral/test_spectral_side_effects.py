@@ -7,6 +7,7 @@ wait, so every later multi-region kernel (``svdvals``) of the process slept on f
 The check is deterministic: after warming up the main thread's OpenMP team, no call of ``analyze`` /
 ``gram_eigvals`` may create OS threads that are not Python threads.  (No wall-clock is measured.)
 """
+
 from __future__ import annotations
 
 import json
@@ -44,10 +45,12 @@ print(json.dumps({"before": len(before), "new": sorted(after - before)}))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
 def test_eigensolvers_spawn_no_openmp_teams():
-    env = dict(os.environ, PYTHONPATH=_SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="2")  # a 2-thread team per master even on a 1-core runner
+    env = dict(
+        os.environ, PYTHONPATH=_SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2"
+    )  # a 2-thread team per master even on a 1-core runner
     res = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=240)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["new"] == [], (f"analyze/gram_eigvals started {len(out['new'])} non-Python OS threads "
-                              f"(OpenMP teams of worker threads): {out}")
+    assert out["new"] == [], (
+        f"analyze/gram_eigvals started {len(out['new'])} non-Python OS threads (OpenMP teams of worker threads): {out}"
+    )

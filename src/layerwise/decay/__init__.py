@@ -24,6 +24,7 @@ name            class                      what it does
 ``adadecay``    :class:`AdaDecay`          2σ(4z) of each matrix's gradient-norm z-score in its block, every 500
 ==============  =========================  ==========================================================
 """
+
 from __future__ import annotations
 
 import inspect

@@ -11,10 +11,12 @@ Conventions (``docs/methods.md`` §0):
 * Per-module metadata is keyed by canonical parameter name (:mod:`layerwise.names`); what a parameter is
   comes from :mod:`layerwise.anatomy`.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Union
+from collections.abc import Callable, Iterable
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -28,8 +30,9 @@ Select = Union[None, str, "re.Pattern[str]", Callable[[str, torch.Tensor], bool]
 # ----------------------------------------------------------------------------------------- selection
 
 
-def controlled_matrices(model: nn.Module, select: Select = None, *,
-                        controller: str = "controller") -> list[tuple[str, torch.Tensor]]:
+def controlled_matrices(
+    model: nn.Module, select: Select = None, *, controller: str = "controller"
+) -> list[tuple[str, torch.Tensor]]:
     """The (canonical name, parameter) pairs a weight-decay controller acts on.
 
     ``select``: ``None`` -> the trainable block matrices of :func:`layerwise.anatomy` (every 2-D weight inside
@@ -53,8 +56,10 @@ def controlled_matrices(model: nn.Module, select: Select = None, *,
                 f"{controller}:{','.join(r.name for r in odd)}",
                 f"{controller}: {len(odd)} trainable parameter(s) cannot be classified and are not analysed "
                 "(they keep their group's weight decay): "
-                + ", ".join(f"{r.name} {list(r.shape)}" for r in odd[:8]) + (" ..." if len(odd) > 8 else "")
-                + "; pass select= (a regex, callable or list of names) to choose matrices yourself")
+                + ", ".join(f"{r.name} {list(r.shape)}" for r in odd[:8])
+                + (" ..." if len(odd) > 8 else "")
+                + "; pass select= (a regex, callable or list of names) to choose matrices yourself",
+            )
     elif isinstance(select, (str, re.Pattern)):
         pat = re.compile(select) if isinstance(select, str) else select
         chosen = [(r.name, r.tensor) for r in trainable if r.ndim == 2 and any(pat.search(n) for n in r.names)]
@@ -98,9 +103,7 @@ def param_locations(optimizer: torch.optim.Optimizer) -> dict[int, tuple[int, di
 def check_in_optimizer(optimizer: torch.optim.Optimizer, matrices: list[tuple[str, torch.Tensor]]) -> None:
     """``ValueError`` naming every selected parameter that no group of ``optimizer`` holds."""
     if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "register_step_post_hook"):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer (with step hooks), got {type(optimizer).__name__}"
-        )
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (with step hooks), got {type(optimizer).__name__}")
     loc = param_locations(optimizer)
     missing = [n for n, p in matrices if id(p) not in loc]
     if missing:

@@ -2,6 +2,7 @@
 weight matrix's spectrum.  Formulas, defaults and every known difference from the authors' code:
 ``docs/methods.md`` §1.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,16 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from layerwise import anatomy as _anatomy
+from layerwise import names as _names
 from layerwise.decay._base import (
     DecayController,
     Select,
     check_in_optimizer,
-    resolve_wd0,
     controlled_matrices,
+    resolve_wd0,
     split_groups,
 )
-from layerwise import anatomy as _anatomy
-from layerwise import names as _names
 from layerwise.decay.mapping import ASSIGNS, assign_decays
 
 __all__ = ["AlphaDecay", "estimate_alphas", "metric_scores", "authors_modules", "METRICS", "MODULE_SETS"]
@@ -143,7 +144,9 @@ def _estimate_local(
     if shape_correction:
         alpha = torch.stack(
             [
-                torch.as_tensor(spectral.shape_corrected_alpha(float(a), tuple(w.shape), estimator), dtype=torch.float64)
+                torch.as_tensor(
+                    spectral.shape_corrected_alpha(float(a), tuple(w.shape), estimator), dtype=torch.float64
+                )
                 for a, w in zip(alpha.tolist(), weights)
             ]
         )
@@ -445,8 +448,15 @@ class AlphaDecay(DecayController):
         self.score = self.alpha.clone() if self.metric == "alpha" else self._smooth(self.score, score_raw)
         self.score_raw = score_raw.clone()
         self.decays = assign_decays(
-            self.score, self.wd0, self.assign, self.s1, self.s2, blocks=self._blocks, slope=self.slope,
-            numel=self._numel, preserve_mean=self.preserve_mean,
+            self.score,
+            self.wd0,
+            self.assign,
+            self.s1,
+            self.s2,
+            blocks=self._blocks,
+            slope=self.slope,
+            numel=self._numel,
+            preserve_mean=self.preserve_mean,
         )
         self._apply()
         self.version += 1
@@ -498,8 +508,10 @@ class AlphaDecay(DecayController):
             for j, p in enumerate(g["params"]):
                 if "param_names" in g:
                     loc[id(p)] = _names.canonical_name(g["param_names"][j])
-        return [None if b is None else loc.get(id(b), n.rsplit(".", 1)[0] + ".bias")
-                for n, b in zip(self.names, self._biases)]
+        return [
+            None if b is None else loc.get(id(b), n.rsplit(".", 1)[0] + ".bias")
+            for n, b in zip(self.names, self._biases)
+        ]
 
     def state_dict(self) -> dict:
         state = super().state_dict()

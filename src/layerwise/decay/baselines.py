@@ -20,6 +20,7 @@ each group's ``decoupled_weight_decay`` flag (torch ``Adam``/``AdamW``), treats 
 ``Adagrad``/``Adamax``/``NAdam``/``RAdam`` without that flag as coupled, and everything else (``Muon``,
 AlphaAdam, ...) as decoupled.  ``lr`` is read from ``group["lr"]`` at the step (after the scheduler).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,9 @@ from layerwise.decay._base import (
     DecayController,
     Select,
     check_in_optimizer,
+    controlled_matrices,
     param_locations,
     resolve_wd0,
-    controlled_matrices,
     split_groups,
 )
 
@@ -260,9 +261,7 @@ class AWD(_PerStepDecay):
         self.lam_bar: torch.Tensor | None = None  # λ̄_t (0-dim tensor on the parameters' device)
         if lambda_awd == "authors":
             lambda_awd = AUTHORS_AWD_FACTOR * self.wd_ref
-        self.calib: torch.Tensor | None = (
-            None if lambda_awd is None else torch.tensor(float(lambda_awd))
-        )
+        self.calib: torch.Tensor | None = None if lambda_awd is None else torch.tensor(float(lambda_awd))
         self._attach()
 
     @torch.no_grad()
@@ -271,7 +270,9 @@ class AWD(_PerStepDecay):
         if not ps:
             return
         dev = ps[0].device
-        gn = torch.linalg.vector_norm(torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm([p.grad for p in ps])]))
+        gn = torch.linalg.vector_norm(
+            torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm([p.grad for p in ps])])
+        )
         wn = torch.linalg.vector_norm(torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm(ps)]))
         ratio = gn / wn.clamp_min(torch.finfo(torch.float32).tiny)
         if self.calib is None:
@@ -416,8 +417,7 @@ class AdaDecay(_PerStepDecay):
             g["weight_decay"] = 0.0
         blocks: dict[Any, int] = {}
         an = _anatomy.anatomy(model)
-        self._block = [blocks.setdefault((an.by_name(n).stack, an.by_name(n).block), len(blocks))
-                       for n in self.names]
+        self._block = [blocks.setdefault((an.by_name(n).stack, an.by_name(n).block), len(blocks)) for n in self.names]
         self._nblocks = len(blocks)
         dev = self._params[0].device
         self._block_t = torch.tensor(self._block, device=dev)
@@ -470,7 +470,11 @@ class AdaDecay(_PerStepDecay):
         return [{"name": n, "alpha": None, "weight_decay": float(v)} for n, v in zip(self.names, lam)]
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "names": list(self.names), "lam": None if self.lam is None else self.lam.tolist()}
+        return {
+            **super().state_dict(),
+            "names": list(self.names),
+            "lam": None if self.lam is None else self.lam.tolist(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if list(state.get("names", [])) != self.names:

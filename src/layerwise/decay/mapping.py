@@ -4,10 +4,11 @@ Weight decay follows PyTorch's coupled convention: one step does θ ← θ·(1 �
 optimizers) or adds λ·θ to the gradient (torch ``Adam``'s L2); the maps only produce the λ values.
 Formulas and defaults: ``docs/methods.md`` §1.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

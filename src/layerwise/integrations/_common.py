@@ -12,10 +12,12 @@ adds ``λ·θ`` to the gradient (torch ``Adam``).
 
 This module imports neither ``transformers`` nor ``lightning``, and never ``layerwise.lab``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,11 +90,17 @@ def build_optimizer(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_optimizer_options(name, lr, weight_decay, betas, eps)
     groups = param_groups(
-        model, lr=lr, weight_decay=weight_decay, scaling=scaling,
-        multiplier_weight_decay=multiplier_weight_decay, multiplier_lr_scale=multiplier_lr_scale, no_decay=no_decay,
+        model,
+        lr=lr,
+        weight_decay=weight_decay,
+        scaling=scaling,
+        multiplier_weight_decay=multiplier_weight_decay,
+        multiplier_lr_scale=multiplier_lr_scale,
+        no_decay=no_decay,
     )
-    opt = _registry.build(name, groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                          **optimizer_options)
+    opt = _registry.build(
+        name, groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **optimizer_options
+    )
     if split_matrices:
         split_groups(opt, [p for _, p in controlled_matrices(model, decay_select)])
     return opt

@@ -56,11 +56,13 @@ Design
 
 Weight decay is PyTorch's coupled convention: one step does ``θ ← θ·(1 − lr·λ)``.
 """
+
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -137,9 +139,18 @@ def layerwise_optimizer(
     """
     check_optimizer_options(name, lr, weight_decay, betas, eps)
     kwargs = dict(
-        name=name, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, scaling=scaling,
-        multiplier_weight_decay=multiplier_weight_decay, multiplier_lr_scale=multiplier_lr_scale,
-        no_decay=tuple(no_decay), split_matrices=split_matrices, decay_select=decay_select, **optimizer_options,
+        name=name,
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=tuple(betas),
+        eps=eps,
+        scaling=scaling,
+        multiplier_weight_decay=multiplier_weight_decay,
+        multiplier_lr_scale=multiplier_lr_scale,
+        no_decay=tuple(no_decay),
+        split_matrices=split_matrices,
+        decay_select=decay_select,
+        **optimizer_options,
     )
     return LayerwiseOptimizerFactory, kwargs
 
@@ -198,9 +209,17 @@ class AlphaDecayCallback(TrainerCallback, ExportableState):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
         self._args = dict(
-            interval=interval, s1=float(s1), s2=float(s2), wd0=wd0, estimator=estimator,
-            preserve_mean=bool(preserve_mean), ema=ema, shape_correction=bool(shape_correction),
-            select=_json_select(select), log_per_module=bool(log_per_module), prefix=str(prefix),
+            interval=interval,
+            s1=float(s1),
+            s2=float(s2),
+            wd0=wd0,
+            estimator=estimator,
+            preserve_mean=bool(preserve_mean),
+            ema=ema,
+            shape_correction=bool(shape_correction),
+            select=_json_select(select),
+            log_per_module=bool(log_per_module),
+            prefix=str(prefix),
         )
         self.decay: Any = None
         #: controller state to load at the next ``on_train_begin`` (set by transformers'
@@ -228,8 +247,9 @@ class AlphaDecayCallback(TrainerCallback, ExportableState):
         return None
 
     # events ------------------------------------------------------------------------------------------
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-                       optimizer: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         from layerwise.decay import AlphaDecay
 
         if model is None or optimizer is None:
@@ -250,8 +270,16 @@ class AlphaDecayCallback(TrainerCallback, ExportableState):
         wd0 = "group" if saved is not None else a["wd0"]
         try:
             self.decay = AlphaDecay(
-                opt, model, a["interval"], a["s1"], a["s2"], wd0=wd0, estimator=a["estimator"],
-                preserve_mean=a["preserve_mean"], ema=a["ema"], shape_correction=a["shape_correction"],
+                opt,
+                model,
+                a["interval"],
+                a["s1"],
+                a["s2"],
+                wd0=wd0,
+                estimator=a["estimator"],
+                preserve_mean=a["preserve_mean"],
+                ema=a["ema"],
+                shape_correction=a["shape_correction"],
                 select=a["select"],
             )
         except ValueError as e:
@@ -334,8 +362,9 @@ class MultiplierClipCallback(TrainerCallback):
         if getattr(args, "fp16", False):
             raise ValueError("MultiplierClipCallback does not support fp16 (GradScaler-scaled gradients); use bf16")
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-                              **kwargs: Any) -> None:
+    def on_pre_optimizer_step(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
         from layerwise.names import is_multiplier
         from layerwise.optim.clip import clip_grad_norm_
 
@@ -367,8 +396,12 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Raises ``ValueError`` when a multiplied weight is shared with another module (tied embeddings with a
     multiplied ``embed_tokens``): a plain model re-ties the two on load, so the export could not be exact.
     """
-    from layerwise.multipliers import (MultipliedConv1D, MultipliedEmbedding, MultipliedLinear,
-                                       merge_multipliers_state_dict)
+    from layerwise.multipliers import (
+        MultipliedConv1D,
+        MultipliedEmbedding,
+        MultipliedLinear,
+        merge_multipliers_state_dict,
+    )
 
     users: dict[int, list[str]] = {}
     for mname, mod in model.named_modules(remove_duplicate=False):

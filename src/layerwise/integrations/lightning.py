@@ -34,6 +34,7 @@ Design
 Weight decay is PyTorch's coupled convention: one step does ``θ ← θ·(1 − lr·λ)``.
 This module never imports ``layerwise.lab``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -49,7 +50,7 @@ from layerwise.integrations._common import OPTIMIZERS, build_optimizer, decay_lo
 __all__ = ["OPTIMIZERS", "build_optimizer", "AlphaDecayCallback", "WeightDecayMonitor", "LayerwiseLM"]
 
 
-def _log_to_loggers(trainer: "pl.Trainer", metrics: dict[str, float], step: int) -> None:
+def _log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
 
@@ -89,8 +90,17 @@ class AlphaDecayCallback(pl.Callback):
             raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
         if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
             raise ValueError(f"optimizer_index must be an integer >= 0, got {optimizer_index!r}")
-        self.options = dict(interval=interval, s1=s1, s2=s2, wd0=wd0, estimator=estimator,
-                            preserve_mean=preserve_mean, ema=ema, shape_correction=shape_correction, select=select)
+        self.options = dict(
+            interval=interval,
+            s1=s1,
+            s2=s2,
+            wd0=wd0,
+            estimator=estimator,
+            preserve_mean=preserve_mean,
+            ema=ema,
+            shape_correction=shape_correction,
+            select=select,
+        )
         self.optimizer_index = optimizer_index
         self.log_per_module = bool(log_per_module)
         self.prefix = str(prefix)
@@ -99,7 +109,7 @@ class AlphaDecayCallback(pl.Callback):
         self._logged_version: int | None = None
 
     # lifecycle ---------------------------------------------------------------------------------------
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from layerwise.decay import AlphaDecay
 
         if self.optimizer_index >= len(trainer.optimizers):
@@ -137,18 +147,19 @@ class AlphaDecayCallback(pl.Callback):
         else:
             self._logged_version = None
 
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._maybe_log(trainer)
 
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._maybe_log(trainer)
 
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.decay is not None and stage == "fit":
             self.decay.remove()  # the decays stay set; the controller stays readable
 
-    def _maybe_log(self, trainer: "pl.Trainer") -> None:
+    def _maybe_log(self, trainer: pl.Trainer) -> None:
         if self.decay is None or self.decay.version == self._logged_version:
             return
         self._logged_version = self.decay.version
@@ -198,13 +209,13 @@ class WeightDecayMonitor(pl.Callback):
         self.prefix = str(prefix)
         self.last: dict[str, float] = {}
 
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.loggers:
             raise MisconfigurationException(
                 "Cannot use `WeightDecayMonitor` callback with `Trainer` that has no logger."
             )
 
-    def names(self, trainer: "pl.Trainer") -> list[list[str]]:
+    def names(self, trainer: pl.Trainer) -> list[list[str]]:
         """The metric name of every group of every optimizer (``names[i][j]``)."""
         out: list[list[str]] = []
         multi = len(trainer.optimizers) > 1
@@ -225,7 +236,7 @@ class WeightDecayMonitor(pl.Callback):
             out.append(names)
         return out
 
-    def extract(self, trainer: "pl.Trainer") -> dict[str, float]:
+    def extract(self, trainer: pl.Trainer) -> dict[str, float]:
         """Current ``{name: weight_decay}`` (and shrinks with ``log_shrink``)."""
         stats: dict[str, float] = {}
         for opt, names in zip(trainer.optimizers, self.names(trainer)):
@@ -238,14 +249,15 @@ class WeightDecayMonitor(pl.Callback):
                     stats[name.replace(self.prefix, f"{self.prefix}-shrink", 1)] = lr * wd
         return stats
 
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.logging_interval != "step" or trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
             return
         self.last = self.extract(trainer)
         _log_to_loggers(trainer, self.last, step=trainer.global_step)
 
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.logging_interval != "epoch":
             return
         self.last = self.extract(trainer)
@@ -375,22 +387,39 @@ class LayerwiseLM(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt = build_optimizer(
-            self, self.optimizer_name, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, eps=self.eps,
-            scaling=self.scaling, multiplier_weight_decay=self.multiplier_weight_decay,
-            split_matrices=self.split_matrices, decay_select=self.decay_select, **self.optimizer_options,
+            self,
+            self.optimizer_name,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+            eps=self.eps,
+            scaling=self.scaling,
+            multiplier_weight_decay=self.multiplier_weight_decay,
+            split_matrices=self.split_matrices,
+            decay_select=self.decay_select,
+            **self.optimizer_options,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: self._schedule(s))  # state: the step count only
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
-        if not self.multiplier_params or gradient_clip_val is None or gradient_clip_val <= 0 or (
-            gradient_clip_algorithm not in (None, "norm")
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if (
+            not self.multiplier_params
+            or gradient_clip_val is None
+            or gradient_clip_val <= 0
+            or (gradient_clip_algorithm not in (None, "norm"))
         ):
-            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
-                                gradient_clip_algorithm=gradient_clip_algorithm)
+            self.clip_gradients(
+                optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
+            )
             return
         from layerwise.optim.clip import clip_grad_norm_
 
-        clip_grad_norm_([p for p in self.parameters() if p.requires_grad], float(gradient_clip_val),
-                        exclude=self.multiplier_params)
+        clip_grad_norm_(
+            [p for p in self.parameters() if p.requires_grad], float(gradient_clip_val), exclude=self.multiplier_params
+        )

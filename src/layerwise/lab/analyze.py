@@ -19,6 +19,7 @@ table, writes ``spectral.json`` and plots (``plots/spectral_alpha_heatmap.png``:
 ``plots/esd_<name>.png``: the ESD on log-log axes with the fitted tail) to ``--out`` (default: the run
 directory / model folder itself, or the directory holding the checkpoint file).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,20 +27,51 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from layerwise import names as _names
-from layerwise.lab.weight_source import (InMemorySource, SafetensorsSource, SourceError, TorchFileSource,
-                                         WeightSource, from_checkpoint_obj, index_files)
+from layerwise.lab.weight_source import (
+    InMemorySource,
+    SafetensorsSource,
+    SourceError,
+    TorchFileSource,
+    WeightSource,
+    from_checkpoint_obj,
+    index_files,
+)
 from layerwise.spectral import SpectralReport, analyze, select_matrices
 
-__all__ = ["register", "run", "load_state_dict", "open_weights", "analyze_source", "plot_alpha_heatmap",
-           "plot_esd", "main"]
+__all__ = [
+    "register",
+    "run",
+    "load_state_dict",
+    "open_weights",
+    "analyze_source",
+    "plot_alpha_heatmap",
+    "plot_esd",
+    "main",
+]
 
-_TYPE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "ssm_in", "ssm_out", "embed", "head", "other")
+_TYPE_ORDER = (
+    "q",
+    "k",
+    "v",
+    "qkv",
+    "o",
+    "gate",
+    "up",
+    "gate_up",
+    "down",
+    "ssm_in",
+    "ssm_out",
+    "embed",
+    "head",
+    "other",
+)
 
 
 class AnalyzeError(RuntimeError):
@@ -91,8 +123,10 @@ def _open(p: Path) -> tuple[WeightSource, Path]:
         bins = sorted(p.glob("pytorch_model-*.bin"))
         if bins:
             return TorchFileSource.open(p, bins), p
-        raise AnalyzeError(f"{p}: directory holds none of checkpoints/last.pt, checkpoints/last.dcp/, model.safetensors, "
-                           f"model.safetensors.index.json, model-*.safetensors, pytorch_model.bin")
+        raise AnalyzeError(
+            f"{p}: directory holds none of checkpoints/last.pt, checkpoints/last.dcp/, model.safetensors, "
+            f"model.safetensors.index.json, model-*.safetensors, pytorch_model.bin"
+        )
     if p.suffix == ".safetensors":
         return SafetensorsSource.open(p, [p]), p.parent
     if p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
@@ -132,6 +166,7 @@ def _plan(chosen: list[tuple[str, torch.Tensor]], budget: int | None) -> list[li
     """Batches of names: same shape within a batch (they share one Gram batch), each batch's bytes (the
     tensor as stored + its float32 copy + its Gram matrix) at most ``budget`` (at least one tensor).
     ``budget=None``: twice the largest tensor's cost, so memory follows the largest matrix."""
+
     def cost(t: torch.Tensor) -> int:
         n = min(t.shape) if t.ndim == 2 else 0
         return t.numel() * (t.element_size() + 4) + 4 * n * n
@@ -199,10 +234,19 @@ def analyze_source(
     rows.sort(key=lambda r: order[r["name"]])
     skipped.sort(key=lambda r: order.get(r["name"], len(order)))
     settings = dict(rep.settings) if rep is not None else {}
-    settings.update(select=select if isinstance(select, str) else getattr(select, "__name__", "callable"),
-                    include_embeddings=include_embeddings, include_head=include_head, device=str(device))
-    out = SpectralReport(rows=rows, skipped=skipped, estimator=rep.estimator if rep is not None else
-                         str(analyze_kwargs.get("estimator", "hill")), settings=settings, eigs=eigs)
+    settings.update(
+        select=select if isinstance(select, str) else getattr(select, "__name__", "callable"),
+        include_embeddings=include_embeddings,
+        include_head=include_head,
+        device=str(device),
+    )
+    out = SpectralReport(
+        rows=rows,
+        skipped=skipped,
+        estimator=rep.estimator if rep is not None else str(analyze_kwargs.get("estimator", "hill")),
+        settings=settings,
+        eigs=eigs,
+    )
     out.elapsed_s = time.perf_counter() - t0
     return out
 
@@ -256,8 +300,12 @@ def plot_esd(eigs: torch.Tensor, row: Mapping[str, Any], path: str | os.PathLike
     e = e[torch.isfinite(e) & (e > 0)]
     fig, ax = plt.subplots(figsize=(5, 3.6))
     if e.numel() >= 2 and float(e.max()) > float(e.min()):
-        edges = torch.logspace(math.log10(float(e.min())), math.log10(float(e.max())) * (1 + 1e-12) + 1e-12,
-                               min(60, max(8, e.numel() // 8)) + 1, dtype=torch.float64)
+        edges = torch.logspace(
+            math.log10(float(e.min())),
+            math.log10(float(e.max())) * (1 + 1e-12) + 1e-12,
+            min(60, max(8, e.numel() // 8)) + 1,
+            dtype=torch.float64,
+        )
         counts = torch.histogram(e, edges).hist
         dens = counts / (e.numel() * (edges[1:] - edges[:-1]))
         centers = (edges[1:] * edges[:-1]).sqrt()
@@ -318,28 +366,56 @@ def _resolve_names(report: SpectralReport, wanted: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ command
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``analyze`` sub-command to a ``layerwise`` CLI parser; sets ``func=run``."""
-    p = subparsers.add_parser("analyze", help="heavy-tail spectral analysis of a run / checkpoint / HF model",
-                              description=__doc__.replace("``", ""),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "analyze",
+        help="heavy-tail spectral analysis of a run / checkpoint / HF model",
+        description=__doc__.replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("path", help="run directory, .pt/.safetensors checkpoint, or Hugging Face model folder")
     p.add_argument("--out", default=None, help="output directory (default: next to the input)")
-    p.add_argument("--select", default="blocks", choices=("blocks", "linear", "all"),
-                   help="which matrices (default: the block matrices of layerwise.anatomy)")
+    p.add_argument(
+        "--select",
+        default="blocks",
+        choices=("blocks", "linear", "all"),
+        help="which matrices (default: the block matrices of layerwise.anatomy)",
+    )
     p.add_argument("--include-embeddings", action="store_true", help="also analyse the embedding")
     p.add_argument("--include-head", action="store_true", help="also analyse the LM head")
-    p.add_argument("--estimator", default="hill", choices=("hill", "ks"),
-                   help="hill: AlphaDecay's xmin = median eigenvalue (default); ks: Clauset's KS-fitted xmin")
-    p.add_argument("--shape-correction", default=None, choices=("difference", "ratio"),
-                   help="add alpha_corrected: alpha relative to Gaussian noise of the same shape")
+    p.add_argument(
+        "--estimator",
+        default="hill",
+        choices=("hill", "ks"),
+        help="hill: AlphaDecay's xmin = median eigenvalue (default); ks: Clauset's KS-fitted xmin",
+    )
+    p.add_argument(
+        "--shape-correction",
+        default=None,
+        choices=("difference", "ratio"),
+        help="add alpha_corrected: alpha relative to Gaussian noise of the same shape",
+    )
     p.add_argument("--min-n", type=int, default=10, help="fewer eigenvalues than this give alpha = NaN")
-    p.add_argument("--plot-esd", nargs="*", default=None, metavar="NAME",
-                   help="matrices (names or substrings) whose ESD to plot (default: lowest- and highest-alpha)")
+    p.add_argument(
+        "--plot-esd",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help="matrices (names or substrings) whose ESD to plot (default: lowest- and highest-alpha)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
-    p.add_argument("--device", default="cpu",
-                   help="where the Gram matrices and eigenvalues are computed: cpu (default), cuda, cuda:N")
-    p.add_argument("--batch-mb", type=float, default=None, metavar="MB",
-                   help="memory for one batch of matrices read at once (default: twice the largest matrix's "
-                        "stored + float32 + Gram size)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the Gram matrices and eigenvalues are computed: cpu (default), cuda, cuda:N",
+    )
+    p.add_argument(
+        "--batch-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="memory for one batch of matrices read at once (default: twice the largest matrix's "
+        "stored + float32 + Gram size)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -353,8 +429,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"layerwise analyze: error: --device {device!r} is not a device (cpu, cuda, cuda:N)", file=sys.stderr)
         return 2
     if dev.type == "cuda" and not torch.cuda.is_available():
-        print(f"layerwise analyze: error: --device {device}: CUDA is not available in this torch build/machine",
-              file=sys.stderr)
+        print(
+            f"layerwise analyze: error: --device {device}: CUDA is not available in this torch build/machine",
+            file=sys.stderr,
+        )
         return 2
     if dev.type not in ("cpu", "cuda"):
         print(f"layerwise analyze: error: --device {device!r}: only cpu and cuda are supported", file=sys.stderr)
@@ -382,8 +460,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"layerwise analyze: error: {exc}", file=sys.stderr)
         return 2
     if not report.rows:
-        print(f"layerwise analyze: error: {args.path}: no weight matrices selected "
-              f"({len(src)} tensors; try --select all)", file=sys.stderr)
+        print(
+            f"layerwise analyze: error: {args.path}: no weight matrices selected "
+            f"({len(src)} tensors; try --select all)",
+            file=sys.stderr,
+        )
         return 2
     cols = ["name", "shape", "layer", "module_type", "alpha"]
     if report.settings.get("shape_correction"):
@@ -405,8 +486,15 @@ def run(args: argparse.Namespace) -> int:
                 chosen = _resolve_names(report, list(wanted))
             else:
                 ok = [r for r in report.rows if math.isfinite(r["alpha"])]
-                chosen = list(dict.fromkeys([min(ok, key=lambda r: r["alpha"])["name"],
-                                             max(ok, key=lambda r: r["alpha"])["name"]])) if ok else []
+                chosen = (
+                    list(
+                        dict.fromkeys(
+                            [min(ok, key=lambda r: r["alpha"])["name"], max(ok, key=lambda r: r["alpha"])["name"]]
+                        )
+                    )
+                    if ok
+                    else []
+                )
         except AnalyzeError as exc:
             print(f"layerwise analyze: error: {exc}", file=sys.stderr)
             return 2
@@ -415,8 +503,10 @@ def run(args: argparse.Namespace) -> int:
             plot_esd(report.eigs[name], report.by_name(name), f)
             written.append(f)
     n_nan = sum(1 for r in report.rows if not math.isfinite(r["alpha"]))
-    print(f"\n{len(report.rows)} matrices in {report.elapsed_s:.2f} s ({n_nan} without alpha); wrote "
-          + ", ".join(str(w) for w in written))
+    print(
+        f"\n{len(report.rows)} matrices in {report.elapsed_s:.2f} s ({n_nan} without alpha); wrote "
+        + ", ".join(str(w) for w in written)
+    )
     return 0
 
 

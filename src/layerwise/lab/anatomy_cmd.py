@@ -7,6 +7,7 @@ the headers), or a ``.pt`` / ``.pth`` / ``.bin`` checkpoint (a state dict, or a 
 layout, tied names) and the counts; ``--json FILE`` also writes the rows as JSON.  Exit code 2 when PATH is
 unreadable; 1 with ``--strict`` when some tensor is unclassified (role ``other``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,12 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``anatomy`` sub-command to a ``layerwise`` CLI parser; sets ``func=run``."""
-    p = subparsers.add_parser("anatomy", help="role, block, operator and fan-in/out of every parameter of a model",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "anatomy",
+        help="role, block, operator and fan-in/out of every parameter of a model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("path", help="Hugging Face model folder (config.json), .safetensors, or .pt/.pth/.bin file")
     p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 if any tensor is unclassified")

@@ -13,14 +13,16 @@ cannot be read is renamed ``*.corrupt`` (kept for inspection) with a warning and
 Temporary files of a writer that died (``.last.pt.tmp<pid>``, ``.last.dcp.tmp/``) are removed when the next
 writer starts — safe because a run directory has one writer at a time (:mod:`layerwise.lab.runlock`).
 """
+
 from __future__ import annotations
 
 import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -164,22 +166,33 @@ class CheckpointStore:
                 f"cannot resume: this run's checkpoints were written with train.parallel={was} "
                 f"({self.dir / found}), but this resume has train.parallel={parallel!r}, which reads "
                 f"{'DCP folders (last.dcp/)' if self.sharded else 'last.pt'}. Resume with "
-                f"--set train.parallel={'fsdp' if other == 'dcp' else 'ddp (or none)'} instead.")
+                f"--set train.parallel={'fsdp' if other == 'dcp' else 'ddp (or none)'} instead."
+            )
 
     def _check_extra(self, ckpt: dict, path: Path, parallel: str, world_size: int) -> None:
         saved_par, saved_ws = ckpt.get("parallel"), ckpt.get("world_size")
         if self.sharded and saved_par not in (None, "fsdp"):
-            raise CheckpointError(f"cannot resume from {path}: written with train.parallel={saved_par!r}, "
-                                  f"this resume has train.parallel={parallel!r}")
+            raise CheckpointError(
+                f"cannot resume from {path}: written with train.parallel={saved_par!r}, "
+                f"this resume has train.parallel={parallel!r}"
+            )
         if self.sharded and saved_ws is not None and saved_ws != world_size:
             raise CheckpointError(
                 f"cannot resume from {path}: its FSDP shards were written by {saved_ws} processes, this launch "
                 f"has {world_size}. Resume with the same number of processes (torchrun --nproc_per_node "
-                f"{saved_ws}, or nnodes x nproc_per_node = {saved_ws}).")
+                f"{saved_ws}, or nnodes x nproc_per_node = {saved_ws})."
+            )
 
     # ------------------------------------------------------------------ restore
-    def restore(self, model, optimizer, *, parallel: str, world_size: int,
-                load_sharded: Callable[[Path, Any, Any], None] | None = None) -> dict | None:
+    def restore(
+        self,
+        model,
+        optimizer,
+        *,
+        parallel: str,
+        world_size: int,
+        load_sharded: Callable[[Path, Any, Any], None] | None = None,
+    ) -> dict | None:
         """Load the newest readable checkpoint into ``model``/``optimizer`` and return its dict (for DCP: the
         ``extra.pt`` dict), or ``None`` when there is none.  Unreadable ones are set aside with a warning; a
         checkpoint that refuses to load safely, or none readable at all, raises :class:`CheckpointError`."""
@@ -215,13 +228,20 @@ class CheckpointStore:
             self.restored_from = path
             break
         if chosen is None:
-            raise CheckpointError("no readable checkpoint to resume from:\n  " + "\n  ".join(failures)
-                                  + "\nMove these aside to start the run again from step 0.")
-        bad = cands[:cands.index(self.restored_from)]
+            raise CheckpointError(
+                "no readable checkpoint to resume from:\n  "
+                + "\n  ".join(failures)
+                + "\nMove these aside to start the run again from step 0."
+            )
+        bad = cands[: cands.index(self.restored_from)]
         for path, why in zip(bad, failures):
-            warnings.warn(f"checkpoint {why} — unreadable, resuming from the previous one "
-                          f"({self.restored_from.name}, step {chosen['step']}); it is kept as "
-                          f"{path.name}.corrupt", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"checkpoint {why} — unreadable, resuming from the previous one "
+                f"({self.restored_from.name}, step {chosen['step']}); it is kept as "
+                f"{path.name}.corrupt",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._barrier()
         if self._main:
             for path in bad:
@@ -244,13 +264,16 @@ class CheckpointStore:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {path} does not fit this model (was model.* changed?): "
-                                  f"{str(e).splitlines()[0]} ...") from None
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model (was model.* changed?): {str(e).splitlines()[0]} ..."
+            ) from None
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {path}: optimizer state does not fit this optimizer "
-                                  f"(was optim.* or the method changed?): {e}") from None
+            raise CheckpointError(
+                f"checkpoint {path}: optimizer state does not fit this optimizer "
+                f"(was optim.* or the method changed?): {e}"
+            ) from None
 
     # ------------------------------------------------------------------ save
     def _rotate_pt(self) -> None:
@@ -273,7 +296,7 @@ class CheckpointStore:
             if s not in self.own or s >= step:
                 _rm(p)
                 self.own.discard(s)
-        for s, p in mine[self.keep - 1:]:
+        for s, p in mine[self.keep - 1 :]:
             _rm(p)
             self.own.discard(s)
         _fsync_dir(self.dir)

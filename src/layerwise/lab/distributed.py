@@ -9,6 +9,7 @@
 Launch with ``torchrun --nproc_per_node N -m layerwise train ...`` (multi-node: torchrun's ``--nnodes`` and
 ``--rdzv-endpoint``).  Without torchrun a ``ddp``/``fsdp`` run forms a group of one.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,14 +68,17 @@ def setup(parallel: str, device: str, timeout_s: float | None = None) -> DistCon
     bounds every collective (``train.dist_timeout_s``: a stalled peer ends the job instead of hanging it)."""
     if parallel == "none":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError("launched with torchrun (WORLD_SIZE > 1) but train.parallel='none'; "
-                               "set --set train.parallel=ddp or fsdp")
+            raise RuntimeError(
+                "launched with torchrun (WORLD_SIZE > 1) but train.parallel='none'; "
+                "set --set train.parallel=ddp or fsdp"
+            )
         return DistContext()
     owns = False
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+            os.environ.update(
+                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+            )
         backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -88,8 +92,7 @@ def setup(parallel: str, device: str, timeout_s: float | None = None) -> DistCon
         from layerwise.lab.distwatch import watch_parent
 
         watch_parent()  # a torchrun worker exits if its agent is killed, instead of training on as an orphan
-    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), parallel,
-                       owns)
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), parallel, owns)
 
 
 def wrap(model: nn.Module, ctx: DistContext, device: str) -> nn.Module:
@@ -131,8 +134,7 @@ def model_state(model: nn.Module, ctx: DistContext, *, full: bool = True) -> dic
     return model.state_dict()
 
 
-def save_sharded(path: Path, model: nn.Module, optimizer, extra: dict, ctx: DistContext, save_fn,
-                 commit=None) -> None:
+def save_sharded(path: Path, model: nn.Module, optimizer, extra: dict, ctx: DistContext, save_fn, commit=None) -> None:
     """DCP save into a temporary folder, then swap it in for ``path`` (rank 0), so an interrupted save never
     replaces a good checkpoint.  ``commit(tmp)`` (rank 0) does the swap instead when given (rotation)."""
     import torch.distributed.checkpoint as dcp

@@ -8,6 +8,7 @@
   is gone (``kill -9`` of torchrun, which cannot forward a signal), the worker exits instead of training on
   as an orphan.  Checkpoints are atomic and the run lock is released by the kernel, so nothing is lost.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,15 @@ import threading
 __all__ = ["DistributedTimeoutError", "translate", "watch_parent"]
 
 _TIMEOUT_WORDS = ("timed out", "timeout", "time out")
-_PEER_WORDS = ("connection closed by peer", "connection reset", "broken pipe", "socket closed", "nccl", "gloo",
-               "watchdog")
+_PEER_WORDS = (
+    "connection closed by peer",
+    "connection reset",
+    "broken pipe",
+    "socket closed",
+    "nccl",
+    "gloo",
+    "watchdog",
+)
 
 
 class DistributedTimeoutError(RuntimeError):
@@ -33,17 +41,21 @@ def translate(exc: BaseException, ctx, timeout_s: float) -> BaseException:
     import torch.distributed as dist
 
     msg = str(exc).lower()
-    dist_errors = tuple(c for c in (getattr(dist, "DistError", None), getattr(dist, "DistBackendError", None))
-                        if c is not None)
-    if not (isinstance(exc, dist_errors) or (isinstance(exc, RuntimeError) and
-                                             any(w in msg for w in _TIMEOUT_WORDS + _PEER_WORDS))):
+    dist_errors = tuple(
+        c for c in (getattr(dist, "DistError", None), getattr(dist, "DistBackendError", None)) if c is not None
+    )
+    if not (
+        isinstance(exc, dist_errors)
+        or (isinstance(exc, RuntimeError) and any(w in msg for w in _TIMEOUT_WORDS + _PEER_WORDS))
+    ):
         return exc
     kind = "timed out" if any(w in msg for w in _TIMEOUT_WORDS) else "lost its peer"
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
     return DistributedTimeoutError(
         f"rank {ctx.rank}/{ctx.world_size}: a collective {kind} (train.dist_timeout_s={timeout_s:g}): another "
         f"rank stalled or died. Stopping; the newest checkpoint is kept — resume with `layerwise train --resume "
-        f"RUN`. ({type(exc).__name__}: {first})")
+        f"RUN`. ({type(exc).__name__}: {first})"
+    )
 
 
 _watching = False
@@ -64,9 +76,11 @@ def watch_parent(interval_s: float = 1.0) -> bool:
         while True:
             time.sleep(interval_s)
             if os.getppid() != parent:
-                sys.stderr.write(f"layerwise: the torchrun agent (pid {parent}) is gone; rank "
-                                 f"{os.environ.get('RANK', '?')} (pid {os.getpid()}) stops instead of training on "
-                                 "as an orphan\n")
+                sys.stderr.write(
+                    f"layerwise: the torchrun agent (pid {parent}) is gone; rank "
+                    f"{os.environ.get('RANK', '?')} (pid {os.getpid()}) stops instead of training on "
+                    "as an orphan\n"
+                )
                 sys.stderr.flush()
                 os._exit(1)
 

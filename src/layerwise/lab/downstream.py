@@ -20,6 +20,7 @@ Nothing here touches the network by itself: a local model folder and a local tas
 ``dataset_path`` is ``json`` with local ``data_files``) run with ``HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1``.
 Standard tasks download their datasets from the Hub the first time (see ``docs/eval.md``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,17 +31,32 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-__all__ = ["EvalError", "evaluate", "write_cloze_task", "evaluate_runs", "eval_rows", "eval_markdown", "register", "run",
-           "resolve_model", "parse_tasks", "EVAL_FILE", "EXPORT_DIR"]
+__all__ = [
+    "EvalError",
+    "evaluate",
+    "write_cloze_task",
+    "evaluate_runs",
+    "eval_rows",
+    "eval_markdown",
+    "register",
+    "run",
+    "resolve_model",
+    "parse_tasks",
+    "EVAL_FILE",
+    "EXPORT_DIR",
+]
 
 EVAL_FILE = "eval.json"
 EXPORT_DIR = "hf-export"
 _EXPORT_STAMP = "layerwise-export.json"
-_INSTALL_HINT = ("layerwise eval needs EleutherAI's lm-evaluation-harness, which is not installed here: "
-                 "pip install 'layerwise[eval]'  (or: pip install lm-eval)")
+_INSTALL_HINT = (
+    "layerwise eval needs EleutherAI's lm-evaluation-harness, which is not installed here: "
+    "pip install 'layerwise[eval]'  (or: pip install lm-eval)"
+)
 
 
 class EvalError(RuntimeError):
@@ -69,8 +85,7 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.toml").is_file() and ((path / "summary.json").is_file() or
-                                                (path / "checkpoints").is_dir())
+    return (path / "config.toml").is_file() and ((path / "summary.json").is_file() or (path / "checkpoints").is_dir())
 
 
 def _sha256(data: bytes) -> str:
@@ -92,13 +107,18 @@ def fingerprint(path: Path) -> str:
 
 def _checkpoint_stamp(run_dir: Path) -> dict:
     ckpt_dir = run_dir / "checkpoints"
-    files = [ckpt_dir / "last.pt"] if (ckpt_dir / "last.pt").is_file() else sorted(
-        f for f in (ckpt_dir / "last.dcp").rglob("*") if f.is_file())  # an FSDP run's sharded checkpoint
+    files = (
+        [ckpt_dir / "last.pt"]
+        if (ckpt_dir / "last.pt").is_file()
+        else sorted(f for f in (ckpt_dir / "last.dcp").rglob("*") if f.is_file())
+    )  # an FSDP run's sharded checkpoint
     if not files:
         raise EvalError(f"{run_dir}: no checkpoints/last.pt (or last.dcp/) to export")
     summary = run_dir / "summary.json"
-    return {"checkpoint": [[str(f.relative_to(ckpt_dir)), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
-            "summary_sha256": _sha256(summary.read_bytes()) if summary.is_file() else None}
+    return {
+        "checkpoint": [[str(f.relative_to(ckpt_dir)), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "summary_sha256": _sha256(summary.read_bytes()) if summary.is_file() else None,
+    }
 
 
 def export_for_eval(run_dir: Path, *, quiet: bool = False) -> Path:
@@ -106,8 +126,10 @@ def export_for_eval(run_dir: Path, *, quiet: bool = False) -> Path:
     under a temporary name and renames it), exported again only when the run's checkpoint has changed."""
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").is_file():
-        raise EvalError(f"{run_dir}: the run is not finished (no summary.json); finish it with "
-                        f"`layerwise train --resume {run_dir}` before evaluating it")
+        raise EvalError(
+            f"{run_dir}: the run is not finished (no summary.json); finish it with "
+            f"`layerwise train --resume {run_dir}` before evaluating it"
+        )
     stamp = _checkpoint_stamp(run_dir)
     dest = run_dir / EXPORT_DIR
     stamp_file = dest / _EXPORT_STAMP
@@ -120,9 +142,11 @@ def export_for_eval(run_dir: Path, *, quiet: bool = False) -> Path:
     try:
         from layerwise.lab.export import export_run
     except ImportError as e:
-        raise EvalError(f"{run_dir}: evaluating a run directory needs `layerwise export` "
-                        f"(layerwise.lab.export.export_run), which this installation lacks ({e}); export the run "
-                        "to a Hugging Face folder another way and pass that folder instead") from e
+        raise EvalError(
+            f"{run_dir}: evaluating a run directory needs `layerwise export` "
+            f"(layerwise.lab.export.export_run), which this installation lacks ({e}); export the run "
+            "to a Hugging Face folder another way and pass that folder instead"
+        ) from e
     if not quiet:
         print(f"[export] {run_dir} -> {dest}")
     got = Path(export_run(run_dir, dest))
@@ -142,8 +166,10 @@ def resolve_model(path: str | Path, *, quiet: bool = False) -> tuple[Path, Path]
         return path, path
     if is_run_dir(path):
         return export_for_eval(path, quiet=quiet), path
-    raise EvalError(f"{path}: neither a Hugging Face model folder (config.json + model.safetensors or "
-                    "pytorch_model.bin) nor a layerwise run directory (config.toml + summary.json)")
+    raise EvalError(
+        f"{path}: neither a Hugging Face model folder (config.json + model.safetensors or "
+        "pytorch_model.bin) nor a layerwise run directory (config.toml + summary.json)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -200,8 +226,10 @@ def task_manager(names: list[str], include_path: list[str]):
         tm = TaskManager(include_path=include_path or None)
         unknown = [n for n in names if n not in tm.all_tasks]
         if unknown:
-            raise EvalError(f"unknown lm-eval task(s): {', '.join(unknown)} (list them with `lm-eval ls tasks`; a "
-                            "local task needs --include-path DIR or a path to its YAML file)")
+            raise EvalError(
+                f"unknown lm-eval task(s): {', '.join(unknown)} (list them with `lm-eval ls tasks`; a "
+                "local task needs --include-path DIR or a path to its YAML file)"
+            )
     _TM_CACHE[key] = tm
     return tm
 
@@ -230,8 +258,16 @@ metadata:
 """
 
 
-def write_cloze_task(text: str, folder: str | Path, *, n_docs: int = 500, name: str = "lw_cloze",
-                     n_choices: int = 4, seed: int = 0, version: float = 1.0) -> tuple[Path, list[dict]]:
+def write_cloze_task(
+    text: str,
+    folder: str | Path,
+    *,
+    n_docs: int = 500,
+    name: str = "lw_cloze",
+    n_choices: int = 4,
+    seed: int = 0,
+    version: float = 1.0,
+) -> tuple[Path, list[dict]]:
     """Write an lm-eval multiple-choice cloze over ``text`` (held-out text!) to ``folder``: ``NAME.jsonl`` and
     ``NAME.yaml``; returns (the YAML path, the documents).
 
@@ -274,8 +310,9 @@ def write_cloze_task(text: str, folder: str | Path, *, n_docs: int = 500, name: 
     os.replace(tmp, data)
     yaml = folder / f"{name}.yaml"
     desc = _json.dumps(f"{n_choices}-way next-word cloze, {len(docs)} items, seed {seed}")
-    yaml.write_text(_CLOZE_YAML.format(name=name, data=_json.dumps(str(data.resolve())), version=version,
-                                       description=desc))
+    yaml.write_text(
+        _CLOZE_YAML.format(name=name, data=_json.dumps(str(data.resolve())), version=version, description=desc)
+    )
     return yaml, docs
 
 
@@ -294,8 +331,9 @@ def task_entries(res: dict, *, limit, num_fewshot, fp: str) -> dict[str, dict]:
     results = res.get("results", {})
     scored = {t for t, vals in results.items() if any("," in k and _num(v) is not None for k, v in vals.items())}
     # members of a group that has its own aggregate score (not of a tag, which has none)
-    parent = {sub: group for group, subs in (res.get("group_subtasks") or {}).items() if group in scored
-              for sub in subs}
+    parent = {
+        sub: group for group, subs in (res.get("group_subtasks") or {}).items() if group in scored for sub in subs
+    }
     for task, vals in results.items():
         metrics, stderr = {}, {}
         for key, v in vals.items():
@@ -315,9 +353,11 @@ def task_entries(res: dict, *, limit, num_fewshot, fp: str) -> dict[str, dict]:
             "metrics": metrics,
             "stderr": {k: stderr.get(k) for k in metrics},
             "higher_is_better": res.get("higher_is_better", {}).get(task, {}),
-            "n_samples": ns.get("effective"), "n_samples_total": ns.get("original"),
+            "n_samples": ns.get("effective"),
+            "n_samples_total": ns.get("original"),
             "num_fewshot": res.get("n-shot", {}).get(task, num_fewshot),
-            "limit": limit, "fingerprint": fp,
+            "limit": limit,
+            "fingerprint": fp,
         }
         if task in parent:  # a member of a group (e.g. one MMLU subject): kept here, not given report columns
             out[task]["subtask_of"] = parent[task]
@@ -352,10 +392,21 @@ def _limit(limit):
     return int(limit) if limit >= 1 else limit
 
 
-def evaluate(path: str | Path, tasks: str | Iterable[str], *, limit=None, batch_size: int | str = 8,
-             device: str | None = None, include_path: Iterable[str | Path] = (), num_fewshot: int | None = None,
-             out: str | Path | None = None, dtype: str = "float32", log_samples: bool = False,
-             bootstrap_iters: int = 100000, quiet: bool = False) -> dict:
+def evaluate(
+    path: str | Path,
+    tasks: str | Iterable[str],
+    *,
+    limit=None,
+    batch_size: int | str = 8,
+    device: str | None = None,
+    include_path: Iterable[str | Path] = (),
+    num_fewshot: int | None = None,
+    out: str | Path | None = None,
+    dtype: str = "float32",
+    log_samples: bool = False,
+    bootstrap_iters: int = 100000,
+    quiet: bool = False,
+) -> dict:
     """Evaluate a RUN_DIR or HF_DIR on lm-eval ``tasks``; merge the results into ``eval.json`` and return it.
 
     ``limit`` caps the items per task (a fraction if < 1; lm-eval says: for testing only).  ``log_samples``
@@ -388,14 +439,25 @@ def evaluate(path: str | Path, tasks: str | Iterable[str], *, limit=None, batch_
     t0 = time.perf_counter()
     try:
         res = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(hf_dir.resolve()), "dtype": dtype}, tasks=names,
-            num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit, task_manager=tm,
-            log_samples=log_samples, bootstrap_iters=bootstrap_iters)
+            model="hf",
+            model_args={"pretrained": str(hf_dir.resolve()), "dtype": dtype},
+            tasks=names,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=device,
+            limit=limit,
+            task_manager=tm,
+            log_samples=log_samples,
+            bootstrap_iters=bootstrap_iters,
+        )
     except OSError as e:  # ConnectionError included: a task's dataset is neither cached nor reachable
         offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "") not in ("", "0")]
-        raise EvalError(f"lm-eval could not load {', '.join(names)}: {type(e).__name__}: {e}. Standard tasks "
-                        "download their datasets from the Hugging Face Hub the first time"
-                        + (f" ({' and '.join(offline)} set here)" if offline else "") + "; see docs/eval.md") from e
+        raise EvalError(
+            f"lm-eval could not load {', '.join(names)}: {type(e).__name__}: {e}. Standard tasks "
+            "download their datasets from the Hugging Face Hub the first time"
+            + (f" ({' and '.join(offline)} set here)" if offline else "")
+            + "; see docs/eval.md"
+        ) from e
     wall = time.perf_counter() - t0
     if res is None:  # a non-zero rank under accelerate launch
         return {}
@@ -404,9 +466,18 @@ def evaluate(path: str | Path, tasks: str | Iterable[str], *, limit=None, batch_
         e["wall_s"] = wall
         e["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     data = read_eval(dest)
-    data.update({"format": 1, "model": str(hf_dir), "source": str(path), "fingerprint": fp,
-                 "lm_eval_version": res.get("lm_eval_version"),
-                 "transformers_version": res.get("transformers_version"), "device": device, "dtype": dtype})
+    data.update(
+        {
+            "format": 1,
+            "model": str(hf_dir),
+            "source": str(path),
+            "fingerprint": fp,
+            "lm_eval_version": res.get("lm_eval_version"),
+            "transformers_version": res.get("transformers_version"),
+            "device": device,
+            "dtype": dtype,
+        }
+    )
     data.setdefault("tasks", {}).update(entries)
     _write_json_atomic(dest / EVAL_FILE, data)
     if log_samples:
@@ -429,19 +500,26 @@ def format_entries(entries: dict[str, dict]) -> str:
     for task, e in entries.items():
         for m, v in e["metrics"].items():
             se = e["stderr"].get(m)
-            lines.append(f"| {task} | {e['version']} | {m} | {v:.4f} | {'n/a' if se is None else f'{se:.4f}'} | "
-                         f"{e['n_samples']} |")
+            lines.append(
+                f"| {task} | {e['version']} | {m} | {v:.4f} | {'n/a' if se is None else f'{se:.4f}'} | "
+                f"{e['n_samples']} |"
+            )
     return "\n".join(lines)
 
 
 def _up_to_date(data: dict, task: str, fp: str, limit, num_fewshot) -> bool:
     e = data.get("tasks", {}).get(task)
-    return bool(e) and e.get("fingerprint") == fp and e.get("limit") == limit and (
-        num_fewshot is None or e.get("num_fewshot") == num_fewshot)
+    return (
+        bool(e)
+        and e.get("fingerprint") == fp
+        and e.get("limit") == limit
+        and (num_fewshot is None or e.get("num_fewshot") == num_fewshot)
+    )
 
 
-def evaluate_runs(run_dirs: Iterable[str | Path], tasks: str | Iterable[str], *, quiet: bool = False,
-                  **options) -> dict[str, dict]:
+def evaluate_runs(
+    run_dirs: Iterable[str | Path], tasks: str | Iterable[str], *, quiet: bool = False, **options
+) -> dict[str, dict]:
     """``evaluate`` every finished run in ``run_dirs`` on the tasks it has no up-to-date entry for."""
     names, inc = parse_tasks(tasks, options.pop("include_path", ()) or ())
     limit = _limit(options.get("limit"))
@@ -490,8 +568,10 @@ def eval_rows(found: dict[str, dict[int, Path]], order: list[str], *, warn=print
                 if e.get("subtask_of"):
                     continue
                 if e.get("fingerprint") != fp:
-                    warn(f"report: {run / EVAL_FILE}: {task} was evaluated on an earlier state of the run; "
-                         f"left out (re-run `layerwise eval {run} --tasks {task}`)")
+                    warn(
+                        f"report: {run / EVAL_FILE}: {task} was evaluated on an earlier state of the run; "
+                        f"left out (re-run `layerwise eval {run} --tasks {task}`)"
+                    )
                     continue
                 for metric, v in e.get("metrics", {}).items():
                     col = f"{task}/{metric}"
@@ -512,9 +592,15 @@ def eval_rows(found: dict[str, dict[int, Path]], order: list[str], *, warn=print
             r = ref.get(col, {})
             dm, dse = _mean_se([by_seed[k][0] - r[k][0] for k in by_seed if k in r])
             item = [s for _, s in by_seed.values() if s is not None]
-            stats[m][col] = {"n": len(by_seed), "mean": mean, "se": se, "paired": dm, "paired_se": dse,
-                             "n_paired": sum(k in r for k in by_seed),
-                             "item_se": sum(item) / len(item) if item else None}
+            stats[m][col] = {
+                "n": len(by_seed),
+                "mean": mean,
+                "se": se,
+                "paired": dm,
+                "paired_se": dse,
+                "n_paired": sum(k in r for k in by_seed),
+                "item_se": sum(item) / len(item) if item else None,
+            }
     return cols, stats
 
 
@@ -548,36 +634,63 @@ def eval_markdown(cols: list[str], stats: dict, order: list[str]) -> str:
         ses = [stats[m][c]["item_se"] for m in order if c in stats.get(m, {}) and stats[m][c]["item_se"] is not None]
         if ses:
             items.append(f"{c} ±{sum(ses) / len(ses):.4f}")
-    note = ("\nlm-eval's s.e. over items of one run (the spread a fixed item set adds to every run alike): "
-            + ", ".join(items) + "\n") if items else ""
+    note = (
+        (
+            "\nlm-eval's s.e. over items of one run (the spread a fixed item set adds to every run alike): "
+            + ", ".join(items)
+            + "\n"
+        )
+        if items
+        else ""
+    )
     return "\n#### downstream (lm-eval)\n\n" + head + "\n".join(lines) + "\n" + note
 
 
 # ------------------------------------------------------------------------------------------ CLI
 def add_eval_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The options shared by ``layerwise eval`` and ``layerwise compare --eval-tasks`` (``prefix='eval-'``)."""
-    p.add_argument(f"--{prefix}limit", type=float, default=None,
-                   help="items per task (a fraction if < 1); lm-eval's own advice: for testing only")
+    p.add_argument(
+        f"--{prefix}limit",
+        type=float,
+        default=None,
+        help="items per task (a fraction if < 1); lm-eval's own advice: for testing only",
+    )
     p.add_argument(f"--{prefix}batch-size", default="8", help="batch size (an integer or 'auto'; default 8)")
     p.add_argument(f"--{prefix}device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument(f"--{prefix}include-path", action="append", default=[], metavar="DIR",
-                   help="folder of extra task YAML files (repeatable)")
+    p.add_argument(
+        f"--{prefix}include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of extra task YAML files (repeatable)",
+    )
     p.add_argument(f"--{prefix}num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
     p.add_argument(f"--{prefix}dtype", default="float32", help="model dtype for lm-eval (float32, bfloat16, auto)")
 
 
 def eval_options(args: argparse.Namespace, prefix: str = "") -> dict:
     g = lambda k: getattr(args, prefix.replace("-", "_") + k)  # noqa: E731
-    return {"limit": g("limit"), "batch_size": g("batch_size"), "device": g("device"),
-            "include_path": g("include_path"), "num_fewshot": g("num_fewshot"), "dtype": g("dtype")}
+    return {
+        "limit": g("limit"),
+        "batch_size": g("batch_size"),
+        "device": g("device"),
+        "include_path": g("include_path"),
+        "num_fewshot": g("num_fewshot"),
+        "dtype": g("dtype"),
+    }
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help="downstream tasks with lm-evaluation-harness (RUN_DIR or HF folder)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "eval",
+        help="downstream tasks with lm-evaluation-harness (RUN_DIR or HF folder)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("path", help="a finished run directory or a Hugging Face model folder")
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names or task YAML paths, "
-                   "e.g. arc_easy,hellaswag")
+    p.add_argument(
+        "--tasks", required=True, help="comma-separated lm-eval task names or task YAML paths, e.g. arc_easy,hellaswag"
+    )
     add_eval_args(p)
     p.add_argument("--out", default=None, help="folder for eval.json (default: the run / model folder)")
     p.add_argument("--log-samples", action="store_true", help="also write eval_samples/<task>.jsonl")

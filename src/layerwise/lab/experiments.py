@@ -10,6 +10,7 @@ when the run's ``identity.json`` (its resolved config and data fingerprint, :mod
 equals what this command would produce; otherwise ``compare`` refuses and names what differs (``overwrite``
 re-runs those runs).  A result is never printed under a config that did not produce it.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,10 +40,22 @@ def method_config(base: Config, spec: str, seed: int) -> Config:
     return cfg
 
 
-def compare(preset: str | None, method_specs: list[str], seeds: int, out: str | Path, *,
-            config_file: str | None = None, overrides: list[str] | None = None, seed_offset: int = 0,
-            quiet: bool = False, jobs: int = 1, overwrite: bool = False, notes: list[str] | None = None,
-            eval_tasks: str | list[str] | None = None, eval_options: dict | None = None) -> dict:
+def compare(
+    preset: str | None,
+    method_specs: list[str],
+    seeds: int,
+    out: str | Path,
+    *,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    seed_offset: int = 0,
+    quiet: bool = False,
+    jobs: int = 1,
+    overwrite: bool = False,
+    notes: list[str] | None = None,
+    eval_tasks: str | list[str] | None = None,
+    eval_options: dict | None = None,
+) -> dict:
     """Run every method × seed into ``out/<method>/seed<k>`` and write ``out/results.{md,json}`` and plots.
 
     With ``eval_tasks`` every finished run is also evaluated on those lm-eval tasks (``layerwise eval``;
@@ -62,16 +75,27 @@ def compare(preset: str | None, method_specs: list[str], seeds: int, out: str | 
         parse_tasks(eval_tasks, (eval_options or {}).get("include_path", ()))
     if jobs > 1:  # share the cores: one torch thread per job unless the config says otherwise
         base.train.num_threads = max(1, (os.cpu_count() or 1) // jobs)
-    runs = [(spec, seed, method_config(base, spec, seed), out / run_name(spec) / f"seed{seed}")
-            for seed in range(seed_offset, seed_offset + seeds) for spec in method_specs]
+    runs = [
+        (spec, seed, method_config(base, spec, seed), out / run_name(spec) / f"seed{seed}")
+        for seed in range(seed_offset, seed_offset + seeds)
+        for spec in method_specs
+    ]
     datas = _DataCache(verbose=not quiet)
     todo = plan(runs, datas, overwrite, what="compare", quiet=quiet)
     execute(todo, jobs, datas, quiet=quiet)
     if eval_tasks:
         from layerwise.lab.downstream import evaluate_runs
 
-        evaluate_runs([out / run_name(spec) / f"seed{seed}" for seed in range(seed_offset, seed_offset + seeds)
-                       for spec in method_specs], eval_tasks, quiet=quiet, **(eval_options or {}))
+        evaluate_runs(
+            [
+                out / run_name(spec) / f"seed{seed}"
+                for seed in range(seed_offset, seed_offset + seeds)
+                for spec in method_specs
+            ],
+            eval_tasks,
+            quiet=quiet,
+            **(eval_options or {}),
+        )
     from layerwise.lab.report import report
 
     return report([out], out, quiet=quiet, method_order=[run_name(s) for s in method_specs], notes=notes)
@@ -127,8 +151,11 @@ def plan(runs: list[tuple], datas, overwrite: bool, *, what: str, quiet: bool = 
         more = f"\n  ... and {len(clashes) - 12} more" if len(clashes) > 12 else ""
         raise runid.RunDirError(
             f"{what}: {len(clashes)} run(s) already in the output folder were made by a different config or "
-            "data than this command's, so their results cannot be reused:\n" + "\n".join(lines) + more
-            + "\nRe-run them with --overwrite, or choose another --out.")
+            "data than this command's, so their results cannot be reused:\n"
+            + "\n".join(lines)
+            + more
+            + "\nRe-run them with --overwrite, or choose another --out."
+        )
     if clashes and not quiet:
         print(f"{what}: re-running {len(clashes)} run(s) whose recorded config or data differ (--overwrite)")
     return todo
@@ -144,8 +171,9 @@ def execute(todo: list[tuple], jobs: int, datas, *, quiet: bool = False, describ
     if not todo:
         return results
     labels = [f"{label}/seed{seed}" for label, seed, *_ in todo]
-    monitor = RunMonitor([(lab, run_dir, cfg.train.max_steps) for lab, (_, _, cfg, run_dir, _) in zip(labels, todo)],
-                         enabled=not quiet)
+    monitor = RunMonitor(
+        [(lab, run_dir, cfg.train.max_steps) for lab, (_, _, cfg, run_dir, _) in zip(labels, todo)], enabled=not quiet
+    )
     say = monitor.print if not quiet else (lambda text: None)
     if not quiet:
         print(f"running {len(todo)} run(s), {min(jobs, len(todo))} at a time")
@@ -157,8 +185,10 @@ def execute(todo: list[tuple], jobs: int, datas, *, quiet: bool = False, describ
             ex = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=worker_init)
             futs: dict = {}
             try:
-                futs = {ex.submit(_train_job, (cfg.to_dict(), str(run_dir), mode)): (lab, run_dir)
-                        for lab, (_, _, cfg, run_dir, mode) in zip(labels, todo)}
+                futs = {
+                    ex.submit(_train_job, (cfg.to_dict(), str(run_dir), mode)): (lab, run_dir)
+                    for lab, (_, _, cfg, run_dir, mode) in zip(labels, todo)
+                }
                 pending = set(futs)
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -181,8 +211,9 @@ def execute(todo: list[tuple], jobs: int, datas, *, quiet: bool = False, describ
                 ex.shutdown(wait=True, cancel_futures=True)
         else:
             for lab, (_, _, cfg, run_dir, mode) in zip(labels, todo):
-                s = train(cfg, run_dir, resume=mode == "resume", overwrite=mode == "overwrite", data=datas(cfg),
-                          quiet=True)
+                s = train(
+                    cfg, run_dir, resume=mode == "resume", overwrite=mode == "overwrite", data=datas(cfg), quiet=True
+                )
                 results[str(run_dir)] = s
                 monitor.done(lab)
                 say(f"[done {len(results)}/{len(todo)}] {lab}: {describe(s)}")
@@ -222,17 +253,32 @@ def summarize(runs: dict[str, dict[int, dict]], order: list[str]) -> list[dict]:
         pm, pse = mean_se(ppls)
         dm, dse = mean_se(paired)
         qm, qse = mean_se(paired_pct)
-        rows.append({"method": name, "seeds": len(losses), "val_loss": lm, "val_loss_se": lse, "val_ppl": pm,
-                     "val_ppl_se": pse, "paired_dloss": dm, "paired_dloss_se": dse, "paired_dppl_pct": qm,
-                     "paired_dppl_pct_se": qse, "paired_seeds": len(pairs), "is_ref": name == order[0],
-                     "cpu_s": mean_se(cpus)[0] if cpus else float("nan"),
-                     "wall_s": mean_se([s["wall_s"] for s in by_seed.values()])[0]})
+        rows.append(
+            {
+                "method": name,
+                "seeds": len(losses),
+                "val_loss": lm,
+                "val_loss_se": lse,
+                "val_ppl": pm,
+                "val_ppl_se": pse,
+                "paired_dloss": dm,
+                "paired_dloss_se": dse,
+                "paired_dppl_pct": qm,
+                "paired_dppl_pct_se": qse,
+                "paired_seeds": len(pairs),
+                "is_ref": name == order[0],
+                "cpu_s": mean_se(cpus)[0] if cpus else float("nan"),
+                "wall_s": mean_se([s["wall_s"] for s in by_seed.values()])[0],
+            }
+        )
     return rows
 
 
 def markdown_table(rows: list[dict], ref: str) -> str:
-    head = (f"| method | seeds | val loss | val ppl | Δ loss vs {ref} (paired) | Δ ppl % (paired) | CPU s |\n"
-            "|---|---|---|---|---|---|---|\n")
+    head = (
+        f"| method | seeds | val loss | val ppl | Δ loss vs {ref} (paired) | Δ ppl % (paired) | CPU s |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
     pm = _stats.fmt_pm
     lines = []
     for r in rows:
@@ -241,12 +287,16 @@ def markdown_table(rows: list[dict], ref: str) -> str:
         elif not r.get("paired_seeds", 1):
             dl = dp = "n/a (no seed of equal length)"
         else:
-            dl, dp = pm(r["paired_dloss"], r["paired_dloss_se"], 4, True), pm(r["paired_dppl_pct"],
-                                                                             r["paired_dppl_pct_se"], 2, True)
+            dl, dp = (
+                pm(r["paired_dloss"], r["paired_dloss_se"], 4, True),
+                pm(r["paired_dppl_pct"], r["paired_dppl_pct_se"], 2, True),
+            )
         cpu = r.get("cpu_s")
         cpu = (f"{cpu:.1f}" if cpu < 100 else f"{cpu:.0f}") if isinstance(cpu, float) and cpu == cpu else "n/a"
-        lines.append(f"| {r['method']} | {r['seeds']} | {pm(r['val_loss'], r['val_loss_se'])} | "
-                     f"{pm(r['val_ppl'], r['val_ppl_se'], 2)} | {dl} | {dp} | {cpu} |")
+        lines.append(
+            f"| {r['method']} | {r['seeds']} | {pm(r['val_loss'], r['val_loss_se'])} | "
+            f"{pm(r['val_ppl'], r['val_ppl_se'], 2)} | {dl} | {dp} | {cpu} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ The weights are the run's last checkpoint (``checkpoints/last.pt``, or the shard
 run).  The folder is written under a temporary name and renamed, so an interrupted export leaves nothing that
 looks complete; an existing export at ``OUT_DIR`` is replaced, any other non-empty folder is an error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,12 @@ def stash_tokenizer(data, run_dir: Path) -> None:
         return
     _atomic_write_bytes(run_dir / "tokenizer.json", src.read_bytes())
     meta = getattr(data, "meta", {}) or {}
-    info = {"eos_token": meta.get("eos_token", EOT), "bos_token": meta.get("bos_token"),
-            "tokenizer_source": meta.get("tokenizer_source", "train"), "vocab_size": int(data.vocab_size)}
+    info = {
+        "eos_token": meta.get("eos_token", EOT),
+        "bos_token": meta.get("bos_token"),
+        "tokenizer_source": meta.get("tokenizer_source", "train"),
+        "vocab_size": int(data.vocab_size),
+    }
     _atomic_write_bytes(run_dir / TOKENIZER_INFO, json.dumps(info, indent=1).encode())
 
 
@@ -65,10 +70,13 @@ def _run_tokenizer_files(run_dir: Path) -> tuple[Path, dict]:
         if data_dir and (Path(data_dir) / "tokenizer.json").exists():
             meta_p = Path(data_dir) / "meta.json"
             meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
-            return Path(data_dir) / "tokenizer.json", {k: meta.get(k) for k in ("eos_token", "bos_token",
-                                                                                "tokenizer_source")}
-    raise ExportError(f"{run_dir}: no tokenizer.json in the run directory (nor in the data cache named by its "
-                      "summary.json); prepare the data again and re-run, or copy the tokenizer.json in")
+            return Path(data_dir) / "tokenizer.json", {
+                k: meta.get(k) for k in ("eos_token", "bos_token", "tokenizer_source")
+            }
+    raise ExportError(
+        f"{run_dir}: no tokenizer.json in the run directory (nor in the data cache named by its "
+        "summary.json); prepare the data again and re-run, or copy the tokenizer.json in"
+    )
 
 
 def _save_tokenizer(run_dir: Path, out: Path) -> Any:
@@ -104,10 +112,15 @@ def _load_state(run_dir: Path) -> dict:
     dcp_dir = D.sharded_checkpoint(run_dir / "checkpoints" / "last.dcp")
     if dcp_dir is not None:
         extra = load_checkpoint(dcp_dir / "extra.pt")
-        return {"model": D.load_sharded_model_state(dcp_dir), "step": extra.get("step"),
-                "model_config": extra.get("model_config")}
-    raise ExportError(f"{run_dir}: no checkpoint (checkpoints/last.pt or checkpoints/last.dcp/); has it trained "
-                      "past its first evaluation?")
+        return {
+            "model": D.load_sharded_model_state(dcp_dir),
+            "step": extra.get("step"),
+            "model_config": extra.get("model_config"),
+        }
+    raise ExportError(
+        f"{run_dir}: no checkpoint (checkpoints/last.pt or checkpoints/last.dcp/); has it trained "
+        "past its first evaluation?"
+    )
 
 
 def load_run_model(run_dir: str | Path) -> tuple[nn.Module, Any, dict]:
@@ -135,8 +148,9 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, Any, dict]:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith(("rope_cos", "rope_sin"))]
     if missing or unexpected:
-        raise ExportError(f"{run_dir}: checkpoint does not fit the run's model: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
+        raise ExportError(
+            f"{run_dir}: checkpoint does not fit the run's model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.eval()
     return model, cfg, {"step": state["step"], "model_config": state["model_config"]}
 
@@ -147,15 +161,27 @@ def _reference_to_llama(model: nn.Module):
 
     c = model.config
     config = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_theta)}, hidden_act="silu",
-        initializer_range=c.init_std, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_seq_len,
+        rms_norm_eps=c.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_theta)},
+        hidden_act="silu",
+        initializer_range=c.init_std,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     sd: dict[str, torch.Tensor] = {}
-    q_scale = (c.head_dim ** -0.5) if c.attn_scale == "mup" else 1.0  # 1/d = (1/sqrt d) * (1/sqrt d)
+    q_scale = (c.head_dim**-0.5) if c.attn_scale == "mup" else 1.0  # 1/d = (1/sqrt d) * (1/sqrt d)
     for k, v in model.state_dict().items():
         if k in ("rope_cos", "rope_sin"):
             continue
@@ -174,9 +200,11 @@ def _check_ties(model: nn.Module, config) -> None:
         return
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is not None and head.weight is not emb.weight and not torch.equal(head.weight, emb.weight):
-        raise ExportError("the model ties its input and output embeddings (tie_word_embeddings=true) but they "
-                          "differ after merging multipliers; a plain model would re-tie them on load. Train with "
-                          "tie_word_embeddings=false or a multiplier placement that skips the embedding")
+        raise ExportError(
+            "the model ties its input and output embeddings (tie_word_embeddings=true) but they "
+            "differ after merging multipliers; a plain model would re-tie them on load. Train with "
+            "tie_word_embeddings=false or a multiplier placement that skips the embedding"
+        )
 
 
 def _plain_model(run_dir: Path):
@@ -207,21 +235,27 @@ def _plain_model(run_dir: Path):
     err = (got - ref).abs().max().item()
     tol = 1e-5 * max(1.0, ref.abs().max().item())
     if not err <= tol:  # a method whose merge is not exact for this architecture: never write a wrong model
-        raise ExportError(f"{run_dir}: the merged plain model's logits differ from the run's by {err:.3g} "
-                          f"(tolerance {tol:.3g}) on a probe batch; not exporting")
+        raise ExportError(
+            f"{run_dir}: the merged plain model's logits differ from the run's by {err:.3g} "
+            f"(tolerance {tol:.3g}) on a probe batch; not exporting"
+        )
     info = {**info, "probe_max_abs_logit_diff": err}
     return plain, config, cfg, info
 
 
 def _vocab(model: nn.Module) -> int:
-    return int(model.get_input_embeddings().weight.shape[0]) if hasattr(model, "get_input_embeddings") \
+    return (
+        int(model.get_input_embeddings().weight.shape[0])
+        if hasattr(model, "get_input_embeddings")
         else int(model.config.vocab_size)
+    )
 
 
 def _prepare_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_INFO).exists())):
-        raise ExportError(f"{out} exists and is not an earlier export (no {EXPORT_INFO}); choose an empty or new "
-                          "folder")
+        raise ExportError(
+            f"{out} exists and is not an earlier export (no {EXPORT_INFO}); choose an empty or new folder"
+        )
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -240,8 +274,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
         tok = _save_tokenizer(run_dir, tmp)
-        special = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
-                   "pad_token_id": tok.pad_token_id}
+        special = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
         for k, v in special.items():
             if v is not None:
                 setattr(plain.config, k, v)
@@ -253,11 +286,18 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
                 plain.generation_config.pad_token_id = tok.eos_token_id
         plain.config.use_cache = True
         plain.save_pretrained(str(tmp), safe_serialization=True)
-        record = {"run_dir": str(run_dir.resolve()), "step": info.get("step"),
-                  "probe_max_abs_logit_diff": info["probe_max_abs_logit_diff"],
-                  "architecture": type(plain).__name__, "multipliers_merged": cfg.multipliers.kind != "none",
-                  "multipliers": cfg.multipliers.kind, "optimizer": cfg.optim.name, "decay": cfg.decay.name,
-                  "parametrization": cfg.model.parametrization, "seed": cfg.train.seed}
+        record = {
+            "run_dir": str(run_dir.resolve()),
+            "step": info.get("step"),
+            "probe_max_abs_logit_diff": info["probe_max_abs_logit_diff"],
+            "architecture": type(plain).__name__,
+            "multipliers_merged": cfg.multipliers.kind != "none",
+            "multipliers": cfg.multipliers.kind,
+            "optimizer": cfg.optim.name,
+            "decay": cfg.decay.name,
+            "parametrization": cfg.model.parametrization,
+            "seed": cfg.train.seed,
+        }
         if cfg.model.parametrization == "mup" and not cfg.model.hf_config:
             record["folded"] = "muP readout multiplier in lm_head.weight; attention scale in q_proj.weight"
         (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=1))
@@ -271,8 +311,15 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- sampling
-def generate(source: str | os.PathLike, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.8,
-             top_k: int = 50, seed: int = 0) -> str:
+def generate(
+    source: str | os.PathLike,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+) -> str:
     """Sample a continuation of ``prompt`` from a run directory (exported on the fly) or an HF model folder;
     returns the decoded text (prompt included).  ``temperature = 0`` decodes greedily."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -288,8 +335,9 @@ def generate(source: str | os.PathLike, prompt: str, *, max_new_tokens: int = 64
         elif (src / "config.json").exists():
             model_dir = src
         else:
-            raise ExportError(f"{src} is neither a run directory (config.toml) nor a Hugging Face model folder "
-                              "(config.json)")
+            raise ExportError(
+                f"{src} is neither a run directory (config.toml) nor a Hugging Face model folder (config.json)"
+            )
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
     model.eval()
@@ -314,8 +362,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    print(generate(args.source, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, seed=args.seed))
+    print(
+        generate(
+            args.source,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    )
     return 0
 
 

@@ -17,9 +17,10 @@ A skip-step (``torch.where`` on the update) was not used: it needs either an opt
 ``found_inf`` tensor (only torch's fused Adam/AdamW, not AlphaAdam, Muon or the C kernels) or a copy of the
 parameters and optimizer state every step (2-3x memory).
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -55,12 +56,15 @@ class NonFiniteGuard:
         self.last_loss = torch.zeros((), device=self.device)
 
     def _raise(self, step: int, what: str) -> None:
-        raise NonFiniteLossError(f"non-finite {what} at step {step}; stopping before it reaches a checkpoint — "
-                                 f"{self.where()}. Resume with a lower optim.lr (or enable optim.grad_clip): "
-                                 "`layerwise train --resume RUN --set optim.lr=...`.")
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {step}; stopping before it reaches a checkpoint — "
+            f"{self.where()}. Resume with a lower optim.lr (or enable optim.grad_clip): "
+            "`layerwise train --resume RUN --set optim.lr=...`."
+        )
 
-    def before_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None,
-                    params: Iterable[torch.Tensor]) -> None:
+    def before_step(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, params: Iterable[torch.Tensor]
+    ) -> None:
         """Call between backward (and clipping) and ``optimizer.step`` with the step's (1-based) number,
         its mean loss and the clipping norm (``None`` without clipping)."""
         if self.eager:
@@ -92,9 +96,12 @@ class NonFiniteGuard:
         """Host check of everything folded in since the start (and of ``params`` when given): call at points
         that synchronise anyway (logging, before a checkpoint).  Collective under a process group: call it on
         every rank at the same points."""
-        big = 2 ** 62
-        weights_bad = (~_all_finite(list(params))).to(torch.int64).to(self.device) if params is not None \
+        big = 2**62
+        weights_bad = (
+            (~_all_finite(list(params))).to(torch.int64).to(self.device)
+            if params is not None
             else torch.zeros((), dtype=torch.int64, device=self.device)
+        )
         counts = torch.stack([self.bad, weights_bad])
         first = torch.where(self.first < 0, torch.full_like(self.first, big), self.first).clone()
         if ctx is not None and ctx.active and ctx.world_size > 1:
@@ -106,5 +113,7 @@ class NonFiniteGuard:
         if bad > 0:
             self._raise(int(first), "training loss or gradient norm")
         if bad_weights > 0:
-            raise NonFiniteLossError(f"the weights hold NaN/Inf (a finite step overflowed); stopping before they "
-                                     f"reach a checkpoint — {self.where()}. Resume with a lower optim.lr.")
+            raise NonFiniteLossError(
+                f"the weights hold NaN/Inf (a finite step overflowed); stopping before they "
+                f"reach a checkpoint — {self.where()}. Resume with a lower optim.lr."
+            )

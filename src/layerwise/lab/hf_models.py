@@ -15,6 +15,7 @@ by swapping the instance's class for a subclass of its own class (:func:`as_trai
 Vocabulary: the embedding is sized to the data's tokenizer.  A config whose ``vocab_size`` differs is resized
 with a warning (``from_config``); weights loaded by ``init_from`` must cover the tokenizer (else an error).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ def _transformers():
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - transformers is in the [hf] extra
-        raise ConfigError("model.hf_config / model.init_from need the 'transformers' package: "
-                          "pip install 'layerwise[hf]'") from e
+        raise ConfigError(
+            "model.hf_config / model.init_from need the 'transformers' package: pip install 'layerwise[hf]'"
+        ) from e
     return transformers
 
 
@@ -68,8 +70,10 @@ def _check_causal_lm(config, field: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ConfigError(f"{field}: model_type {config.model_type!r} is not a causal LM known to transformers "
-                          f"{tr.__version__} (AutoModelForCausalLM)")
+        raise ConfigError(
+            f"{field}: model_type {config.model_type!r} is not a causal LM known to transformers "
+            f"{tr.__version__} (AutoModelForCausalLM)"
+        )
 
 
 def max_positions(config) -> int | None:
@@ -84,20 +88,27 @@ def resolve_hf_config(cfg: Config, vocab_size: int):
     """The HF config a run builds: ``hf_config`` (else ``init_from``'s), vocab sized to the data's tokenizer."""
     m = cfg.model
     if m.parametrization != "sp":
-        raise ConfigError("model.parametrization='mup' is only implemented for the reference model; with "
-                          "model.hf_config / model.init_from use parametrization='sp'")
+        raise ConfigError(
+            "model.parametrization='mup' is only implemented for the reference model; with "
+            "model.hf_config / model.init_from use parametrization='sp'"
+        )
     field = "model.hf_config" if m.hf_config else "model.init_from"
     config = load_hf_config(m.hf_config or m.init_from, field)
     _check_causal_lm(config, field)
     _apply_size_overrides(cfg, config, field)
     if config.vocab_size != vocab_size:
         if m.init_from and config.vocab_size < vocab_size:
-            raise ConfigError(f"model.init_from: {m.init_from} has vocab_size {config.vocab_size} but the data's "
-                              f"tokenizer has {vocab_size} tokens; use the model's own tokenizer "
-                              f"(data.tokenizer={m.init_from})")
+            raise ConfigError(
+                f"model.init_from: {m.init_from} has vocab_size {config.vocab_size} but the data's "
+                f"tokenizer has {vocab_size} tokens; use the model's own tokenizer "
+                f"(data.tokenizer={m.init_from})"
+            )
         if not m.init_from:
-            warnings.warn(f"{field}: vocab_size {config.vocab_size} of {m.hf_config} replaced by the data "
-                          f"tokenizer's {vocab_size}", stacklevel=2)
+            warnings.warn(
+                f"{field}: vocab_size {config.vocab_size} of {m.hf_config} replaced by the data "
+                f"tokenizer's {vocab_size}",
+                stacklevel=2,
+            )
             config.vocab_size = vocab_size
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids of another tokenizer's vocabulary
         v = getattr(config, key, None)
@@ -111,9 +122,13 @@ def resolve_hf_config(cfg: Config, vocab_size: int):
 
 
 #: model.<field> -> the HF config attribute it sets (transformers' attribute_map turns these into n_embd, ...)
-SIZE_FIELDS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
-               "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-               "num_kv_heads": "num_key_value_heads"}
+SIZE_FIELDS = {
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+}
 
 
 def _apply_size_overrides(cfg: Config, config, field: str) -> None:
@@ -134,8 +149,10 @@ def _apply_size_overrides(cfg: Config, config, field: str) -> None:
         setattr(config, attr, v)
     if ("hidden_size" in given or "num_heads" in given) and isinstance(getattr(config, "head_dim", None), int):
         if config.hidden_size % config.num_attention_heads:
-            raise ConfigError(f"model.hidden_size={config.hidden_size} is not divisible by the "
-                              f"{config.num_attention_heads} attention heads")
+            raise ConfigError(
+                f"model.hidden_size={config.hidden_size} is not divisible by the "
+                f"{config.num_attention_heads} attention heads"
+            )
         config.head_dim = config.hidden_size // config.num_attention_heads
 
 
@@ -148,8 +165,9 @@ def build_hf_model(cfg: Config, vocab_size: int) -> tuple[nn.Module, Any]:
         if not src.is_dir():
             raise ConfigError(f"model.init_from: {src} is not a model folder")
         try:
-            model = tr.AutoModelForCausalLM.from_pretrained(str(src), config=config, dtype=torch.float32,
-                                                            local_files_only=True)
+            model = tr.AutoModelForCausalLM.from_pretrained(
+                str(src), config=config, dtype=torch.float32, local_files_only=True
+            )
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.init_from: cannot load weights from {src} ({e})") from e
     else:
@@ -174,8 +192,16 @@ def _adapted_class(cls: type) -> type:
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    return type(cls.__name__, (cls,), {"forward": forward, "_layerwise_adapted": True,
-                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return type(
+        cls.__name__,
+        (cls,),
+        {
+            "forward": forward,
+            "_layerwise_adapted": True,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        },
+    )
 
 
 def as_trainer_lm(model: nn.Module) -> nn.Module:
@@ -199,8 +225,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or ())
     found = [m for m in model.modules() if type(m).__name__ in names]
     if not found:
-        raise ConfigError(f"{type(model).__name__}: cannot find its decoder layers to shard (no 'layers' list and "
-                          f"no modules of its _no_split_modules {sorted(names)})")
+        raise ConfigError(
+            f"{type(model).__name__}: cannot find its decoder layers to shard (no 'layers' list and "
+            f"no modules of its _no_split_modules {sorted(names)})"
+        )
     return found
 
 

@@ -4,6 +4,7 @@ the named methods that ``layerwise compare`` runs (each a bundle of config overr
 The method issues extend the three builder tables and :data:`METHODS`; the trainer only calls
 :func:`build_optimizer`, :func:`build_decay` and :func:`transform_model`.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from layerwise.lab.config import Config, ConfigError
+
 
 # --------------------------------------------------------------------------------------- optimizers
 def _optimizer_options(name: str, cfg: Config) -> dict[str, Any]:
@@ -34,17 +36,25 @@ def width_rule(cfg: Config, model_cfg) -> Any:
         return None
     from layerwise.scaling import WidthScaling
 
-    return WidthScaling(base_width=model_cfg.base_hidden_size, width=model_cfg.hidden_size,
-                        lr_exponent=cfg.optim.lr_exponent, wd_exponent=cfg.optim.wd_exponent)
+    return WidthScaling(
+        base_width=model_cfg.base_hidden_size,
+        width=model_cfg.hidden_size,
+        lr_exponent=cfg.optim.lr_exponent,
+        wd_exponent=cfg.optim.wd_exponent,
+    )
 
 
 def build_param_groups(model: nn.Module, cfg: Config, model_cfg) -> list[dict]:
     from layerwise.optim import param_groups
 
-    return param_groups(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                        scaling=width_rule(cfg, model_cfg),
-                        multiplier_weight_decay=cfg.optim.multiplier_weight_decay,
-                        multiplier_lr_scale=cfg.optim.multiplier_lr_scale)
+    return param_groups(
+        model,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        scaling=width_rule(cfg, model_cfg),
+        multiplier_weight_decay=cfg.optim.multiplier_weight_decay,
+        multiplier_lr_scale=cfg.optim.multiplier_lr_scale,
+    )
 
 
 def build_optimizer(model: nn.Module, cfg: Config, model_cfg, device: str):
@@ -56,8 +66,15 @@ def build_optimizer(model: nn.Module, cfg: Config, model_cfg, device: str):
         raise ConfigError(str(e)) from None
     o = cfg.optim
     lr = (o.muon_lr or o.lr) if name == "muon" else o.lr
-    return registry.build(name, build_param_groups(model, cfg, model_cfg), lr=lr, betas=(o.beta1, o.beta2),
-                          eps=o.eps, weight_decay=o.weight_decay, **_optimizer_options(name, cfg))
+    return registry.build(
+        name,
+        build_param_groups(model, cfg, model_cfg),
+        lr=lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        **_optimizer_options(name, cfg),
+    )
 
 
 # ------------------------------------------------------------------------------------ decay control
@@ -69,16 +86,28 @@ def build_decay(optimizer, model: nn.Module, cfg: Config):
 
     d = cfg.decay
     if d.name != "none" and d.name not in DECAY_CONTROLLERS:
-        raise ConfigError(f"decay.name: unknown controller {d.name!r}; choose one of "
-                          f"{['none', *sorted(DECAY_CONTROLLERS)]}")
+        raise ConfigError(
+            f"decay.name: unknown controller {d.name!r}; choose one of {['none', *sorted(DECAY_CONTROLLERS)]}"
+        )
     if d.name == "none":
         return None
 
     opts: dict[str, Any] = {}
     if d.name == "alphadecay":
-        opts = dict(interval=d.interval, s1=d.s1, s2=d.s2, estimator=d.estimator, preserve_mean=d.preserve_mean,
-                    ema=d.ema or None, shape_correction=d.shape_correction, modules=d.modules, metric=d.metric,
-                    assign=d.assign, timing=d.timing, slope=d.slope)
+        opts = dict(
+            interval=d.interval,
+            s1=d.s1,
+            s2=d.s2,
+            estimator=d.estimator,
+            preserve_mean=d.preserve_mean,
+            ema=d.ema or None,
+            shape_correction=d.shape_correction,
+            modules=d.modules,
+            metric=d.metric,
+            assign=d.assign,
+            timing=d.timing,
+            slope=d.slope,
+        )
     elif d.name == "typedecay":
         opts = dict(attention=d.s1, mlp=d.s2)
     elif d.name == "adadecay":
@@ -99,9 +128,7 @@ def _lambda_awd(value: str):
     try:
         return float(value)
     except ValueError:
-        raise ConfigError(
-            f"decay.lambda_awd: expected 'calibrate', 'authors' or a number, got {value!r}"
-        ) from None
+        raise ConfigError(f"decay.lambda_awd: expected 'calibrate', 'authors' or a number, got {value!r}") from None
 
 
 # ------------------------------------------------------------------------------- model transforms
@@ -196,7 +223,7 @@ class Diagnostics:
 
             was = self.model.training
             self.model.eval()
-            with torch.no_grad(), SublayerGains(self.model) as gains, (autocast() if autocast else _null()):
+            with torch.no_grad(), SublayerGains(self.model) as gains, autocast() if autocast else _null():
                 self.model(batch)
             self.model.train(was)
             out.update({k: v for k, v in gains.metrics().items() if k.endswith("mean")})
@@ -226,8 +253,10 @@ class Diagnostics:
         if getattr(self.decay, "interval", None) == 1 and not log_step:
             return
         self._decay_version = version
-        rows = [{k: (float(v) if isinstance(v, (float, torch.Tensor)) else v) for k, v in r.items()}
-                for r in self.decay.table()]
+        rows = [
+            {k: (float(v) if isinstance(v, (float, torch.Tensor)) else v) for k, v in r.items()}
+            for r in self.decay.table()
+        ]
         import json
         import math
 
@@ -251,12 +280,14 @@ class Diagnostics:
 def residual_rms(model: nn.Module, batch: torch.Tensor, autocast=None) -> dict[str, float]:
     """RMS of the residual stream after each transformer block (one extra forward on ``batch``)."""
     rms: list[torch.Tensor] = []
-    hooks = [blk.register_forward_hook(lambda m, a, out: rms.append(out.float().pow(2).mean().sqrt()))
-             for blk in getattr(model, "layers", [])]
+    hooks = [
+        blk.register_forward_hook(lambda m, a, out: rms.append(out.float().pow(2).mean().sqrt()))
+        for blk in getattr(model, "layers", [])
+    ]
     was = model.training
     model.eval()
     try:
-        with (autocast() if autocast else _null()):
+        with autocast() if autocast else _null():
             model(batch)
     finally:
         for h in hooks:

@@ -19,6 +19,7 @@ is measured against ``base_hidden_size`` (``m = d / d_base``):
 does) for ``down_proj``'s fan-in to scale with it.  At ``m = 1`` (and ``attn_scale="sqrt"``) the μP model is
 exactly the standard one.
 """
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@
   lost and ``--resume`` (or the same ``compare`` / ``sweep`` command) continues exactly there.  In the
   command's own process a second Ctrl-C stops at once; worker processes of ``--jobs N`` never escalate.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,7 +72,7 @@ class GracefulInterrupt:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.prev = None
 
-    def __enter__(self) -> "GracefulInterrupt":
+    def __enter__(self) -> GracefulInterrupt:
         global _STOP
         if not self.enabled:
             return self
@@ -87,8 +88,11 @@ class GracefulInterrupt:
             raise KeyboardInterrupt
         _STOP = True
         if not _IN_WORKER:
-            print("\nstopping after this step (writing a checkpoint; Ctrl-C again to stop at once) ...",
-                  file=sys.stderr, flush=True)
+            print(
+                "\nstopping after this step (writing a checkpoint; Ctrl-C again to stop at once) ...",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc) -> None:
         if self.enabled and self.prev is not None:
@@ -126,8 +130,15 @@ def fmt_duration(s: float) -> str:
 class RunMonitor:
     """A status line over runs ``[(label, run_dir, max_steps)]`` while they train (see the module docstring)."""
 
-    def __init__(self, runs: list[tuple[str, Path, int]], *, stream=None, interval: float = 1.0,
-                 log_interval: float = 60.0, enabled: bool = True):
+    def __init__(
+        self,
+        runs: list[tuple[str, Path, int]],
+        *,
+        stream=None,
+        interval: float = 1.0,
+        log_interval: float = 60.0,
+        enabled: bool = True,
+    ):
         self.runs = [(label, Path(d), int(n)) for label, d, n in runs]
         self.stream = stream or sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -147,7 +158,7 @@ class RunMonitor:
         rec = last_record(run_dir / "metrics.jsonl")
         return int(rec["step"]) if rec else 0
 
-    def __enter__(self) -> "RunMonitor":
+    def __enter__(self) -> RunMonitor:
         if self.enabled:
             self._thread = threading.Thread(target=self._loop, name="layerwise-progress", daemon=True)
             self._thread.start()
@@ -211,6 +222,9 @@ class RunMonitor:
         elapsed = time.perf_counter() - self.t0
         rate = (now_steps - base) / elapsed if elapsed > 0 else 0.0
         eta = (total - now_steps) / rate if rate > 0 else float("nan")
-        parts = [f"{len(self.finished)}/{len(self.runs)} runs done", *running,
-                 f"{fmt_duration(elapsed)} elapsed, ETA {fmt_duration(eta)}"]
+        parts = [
+            f"{len(self.finished)}/{len(self.runs)} runs done",
+            *running,
+            f"{fmt_duration(elapsed)} elapsed, ETA {fmt_duration(eta)}",
+        ]
         return " | ".join(parts)

@@ -1,5 +1,6 @@
 """Reports from finished runs: comparison tables (mean ± s.e., paired differences), loss curves, and the
 per-module alpha / weight-decay history of a decay controller (from ``spectral.jsonl``)."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,15 @@ def _read_metrics(run: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def report(paths: list[str | Path], out: str | Path, *, quiet: bool = False,
-           method_order: list[str] | None = None, ref: str | None = None, notes: list[str] | None = None) -> dict:
+def report(
+    paths: list[str | Path],
+    out: str | Path,
+    *,
+    quiet: bool = False,
+    method_order: list[str] | None = None,
+    ref: str | None = None,
+    notes: list[str] | None = None,
+) -> dict:
     """Write ``results.md``/``results.json`` and ``plots/`` under ``out``; returns {"rows", "markdown"}.
 
     Paired differences are taken against ``ref`` (an error if no such method was found), else against the
@@ -79,8 +87,9 @@ def report(paths: list[str | Path], out: str | Path, *, quiet: bool = False,
     order = [m for m in (method_order or []) if m in found] + sorted(m for m in found if m not in (method_order or []))
     if ref is not None:
         order = [ref] + [m for m in order if m != ref]
-    summaries = {m: {s: json.loads((r / "summary.json").read_text()) for s, r in seeds.items()}
-                 for m, seeds in found.items()}
+    summaries = {
+        m: {s: json.loads((r / "summary.json").read_text()) for s, r in seeds.items()} for m, seeds in found.items()
+    }
     rows = summarize(summaries, order)
     md = markdown_table(rows, order[0])
     from layerwise.lab.downstream import eval_markdown, eval_rows
@@ -91,16 +100,22 @@ def report(paths: list[str | Path], out: str | Path, *, quiet: bool = False,
     md += eval_markdown(eval_cols, eval_stats, order)
     n_seeds = {r["seeds"] for r in rows}
     if n_seeds == {1}:
-        md += ("\nOne seed per method: no standard errors (n/a). At this scale the seed-to-seed spread is "
-               "larger than most effects; use `layerwise compare --seeds 3` for conclusions.\n")
-    md += ("\nCPU s: each run's own CPU time (all its threads), mean over seeds; unlike wall time it does not "
-           "depend on what else ran at the same time.\n")
+        md += (
+            "\nOne seed per method: no standard errors (n/a). At this scale the seed-to-seed spread is "
+            "larger than most effects; use `layerwise compare --seeds 3` for conclusions.\n"
+        )
+    md += (
+        "\nCPU s: each run's own CPU time (all its threads), mean over seeds; unlike wall time it does not "
+        "depend on what else ran at the same time.\n"
+    )
     for n in notes or []:
         md += f"\n{n}\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md)
-    dump(out / "results.json", {"rows": rows, "runs": {m: {str(s): str(r) for s, r in v.items()}
-                                                       for m, v in found.items()}})
+    dump(
+        out / "results.json",
+        {"rows": rows, "runs": {m: {str(s): str(r) for s, r in v.items()} for m, v in found.items()}},
+    )
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     plot_loss_curves(found, order, plots / "loss_curves.png")
@@ -146,8 +161,14 @@ def plot_loss_curves(found: dict[str, dict[int, Path]], order: list[str], path: 
             targets = (axes[0], axes[1]) if k == 0 else (axes[2],)
             se = ys.std(0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else np.zeros_like(mean)
             for ax in targets:
-                ax.plot(steps, mean, color=color, label=label if ax is axes[0] else None,
-                        marker="o" if k == 2 else None, ms=5)
+                ax.plot(
+                    steps,
+                    mean,
+                    color=color,
+                    label=label if ax is axes[0] else None,
+                    marker="o" if k == 2 else None,
+                    ms=5,
+                )
                 if len(curves) > 1:
                     ax.fill_between(steps, mean - se, mean + se, color=color, alpha=0.2, lw=0)
             if k == 0:
@@ -184,16 +205,24 @@ def plot_loss_curves(found: dict[str, dict[int, Path]], order: list[str], path: 
         axes[2].set_xticks(sorted(eval_steps))
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=8,
-                   title=f"method ({n_txt}); dotted: evaluations", title_fontsize=8)
+        fig.legend(
+            handles,
+            labels,
+            loc="outside right upper",
+            fontsize=8,
+            title=f"method ({n_txt}); dotted: evaluations",
+            title_fontsize=8,
+        )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 #: Shown under the α panels: why attention and MLP differ at initialisation.
-SHAPE_NOTE = ("At step 0 the weights are random: the attention-vs-MLP difference in α is the shape effect (the α of "
-              "a random matrix depends on its aspect ratio; q/k/v/o and gate/up/down have different shapes), not "
-              "learned structure. The Δα panel (α now − α at step 0) removes it to first order.")
+SHAPE_NOTE = (
+    "At step 0 the weights are random: the attention-vs-MLP difference in α is the shape effect (the α of "
+    "a random matrix depends on its aspect ratio; q/k/v/o and gate/up/down have different shapes), not "
+    "learned structure. The Δα panel (α now − α at step 0) removes it to first order."
+)
 
 
 def plot_decay_history(run: Path, path: Path) -> None:
@@ -204,7 +233,6 @@ def plot_decay_history(run: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-
     import torch
 
     from layerwise.anatomy import anatomy
@@ -238,8 +266,7 @@ def plot_decay_history(run: Path, path: Path) -> None:
 
     def draw(ax, g, title, cmap, vmin, vmax, fmt):
         im = ax.imshow(g, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-        ax.set(title=title, xticks=range(len(types)), yticks=range(len(layers)), xlabel="module type",
-               ylabel="layer")
+        ax.set(title=title, xticks=range(len(types)), yticks=range(len(layers)), xlabel="module type", ylabel="layer")
         ax.set_xticklabels(types)
         ax.set_yticklabels(layers)
         if g.size <= 400:
@@ -247,8 +274,15 @@ def plot_decay_history(run: Path, path: Path) -> None:
                 for j in range(g.shape[1]):
                     if np.isfinite(g[i, j]):
                         r, gr, b, _ = im.cmap(im.norm(g[i, j]))
-                        ax.text(j, i, fmt.format(g[i, j]), ha="center", va="center", fontsize=7,
-                                color="w" if 0.299 * r + 0.587 * gr + 0.114 * b < 0.5 else "k")
+                        ax.text(
+                            j,
+                            i,
+                            fmt.format(g[i, j]),
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="w" if 0.299 * r + 0.587 * gr + 0.114 * b < 0.5 else "k",
+                        )
         return im
 
     controller = recs[0].get("controller", "")

@@ -16,6 +16,7 @@ and name what differs (``--overwrite`` re-runs).  ``train`` refuses to start ove
 holds a run unless told to resume or overwrite, and a resume refuses changed data outright and changed
 config unless allowed (:func:`check_resume`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,22 +34,53 @@ FORMAT = 1
 #: Keys that change how a run is watched or how often it is saved, never what it computes.  ``num_threads``
 #: and ``compile`` only change float rounding order (as two identical CPU runs do: see DESIGN.md), and
 #: ``compare --jobs`` sets the thread count itself, so they are neutral too.
-NEUTRAL_KEYS = frozenset({
-    "train.progress", "train.tensorboard", "train.num_threads", "train.compile", "train.stop_at",
-    "train.log_every", "train.eval_every", "train.ckpt_every", "train.ckpt_minutes",
-    "train.diagnostics_every", "train.spectral_every", "train.export_merged",
-})
+NEUTRAL_KEYS = frozenset(
+    {
+        "train.progress",
+        "train.tensorboard",
+        "train.num_threads",
+        "train.compile",
+        "train.stop_at",
+        "train.log_every",
+        "train.eval_every",
+        "train.ckpt_every",
+        "train.ckpt_minutes",
+        "train.diagnostics_every",
+        "train.spectral_every",
+        "train.export_merged",
+    }
+)
 #: Keys a resume may never change: they define the model, the batches or the data (a checkpoint of another
 #: model cannot be loaded; other batches or data make a different run).  ``train.parallel`` is checked by
 #: the checkpoint loader.
-STRUCTURAL_PREFIXES = ("model.", "data.", "multipliers.kind", "multipliers.placement", "train.seed",
-                       "train.batch_size", "train.grad_accum", "train.device", "optim.name", "decay.name")
+STRUCTURAL_PREFIXES = (
+    "model.",
+    "data.",
+    "multipliers.kind",
+    "multipliers.placement",
+    "train.seed",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.device",
+    "optim.name",
+    "decay.name",
+)
 RESUME_UNCHECKED = frozenset({"train.parallel"})
 #: Names of data.corpus / data.valid that are not paths.
 _NOT_PATHS = ("", "shakespeare")
 #: What a run directory holds once a run has started in it.
-RUN_FILES = ("identity.json", "config.toml", "metrics.jsonl", "summary.json", "spectral.jsonl", "checkpoints",
-             "tb", "plots", "tokenizer.json", "tokenizer_info.json")
+RUN_FILES = (
+    "identity.json",
+    "config.toml",
+    "metrics.jsonl",
+    "summary.json",
+    "spectral.jsonl",
+    "checkpoints",
+    "tb",
+    "plots",
+    "tokenizer.json",
+    "tokenizer_info.json",
+)
 
 
 class RunDirError(ConfigError):
@@ -90,9 +122,17 @@ def _sha(obj: Any) -> str:
 def identity(cfg: Config, data) -> dict:
     """The identity of a run of ``cfg`` (already resolved: relative widths, absolute paths) on ``data``."""
     conf, files = config_items(cfg), data_items(data)
-    return {"format": FORMAT, "config_sha": _sha(conf), "data_sha": _sha(files), "config": conf,
-            "data": files, "corpus": cfg.data.corpus, "valid": cfg.data.valid, "data_dir": str(data.dir),
-            "changes": []}
+    return {
+        "format": FORMAT,
+        "config_sha": _sha(conf),
+        "data_sha": _sha(files),
+        "config": conf,
+        "data": files,
+        "corpus": cfg.data.corpus,
+        "valid": cfg.data.valid,
+        "data_dir": str(data.dir),
+        "changes": [],
+    }
 
 
 def read(run_dir: str | Path) -> dict | None:
@@ -125,8 +165,11 @@ _ABSENT = object()
 def config_differences(old: dict, new: dict) -> list[str]:
     """``["optim.lr: 0.003 -> 0.0001", ...]`` between two :func:`config_items` dicts."""
     keys = sorted(set(old) | set(new))
-    return [f"{k}: {_fmt(old.get(k, _ABSENT))} -> {_fmt(new.get(k, _ABSENT))}" for k in keys
-            if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+    return [
+        f"{k}: {_fmt(old.get(k, _ABSENT))} -> {_fmt(new.get(k, _ABSENT))}"
+        for k in keys
+        if old.get(k, _ABSENT) != new.get(k, _ABSENT)
+    ]
 
 
 def data_differences(old: dict, new: dict) -> list[str]:
@@ -136,9 +179,11 @@ def data_differences(old: dict, new: dict) -> list[str]:
         changed = sorted(f for f in set(old["data"]) | set(new["data"]) if old["data"].get(f) != new["data"].get(f))
         src = new.get("corpus") or old.get("corpus")
         what = ", ".join(changed)
-        out.append(f"data: the token cache of corpus {src!r} differs from the one this run was trained on "
-                   f"({what} changed: {old.get('data_dir', '?')} -> {new.get('data_dir', '?')}); "
-                   "the corpus file or the tokenizer changed since")
+        out.append(
+            f"data: the token cache of corpus {src!r} differs from the one this run was trained on "
+            f"({what} changed: {old.get('data_dir', '?')} -> {new.get('data_dir', '?')}); "
+            "the corpus file or the tokenizer changed since"
+        )
     return out
 
 
@@ -148,8 +193,10 @@ def differences(old: dict | None, new: dict) -> list[str]:
         return ["the run has no identity.json (made by an older layerwise, or not by layerwise train)"]
     out = data_differences(old, new) + config_differences(old.get("config", {}), new["config"])
     for ch in old.get("changes") or []:
-        out.append(f"it was resumed at step {ch.get('step')} with a changed config "
-                   f"({'; '.join(ch.get('changed', []))}), so no single config produced it")
+        out.append(
+            f"it was resumed at step {ch.get('step')} with a changed config "
+            f"({'; '.join(ch.get('changed', []))}), so no single config produced it"
+        )
     return out
 
 
@@ -182,10 +229,12 @@ def check_fresh(run_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         old = read(run_dir) if (run_dir / IDENTITY_FILE).exists() else None
         what = "a finished run" if (run_dir / "summary.json").exists() else "a run"
-        raise RunDirError(f"{run_dir} already holds {what}"
-                          + (f" (config {old['config_sha'][:12]})" if old else "")
-                          + f"; continue it with `layerwise train --resume {run_dir}`, or pass --overwrite to "
-                          "replace it, or choose another --out")
+        raise RunDirError(
+            f"{run_dir} already holds {what}"
+            + (f" (config {old['config_sha'][:12]})" if old else "")
+            + f"; continue it with `layerwise train --resume {run_dir}`, or pass --overwrite to "
+            "replace it, or choose another --out"
+        )
     clear(run_dir)
 
 
@@ -199,27 +248,40 @@ def check_resume(run_dir: Path, new: dict, ckpt_step: int, allow_changes: bool) 
     """
     old = read(run_dir)
     if old is None:
-        raise RunDirError(f"{run_dir} has a checkpoint but no {IDENTITY_FILE} (an older layerwise made it), so "
-                          "its data and config cannot be checked; pass --overwrite to start it afresh")
+        raise RunDirError(
+            f"{run_dir} has a checkpoint but no {IDENTITY_FILE} (an older layerwise made it), so "
+            "its data and config cannot be checked; pass --overwrite to start it afresh"
+        )
     bad = data_differences(old, new)
     if bad:
         raise RunDirError(f"cannot resume {run_dir}: " + "; ".join(bad))
     max_steps = new["config"].get("train.max_steps")
     if isinstance(max_steps, int) and max_steps < ckpt_step:
-        raise RunDirError(f"cannot resume {run_dir}: its checkpoint is at step {ckpt_step} but train.max_steps="
-                          f"{max_steps} ends before it")
-    changed = [k for k in sorted(set(old["config"]) | set(new["config"]))
-               if k not in RESUME_UNCHECKED and old["config"].get(k, _ABSENT) != new["config"].get(k, _ABSENT)]
+        raise RunDirError(
+            f"cannot resume {run_dir}: its checkpoint is at step {ckpt_step} but train.max_steps="
+            f"{max_steps} ends before it"
+        )
+    changed = [
+        k
+        for k in sorted(set(old["config"]) | set(new["config"]))
+        if k not in RESUME_UNCHECKED and old["config"].get(k, _ABSENT) != new["config"].get(k, _ABSENT)
+    ]
     if not changed:
         return {**new, "changes": old.get("changes") or []}, []
     lines = [f"{k}: {_fmt(old['config'].get(k, _ABSENT))} -> {_fmt(new['config'].get(k, _ABSENT))}" for k in changed]
     structural = [ln for k, ln in zip(changed, lines) if is_structural(k)]
     if structural:
-        raise RunDirError(f"cannot resume {run_dir} with a different model, data, seed or batch: "
-                          + "; ".join(structural) + " (start a new run with another --out)")
+        raise RunDirError(
+            f"cannot resume {run_dir} with a different model, data, seed or batch: "
+            + "; ".join(structural)
+            + " (start a new run with another --out)"
+        )
     if not allow_changes:
-        raise RunDirError(f"resuming {run_dir} would change its config: " + "; ".join(lines)
-                          + ". Pass --allow-changes to continue with these values (the change is recorded in "
-                          f"{IDENTITY_FILE}, and compare/sweep then no longer reuse the run)")
+        raise RunDirError(
+            f"resuming {run_dir} would change its config: "
+            + "; ".join(lines)
+            + ". Pass --allow-changes to continue with these values (the change is recorded in "
+            f"{IDENTITY_FILE}, and compare/sweep then no longer reuse the run)"
+        )
     record = {**new, "changes": [*(old.get("changes") or []), {"step": ckpt_step, "changed": lines}]}
     return record, lines

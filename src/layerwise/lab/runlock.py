@@ -6,6 +6,7 @@ ends in any way (``kill -9`` included), so a lock left by a dead writer is recog
 holds the directory.  Where ``flock`` is not available (some network filesystems), the pid recorded in the
 file is checked instead when it was written on this host.
 """
+
 from __future__ import annotations
 
 import errno
@@ -39,8 +40,11 @@ def _describe(info: dict) -> str:
     started = info.get("started")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
     cmd = info.get("argv")
-    return (f"pid {info.get('pid', '?')} on host {info.get('host', '?')} (started {when}"
-            + (f": {' '.join(cmd)[:200]}" if isinstance(cmd, list) else "") + ")")
+    return (
+        f"pid {info.get('pid', '?')} on host {info.get('host', '?')} (started {when}"
+        + (f": {' '.join(cmd)[:200]}" if isinstance(cmd, list) else "")
+        + ")"
+    )
 
 
 class RunLock:
@@ -58,7 +62,7 @@ class RunLock:
         except (OSError, ValueError):
             return {}
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             import fcntl
@@ -87,8 +91,12 @@ class RunLock:
                     if fcntl is None and prev.get("host") == socket.gethostname() and _pid_alive(int(prev["pid"])):
                         raise RunLockedError(self._busy_message(prev))
                     self.stale = prev
-                info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                        "argv": list(sys.argv)}
+                info = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.time(),
+                    "argv": list(sys.argv),
+                }
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps(info).encode(), 0)
                 os.fsync(fd)
@@ -101,9 +109,11 @@ class RunLock:
         raise RunLockedError(f"could not lock {self.path}: it keeps being replaced by another process")
 
     def _busy_message(self, info: dict) -> str:
-        return (f"run directory {self.dir} is in use by another layerwise process: {_describe(info)}. "
-                f"Wait for it to finish or stop it; use another --out for a separate run. (If that process "
-                f"is gone and this is a network filesystem without locks, delete {self.path}.)")
+        return (
+            f"run directory {self.dir} is in use by another layerwise process: {_describe(info)}. "
+            f"Wait for it to finish or stop it; use another --out for a separate run. (If that process "
+            f"is gone and this is a network filesystem without locks, delete {self.path}.)"
+        )
 
     def release(self) -> None:
         if self.fd is None:
@@ -114,7 +124,7 @@ class RunLock:
             os.close(self.fd)  # closing releases the flock
             self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -133,8 +143,11 @@ def lock_run_dir(run_dir: str | Path, ctx=None) -> RunLock | None:
         if lock is not None and lock.stale:
             import warnings
 
-            warnings.warn(f"{lock.path}: took over the stale lock of a writer that is gone "
-                          f"({_describe(lock.stale)})", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{lock.path}: took over the stale lock of a writer that is gone ({_describe(lock.stale)})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     if ctx is not None and ctx.active and ctx.world_size > 1:
         import torch.distributed as dist
 

@@ -16,6 +16,7 @@ Every DCP read of the harness goes through :func:`load_dcp` (into an existing, p
 ``train --resume`` of an FSDP run) or :func:`load_dcp_full` (the whole checkpoint in one process, no process
 group: ``layerwise analyze``).
 """
+
 from __future__ import annotations
 
 import io
@@ -29,8 +30,17 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 
-__all__ = ["UnsafeCheckpointError", "UnreadableCheckpointError", "MetadataUnpickler", "SafeFileSystemReader",
-           "SafeLoadPlanner", "SafeFullLoadPlanner", "read_metadata", "load_dcp", "load_dcp_full"]
+__all__ = [
+    "UnsafeCheckpointError",
+    "UnreadableCheckpointError",
+    "MetadataUnpickler",
+    "SafeFileSystemReader",
+    "SafeLoadPlanner",
+    "SafeFullLoadPlanner",
+    "read_metadata",
+    "load_dcp",
+    "load_dcp_full",
+]
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -44,8 +54,18 @@ class UnreadableCheckpointError(RuntimeError):
 
 _DCP_META = "torch.distributed.checkpoint.metadata"
 _ALLOWED: dict[str, frozenset[str]] = {
-    _DCP_META: frozenset({"Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
-                          "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"}),
+    _DCP_META: frozenset(
+        {
+            "Metadata",
+            "TensorStorageMetadata",
+            "TensorProperties",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        }
+    ),
     "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
     "torch.distributed.checkpoint._extension": frozenset(),  # transform descriptors are plain strings
     "torch": frozenset({"Size"}),
@@ -64,13 +84,16 @@ class MetadataUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                          torch.memory_format)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
-        raise UnsafeCheckpointError(f"{self.source}: refusing to load {module}.{name} (a DCP .metadata file "
-                                    "holds only checkpoint metadata; this one asks for other code)")
+        raise UnsafeCheckpointError(
+            f"{self.source}: refusing to load {module}.{name} (a DCP .metadata file "
+            "holds only checkpoint metadata; this one asks for other code)"
+        )
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafeCheckpointError(f"{self.source}: unexpected persistent id in DCP metadata")
@@ -142,8 +165,9 @@ def _unwrap(e: BaseException, path) -> RuntimeError:
             return exc
     first = next(iter(failures.values()), (e, None))[0]
     text = str(first).strip().splitlines()
-    return UnreadableCheckpointError(f"{path}: cannot read the DCP checkpoint ({type(first).__name__}: "
-                                     f"{text[0] if text else ''})")
+    return UnreadableCheckpointError(
+        f"{path}: cannot read the DCP checkpoint ({type(first).__name__}: {text[0] if text else ''})"
+    )
 
 
 def load_dcp(state: dict, path: str | os.PathLike) -> None:
@@ -168,8 +192,7 @@ def load_dcp_full(path: str | os.PathLike) -> dict[str, Any]:
     read_metadata(path)
     sd: dict[str, Any] = {}
     try:
-        _load_state_dict(sd, storage_reader=SafeFileSystemReader(path), planner=SafeFullLoadPlanner(),
-                         no_dist=True)
+        _load_state_dict(sd, storage_reader=SafeFileSystemReader(path), planner=SafeFullLoadPlanner(), no_dist=True)
     except CheckpointException as e:
         raise _unwrap(e, path) from None
     return sd

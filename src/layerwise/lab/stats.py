@@ -3,6 +3,7 @@
 A standard error needs at least two values: over one seed it is *not available* (NaN here, "n/a" in tables,
 ``null`` in JSON), never 0.  JSON has no NaN or infinity: :func:`json_safe` writes them as ``null``.
 """
+
 from __future__ import annotations
 
 import json

@@ -16,6 +16,7 @@ At the base width the three μP variants are the same model and the same optimis
 so they share one set of runs, stored under ``mup/``.  Runs are scheduled widest first, so that the long ones
 do not end up alone at the tail of a parallel sweep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,10 @@ import os
 from pathlib import Path
 
 from layerwise.lab import runid
-from layerwise.lab.config import Config, ConfigError, apply_overrides, resolve
+from layerwise.lab.config import ConfigError, apply_overrides, resolve
+from layerwise.lab.stats import dump_json
+from layerwise.lab.stats import sem as _sem_shared
 from layerwise.scaling.rules import PARAMETRIZATIONS as _WIDTH_RULES
-from layerwise.lab.stats import dump_json, sem as _sem_shared
 
 
 def _config_overrides(name: str) -> dict:
@@ -50,8 +52,13 @@ def width_overrides(width: int, base_width: int) -> dict:
     if width % HEAD_DIM:
         raise ConfigError(f"sweep: width {width} must be a multiple of the head size {HEAD_DIM}")
     ffn = int(round(width * FFN_RATIO / 8)) * 8
-    return {"model.hidden_size": width, "model.intermediate_size": ffn, "model.num_heads": width // HEAD_DIM,
-            "model.num_kv_heads": width // HEAD_DIM, "model.base_hidden_size": base_width}
+    return {
+        "model.hidden_size": width,
+        "model.intermediate_size": ffn,
+        "model.num_heads": width // HEAD_DIM,
+        "model.num_kv_heads": width // HEAD_DIM,
+        "model.base_hidden_size": base_width,
+    }
 
 
 def run_key(param: str, width: int, base_width: int) -> str:
@@ -66,10 +73,22 @@ def run_dir(out: Path, param: str, width: int, lr: float, wd: float, seed: int) 
     return out / param / f"w{width}" / f"lr{lr:g}_wd{wd:g}" / f"seed{seed}"
 
 
-def sweep(preset: str | None, widths: list[int], lrs: list[float], wds: list[float], parametrizations: list[str],
-          out: str | Path, *, seeds: int = 1, base_width: int | None = None, jobs: int = 1,
-          config_file: str | None = None, overrides: list[str] | None = None, quiet: bool = False,
-          overwrite: bool = False) -> dict:
+def sweep(
+    preset: str | None,
+    widths: list[int],
+    lrs: list[float],
+    wds: list[float],
+    parametrizations: list[str],
+    out: str | Path,
+    *,
+    seeds: int = 1,
+    base_width: int | None = None,
+    jobs: int = 1,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    quiet: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Run the grid into ``out`` (a finished run is reused only when its recorded config and data equal this
     sweep's: see :func:`layerwise.lab.experiments.plan`) and write ``sweep.md``, ``sweep.json``, heatmaps."""
     from layerwise.lab.experiments import _DataCache, execute, plan
@@ -97,11 +116,19 @@ def sweep(preset: str | None, widths: list[int], lrs: list[float], wds: list[flo
                         if path in seen:
                             continue
                         seen.add(path)
-                        cfg = apply_overrides(base.copy(), {**PARAMETRIZATIONS[key], **width_overrides(w, base_width),
-                                                            "optim.lr": lr, "optim.weight_decay": wd,
-                                                            "train.seed": seed, "train.progress": False,
-                                                            "train.tensorboard": False,
-                                                            "train.num_threads": threads})
+                        cfg = apply_overrides(
+                            base.copy(),
+                            {
+                                **PARAMETRIZATIONS[key],
+                                **width_overrides(w, base_width),
+                                "optim.lr": lr,
+                                "optim.weight_decay": wd,
+                                "train.seed": seed,
+                                "train.progress": False,
+                                "train.tensorboard": False,
+                                "train.num_threads": threads,
+                            },
+                        )
                         runs.append((f"{key}/w{w}/lr{lr:g}_wd{wd:g}", seed, cfg, path))
     todo = plan(runs, datas, overwrite, what="sweep", quiet=True)
     if not quiet:
@@ -148,16 +175,29 @@ def _argmin(g: list[list[float]]) -> tuple[int, int]:
     return arg
 
 
-def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, base_width: int | None = None,
-                    quiet=False) -> dict:
+def summarize_sweep(
+    out: Path, parametrizations, widths, lrs, wds, seeds, base_width: int | None = None, quiet=False
+) -> dict:
     base_width = base_width or widths[0]
-    result: dict = {"widths": widths, "lrs": lrs, "wds": wds, "seeds": seeds, "base_width": base_width,
-                    "parametrizations": {}}
-    lines = ["| parametrization | " + " | ".join(f"best (lr, wd) @ w={w}" for w in widths)
-             + " | shift lr steps | shift wd steps | loss at proxy's optimum − best, widest |"
-             + (" shift (lr, wd) per seed | proxy cells tied with its best | their mean loss − best, widest |"
-                if seeds > 1 else ""),
-             "|---|" + "---|" * len(widths) + "---|---|---|" + ("---|---|---|" if seeds > 1 else "")]
+    result: dict = {
+        "widths": widths,
+        "lrs": lrs,
+        "wds": wds,
+        "seeds": seeds,
+        "base_width": base_width,
+        "parametrizations": {},
+    }
+    lines = [
+        "| parametrization | "
+        + " | ".join(f"best (lr, wd) @ w={w}" for w in widths)
+        + " | shift lr steps | shift wd steps | loss at proxy's optimum − best, widest |"
+        + (
+            " shift (lr, wd) per seed | proxy cells tied with its best | their mean loss − best, widest |"
+            if seeds > 1
+            else ""
+        ),
+        "|---|" + "---|" * len(widths) + "---|---|---|" + ("---|---|---|" if seeds > 1 else ""),
+    ]
     for p in parametrizations:
         cells = {w: _cells(out, p, w, lrs, wds, seeds, base_width) for w in widths}
         grids = {w: _mean_grid(cells[w]) for w in widths}
@@ -171,29 +211,44 @@ def summarize_sweep(out: Path, parametrizations, widths, lrs, wds, seeds, base_w
         ses = sorted(v for row in sems[widths[0]] for v in row if v == v)
         band = 2 * ses[len(ses) // 2] if ses else 0.0
         g0 = grids[widths[0]]
-        ties = [(i, j) for i in range(len(lrs)) for j in range(len(wds))
-                if g0[i][j] == g0[i][j] and g0[i][j] <= g0[i0][j0] + band]
+        ties = [
+            (i, j)
+            for i in range(len(lrs))
+            for j in range(len(wds))
+            if g0[i][j] == g0[i][j] and g0[i][j] <= g0[i0][j0] + band
+        ]
         regret_ties = sum(g_wide[i][j] for i, j in ties) / len(ties) - g_wide[i1][j1]
         per_seed = []  # the shift each seed alone would report: how robust the argmin is
         for sd in range(seeds):
             one = {w: [[v[sd] if len(v) > sd else float("nan") for v in row] for row in cells[w]] for w in widths}
             (a0, b0), (a1, b1) = _argmin(one[widths[0]]), _argmin(one[widths[-1]])
             per_seed.append((a1 - a0, b1 - b0))
-        result["parametrizations"][p] = {"grids": {str(w): grids[w] for w in widths},
-                                         "sem": {str(w): sems[w] for w in widths},
-                                         "best": {str(w): {"lr": lrs[best[w][0]], "wd": wds[best[w][1]],
-                                                           "val_loss": grids[w][best[w][0]][best[w][1]],
-                                                           "sem": sems[w][best[w][0]][best[w][1]]}
-                                                  for w in widths},
-                                         "shift_lr": i1 - i0, "shift_wd": j1 - j0, "regret": regret,
-                                         "shift_per_seed": per_seed, "tie_band": band,
-                                         "proxy_ties": [[lrs[i], wds[j]] for i, j in ties],
-                                         "regret_ties": regret_ties}
+        result["parametrizations"][p] = {
+            "grids": {str(w): grids[w] for w in widths},
+            "sem": {str(w): sems[w] for w in widths},
+            "best": {
+                str(w): {
+                    "lr": lrs[best[w][0]],
+                    "wd": wds[best[w][1]],
+                    "val_loss": grids[w][best[w][0]][best[w][1]],
+                    "sem": sems[w][best[w][0]][best[w][1]],
+                }
+                for w in widths
+            },
+            "shift_lr": i1 - i0,
+            "shift_wd": j1 - j0,
+            "regret": regret,
+            "shift_per_seed": per_seed,
+            "tie_band": band,
+            "proxy_ties": [[lrs[i], wds[j]] for i, j in ties],
+            "regret_ties": regret_ties,
+        }
 
         def fmt(w):
             i, j = best[w]
             se = sems[w][i][j]
             return f"({lrs[i]:g}, {wds[j]:g}) {grids[w][i][j]:.4f}" + (f" ± {se:.4f}" if se == se else "")
+
         row = f"| {p} | {' | '.join(fmt(w) for w in widths)} | {i1 - i0:+d} | {j1 - j0:+d} | {regret:+.4f} |"
         if seeds > 1:
             row += " " + ", ".join(f"({a:+d}, {b:+d})" for a, b in per_seed) + " |"
@@ -223,20 +278,33 @@ def plot_sweep(result: dict, plots: Path) -> None:
     widths, lrs, wds = result["widths"], result["lrs"], result["wds"]
     seeds = result.get("seeds", 1)
     for p, r in result["parametrizations"].items():
-        fig, axes = plt.subplots(1, len(widths), figsize=(0.9 * len(wds) * len(widths) + 2.6, 0.55 * len(lrs) + 2.4),
-                                 squeeze=False, layout="constrained")
+        fig, axes = plt.subplots(
+            1,
+            len(widths),
+            figsize=(0.9 * len(wds) * len(widths) + 2.6, 0.55 * len(lrs) + 2.4),
+            squeeze=False,
+            layout="constrained",
+        )
         finite = [v for g in r["grids"].values() for row in g for v in row if v == v and v != float("inf")]
         vmin, vmax = (min(finite), min(max(finite), min(finite) + 1.0)) if finite else (0, 1)
         for ax, w in zip(axes[0], widths):
             g = np.array(r["grids"][str(w)], dtype=float)
-            im = ax.imshow(np.clip(g, vmin, vmax), cmap="viridis_r", vmin=vmin, vmax=vmax, origin="lower",
-                           aspect="auto")
+            im = ax.imshow(
+                np.clip(g, vmin, vmax), cmap="viridis_r", vmin=vmin, vmax=vmax, origin="lower", aspect="auto"
+            )
             for i in range(len(lrs)):
                 for j in range(len(wds)):
                     v = g[i, j]
                     txt = "n/a" if v != v else ("div." if v == float("inf") else f"{v:.3f}")
-                    ax.text(j, i, txt, ha="center", va="center", fontsize=7,
-                            color="k" if v != v or v < (vmin + vmax) / 2 else "w")  # NaN cells are blank
+                    ax.text(
+                        j,
+                        i,
+                        txt,
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="k" if v != v or v < (vmin + vmax) / 2 else "w",
+                    )  # NaN cells are blank
             b = r["best"][str(w)]
             if b["val_loss"] is not None and b["val_loss"] == b["val_loss"]:
                 ax.scatter([wds.index(b["wd"]) + 0.32], [lrs.index(b["lr"]) + 0.3], marker="*", s=140, c="red")
@@ -260,33 +328,66 @@ def _floats(text: str) -> list[float]:
 
 
 def cmd_sweep(args) -> int:
-    sweep(args.preset, [int(x) for x in _floats(args.widths)], _floats(args.lrs), _floats(args.wds),
-          [p.strip() for p in args.parametrization.split(",")], args.out or f"runs/sweep-{args.preset or 'custom'}",
-          seeds=args.seeds, base_width=args.base_width, jobs=args.jobs, config_file=args.config,
-          overrides=args.overrides, overwrite=args.overwrite)
+    sweep(
+        args.preset,
+        [int(x) for x in _floats(args.widths)],
+        _floats(args.lrs),
+        _floats(args.wds),
+        [p.strip() for p in args.parametrization.split(",")],
+        args.out or f"runs/sweep-{args.preset or 'custom'}",
+        seeds=args.seeds,
+        base_width=args.base_width,
+        jobs=args.jobs,
+        config_file=args.config,
+        overrides=args.overrides,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
 def register(sub) -> None:
     from layerwise.lab.config import PRESETS
 
-    p = sub.add_parser("sweep", help="widths × lr × wd grid; optimum transfer across widths",
-                       description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "sweep",
+        help="widths × lr × wd grid; optimum transfer across widths",
+        description=__doc__.replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", default="quick", help=f"named preset: {', '.join(PRESETS)} (default: quick)")
     p.add_argument("--config", help="a TOML config file (applied after the preset)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value for every run (repeatable), e.g. --set train.max_steps=300")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value for every run (repeatable), e.g. --set train.max_steps=300",
+    )
     p.add_argument("--widths", required=True, help="hidden sizes, e.g. 64,128,256 (multiples of 32)")
     p.add_argument("--lrs", required=True, help="base learning rates, e.g. 1e-3,3e-3,1e-2")
     p.add_argument("--wds", required=True, help="base weight decays, e.g. 0,0.05,0.1,0.2")
-    p.add_argument("--parametrization", default="mup-sqrtwd",
-                   help="comma-separated, from: " + ", ".join(PARAMETRIZATIONS) + " (default: mup-sqrtwd)")
-    p.add_argument("--base-width", type=int, default=None,
-                   help="the width the base lr/wd are tuned at (default: the narrowest of --widths)")
+    p.add_argument(
+        "--parametrization",
+        default="mup-sqrtwd",
+        help="comma-separated, from: " + ", ".join(PARAMETRIZATIONS) + " (default: mup-sqrtwd)",
+    )
+    p.add_argument(
+        "--base-width",
+        type=int,
+        default=None,
+        help="the width the base lr/wd are tuned at (default: the narrowest of --widths)",
+    )
     p.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1: no standard errors)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; default 1)")
-    p.add_argument("--out", help="output folder (default runs/sweep-<preset>); finished runs in it are reused "
-                   "only if their recorded config and data equal this sweep's")
-    p.add_argument("--overwrite", action="store_true", help="re-run runs in --out made by a different config or "
-                   "data (default: refuse, naming the difference)")
+    p.add_argument(
+        "--out",
+        help="output folder (default runs/sweep-<preset>); finished runs in it are reused "
+        "only if their recorded config and data equal this sweep's",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="re-run runs in --out made by a different config or data (default: refuse, naming the difference)",
+    )
     p.set_defaults(func=cmd_sweep)

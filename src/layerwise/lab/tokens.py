@@ -17,6 +17,7 @@
 
 Token ids are ``uint16`` when every id fits (vocabulary ≤ 65,536), else ``uint32``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,9 @@ import json
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -84,8 +86,10 @@ def load_pretrained(path: str | os.PathLike, eos_token: str = ""):
             try:
                 from transformers import AutoTokenizer
             except ImportError as e:
-                raise TokenizerError(f"data.tokenizer: {p} has no tokenizer.json; converting its slow tokenizer "
-                                     "needs the 'transformers' package (pip install 'layerwise[hf]')") from e
+                raise TokenizerError(
+                    f"data.tokenizer: {p} has no tokenizer.json; converting its slow tokenizer "
+                    "needs the 'transformers' package (pip install 'layerwise[hf]')"
+                ) from e
             try:
                 hf = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
             except (OSError, ValueError) as e:
@@ -102,18 +106,20 @@ def load_pretrained(path: str | os.PathLike, eos_token: str = ""):
     elif _looks_like_hub_id(str(path)):
         return _load_hub(str(path), eos_token)
     else:
-        raise TokenizerError(f"data.tokenizer: {p} does not exist (use 'train', a tokenizer.json or a tokenizer "
-                             "folder)")
+        raise TokenizerError(
+            f"data.tokenizer: {p} does not exist (use 'train', a tokenizer.json or a tokenizer folder)"
+        )
     specials = _special_tokens(tok)
     eos = eos_token or _config_eos(folder) or next((s for s in EOS_NAMES if s in specials), None)
     if eos is None:
-        raise TokenizerError(f"data.tokenizer: cannot tell the end-of-document token of {p} (special tokens: "
-                             f"{specials[:12]}); set data.eos_token")
+        raise TokenizerError(
+            f"data.tokenizer: cannot tell the end-of-document token of {p} (special tokens: "
+            f"{specials[:12]}); set data.eos_token"
+        )
     if tok.token_to_id(eos) is None:
         raise TokenizerError(f"data.tokenizer: the EOS token {eos!r} is not in the vocabulary of {p}")
     bos = next((s for s in ("<s>", "<|begin_of_text|>", "<bos>") if s in specials), None)
-    info = {"tokenizer_source": str(p.resolve() if p.is_dir() else p.resolve()), "eos_token": eos,
-            "bos_token": bos}
+    info = {"tokenizer_source": str(p.resolve() if p.is_dir() else p.resolve()), "eos_token": eos, "bos_token": bos}
     return tok, eos, info
 
 
@@ -131,13 +137,16 @@ def _load_hub(name: str, eos_token: str):
     try:
         from transformers import AutoTokenizer
     except ImportError as e:
-        raise TokenizerError(f"data.tokenizer: {name!r} is not a local path; loading it from the Hugging Face hub "
-                             "needs the 'transformers' package (pip install 'layerwise[hf]')") from e
+        raise TokenizerError(
+            f"data.tokenizer: {name!r} is not a local path; loading it from the Hugging Face hub "
+            "needs the 'transformers' package (pip install 'layerwise[hf]')"
+        ) from e
     try:
         hf = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise TokenizerError(f"data.tokenizer: {name!r} is neither a local path nor a loadable hub tokenizer "
-                             f"({type(e).__name__}: {e})") from e
+        raise TokenizerError(
+            f"data.tokenizer: {name!r} is neither a local path nor a loadable hub tokenizer ({type(e).__name__}: {e})"
+        ) from e
     tok = Tokenizer.from_str(hf.backend_tokenizer.to_str())
     eos = eos_token or hf.eos_token
     if not eos or tok.token_to_id(eos) is None:
@@ -232,9 +241,19 @@ class _ShardWriter:
         return self.shards
 
 
-def encode_to_shards(parts, tok, eos_id: int, out_dir: Path, *, dtype: np.dtype, num_proc: int = 1,
-                     max_tokens: int = 0, max_valid_tokens: int = 0, shard_tokens: int = SHARD_TOKENS,
-                     progress: bool = False) -> dict:
+def encode_to_shards(
+    parts,
+    tok,
+    eos_id: int,
+    out_dir: Path,
+    *,
+    dtype: np.dtype,
+    num_proc: int = 1,
+    max_tokens: int = 0,
+    max_valid_tokens: int = 0,
+    shard_tokens: int = SHARD_TOKENS,
+    progress: bool = False,
+) -> dict:
     """Encode the streams ``parts`` (a :meth:`Source.parts() <layerwise.lab.sources.Source.parts>` list) into
     ``out_dir/{train,valid}-NNNNN.bin``; returns ``{"train": [shard records], "valid": [...], "seconds",
     "tokens_per_s", "num_proc"}``.  ``max_tokens`` / ``max_valid_tokens`` (> 0) stop each split at that many
@@ -268,8 +287,11 @@ def encode_to_shards(parts, tok, eos_id: int, out_dir: Path, *, dtype: np.dtype,
         if bar is not None:
             bar.update(int(ids.size))
             el = time.perf_counter() - t0
-            bar.set_postfix(train=writers["train"].total, valid=writers["valid"].total,
-                            tok_s=f"{(writers['train'].total + writers['valid'].total) / max(el, 1e-9):.3g}")
+            bar.set_postfix(
+                train=writers["train"].total,
+                valid=writers["valid"].total,
+                tok_s=f"{(writers['train'].total + writers['valid'].total) / max(el, 1e-9):.3g}",
+            )
 
     try:
         if num_proc <= 1:
@@ -288,8 +310,9 @@ def encode_to_shards(parts, tok, eos_id: int, out_dir: Path, *, dtype: np.dtype,
             # fork where there is one: workers start at once and need no importable __main__; they use only
             # numpy + tokenizers (which turns its own thread pool off after a fork), never torch
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(tok_json, eos_id, dtype.str)) as pool:
+            with ProcessPoolExecutor(
+                num_proc, mp_context=ctx, initializer=_init_worker, initargs=(tok_json, eos_id, dtype.str)
+            ) as pool:
                 pending: deque = deque()
 
                 def drain(limit: int) -> None:
@@ -311,8 +334,13 @@ def encode_to_shards(parts, tok, eos_id: int, out_dir: Path, *, dtype: np.dtype,
             bar.close()
     seconds = time.perf_counter() - t0
     total = writers["train"].total + writers["valid"].total
-    return {"train": writers["train"].finish(), "valid": writers["valid"].finish(), "seconds": seconds,
-            "tokens_per_s": total / seconds if seconds > 0 else None, "num_proc": max(1, num_proc)}
+    return {
+        "train": writers["train"].finish(),
+        "valid": writers["valid"].finish(),
+        "seconds": seconds,
+        "tokens_per_s": total / seconds if seconds > 0 else None,
+        "num_proc": max(1, num_proc),
+    }
 
 
 # ------------------------------------------------------------------------------------------- reading

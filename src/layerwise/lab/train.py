@@ -10,6 +10,7 @@ Reproducibility: initial weights depend only on ``train.seed``; batch ``step`` d
 matches an uninterrupted one (up to CPU kernels' run-to-run rounding), and every method run with seed k starts
 from the same weights and sees the same batches — the basis of the paired differences in ``compare``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,11 @@ CKPT_NAME = "last.pt"
 # ------------------------------------------------------------------------------------------ helpers
 def resolve_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
     m = cfg.model
-    over = {k: getattr(m, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
-                                       "num_kv_heads") if getattr(m, k)}
+    over = {
+        k: getattr(m, k)
+        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+        if getattr(m, k)
+    }
     if "num_heads" in over and "num_kv_heads" not in over:  # the size's kv heads were derived from its own heads
         from layerwise.lab.model import SIZES
 
@@ -48,9 +52,16 @@ def resolve_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
         base = model_config(m.size)
         hidden = over.get("hidden_size", base.hidden_size)
         methods.resolve_relative_widths(cfg, hidden)
-        return model_config(m.size, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, init_std=m.init_std,
-                            parametrization=m.parametrization, base_hidden_size=m.base_hidden_size,
-                            attn_scale=m.attn_scale, **over)
+        return model_config(
+            m.size,
+            vocab_size=vocab_size,
+            max_seq_len=cfg.data.seq_len,
+            init_std=m.init_std,
+            parametrization=m.parametrization,
+            base_hidden_size=m.base_hidden_size,
+            attn_scale=m.attn_scale,
+            **over,
+        )
     except ValueError as e:
         raise ConfigError(f"model: {e}") from e
 
@@ -61,14 +72,21 @@ def validate(cfg: Config) -> None:
     check_values(cfg)  # ranges, choices, finite floats, head sizes, path lengths: errors name the key
     t, o = cfg.train, cfg.optim
     checks = [
-        ("train.max_steps", t.max_steps >= 1), ("train.batch_size", t.batch_size >= 1),
+        ("train.max_steps", t.max_steps >= 1),
+        ("train.batch_size", t.batch_size >= 1),
         ("train.grad_accum", t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0),
-        ("train.log_every", t.log_every >= 1), ("train.eval_every", t.eval_every >= 0),
-        ("train.stop_at", t.stop_at >= 0), ("train.ckpt_minutes", t.ckpt_minutes >= 0),
-        ("train.device", t.device in ("cpu", "cuda")), ("train.dtype", t.dtype in ("auto", "fp32", "bf16")),
-        ("train.parallel", t.parallel in ("none", "ddp", "fsdp")), ("optim.lr", o.lr > 0),
-        ("optim.weight_decay", o.weight_decay >= 0), ("optim.warmup_frac", 0 <= o.warmup_frac < 1),
-        ("optim.min_lr_ratio", 0 <= o.min_lr_ratio <= 1), ("optim.grad_clip", o.grad_clip >= 0),
+        ("train.log_every", t.log_every >= 1),
+        ("train.eval_every", t.eval_every >= 0),
+        ("train.stop_at", t.stop_at >= 0),
+        ("train.ckpt_minutes", t.ckpt_minutes >= 0),
+        ("train.device", t.device in ("cpu", "cuda")),
+        ("train.dtype", t.dtype in ("auto", "fp32", "bf16")),
+        ("train.parallel", t.parallel in ("none", "ddp", "fsdp")),
+        ("optim.lr", o.lr > 0),
+        ("optim.weight_decay", o.weight_decay >= 0),
+        ("optim.warmup_frac", 0 <= o.warmup_frac < 1),
+        ("optim.min_lr_ratio", 0 <= o.min_lr_ratio <= 1),
+        ("optim.grad_clip", o.grad_clip >= 0),
         ("data.seq_len", cfg.data.seq_len >= 2),
     ]
     bad = [k for k, ok in checks if not ok]
@@ -80,23 +98,38 @@ def validate(cfg: Config) -> None:
     if t.compile:
         backends = torch._dynamo.list_backends(exclude_tags=())
         if t.compile_backend not in backends:
-            raise ConfigError(f"train.compile_backend={t.compile_backend!r} is not a torch.compile backend "
-                              f"(available: {', '.join(backends)})")
+            raise ConfigError(
+                f"train.compile_backend={t.compile_backend!r} is not a torch.compile backend "
+                f"(available: {', '.join(backends)})"
+            )
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if t.compile_mode not in modes:
             raise ConfigError(f"train.compile_mode={t.compile_mode!r} must be one of {modes}")
     schedule_of(cfg)
 
 
-def lr_factor(step: int, max_steps: int, warmup_frac: float, min_ratio: float, schedule: str = "cosine",
-              decay_frac: float = 0.2, decay_shape: str = "linear") -> float:
+def lr_factor(
+    step: int,
+    max_steps: int,
+    warmup_frac: float,
+    min_ratio: float,
+    schedule: str = "cosine",
+    decay_frac: float = 0.2,
+    decay_shape: str = "linear",
+) -> float:
     """The LR multiplier at 0-based ``step``: linear warm-up over ``warmup_frac`` of the run, then the
     :mod:`layerwise.schedules` ``schedule`` (default cosine from 1 to ``min_ratio``)."""
     return make_schedule(max_steps, warmup_frac, min_ratio, schedule, decay_frac, decay_shape)(step)
 
 
-def make_schedule(max_steps: int, warmup_frac: float, min_ratio: float, schedule: str = "cosine",
-                  decay_frac: float = 0.2, decay_shape: str = "linear"):
+def make_schedule(
+    max_steps: int,
+    warmup_frac: float,
+    min_ratio: float,
+    schedule: str = "cosine",
+    decay_frac: float = 0.2,
+    decay_shape: str = "linear",
+):
     from layerwise.schedules import Schedule
 
     return Schedule(schedule, max_steps, int(warmup_frac * max_steps), min_ratio, decay_frac, decay_shape)
@@ -106,11 +139,14 @@ def schedule_of(cfg: Config):
     """The run's :class:`layerwise.schedules.Schedule` (``optim.schedule`` & co.); errors name the field."""
     o = cfg.optim
     try:
-        return make_schedule(cfg.train.max_steps, o.warmup_frac, o.min_lr_ratio, o.schedule, o.decay_frac,
-                             o.decay_shape)
+        return make_schedule(
+            cfg.train.max_steps, o.warmup_frac, o.min_lr_ratio, o.schedule, o.decay_frac, o.decay_shape
+        )
     except ValueError as e:
-        raise ConfigError(f"optim.schedule={o.schedule!r} (warmup_frac={o.warmup_frac}, decay_frac="
-                          f"{o.decay_frac}, decay_shape={o.decay_shape!r}): {e}") from e
+        raise ConfigError(
+            f"optim.schedule={o.schedule!r} (warmup_frac={o.warmup_frac}, decay_frac="
+            f"{o.decay_frac}, decay_shape={o.decay_shape!r}): {e}"
+        ) from e
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -149,7 +185,9 @@ def evaluate(model: torch.nn.Module, tokens, seq_len: int, device: str, autocast
     by_len: dict[int, list[int]] = {}
     for start, length in eval_windows(tokens, seq_len):
         by_len.setdefault(length, []).append(start)
-    batches = [(length, starts[i:i + batch]) for length, starts in by_len.items() for i in range(0, len(starts), batch)]
+    batches = [
+        (length, starts[i : i + batch]) for length, starts in by_len.items() for i in range(0, len(starts), batch)
+    ]
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None and ctx.active else (0, 1)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of targets)
     for i in range(rank, -(-len(batches) // world) * world, world):
@@ -159,8 +197,9 @@ def evaluate(model: torch.nn.Module, tokens, seq_len: int, device: str, autocast
         with autocast():
             logits = model(win[:, :-1])
         if i < len(batches):
-            total[0] += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), win[:, 1:].reshape(-1),
-                                        reduction="sum").double()
+            total[0] += F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), win[:, 1:].reshape(-1), reduction="sum"
+            ).double()
             total[1] += win[:, 1:].numel()
     if ctx is not None:
         ctx.all_reduce_sum(total)
@@ -196,8 +235,9 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # on resume, TensorBoard hides the old files' events after the checkpoint (no duplicates)
-                self.tb = SummaryWriter(str(run_dir / "tb"),
-                                        purge_step=None if resume_step is None else resume_step + 1)
+                self.tb = SummaryWriter(
+                    str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1
+                )
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.tb = None
 
@@ -217,8 +257,16 @@ class MetricsLog:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: TokenData | None = None,
-          quiet: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict:
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    data: TokenData | None = None,
+    quiet: bool = False,
+    overwrite: bool = False,
+    allow_changes: bool = False,
+) -> dict:
     """Train one run into ``run_dir`` and return its summary (also written to ``summary.json``).
 
     A fresh run refuses a ``run_dir`` that already holds a run unless ``overwrite`` (which deletes it).  With
@@ -265,8 +313,16 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, data: Token
         ctx.close(barrier=ok)
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, quiet: bool, ctx,
-           overwrite: bool = False, allow_changes: bool = False) -> dict:
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    resume: bool,
+    data: TokenData | None,
+    quiet: bool,
+    ctx,
+    overwrite: bool = False,
+    allow_changes: bool = False,
+) -> dict:
     from layerwise.lab import distributed as D
     from layerwise.lab.progress import TrainingInterrupted, stop_requested
 
@@ -275,8 +331,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
     use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and dev_type == "cuda")
     if t.batch_size % (ctx.world_size * t.grad_accum):
-        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by world size ({ctx.world_size}) "
-                          f"x train.grad_accum ({t.grad_accum})")
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be divisible by world size ({ctx.world_size}) "
+            f"x train.grad_accum ({t.grad_accum})"
+        )
 
     def autocast():
         if use_bf16:
@@ -319,13 +377,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     start_step, tokens_seen, wall_prev, cpu_prev = 0, 0, 0.0, 0.0
     ckpt = None
     if resume:  # newest readable checkpoint; a corrupt newest one falls back to the previous with a warning
-        ckpt = store.restore(model, optimizer, parallel=t.parallel, world_size=ctx.world_size,
-                             load_sharded=D.load_sharded)
+        ckpt = store.restore(
+            model, optimizer, parallel=t.parallel, world_size=ctx.world_size, load_sharded=D.load_sharded
+        )
         if ckpt is None:
             import warnings
 
-            warnings.warn(f"--resume {run_dir}: no checkpoint in {ckpt_dir}; starting from step 0", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"--resume {run_dir}: no checkpoint in {ckpt_dir}; starting from step 0", RuntimeWarning, stacklevel=2
+            )
     changes: list[str] = []
     if ckpt is None:
         if resume and ctx.is_main:
@@ -353,12 +413,16 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
             for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
                 g["lr"] = base * lr_at(start_step)
             if ctx.is_main:
-                print(f"resuming {run_dir} at step {start_step} with a changed config ({'; '.join(changes)}): "
-                      f"learning rate {lr_before:.3g} -> {optimizer.param_groups[0]['lr']:.3g}; recorded in "
-                      f"{run_dir / runid.IDENTITY_FILE}", flush=True)
+                print(
+                    f"resuming {run_dir} at step {start_step} with a changed config ({'; '.join(changes)}): "
+                    f"learning rate {lr_before:.3g} -> {optimizer.param_groups[0]['lr']:.3g}; recorded in "
+                    f"{run_dir / runid.IDENTITY_FILE}",
+                    flush=True,
+                )
     if t.compile:
-        fwd_model = torch.compile(fwd_model, backend=t.compile_backend,
-                                  mode=None if t.compile_mode == "default" else t.compile_mode)
+        fwd_model = torch.compile(
+            fwd_model, backend=t.compile_backend, mode=None if t.compile_mode == "default" else t.compile_mode
+        )
 
     sampler = BatchSampler(data.train, cfg.data.seq_len, t.batch_size, t.seed)
     tokens_per_step = t.batch_size * cfg.data.seq_len
@@ -389,18 +453,35 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
         """``verified=False``: held as pending until the next step, computed from these weights, is finite."""
         guard.verify(ctx, model.parameters())  # never write a checkpoint after a non-finite step
         saved["step"], saved["at"] = step, time.perf_counter()
-        extra = {"scheduler": scheduler.state_dict(), "decay": decay.state_dict() if decay is not None else None,
-                 "step": step, "tokens": tokens_seen, "wall_s": wall_prev + (time.perf_counter() - t0),
-                 "cpu_s": cpu_prev + (time.process_time() - c0),
-                 "model_config": mcfg_dict, "optim_lr": cfg.optim.lr, "parallel": t.parallel,
-                 "world_size": ctx.world_size}
+        extra = {
+            "scheduler": scheduler.state_dict(),
+            "decay": decay.state_dict() if decay is not None else None,
+            "step": step,
+            "tokens": tokens_seen,
+            "wall_s": wall_prev + (time.perf_counter() - t0),
+            "cpu_s": cpu_prev + (time.process_time() - c0),
+            "model_config": mcfg_dict,
+            "optim_lr": cfg.optim.lr,
+            "parallel": t.parallel,
+            "world_size": ctx.world_size,
+        }
         if sharded:
-            D.save_sharded(store.last, model, optimizer, extra, ctx, atomic_torch_save,
-                           commit=lambda tmp: store.commit_dcp(tmp, step, verified))
+            D.save_sharded(
+                store.last,
+                model,
+                optimizer,
+                extra,
+                ctx,
+                atomic_torch_save,
+                commit=lambda tmp: store.commit_dcp(tmp, step, verified),
+            )
         else:
             if main:  # keeps train.keep_checkpoints in all (last.pt + step-N.pt)
-                store.save_pt({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra},
-                              atomic_torch_save, verified)
+                store.save_pt(
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra},
+                    atomic_torch_save,
+                    verified,
+                )
             ctx.barrier()
         store.pending_step = None if verified else step  # every rank tracks it (rank 0 holds the file)
 
@@ -454,13 +535,17 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
                 now = time.perf_counter()
                 guard.verify(ctx)  # the lagged check, at a point that synchronises anyway
                 mean_loss = float(ctx.all_reduce_sum(loss_sum.clone())) / n_loss / ctx.world_size
-                rec = {"step": done, "loss": mean_loss,
-                       "lr": cfg.optim.lr * lr_at(step),
-                       "tokens": tokens_seen,
-                       "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log, 1e-9)}
+                rec = {
+                    "step": done,
+                    "loss": mean_loss,
+                    "lr": cfg.optim.lr * lr_at(step),
+                    "tokens": tokens_seen,
+                    "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log, 1e-9),
+                }
                 if grad_norm is not None:
-                    rec["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
-                                             else grad_norm)
+                    rec["grad_norm"] = float(
+                        grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                    )
                 if t.diagnostics_every and done % t.diagnostics_every == 0 and not ctx.active:
                     rec.update(diag.scalars(x, autocast))
                 if t.spectral_every and done % t.spectral_every == 0 and main and not sharded:
@@ -471,8 +556,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
                 if log is not None:
                     log.write(rec)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                    **({"val": f"{val_loss:.3f}"} if is_eval else {}))
+                    bar.set_postfix(
+                        loss=f"{mean_loss:.3f}",
+                        tok_s=f"{rec['tokens_per_s']:.0f}",
+                        **({"val": f"{val_loss:.3f}"} if is_eval else {}),
+                    )
                 loss_sum.zero_()
                 n_loss = 0
                 t_log, tok_log = time.perf_counter(), tokens_seen
@@ -495,8 +583,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     except Exception as e:  # lagged mode: NaN weights may break something else before the flag is read
         if guard.seen_nonfinite():
             store.discard_pending()
-            raise NonFiniteLossError(f"non-finite training loss or gradient norm (then {type(e).__name__}: "
-                                     f"{str(e)[:200]}); stopping — {where()}. Resume with a lower optim.lr.") from e
+            raise NonFiniteLossError(
+                f"non-finite training loss or gradient norm (then {type(e).__name__}: "
+                f"{str(e)[:200]}); stopping — {where()}. Resume with a lower optim.lr."
+            ) from e
         raise
     finally:
         if bar is not None:
@@ -508,19 +598,32 @@ def _train(cfg: Config, run_dir: Path, resume: bool, data: TokenData | None, qui
     wall = wall_prev + time.perf_counter() - t0
     cpu = cpu_prev + time.process_time() - c0
     summary = {
-        "final_val_loss": val_loss, "final_val_ppl": math.exp(min(val_loss, 50.0)), "steps": t.max_steps,
-        "tokens": tokens_seen, "wall_s": wall, "cpu_s": cpu, "params": sum(p.numel() for p in model.parameters()),
-        "tokens_per_s": tokens_seen / wall if wall > 0 else None, "optimizer": cfg.optim.name,
-        "decay": cfg.decay.name, "multipliers": cfg.multipliers.kind, "parametrization": cfg.model.parametrization,
-        "seed": t.seed, "data_dir": str(data.dir), "parallel": t.parallel, "world_size": ctx.world_size,
+        "final_val_loss": val_loss,
+        "final_val_ppl": math.exp(min(val_loss, 50.0)),
+        "steps": t.max_steps,
+        "tokens": tokens_seen,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "params": sum(p.numel() for p in model.parameters()),
+        "tokens_per_s": tokens_seen / wall if wall > 0 else None,
+        "optimizer": cfg.optim.name,
+        "decay": cfg.decay.name,
+        "multipliers": cfg.multipliers.kind,
+        "parametrization": cfg.model.parametrization,
+        "seed": t.seed,
+        "data_dir": str(data.dir),
+        "parallel": t.parallel,
+        "world_size": ctx.world_size,
     }
     if exclude_from_clip and t.export_merged:
         from layerwise.multipliers import merge_multipliers_state_dict
 
         full = D.model_state(model, ctx)
         if main:
-            atomic_torch_save({"model": merge_multipliers_state_dict(full), "step": t.max_steps,
-                               "model_config": mcfg_dict}, ckpt_dir / "merged.pt")
+            atomic_torch_save(
+                {"model": merge_multipliers_state_dict(full), "step": t.max_steps, "model_config": mcfg_dict},
+                ckpt_dir / "merged.pt",
+            )
     if main:
         from layerwise.lab.stats import dump_json
 

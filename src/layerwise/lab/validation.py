@@ -6,18 +6,20 @@ Generic rules cover every key (so keys added later are covered too): a float mus
 below add ranges, choices and cross-key rules (head size, grouped-query heads, RoPE's even head size, path
 length).  :func:`check_values` is called by :func:`layerwise.lab.train.validate`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from layerwise.lab.config import Config, ConfigError
 
 __all__ = ["check_values", "check_config_file"]
 
-_I64 = 2 ** 63 - 1
+_I64 = 2**63 - 1
 
 
 def _rng(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
@@ -29,8 +31,11 @@ def _rng(lo: float | None = None, hi: float | None = None, lo_open: bool = False
         return True
 
     def fmt(x: float) -> str:
-        return f"{x:g}" if isinstance(x, float) else (f"2**{x.bit_length()} - 1" if x > 10 ** 6 and (x + 1) & x == 0
-                                                        else str(x))
+        return (
+            f"{x:g}"
+            if isinstance(x, float)
+            else (f"2**{x.bit_length()} - 1" if x > 10**6 and (x + 1) & x == 0 else str(x))
+        )
 
     lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {fmt(lo)}"
     hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {fmt(hi)}"
@@ -43,29 +48,58 @@ def _choice(*options: str):
 
 # key -> (predicate, description of what is allowed)
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model.hidden_size": _rng(0, 1 << 20), "model.intermediate_size": _rng(0, 1 << 22),
-    "model.num_layers": _rng(0, 4096), "model.num_heads": _rng(0, 1 << 14), "model.num_kv_heads": _rng(0, 1 << 14),
-    "model.init_std": _rng(0, None, lo_open=True), "model.parametrization": _choice("sp", "mup"),
-    "model.base_hidden_size": _rng(-1024, 1 << 20), "model.attn_scale": _choice("sqrt", "mup"),  # base < 0: width / |base|
-    "data.vocab_size": _rng(257, 65535), "data.seq_len": _rng(2, 1 << 20),
-    "optim.lr": _rng(0, None, lo_open=True), "optim.weight_decay": _rng(0), "optim.beta1": _rng(0, 1, hi_open=True),
-    "optim.beta2": _rng(0, 1, hi_open=True), "optim.eps": _rng(0, None, lo_open=True),
-    "optim.warmup_frac": _rng(0, 1, hi_open=True), "optim.min_lr_ratio": _rng(0, 1), "optim.grad_clip": _rng(0),
+    "model.hidden_size": _rng(0, 1 << 20),
+    "model.intermediate_size": _rng(0, 1 << 22),
+    "model.num_layers": _rng(0, 4096),
+    "model.num_heads": _rng(0, 1 << 14),
+    "model.num_kv_heads": _rng(0, 1 << 14),
+    "model.init_std": _rng(0, None, lo_open=True),
+    "model.parametrization": _choice("sp", "mup"),
+    "model.base_hidden_size": _rng(-1024, 1 << 20),
+    "model.attn_scale": _choice("sqrt", "mup"),  # base < 0: width / |base|
+    "data.vocab_size": _rng(257, 65535),
+    "data.seq_len": _rng(2, 1 << 20),
+    "optim.lr": _rng(0, None, lo_open=True),
+    "optim.weight_decay": _rng(0),
+    "optim.beta1": _rng(0, 1, hi_open=True),
+    "optim.beta2": _rng(0, 1, hi_open=True),
+    "optim.eps": _rng(0, None, lo_open=True),
+    "optim.warmup_frac": _rng(0, 1, hi_open=True),
+    "optim.min_lr_ratio": _rng(0, 1),
+    "optim.grad_clip": _rng(0),
     "optim.decay_frac": _rng(0, 1),
-    "optim.multiplier_weight_decay": _rng(0), "optim.multiplier_lr_scale": _rng(0, None, lo_open=True),
-    "optim.mask_ref": _choice("previous", "current"), "optim.alpha_mode": _choice("norm", "density"),
-    "optim.alpha_max": _rng(1), "optim.floor": _rng(0, 1), "optim.muon_lr": _rng(0),
+    "optim.multiplier_weight_decay": _rng(0),
+    "optim.multiplier_lr_scale": _rng(0, None, lo_open=True),
+    "optim.mask_ref": _choice("previous", "current"),
+    "optim.alpha_mode": _choice("norm", "density"),
+    "optim.alpha_max": _rng(1),
+    "optim.floor": _rng(0, 1),
+    "optim.muon_lr": _rng(0),
     "optim.muon_momentum": _rng(0, 1, hi_open=True),
-    "decay.interval": _rng(1), "decay.s1": _rng(0), "decay.s2": _rng(0), "decay.estimator": _choice("hill", "ks"),
+    "decay.interval": _rng(1),
+    "decay.s1": _rng(0),
+    "decay.s2": _rng(0),
+    "decay.estimator": _choice("hill", "ks"),
     "decay.ema": _rng(0, 1, hi_open=True),
     "multipliers.kind": _choice("none", "rowcol", "row", "col", "scalar"),
-    "multipliers.placement": _choice("paper", "symmetry_free"), "multipliers.clip_separately": _rng(0),
-    "train.max_steps": _rng(1, _I64), "train.batch_size": _rng(1, 1 << 24), "train.grad_accum": _rng(1, 1 << 24),
-    "train.seed": _rng(0, 2 ** 32 - 1), "train.eval_every": _rng(0), "train.log_every": _rng(1),
-    "train.ckpt_every": _rng(0), "train.keep_checkpoints": _rng(1, 10000), "train.stop_at": _rng(0),
-    "train.device": _choice("cpu", "cuda"), "train.dtype": _choice("auto", "fp32", "bf16"),
-    "train.parallel": _choice("none", "ddp", "fsdp"), "train.dist_timeout_s": _rng(0, 7 * 86400, lo_open=True),
-    "train.num_threads": _rng(0, 4096), "train.spectral_every": _rng(0), "train.diagnostics_every": _rng(0),
+    "multipliers.placement": _choice("paper", "symmetry_free"),
+    "multipliers.clip_separately": _rng(0),
+    "train.max_steps": _rng(1, _I64),
+    "train.batch_size": _rng(1, 1 << 24),
+    "train.grad_accum": _rng(1, 1 << 24),
+    "train.seed": _rng(0, 2**32 - 1),
+    "train.eval_every": _rng(0),
+    "train.log_every": _rng(1),
+    "train.ckpt_every": _rng(0),
+    "train.keep_checkpoints": _rng(1, 10000),
+    "train.stop_at": _rng(0),
+    "train.device": _choice("cpu", "cuda"),
+    "train.dtype": _choice("auto", "fp32", "bf16"),
+    "train.parallel": _choice("none", "ddp", "fsdp"),
+    "train.dist_timeout_s": _rng(0, 7 * 86400, lo_open=True),
+    "train.num_threads": _rng(0, 4096),
+    "train.spectral_every": _rng(0),
+    "train.diagnostics_every": _rng(0),
 }
 
 
@@ -135,8 +169,10 @@ def _check_cross(cfg: Config) -> None:
     if heads and hidden % heads:
         raise ConfigError(f"model.hidden_size={hidden} must be divisible by model.num_heads={heads}")
     if heads and (hidden // heads) % 2:
-        raise ConfigError(f"model.hidden_size / model.num_heads = {hidden}/{heads} = {hidden // heads}: the head "
-                          "size must be even (rotary embeddings rotate pairs of dimensions)")
+        raise ConfigError(
+            f"model.hidden_size / model.num_heads = {hidden}/{heads} = {hidden // heads}: the head "
+            "size must be even (rotary embeddings rotate pairs of dimensions)"
+        )
     if kv and heads % kv:
         raise ConfigError(f"model.num_heads={heads} must be a multiple of model.num_kv_heads={kv}")
     if kv > heads:
@@ -156,7 +192,8 @@ def check_config_file(path) -> None:
         try:
             p.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason}); TOML files are "
-                              "UTF-8") from None
+            raise ConfigError(
+                f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason}); TOML files are UTF-8"
+            ) from None
         except OSError as e:
             raise ConfigError(f"config file {p} cannot be read: {e.strerror}") from None

@@ -16,18 +16,26 @@ Files are closed (unmapped) after every ``read``: pages of a memory map count to
 resident set for as long as the map is open, so keeping it open would make peak memory grow with the
 checkpoint instead of with one batch.
 """
+
 from __future__ import annotations
 
 import json
 import warnings
 import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["WeightSource", "SafetensorsSource", "TorchFileSource", "InMemorySource", "SourceError",
-           "from_checkpoint_obj"]
+__all__ = [
+    "WeightSource",
+    "SafetensorsSource",
+    "TorchFileSource",
+    "InMemorySource",
+    "SourceError",
+    "from_checkpoint_obj",
+]
 
 
 class SourceError(RuntimeError):
@@ -46,8 +54,10 @@ def from_checkpoint_obj(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
-    raise SourceError(f"{path}: no state dict found (expected a dict with a 'model' key or a dict of tensors, "
-                      f"got {type(obj).__name__})")
+    raise SourceError(
+        f"{path}: no state dict found (expected a dict with a 'model' key or a dict of tensors, "
+        f"got {type(obj).__name__})"
+    )
 
 
 class WeightSource:
@@ -93,13 +103,23 @@ def _meta_like(t: Any) -> torch.Tensor:
 class SafetensorsSource(WeightSource):
     """One or more ``.safetensors`` files (a file, a folder's shards, or an ``index.json`` weight map)."""
 
-    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-               "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
-               "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8)}
+    _DTYPES = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
+        "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
+    }
 
     @classmethod
-    def open(cls, path: Path, files: list[Path]) -> "SafetensorsSource":
+    def open(cls, path: Path, files: list[Path]) -> SafetensorsSource:
         safe_open = _safe_open()
         where: dict[str, Path] = {}
         meta: dict[str, torch.Tensor] = {}
@@ -154,11 +174,16 @@ class TorchFileSource(WeightSource):
                 raise SourceError(f"{path}: shard {f.name} is listed but missing")
             if not zipfile.is_zipfile(f):  # legacy format (or not a checkpoint): cannot be mapped
                 if len(files) > 1:
-                    raise SourceError(f"{f}: legacy (non-zip) torch file in a sharded checkpoint: re-save it "
-                                      f"with torch.save to analyse it lazily")
+                    raise SourceError(
+                        f"{f}: legacy (non-zip) torch file in a sharded checkpoint: re-save it "
+                        f"with torch.save to analyse it lazily"
+                    )
                 sd = dict(from_checkpoint_obj(_torch_load(f, mmap=False), f))
-                warnings.warn(f"{f}: legacy (non-zip) torch file, cannot be memory-mapped: read whole "
-                              f"(re-save it with torch.save to analyse it lazily)", stacklevel=2)
+                warnings.warn(
+                    f"{f}: legacy (non-zip) torch file, cannot be memory-mapped: read whole "
+                    f"(re-save it with torch.save to analyse it lazily)",
+                    stacklevel=2,
+                )
                 return InMemorySource(path, sd)
             obj = _torch_load(f, mmap=True)
             sd = from_checkpoint_obj(obj, f)

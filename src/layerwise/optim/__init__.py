@@ -5,6 +5,7 @@
 * :func:`clip_grad_norm_` - global-norm clipping that can leave parameters out (``clip.py``);
 * :class:`MuonAdamW` - ``torch.optim.Muon`` on block matrices, AdamW on the rest (``muon.py``).
 """
+
 from __future__ import annotations
 
 import importlib

@@ -34,6 +34,7 @@ Concurrent first uses are serialised by torch's build lock.  No compiler, no nin
 ``LAYERWISE_NO_CKERNEL=1`` → :func:`load` returns ``None``, :func:`error` says why, and the optimizers
 use the compiled path (warning once, unless the kernel was disabled on purpose).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -279,8 +280,7 @@ TORCH_LIBRARY(layerwise_ck, lib) {
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
-          "-fopenmp-simd"]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp-simd"]
 
 
 class _Ops:
@@ -322,8 +322,9 @@ def _cpu_flags() -> str:
 
 def build_dir_() -> Path:
     """Where this machine's build of the kernel lives (the key: source, flags, torch, CPU features)."""
-    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), torch.__version__, _cpu_flags(),
-                                     sys.platform]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(
+        "\0".join([_SOURCE, " ".join(_FLAGS), torch.__version__, _cpu_flags(), sys.platform]).encode()
+    ).hexdigest()[:20]
     return _cache_dir() / f"{_NAME}_{key}"
 
 
@@ -341,8 +342,15 @@ def _build() -> None:
     build_dir = build_dir_()
     build_dir.mkdir(parents=True, exist_ok=True)
     # is_python_module=False: the library is loaded into the process and registers torch.ops.layerwise_ck
-    cpp_extension.load_inline(_NAME, cpp_sources=_SOURCE, extra_cflags=_FLAGS, build_directory=str(build_dir),
-                              is_python_module=False, no_implicit_headers=True, verbose=False)
+    cpp_extension.load_inline(
+        _NAME,
+        cpp_sources=_SOURCE,
+        extra_cflags=_FLAGS,
+        build_directory=str(build_dir),
+        is_python_module=False,
+        no_implicit_headers=True,
+        verbose=False,
+    )
 
 
 def _registered() -> bool:
@@ -392,14 +400,26 @@ def warn_unavailable() -> None:
     if _WARNED or _ERROR is None or "LAYERWISE_NO_CKERNEL" in _ERROR:
         return
     _WARNED = True
-    warnings.warn(f"layerwise: the C++ kernel for fp32 CPU AlphaAdam/CautiousAdamW steps is unavailable "
-                  f"({_ERROR}); using the compiled path instead (correct, slower for masked updates). "
-                  "Set LAYERWISE_NO_CKERNEL=1 or pass cpu_kernel=False to silence this.",
-                  RuntimeWarning, stacklevel=4)
+    warnings.warn(
+        f"layerwise: the C++ kernel for fp32 CPU AlphaAdam/CautiousAdamW steps is unavailable "
+        f"({_ERROR}); using the compiled path instead (correct, slower for masked updates). "
+        "Set LAYERWISE_NO_CKERNEL=1 or pass cpu_kernel=False to silence this.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
-def step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None,
-          h: torch.Tensor, rule: str, mode: str, out: torch.Tensor | None) -> None:
+def step_(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor | None,
+    h: torch.Tensor,
+    rule: str,
+    mode: str,
+    out: torch.Tensor | None,
+) -> None:
     """Update one fp32 contiguous CPU tensor in place.  ``s``: fp32 scratch of at least ``p.numel()``
     elements (masked rules); ``out``: a 2-element fp32 tensor that receives ``(alpha, density)``."""
     ops = _OPS
@@ -411,8 +431,17 @@ def step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s:
         ops.masked_step_(p, g, m, v, s, h, RULE_CODES[rule], MODE_CODES[mode], out)
 
 
-def steps_(ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor],
-           s: torch.Tensor | None, h: torch.Tensor, rule: str, mode: str, out: torch.Tensor | None) -> None:
+def steps_(
+    ps: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    ms: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    s: torch.Tensor | None,
+    h: torch.Tensor,
+    rule: str,
+    mode: str,
+    out: torch.Tensor | None,
+) -> None:
     """:func:`step_` for several tensors sharing ``h``, in one call.  ``s``: scratch of at least the largest
     tensor's size; ``out``: a contiguous ``(len(ps), 2)`` fp32 tensor that receives the rows
     ``(alpha, density)``."""

@@ -24,6 +24,7 @@ storage dtypes.
 The rule itself (the per-element update, the hyper-parameter vector ``h``, ``alpha`` from its sums) is
 defined once, in :mod:`layerwise.optim._masked_rule`; this module only arranges it into passes.
 """
+
 from __future__ import annotations
 
 import threading
@@ -37,8 +38,19 @@ from torch import Tensor
 
 from . import _masked_rule as R
 
-__all__ = ["adamw_", "masked_stage_", "masked_finish_", "masked_fused_", "masked_adamw_", "RULES",
-           "ALPHA_MODES", "H_SIZE", "PARALLEL_MIN_NUMEL", "BUCKET_SIZE", "update_many_"]
+__all__ = [
+    "adamw_",
+    "masked_stage_",
+    "masked_finish_",
+    "masked_fused_",
+    "masked_adamw_",
+    "RULES",
+    "ALPHA_MODES",
+    "H_SIZE",
+    "PARALLEL_MIN_NUMEL",
+    "BUCKET_SIZE",
+    "update_many_",
+]
 
 RULES = R.RULES
 ALPHA_MODES = R.ALPHA_MODES
@@ -53,8 +65,9 @@ def adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> None:
     v.copy_(v_new)
 
 
-def _weighted_stats(rule: str, alpha_mode: str, g: Tensor, m: Tensor, v: Tensor,
-                    h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _weighted_stats(
+    rule: str, alpha_mode: str, g: Tensor, m: Tensor, v: Tensor, h: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(m_t, v_t, w * u, alpha, density)``: the moments, the masked direction and its statistics."""
     gf, mf, m_new, v_new, u = R.moments(g, m, v, h)
     maskf = R.mask(rule, gf, mf, m_new).to(torch.float32)
@@ -63,8 +76,9 @@ def _weighted_stats(rule: str, alpha_mode: str, g: Tensor, m: Tensor, v: Tensor,
     return m_new, v_new, w * u, alpha, density
 
 
-def masked_stage_(g: Tensor, m: Tensor, v: Tensor, h: Tensor, buf: Tensor, rule: str,
-                  alpha_mode: str) -> tuple[Tensor, Tensor]:
+def masked_stage_(
+    g: Tensor, m: Tensor, v: Tensor, h: Tensor, buf: Tensor, rule: str, alpha_mode: str
+) -> tuple[Tensor, Tensor]:
     """Pass 1 of the eager path: update the moments densely, write ``buf = w * u`` (fp32) and return
     ``(alpha, density)`` as fp32 0-d tensors (``density`` = fraction of coordinates with mask 1; alpha
     in ``[1, alpha_max]``)."""
@@ -75,8 +89,9 @@ def masked_stage_(g: Tensor, m: Tensor, v: Tensor, h: Tensor, buf: Tensor, rule:
     return alpha, density
 
 
-def masked_fused_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: str,
-                  alpha_mode: str) -> tuple[Tensor, Tensor]:
+def masked_fused_(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: str, alpha_mode: str
+) -> tuple[Tensor, Tensor]:
     """The whole masked update as one function (the compiled path): the same arithmetic as
     :func:`masked_stage_` then :func:`masked_finish_`, without the scratch buffer.
 
@@ -96,8 +111,9 @@ def masked_finish_(p: Tensor, buf: Tensor, h: Tensor, alpha: Tensor) -> None:
     R.apply_(p, buf, h, alpha)
 
 
-def masked_adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: str, alpha_mode: str,
-                  buf: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+def masked_adamw_(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, rule: str, alpha_mode: str, buf: Tensor | None = None
+) -> tuple[Tensor, Tensor] | None:
     """The whole update of one tensor, eagerly (the reference path).  ``buf`` (fp32, ``p``'s shape)
     is allocated when not given.  Returns ``(alpha, density)``, or ``None`` for ``rule="none"``."""
     if rule == "none":
@@ -148,13 +164,16 @@ BUCKET_SIZE = 8
 
 def _many(rule: str, alpha_mode: str) -> Callable:
     if rule == "none":
+
         def many(ps, gs, ms, vs, h):
             for i in range(len(ps)):
                 adamw_(ps[i], gs[i], ms[i], vs[i], h)
             return []
     else:
+
         def many(ps, gs, ms, vs, h):
             return [masked_fused_(ps[i], gs[i], ms[i], vs[i], h, rule, alpha_mode) for i in range(len(ps))]
+
     return many
 
 
@@ -179,9 +198,18 @@ def _compiled_many(rule: str, alpha_mode: str, parallel: bool, k: int) -> Callab
     return c
 
 
-def update_many_(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], h: Tensor,
-                 rule: str, alpha_mode: str, *, parallel: bool,
-                 strict: bool = False) -> list[tuple[Tensor, Tensor] | None]:
+def update_many_(
+    ps: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    h: Tensor,
+    rule: str,
+    alpha_mode: str,
+    *,
+    parallel: bool,
+    strict: bool = False,
+) -> list[tuple[Tensor, Tensor] | None]:
     """Update up to :data:`BUCKET_SIZE` tensors with one compiled call; returns one
     ``(alpha, density)`` (``None`` for ``rule="none"``) per tensor.
 
@@ -221,6 +249,7 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     # what torch.compile raises while tracing or compiling (a failing backend, e.g. no C++ compiler for
     # inductor, arrives as BackendCompilerFailed); errors raised by the compiled code itself are not these
     from torch._dynamo import exc as dynamo_exc
+
     return (dynamo_exc.TorchDynamoException,)
 
 
@@ -231,6 +260,7 @@ def _NO_DUCK():
     # without duck sizing, tensors of equal size get distinct size symbols: one graph per bucket
     # length instead of one per pattern of equal sizes
     from torch.fx.experimental import _config as fx_config
+
     return fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
 
 

@@ -31,6 +31,7 @@ update weight is ``w = M + floor * (1 - M)``.  Per tensor (``alpha_mode``): ``"n
 (``alpha = ||u|| / ||w * u||``) or ``"density"`` (``alpha = 1 / mean(w)``), clamped to ``[1, alpha_max]``.
 Then ``p <- p * decay - step_size * alpha * (w * u)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,19 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["RULES", "ALPHA_MODES", "H_SIZE", "TINY", "hyper", "moments", "mask", "weight",
-           "partial_sums", "alpha_from_sums", "apply_"]
+__all__ = [
+    "RULES",
+    "ALPHA_MODES",
+    "H_SIZE",
+    "TINY",
+    "hyper",
+    "moments",
+    "mask",
+    "weight",
+    "partial_sums",
+    "alpha_from_sums",
+    "apply_",
+]
 
 RULES = ("none", "previous", "current", "cautious")
 ALPHA_MODES = ("norm", "density")
@@ -48,13 +60,33 @@ H_SIZE = 9
 TINY = torch.finfo(torch.float32).tiny
 
 
-def hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float, t: float,
-          alpha_max: float, floor: float, device: torch.device | str = "cpu") -> Tensor:
+def hyper(
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    t: float,
+    alpha_max: float,
+    floor: float,
+    device: torch.device | str = "cpu",
+) -> Tensor:
     """The hyper-parameter vector ``h`` of step ``t`` (see the module docstring for its layout)."""
     beta1, beta2 = betas
-    return torch.tensor([1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-                         lr / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t), alpha_max, floor],
-                        dtype=torch.float32, device=device)
+    return torch.tensor(
+        [
+            1.0 - lr * weight_decay,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            eps,
+            lr / (1.0 - beta1**t),
+            math.sqrt(1.0 - beta2**t),
+            alpha_max,
+            floor,
+        ],
+        dtype=torch.float32,
+        device=device,
+    )
 
 
 def moments(g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

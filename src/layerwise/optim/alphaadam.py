@@ -55,6 +55,7 @@ non-fused AdamW.
 Diagnostics: each step keeps references to the per-tensor ``alpha`` and mask density it computed
 anyway (0-d tensors, no copy, no sync); :meth:`diagnostics` turns them into floats on request.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,9 @@ class _MaskedAdamW(Optimizer):
 
     _NAME = "MaskedAdamW"
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], fast: bool | None,
-                 cpu_kernel: bool | None = None) -> None:
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], fast: bool | None, cpu_kernel: bool | None = None
+    ) -> None:
         if fast not in (None, True, False):
             raise ValueError(f"{self._NAME}: invalid fast={fast!r}: must be None, True or False")
         if cpu_kernel not in (None, True, False):
@@ -196,24 +198,37 @@ class _MaskedAdamW(Optimizer):
 
     def _fast_ok(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
         """Whether the compiled kernels can take this tensor (flat contiguous aliases of equal shape)."""
-        return (p.device.type in _FAST_DEVICES and p.is_contiguous() and g.is_contiguous()
-                and m.is_contiguous() and v.is_contiguous() and g.shape == p.shape
-                and m.shape == p.shape and v.shape == p.shape and g.device == p.device)
+        return (
+            p.device.type in _FAST_DEVICES
+            and p.is_contiguous()
+            and g.is_contiguous()
+            and m.is_contiguous()
+            and v.is_contiguous()
+            and g.shape == p.shape
+            and m.shape == p.shape
+            and v.shape == p.shape
+            and g.device == p.device
+        )
 
     def _c_ok(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
         """Whether the C kernel takes this tensor: what the compiled kernels take, on the CPU, all fp32."""
-        return (p.device.type == "cpu" and p.dtype == g.dtype == m.dtype == v.dtype == torch.float32
-                and self._fast_ok(p, g, m, v))
+        return (
+            p.device.type == "cpu"
+            and p.dtype == g.dtype == m.dtype == v.dtype == torch.float32
+            and self._fast_ok(p, g, m, v)
+        )
 
-    def _run_eager(self, rule: str, mode: str, p: Tensor, g: Tensor, m: Tensor, v: Tensor,
-                   h: Tensor) -> tuple[Tensor, Tensor] | None:
+    def _run_eager(
+        self, rule: str, mode: str, p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
         pd = p.detach()
         n = pd.numel()
         buf = None if rule == "none" else self._scratch_for(pd.device, n)[:n].view(pd.shape)
         return K.masked_adamw_(pd, g, m, v, h, rule, mode, buf)
 
-    def _run_fast(self, rule: str, mode: str, bucket: list[tuple[int, Tensor, Tensor, Tensor, Tensor]],
-                  h: Tensor, parallel: bool) -> list[tuple[int, tuple[Tensor, Tensor] | None]]:
+    def _run_fast(
+        self, rule: str, mode: str, bucket: list[tuple[int, Tensor, Tensor, Tensor, Tensor]], h: Tensor, parallel: bool
+    ) -> list[tuple[int, tuple[Tensor, Tensor] | None]]:
         # ``view(-1).detach()`` is a flat alias that is not a view (no ``_base``): the compiled
         # kernels' guards then see plain 1-D tensors, whatever the parameters' shapes
         ps, gs, ms, vs = ([t.view(-1).detach() for t in ts] for ts in zip(*(item[1:] for item in bucket)))
@@ -243,11 +258,13 @@ class _MaskedAdamW(Optimizer):
                 if g is None:
                     continue
                 if g.is_sparse:
-                    raise RuntimeError(f"{self._NAME} does not support sparse gradients "
-                                       f"(parameter {self._param_name(gi, pi)!r})")
+                    raise RuntimeError(
+                        f"{self._NAME} does not support sparse gradients (parameter {self._param_name(gi, pi)!r})"
+                    )
                 if p.is_complex():
-                    raise RuntimeError(f"{self._NAME} does not support complex parameters "
-                                       f"(parameter {self._param_name(gi, pi)!r})")
+                    raise RuntimeError(
+                        f"{self._NAME} does not support complex parameters (parameter {self._param_name(gi, pi)!r})"
+                    )
                 if masked and not fast:
                     need[p.device] = max(need.get(p.device, 0), p.numel())
                 cpu_f32 = cpu_f32 or (p.device.type == "cpu" and p.dtype == torch.float32)
@@ -312,7 +329,7 @@ class _MaskedAdamW(Optimizer):
                     CK.steps_(ps, gs, ms, vs, None, h_cache[key], rule, mode, None)
                     group_stats += [(pi, None) for pi in pis]
                 else:
-                    rows = c_out[c_row:c_row + len(ps)]  # type: ignore[index]
+                    rows = c_out[c_row : c_row + len(ps)]  # type: ignore[index]
                     c_row += len(ps)
                     scratch = self._scratch_for(key[0], max(p.numel() for p in ps))
                     CK.steps_(ps, gs, ms, vs, scratch, h_cache[key], rule, mode, rows)
@@ -330,8 +347,16 @@ class _MaskedAdamW(Optimizer):
 
     def _h(self, group: dict[str, Any], t: float, device: torch.device) -> Tensor:
         betas = tuple(float(b) for b in group["betas"])
-        return R.hyper(float(group["lr"]), betas, float(group["eps"]), float(group["weight_decay"]),  # type: ignore[arg-type]
-                       t, self._alpha_max(group), self._floor(group), device)
+        return R.hyper(
+            float(group["lr"]),
+            betas,
+            float(group["eps"]),
+            float(group["weight_decay"]),  # type: ignore[arg-type]
+            t,
+            self._alpha_max(group),
+            self._floor(group),
+            device,
+        )
 
     def _step_sharded(self) -> list[tuple[int, int, tuple[Tensor, Tensor] | None]]:
         """The step for sharded (DTensor, e.g. FSDP2) parameters.
@@ -355,7 +380,7 @@ class _MaskedAdamW(Optimizer):
                 state = self._init_state(p)
                 state["step"] += 1.0
                 t = float(state["step"])
-                loc = (lambda x: x.to_local() if _is_dtensor(x) else x)
+                loc = lambda x: x.to_local() if _is_dtensor(x) else x
                 pl, gl, ml, vl = loc(p.detach()), loc(p.grad), loc(state["exp_avg"]), loc(state["exp_avg_sq"])
                 if _is_dtensor(p) and group_pg is None:
                     group_pg = p.device_mesh.get_group()
@@ -442,22 +467,41 @@ class AlphaAdam(_MaskedAdamW):
 
     _NAME = "AlphaAdam"
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, *, mask_ref: str = "previous",
-                 alpha_mode: str = "norm", alpha_max: float = 10.0, floor: float = 0.0,
-                 masking: bool = True, fast: bool | None = None, cpu_kernel: bool | None = None) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mask_ref=mask_ref,
-                        alpha_mode=alpha_mode, alpha_max=alpha_max, floor=floor, masking=masking)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        mask_ref: str = "previous",
+        alpha_mode: str = "norm",
+        alpha_max: float = 10.0,
+        floor: float = 0.0,
+        masking: bool = True,
+        fast: bool | None = None,
+        cpu_kernel: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            mask_ref=mask_ref,
+            alpha_mode=alpha_mode,
+            alpha_max=alpha_max,
+            floor=floor,
+            masking=masking,
+        )
         super().__init__(params, defaults, fast, cpu_kernel)
 
     def _validate_extra(self, group: dict[str, Any], where: str) -> None:
         n = self._NAME
         if group["mask_ref"] not in ("previous", "current"):
-            raise ValueError(f"{n}: invalid mask_ref={group['mask_ref']!r}{where}: "
-                             "must be 'previous' or 'current'")
+            raise ValueError(f"{n}: invalid mask_ref={group['mask_ref']!r}{where}: must be 'previous' or 'current'")
         if group["alpha_mode"] not in K.ALPHA_MODES:
-            raise ValueError(f"{n}: invalid alpha_mode={group['alpha_mode']!r}{where}: "
-                             "must be 'norm' or 'density'")
+            raise ValueError(f"{n}: invalid alpha_mode={group['alpha_mode']!r}{where}: must be 'norm' or 'density'")
         am = group["alpha_max"]
         if not _is_number(am) or not 1.0 <= float(am) < math.inf:
             raise ValueError(f"{n}: invalid alpha_max={am!r}{where}: must be a finite number >= 1")
@@ -491,9 +535,17 @@ class CautiousAdamW(_MaskedAdamW):
     _NAME = "CautiousAdamW"
     MIN_DENSITY = 1e-3
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, *, fast: bool | None = None,
-                 cpu_kernel: bool | None = None) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        fast: bool | None = None,
+        cpu_kernel: bool | None = None,
+    ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, fast, cpu_kernel)
 

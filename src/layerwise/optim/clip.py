@@ -5,9 +5,11 @@ counting them in the global norm shrank every update in the multipliers paper, s
 ``exclude=multipliers``.  The excluded parameters are neither counted nor scaled, unless ``clip_excluded``
 asks for a separate clip of their own norm.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Union
+from collections.abc import Iterable
+from typing import Union
 
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
@@ -71,7 +73,7 @@ def clip_grad_norm_(
     excl_ids: set[int] = set()
     excl_names: set[str] = set()
     if exclude is not None:
-        for item in ([exclude] if isinstance(exclude, torch.Tensor) else exclude):
+        for item in [exclude] if isinstance(exclude, torch.Tensor) else exclude:
             if isinstance(item, str):
                 excl_names.add(canonical_name(item))
             elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):

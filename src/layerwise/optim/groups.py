@@ -18,11 +18,13 @@ the matching user rule put on the base decay; 1.0 without either).  Optimizers m
 
 Weight decay is PyTorch's coupled convention: one step does ``θ ← θ·(1 − lr·λ)``.
 """
+
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -63,8 +65,12 @@ def _named(model_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]]
     seen_ids: set[int] = set()
     by_name: dict[str, torch.Tensor] = {}
     for item in items:
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-                and isinstance(item[1], torch.Tensor)):
+        if not (
+            isinstance(item, tuple)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], torch.Tensor)
+        ):
             raise TypeError(f"param_groups expects (name, tensor) pairs; got an item of type {type(item).__name__}")
         raw, p = item
         name = canonical_name(raw)
@@ -89,8 +95,9 @@ def _token_match(info: ParamInfo, tokens: Sequence[str]) -> bool:
     ``ssm_vector`` ...; ``embed`` = embedding or position embedding, ``head`` = readout), the operator
     (``q``, ``down`` ...) or any dotted component of the canonical name."""
     parts = set(info.name.split("."))
-    return any(t == info.role or info.role in _TOKEN_ROLES.get(t, ()) or t == info.operator or t in parts
-               for t in tokens)
+    return any(
+        t == info.role or info.role in _TOKEN_ROLES.get(t, ()) or t == info.operator or t in parts for t in tokens
+    )
 
 
 def _compile_rules(rules: Sequence[tuple[str, RuleSpec]] | None) -> list[tuple[re.Pattern[str], dict[str, Any]]]:
@@ -113,7 +120,9 @@ def _compile_rules(rules: Sequence[tuple[str, RuleSpec]] | None) -> list[tuple[r
             raise TypeError(f"rules[{i}] spec must be a class name or a mapping, got {type(spec).__name__}")
         unknown = set(spec) - _SPEC_KEYS
         if unknown:
-            raise ValueError(f"rules[{i}] ({pattern!r}) has unknown key(s) {sorted(unknown)}; valid: {sorted(_SPEC_KEYS)}")
+            raise ValueError(
+                f"rules[{i}] ({pattern!r}) has unknown key(s) {sorted(unknown)}; valid: {sorted(_SPEC_KEYS)}"
+            )
         spec = dict(spec)
         if "param_class" in spec and spec["param_class"] not in PARAM_CLASSES:
             raise ValueError(
@@ -211,17 +220,21 @@ def param_groups(
         plan.append((name, p, info, spec, cls))
     if unclassified:
         listed = ", ".join(f"{r.name} {list(r.shape)}" for r in unclassified[:10]) + (
-            " ..." if len(unclassified) > 10 else "")
+            " ..." if len(unclassified) > 10 else ""
+        )
         example = re.escape(unclassified[0].name)
         if scaling is not None:
             raise ValueError(
                 f"param_groups: {len(unclassified)} parameter(s) have no width class (layerwise.anatomy role "
                 f"'other'): {listed}.  Assign each a class with a rule, e.g. "
-                f"param_groups(..., rules=[(r\"^{example}$\", \"vector\")]) (classes: {PARAM_CLASSES})")
-        _anatomy.warn_once(f"param_groups:{listed}",
-                           f"param_groups: {len(unclassified)} parameter(s) cannot be classified by "
-                           f"layerwise.anatomy and are treated by shape (< 2 dims: vector, no decay; else matrix): "
-                           f"{listed}; pass rules=[(regex, class)] to choose")
+                f'param_groups(..., rules=[(r"^{example}$", "vector")]) (classes: {PARAM_CLASSES})'
+            )
+        _anatomy.warn_once(
+            f"param_groups:{listed}",
+            f"param_groups: {len(unclassified)} parameter(s) cannot be classified by "
+            f"layerwise.anatomy and are treated by shape (< 2 dims: vector, no decay; else matrix): "
+            f"{listed}; pass rules=[(regex, class)] to choose",
+        )
     groups: dict[tuple, dict[str, Any]] = {}
     for name, p, info, spec, cls in plan:
         if cls is None:
@@ -248,8 +261,14 @@ def param_groups(
         g = groups.get(key)
         if g is None:
             g = groups[key] = {
-                "params": [], "param_names": [], "group": label, "param_class": cls,
-                "lr": g_lr, "weight_decay": g_wd, "lr_scale": lr_scale, "wd_scale": wd_factor,
+                "params": [],
+                "param_names": [],
+                "group": label,
+                "param_class": cls,
+                "lr": g_lr,
+                "weight_decay": g_wd,
+                "lr_scale": lr_scale,
+                "wd_scale": wd_factor,
             }
         g["params"].append(p)
         g["param_names"].append(name)

@@ -31,10 +31,12 @@ torch Muon's ``"momentum_buffer"`` (a DTensor shaped like the parameter), so
 ``torch.distributed.checkpoint``'s ``get_state_dict`` / ``set_state_dict`` work unchanged.  Plain tensors
 (one process, DDP) take the unchanged ``torch.optim.Muon`` path.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,8 +54,14 @@ def is_muon_param(name: str, param: torch.Tensor) -> bool:
     return param.ndim == 2 and _anatomy.anatomy({canonical_name(name): param}).rows[0].role == "block_matrix"
 
 
-_MUON_LABEL = {"block_matrix": "matrix", "embedding": "embedding", "position_embedding": "embedding",
-               "input": "embedding", "readout": "readout", "multiplier": "multiplier"}
+_MUON_LABEL = {
+    "block_matrix": "matrix",
+    "embedding": "embedding",
+    "position_embedding": "embedding",
+    "input": "embedding",
+    "readout": "readout",
+    "multiplier": "multiplier",
+}
 
 
 def muon_param_groups(
@@ -77,14 +85,16 @@ def muon_param_groups(
     groups = []
     for label in ("matrix", "embedding", "readout", "other", "vector", "multiplier"):
         if label in buckets:
-            groups.append({
-                "params": [p for _, p in buckets[label]],
-                "param_names": [n for n, _ in buckets[label]],
-                "lr": lr,
-                "weight_decay": decay.get(label, weight_decay),
-                "group": label,
-                "use_muon": label == "matrix",
-            })
+            groups.append(
+                {
+                    "params": [p for _, p in buckets[label]],
+                    "param_names": [n for n, _ in buckets[label]],
+                    "lr": lr,
+                    "weight_decay": decay.get(label, weight_decay),
+                    "group": label,
+                    "use_muon": label == "matrix",
+                }
+            )
     return groups
 
 
@@ -139,12 +149,22 @@ class MuonAdamW(Optimizer):
         if not muon_parts and not adam_parts:
             raise ValueError("MuonAdamW got an empty parameter list")
         self._muon_kwargs = dict(
-            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-            ns_coefficients=ns_coefficients, eps=muon_eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=ns_coefficients,
+            eps=muon_eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
         )
         self._adam_kwargs = dict(
-            lr=adam_lr if adam_lr is not None else lr, betas=adam_betas, eps=adam_eps, weight_decay=weight_decay,
-            foreach=adam_foreach, fused=adam_fused,
+            lr=adam_lr if adam_lr is not None else lr,
+            betas=adam_betas,
+            eps=adam_eps,
+            weight_decay=weight_decay,
+            foreach=adam_foreach,
+            fused=adam_fused,
         )
         self._muon: Muon | None = Muon(muon_parts, **self._muon_kwargs) if muon_parts else None
         self._adamw: AdamW | None = AdamW(adam_parts, **self._adam_kwargs) if adam_parts else None
@@ -186,8 +206,7 @@ class MuonAdamW(Optimizer):
             names = pair_names
         if names is not None and len(names) != len(params):
             raise ValueError(
-                f"MuonAdamW: group {group.get('group', '?')!r} has {len(params)} params but "
-                f"{len(names)} param_names"
+                f"MuonAdamW: group {group.get('group', '?')!r} has {len(params)} params but {len(names)} param_names"
             )
         if "use_muon" in group:
             side = [bool(group["use_muon"])] * len(params)
@@ -283,9 +302,7 @@ class MuonAdamW(Optimizer):
 
 
 # ---------------------------------------------------------------------------------------------- sharded Muon
-def newton_schulz(
-    update: torch.Tensor, ns_coefficients: Sequence[float], ns_steps: int, eps: float
-) -> torch.Tensor:
+def newton_schulz(update: torch.Tensor, ns_coefficients: Sequence[float], ns_steps: int, eps: float) -> torch.Tensor:
     """Approximate orthogonalisation of a 2-D matrix by the quintic Newton–Schulz iteration, in bfloat16.
 
     The same arithmetic, op for op, as ``torch.optim.Muon`` (so a matrix gives bit-identical results): cast to
@@ -413,8 +430,7 @@ def sharded_muon_step(muon: Optimizer) -> None:
                 )
             buf.lerp_(g, 1 - mom)
             update = g.lerp(buf, mom) if group["nesterov"] else buf
-            jobs.append({"p": p, "group": group, "lr": lr, "update": update, "dim": _shard_dim(p, name),
-                         "name": name})
+            jobs.append({"p": p, "group": group, "lr": lr, "update": update, "dim": _shard_dim(p, name), "name": name})
 
     # 2. sharded matrices: gather bfloat16 updates to owners (per process group, in parameter order)
     by_pg: dict[int, list[dict[str, Any]]] = {}
@@ -463,16 +479,16 @@ def sharded_muon_step(muon: Optimizer) -> None:
                 chunks = []
                 for r, n in enumerate(rows):
                     c = ortho.new_zeros((size,) + tuple(ortho.shape[1:]))
-                    c[:n] = ortho[r * size: r * size + n]
+                    c[:n] = ortho[r * size : r * size + n]
                     chunks.append(c.view(torch.uint8))
                 j["recv"] = None
             else:
                 chunks = None
-            out = torch.empty((size,) + tuple(j["update"].movedim(d, 0).shape[1:]), dtype=torch.bfloat16,
-                              device=j["update"].device).view(torch.uint8)
+            out = torch.empty(
+                (size,) + tuple(j["update"].movedim(d, 0).shape[1:]), dtype=torch.bfloat16, device=j["update"].device
+            ).view(torch.uint8)
             j["out"] = out
-            works.append(dist.scatter(out, chunks, src=dist.get_global_rank(pg, j["owner"]), group=pg,
-                                      async_op=True))
+            works.append(dist.scatter(out, chunks, src=dist.get_global_rank(pg, j["owner"]), group=pg, async_op=True))
         for w in works:
             w.wait()
         for j in js:
@@ -489,5 +505,13 @@ def sharded_muon_step(muon: Optimizer) -> None:
         p.add_(ortho, alpha=-adjusted_lr(j["lr"], g["adjust_lr_fn"], j["p"].shape))
 
 
-__all__ = ["MuonAdamW", "muon_param_groups", "is_muon_param", "sharded_muon_step", "newton_schulz",
-           "adjusted_lr", "muon_owners", "has_sharded_params"]
+__all__ = [
+    "MuonAdamW",
+    "muon_param_groups",
+    "is_muon_param",
+    "sharded_muon_step",
+    "newton_schulz",
+    "adjusted_lr",
+    "muon_owners",
+    "has_sharded_params",
+]

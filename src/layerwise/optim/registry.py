@@ -9,6 +9,7 @@ constructor, so callers write one call whatever the optimizer::
 Weight decay is PyTorch's coupled convention: one decoupled step does ``θ ← θ·(1 − lr·λ)``; torch ``Adam`` adds
 ``λ·θ`` to the gradient instead (coupled L2, the AlphaDecay paper's main table).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -45,13 +46,18 @@ class OptimizerEntry:
 
 
 #: name -> entry, in the order they are documented
-OPTIMIZERS: dict[str, OptimizerEntry] = {e.name: e for e in (
-    OptimizerEntry("adamw", "torch.optim:AdamW", "torch.optim.AdamW (decoupled decay)"),
-    OptimizerEntry("adam", "torch.optim:Adam", "torch.optim.Adam (coupled L2 decay)"),
-    OptimizerEntry("alphaadam", "layerwise.optim.alphaadam:AlphaAdam", "AlphaAdam (masked AdamW, per-tensor alpha)"),
-    OptimizerEntry("cautious", "layerwise.optim.alphaadam:CautiousAdamW", "CautiousAdamW (C-Optim / timm rule)"),
-    OptimizerEntry("muon", "layerwise.optim.muon:MuonAdamW", "Muon on block matrices, AdamW on the rest", _muon),
-)}
+OPTIMIZERS: dict[str, OptimizerEntry] = {
+    e.name: e
+    for e in (
+        OptimizerEntry("adamw", "torch.optim:AdamW", "torch.optim.AdamW (decoupled decay)"),
+        OptimizerEntry("adam", "torch.optim:Adam", "torch.optim.Adam (coupled L2 decay)"),
+        OptimizerEntry(
+            "alphaadam", "layerwise.optim.alphaadam:AlphaAdam", "AlphaAdam (masked AdamW, per-tensor alpha)"
+        ),
+        OptimizerEntry("cautious", "layerwise.optim.alphaadam:CautiousAdamW", "CautiousAdamW (C-Optim / timm rule)"),
+        OptimizerEntry("muon", "layerwise.optim.muon:MuonAdamW", "Muon on block matrices, AdamW on the rest", _muon),
+    )
+}
 
 #: older spellings still accepted (configs written before the registry was unified)
 ALIASES: dict[str, str] = {"cautious_adamw": "cautious"}
@@ -71,8 +77,16 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     return OPTIMIZERS[canonical_name(name)].cls()
 
 
-def build(name: str, params: Any, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: float = 0.0, **options: Any) -> torch.optim.Optimizer:
+def build(
+    name: str,
+    params: Any,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    **options: Any,
+) -> torch.optim.Optimizer:
     """The optimizer registered as ``name`` over ``params`` (parameters or groups).  ``options`` go to the
     constructor as they are and override the mapped common hyper-parameters (e.g. ``adam_lr`` for Muon);
     ``TypeError`` names the options the optimizer rejected."""
@@ -82,5 +96,6 @@ def build(name: str, params: Any, *, lr: float, betas: tuple[float, float] = (0.
     try:
         return cls(params, **kwargs)
     except TypeError as e:
-        raise TypeError(f"optimizer {entry.name!r} ({cls.__name__}) rejected the options {sorted(options)}: {e}") \
-            from None
+        raise TypeError(
+            f"optimizer {entry.name!r} ({cls.__name__}) rejected the options {sorted(options)}: {e}"
+        ) from None

@@ -10,6 +10,7 @@
 
 Weight decay is PyTorch's coupled convention: one step does ``θ ← θ·(1 − lr·λ)``.
 """
+
 from __future__ import annotations
 
 from layerwise.scaling.coord import SITES, CoordCheckResult, coord_check, plot_coord_check
@@ -17,8 +18,8 @@ from layerwise.scaling.diagnostics import (
     SublayerGain,
     SublayerGains,
     block_top_singular_values,
-    transformer_blocks,
     top_sv_metrics,
+    transformer_blocks,
 )
 from layerwise.scaling.rules import (
     PARAM_CLASSES,

@@ -9,11 +9,13 @@ Sites (RMS over all elements of the batch): ``embedding`` (embedding output), ``
 outputs added to the residual, averaged over blocks), ``residual`` (output of the last block), ``logits``
 (the model output, after any readout multiplier).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +154,7 @@ def coord_check(
                 y = _output_tensor(output)
                 if y is not None:
                     sums[site].append(y.detach().float().pow(2).mean().sqrt())
+
             return hook
 
         handles = []
@@ -190,9 +193,15 @@ def coord_check(
         losses[width] = loss_w
 
     rms = {s: v for s, v in rms.items() if not all(math.isnan(x) for xs in v.values() for x in xs)}
-    meta = {"lr": lr, "weight_decay": weight_decay, "base_width": base, "seed": seed,
-            "parametrization": parametrization if isinstance(parametrization, str) or parametrization is None
-            else getattr(parametrization, "__name__", "callable")}
+    meta = {
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "base_width": base,
+        "seed": seed,
+        "parametrization": parametrization
+        if isinstance(parametrization, str) or parametrization is None
+        else getattr(parametrization, "__name__", "callable"),
+    }
     return CoordCheckResult(widths, steps, rms, losses, label=label, meta=meta)
 
 
@@ -222,8 +231,13 @@ def plot_coord_check(result: CoordCheckResult, path: str, *, x: str = "width", t
             ax.set_xlabel("width")
         else:
             for i, w in enumerate(result.widths):
-                ax.plot(range(result.steps), result.rms[site][w], marker="o",
-                        color=cmap(i / max(1, len(result.widths) - 1)), label=f"width {w}")
+                ax.plot(
+                    range(result.steps),
+                    result.rms[site][w],
+                    marker="o",
+                    color=cmap(i / max(1, len(result.widths) - 1)),
+                    label=f"width {w}",
+                )
             ax.set_xlabel("step")
         ax.set_yscale("log")
         ax.set_title(site)

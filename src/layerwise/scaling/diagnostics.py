@@ -21,6 +21,7 @@ gate/up/down) - our reference model, Hugging Face LLaMA, GPT-2, GPT-NeoX, Falcon
 the SSM mixer is not a sub-layer here) ...  Hooks accumulate on-device tensors (no host sync in a forward);
 values are read when asked.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ from layerwise import anatomy as _anatomy
 from layerwise.names import canonical_name
 
 __all__ = ["SublayerGains", "SublayerGain", "transformer_blocks", "block_top_singular_values", "top_sv_metrics"]
+
 
 @dataclass
 class BlockParts:
@@ -62,8 +64,11 @@ def transformer_blocks(model: nn.Module) -> list[BlockParts]:
         def get(name: str | None) -> nn.Module | None:
             return an.module(name) if name else None
 
-        blocks.append(BlockParts(b.name, b.index, get(b.name), get(b.attention), get(b.mlp), get(b.attention_norm),
-                                 get(b.mlp_norm)))
+        blocks.append(
+            BlockParts(
+                b.name, b.index, get(b.name), get(b.attention), get(b.mlp), get(b.attention_norm), get(b.mlp_norm)
+            )
+        )
     if not blocks:
         raise ValueError(
             f"no transformer blocks found in {type(model).__name__}: layerwise.anatomy finds no repeated block "
@@ -154,7 +159,7 @@ class SublayerGains:
                 self._acc[f"{b.name}.{sub_name}"] = (b, kind, _Acc(norm is not None))
 
     # -- hooks --------------------------------------------------------------------------------------
-    def attach(self) -> "SublayerGains":
+    def attach(self) -> SublayerGains:
         if self._handles:
             return self
         for key, (b, kind, acc) in self._acc.items():
@@ -199,7 +204,7 @@ class SublayerGains:
         for _, _, acc in self._acc.values():
             acc.reset()
 
-    def __enter__(self) -> "SublayerGains":
+    def __enter__(self) -> SublayerGains:
         return self.attach()
 
     def __exit__(self, *exc: Any) -> None:
@@ -217,7 +222,7 @@ class SublayerGains:
         out = []
         for i, k in enumerate(keys):
             b, kind, a = self._acc[k]
-            resid, normed, o = (float(v) for v in vals[3 * i: 3 * i + 3])
+            resid, normed, o = (float(v) for v in vals[3 * i : 3 * i + 3])
 
             def rms(s: float, n: int) -> float:
                 return math.sqrt(s / n) if n else math.nan
@@ -248,8 +253,9 @@ class SublayerGains:
 
 
 @torch.no_grad()
-def block_top_singular_values(model: nn.Module, k: int = 1, *, effective: bool = True,
-                              dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def block_top_singular_values(
+    model: nn.Module, k: int = 1, *, effective: bool = True, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """The ``k`` largest singular values (descending, 1-D tensor of length ``min(k, min(shape))``) of every
     block matrix (:meth:`layerwise.anatomy.Anatomy.block_matrices`), keyed by canonical weight name.
 

@@ -53,6 +53,7 @@ update).  :class:`WidthScaling` multiplies the base hyper-parameters ``(lr, λ)`
 
 ``base_width == width`` is the identity: every factor is exactly 1.0.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,9 +77,16 @@ PARAMETRIZATIONS: dict[str, dict[str, float] | None] = {
 
 
 _ROLE_CLASS = {
-    "embedding": "embedding", "position_embedding": "embedding", "input": "embedding",
-    "block_matrix": "matrix", "matrix": "matrix", "readout": "readout",
-    "norm": "vector", "bias": "vector", "ssm_vector": "vector", "multiplier": "multiplier",
+    "embedding": "embedding",
+    "position_embedding": "embedding",
+    "input": "embedding",
+    "block_matrix": "matrix",
+    "matrix": "matrix",
+    "readout": "readout",
+    "norm": "vector",
+    "bias": "vector",
+    "ssm_vector": "vector",
+    "multiplier": "multiplier",
 }
 
 
@@ -179,7 +187,7 @@ class WidthScaling:
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_parametrization(cls, name: str, base_width: int, width: int, **overrides: Any) -> "WidthScaling | None":
+    def from_parametrization(cls, name: str, base_width: int, width: int, **overrides: Any) -> WidthScaling | None:
         """The rule for a named parametrisation: ``"sp"`` -> ``None`` (no scaling), ``"mup"`` (λ constant),
         ``"mup-sqrtwd"`` (λ ∝ √d, Fan et al.), ``"mup-lrwd"`` (lr·λ constant, mup's MuAdamW)."""
         if name not in PARAMETRIZATIONS:
@@ -201,7 +209,7 @@ class WidthScaling:
         # exact 1.0 at m = 1 (and for exponent 0), so base_width == width is the identity
         if self.width == self.base_width or exponent == 0.0:
             return 1.0
-        return float(self.width_mult ** exponent)
+        return float(self.width_mult**exponent)
 
     def lr_mult(self, param_class: str) -> float:
         """Factor on the base LR for a parameter class."""

@@ -9,6 +9,7 @@
 
 This package never imports :mod:`layerwise.lab`.
 """
+
 from .eig import gram_eigvals, gram_matrices
 from .estimators import (
     TailFit,
@@ -19,7 +20,6 @@ from .estimators import (
     noise_alpha,
     shape_corrected_alpha,
 )
-from .report import SpectralReport, analyze, select_matrices
 from .metrics import (
     alpha_weighted,
     frobenius_norm,
@@ -29,6 +29,7 @@ from .metrics import (
     stable_rank,
     top_singular_values,
 )
+from .report import SpectralReport, analyze, select_matrices
 
 __all__ = [
     "gram_eigvals",
@@ -51,4 +52,3 @@ __all__ = [
     "select_matrices",
     "SpectralReport",
 ]
-

@@ -22,13 +22,14 @@ tridiagonalisation, ``?sytrd``, is half matrix-vector work and does not scale wi
 
 ``solver="auto"`` (default) uses ``"lapack"`` for CPU tensors when SciPy is importable, ``"torch"`` otherwise.
 """
+
 from __future__ import annotations
 
 import math
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import torch
 
@@ -158,15 +159,36 @@ def _nogil_syevr(dtype: torch.dtype):
 
         def call(a, w, work, lwork, iwork, liwork) -> tuple[int, int]:
             n = a.shape[0]
-            ints = {k: ctypes.c_int(v) for k, v in
-                    dict(n=n, lda=n, il=1, iu=n, m=0, ldz=1, lwork=lwork, liwork=liwork, info=0).items()}
+            ints = {
+                k: ctypes.c_int(v)
+                for k, v in dict(n=n, lda=n, il=1, iu=n, m=0, ldz=1, lwork=lwork, liwork=liwork, info=0).items()
+            }
             zero = real(0.0)
             z, isuppz = np.empty(1, npt), np.empty(2 * n, np.int32)
             r = ctypes.byref
-            raw(r(ctypes.c_char(b"N")), r(ctypes.c_char(b"A")), r(ctypes.c_char(b"L")), r(ints["n"]),
-                a.ctypes.data, r(ints["lda"]), r(zero), r(zero), r(ints["il"]), r(ints["iu"]), r(zero),
-                r(ints["m"]), w.ctypes.data, z.ctypes.data, r(ints["ldz"]), isuppz.ctypes.data, work.ctypes.data,
-                r(ints["lwork"]), iwork.ctypes.data, r(ints["liwork"]), r(ints["info"]))
+            raw(
+                r(ctypes.c_char(b"N")),
+                r(ctypes.c_char(b"A")),
+                r(ctypes.c_char(b"L")),
+                r(ints["n"]),
+                a.ctypes.data,
+                r(ints["lda"]),
+                r(zero),
+                r(zero),
+                r(ints["il"]),
+                r(ints["iu"]),
+                r(zero),
+                r(ints["m"]),
+                w.ctypes.data,
+                z.ctypes.data,
+                r(ints["ldz"]),
+                isuppz.ctypes.data,
+                work.ctypes.data,
+                r(ints["lwork"]),
+                iwork.ctypes.data,
+                r(ints["liwork"]),
+                r(ints["info"]),
+            )
             return ints["info"].value, ints["m"].value
 
         def syevr(a):  # a: C-contiguous symmetric (n, n) array of npt, overwritten; returns (w, info, m)
@@ -214,7 +236,7 @@ def _safe_range(dtype: torch.dtype, n: int) -> tuple[float, float]:
     formed again from a rescaled weight.  Below ``lo`` (√tiny) products of the entries underflow into
     subnormals or zero; above ``hi`` the trace (≥ λ_max) may overflow."""
     fi = torch.finfo(dtype)
-    return fi.tiny ** 0.5, fi.max / (4.0 * n)
+    return fi.tiny**0.5, fi.max / (4.0 * n)
 
 
 def _rescaled(ws, idx, g, finite, suspect, dtype):
@@ -236,7 +258,7 @@ def _rescaled(ws, idx, g, finite, suspect, dtype):
         else:
             torch.matmul(ws_.mT, ws_, out=g[j])
         finite[j] = bool(torch.isfinite(g[j].diagonal()).all())
-        scale2[j] = 4.0 ** e
+        scale2[j] = 4.0**e
     return g, finite, scale2
 
 

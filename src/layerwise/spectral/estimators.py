@@ -22,11 +22,12 @@ values equal, so the sum of logs is 0).
 Shape correction: a Gaussian random matrix reads a Hill α that depends on its aspect ratio (≈ 2.13 square,
 ≈ 3.0 at 1:2.7), see :func:`noise_alpha` and :func:`shape_corrected_alpha`.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -70,8 +71,9 @@ def _as_list(eigs) -> tuple[list[torch.Tensor], bool]:
             return [eigs], True
         if eigs.ndim == 2:
             return list(eigs.unbind(0)), False
-        raise ValueError(f"eigs must be a 1-D tensor, a 2-D batch or a sequence of 1-D tensors; got shape "
-                         f"{tuple(eigs.shape)}")
+        raise ValueError(
+            f"eigs must be a 1-D tensor, a 2-D batch or a sequence of 1-D tensors; got shape {tuple(eigs.shape)}"
+        )
     out = []
     for i, e in enumerate(eigs):
         if not isinstance(e, torch.Tensor):
@@ -194,7 +196,9 @@ def hill_alpha(eigs, *, min_n: int = 1, rtol: float | None = None) -> torch.Tens
 _CHUNK_ELEMS = 1 << 22  # candidates x N elements evaluated at once
 
 
-def _ks_search_one(e: torch.Tensor, tol: float, xmin_range, min_tail: int) -> tuple[float, float, float, int, str | None]:
+def _ks_search_one(
+    e: torch.Tensor, tol: float, xmin_range, min_tail: int
+) -> tuple[float, float, float, int, str | None]:
     n_all = e.numel()
     logs = torch.log(torch.where(e > tol, e, torch.ones((), dtype=e.dtype, device=e.device)))
     # candidates: first index of each distinct positive value, with a tail of at least min_tail values
@@ -219,9 +223,9 @@ def _ks_search_one(e: torch.Tensor, tol: float, xmin_range, min_tail: int) -> tu
     dists = []
     chunk = max(1, _CHUNK_ELEMS // n_all)
     for c0 in range(0, ks_idx.numel(), chunk):
-        k = ks_idx[c0:c0 + chunk]
-        a = alpha[c0:c0 + chunk]
-        nn_ = n[c0:c0 + chunk]
+        k = ks_idx[c0 : c0 + chunk]
+        a = alpha[c0 : c0 + chunk]
+        nn_ = n[c0 : c0 + chunk]
         rel = logs[None, :] - logs[k][:, None]  # ln(λ_j/λ_k), (K, N)
         m = m_all[None, :] - k[:, None].to(e.dtype)  # position in the tail
         p = -torch.expm1(-(a[:, None] - 1.0) * rel)
@@ -282,9 +286,7 @@ _NOISE_CACHE: dict[tuple, float] = {}
 _MAX_REF_DIM = 1024
 
 
-def noise_alpha(
-    shape: Sequence[int], estimator: str = "hill", *, samples: int = 4, seed: int = 0
-) -> float:
+def noise_alpha(shape: Sequence[int], estimator: str = "hill", *, samples: int = 4, seed: int = 0) -> float:
     """α that ``estimator`` reads on a Gaussian random matrix of ``shape`` (mean over ``samples`` draws).
 
     Seeded (``seed`` combined with the shape) and cached per ``(shape, estimator, samples, seed)``.  Shapes

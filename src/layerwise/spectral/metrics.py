@@ -10,6 +10,7 @@
 
 All functions take one 1-D eigenvalue tensor and return Python numbers; NaN/Inf propagate as NaN.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,8 +88,15 @@ def spectral_metrics(eigs: torch.Tensor, alpha: float = math.nan, *, top_k: int 
     e = _e(eigs)
     if not bool(torch.isfinite(e).all()):
         nan = math.nan
-        return {"spectral_norm": nan, "frobenius_norm": nan, "stable_rank": nan, "top_sv": [],
-                "matrix_entropy": nan, "alpha_weighted": nan, "lambda_max": nan}
+        return {
+            "spectral_norm": nan,
+            "frobenius_norm": nan,
+            "stable_rank": nan,
+            "top_sv": [],
+            "matrix_entropy": nan,
+            "alpha_weighted": nan,
+            "lambda_max": nan,
+        }
     return {
         "spectral_norm": spectral_norm(e),
         "frobenius_norm": frobenius_norm(e),

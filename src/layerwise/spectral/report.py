@@ -18,13 +18,15 @@ one warning.  Names are canonical (:func:`layerwise.names.canonical_name`).
 Robustness: a zero, rank-deficient, non-finite, tiny (``N < min_n``) or degenerate matrix gives a row with
 ``alpha = NaN`` and a ``reason``; one bad matrix never breaks a report.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,8 +43,21 @@ __all__ = ["analyze", "SpectralReport", "select_matrices", "module_label"]
 #: elements (sum over a chunk of matrices) whose Gram matrices are built at once; bounds peak memory
 _CHUNK_ELEMS = 1 << 27
 
-_COLUMNS = ("name", "shape", "module_type", "layer", "alpha", "xmin", "ks", "n_tail", "spectral_norm",
-            "stable_rank", "matrix_entropy", "alpha_weighted", "reason")
+_COLUMNS = (
+    "name",
+    "shape",
+    "module_type",
+    "layer",
+    "alpha",
+    "xmin",
+    "ks",
+    "n_tail",
+    "spectral_norm",
+    "stable_rank",
+    "matrix_entropy",
+    "alpha_weighted",
+    "reason",
+)
 
 
 def _fmt(v: Any, digits: int) -> str:
@@ -53,8 +68,11 @@ def _fmt(v: Any, digits: int) -> str:
             return "nan"
         return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.{digits}e}"
     if isinstance(v, (list, tuple)):
-        return "x".join(str(x) for x in v) if all(isinstance(x, int) for x in v) else \
-            "[" + ", ".join(_fmt(x, digits) for x in v) + "]"
+        return (
+            "x".join(str(x) for x in v)
+            if all(isinstance(x, int) for x in v)
+            else "[" + ", ".join(_fmt(x, digits) for x in v) + "]"
+        )
     return str(v)
 
 
@@ -109,8 +127,15 @@ class SpectralReport:
         return {r["name"]: r["alpha"] for r in self.rows}
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({"estimator": self.estimator, "settings": self.settings, "rows": self.rows,
-                          "skipped": self.skipped, "elapsed_s": self.elapsed_s})
+        return _jsonable(
+            {
+                "estimator": self.estimator,
+                "settings": self.settings,
+                "rows": self.rows,
+                "skipped": self.skipped,
+                "elapsed_s": self.elapsed_s,
+            }
+        )
 
     def to_json(self, path: str | None = None, *, indent: int | None = 2) -> str:
         """JSON text of the report (NaN/Inf written as ``null``); also written to ``path`` when given."""
@@ -121,14 +146,29 @@ class SpectralReport:
         return text
 
     @classmethod
-    def from_json(cls, text: str) -> "SpectralReport":
+    def from_json(cls, text: str) -> SpectralReport:
         """Inverse of :meth:`to_json` (``null`` numbers come back as NaN)."""
         d = json.loads(text)
-        num = ("alpha", "xmin", "ks", "alpha_corrected", "spectral_norm", "frobenius_norm", "stable_rank",
-               "matrix_entropy", "alpha_weighted", "lambda_max")
+        num = (
+            "alpha",
+            "xmin",
+            "ks",
+            "alpha_corrected",
+            "spectral_norm",
+            "frobenius_norm",
+            "stable_rank",
+            "matrix_entropy",
+            "alpha_weighted",
+            "lambda_max",
+        )
         rows = [{k: (math.nan if (k in num and v is None) else v) for k, v in r.items()} for r in d["rows"]]
-        return cls(rows=rows, skipped=d.get("skipped", []), estimator=d.get("estimator", "hill"),
-                   settings=d.get("settings", {}), elapsed_s=d.get("elapsed_s", 0.0))
+        return cls(
+            rows=rows,
+            skipped=d.get("skipped", []),
+            estimator=d.get("estimator", "hill"),
+            settings=d.get("settings", {}),
+            elapsed_s=d.get("elapsed_s", 0.0),
+        )
 
     def to_markdown(self, columns: Sequence[str] | None = None, *, digits: int = 4) -> str:
         """A Markdown table of the rows (``columns`` default: name, shape, type, layer, α, xmin, KS, ...)."""
@@ -144,8 +184,9 @@ class SpectralReport:
 
 
 # ------------------------------------------------------------------------------------------------ selection
-_OP_RANK = {t: i for i, t in enumerate(("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "ssm_in",
-                                        "ssm_out"))}
+_OP_RANK = {
+    t: i for i, t in enumerate(("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "ssm_in", "ssm_out"))
+}
 _ROLE_RANK = {"block_matrix": 0, "input": 1, "matrix": 2, "embedding": 3, "position_embedding": 4, "readout": 5}
 #: roles each named selection takes (``"blocks"`` is :meth:`Anatomy.block_matrices`)
 _LINEAR_ROLES = ("block_matrix", "matrix", "input", "readout")
@@ -160,8 +201,14 @@ def module_label(info: ParamInfo) -> str:
 
 
 def _sort_key(info: ParamInfo) -> tuple:
-    return (info.block is None, info.stack or "", info.block if info.block is not None else 0,
-            _ROLE_RANK.get(info.role, 9), _OP_RANK.get(info.operator or "", len(_OP_RANK)), info.name)
+    return (
+        info.block is None,
+        info.stack or "",
+        info.block if info.block is not None else 0,
+        _ROLE_RANK.get(info.role, 9),
+        _OP_RANK.get(info.operator or "", len(_OP_RANK)),
+        info.name,
+    )
 
 
 def select_matrices(
@@ -184,8 +231,10 @@ def select_matrices(
     skips are listed in one warning.
     """
     if not isinstance(model_or_state_dict, (nn.Module, Mapping)):
-        raise TypeError(f"analyze: expected an nn.Module or a state dict (Mapping[str, Tensor]), got "
-                        f"{type(model_or_state_dict).__name__}")
+        raise TypeError(
+            f"analyze: expected an nn.Module or a state dict (Mapping[str, Tensor]), got "
+            f"{type(model_or_state_dict).__name__}"
+        )
     an = _anatomy.anatomy(model_or_state_dict)
     if select == "blocks":
         chosen = an.block_matrices()
@@ -204,11 +253,13 @@ def select_matrices(
     if isinstance(select, str) and select != "all":
         odd = [r for r in an.unclassified() if r.ndim >= 2]
         if odd:
-            _anatomy.warn_once(f"analyze:{select}:{','.join(r.name for r in odd)}",
-                               f"analyze(select={select!r}) skips {len(odd)} tensor(s) it cannot classify: "
-                               + ", ".join(f"{r.name} {list(r.shape)}" for r in odd[:8])
-                               + (" ..." if len(odd) > 8 else "")
-                               + "; pass select='all' or a callable to analyse them")
+            _anatomy.warn_once(
+                f"analyze:{select}:{','.join(r.name for r in odd)}",
+                f"analyze(select={select!r}) skips {len(odd)} tensor(s) it cannot classify: "
+                + ", ".join(f"{r.name} {list(r.shape)}" for r in odd[:8])
+                + (" ..." if len(odd) > 8 else "")
+                + "; pass select='all' or a callable to analyse them",
+            )
     if an.source == "state_dict":
         chosen = sorted(chosen, key=_sort_key)
     seen: set[int] = set()
@@ -272,8 +323,9 @@ def analyze(
         raise ValueError(f"analyze: estimator must be 'hill', 'ks' or a callable, got {estimator!r}")
     if shape_correction not in (None, "difference", "ratio"):
         raise ValueError(f"analyze: shape_correction must be None, 'difference' or 'ratio', got {shape_correction!r}")
-    entries = select_matrices(model_or_state_dict, select, include_embeddings=include_embeddings,
-                              include_head=include_head)
+    entries = select_matrices(
+        model_or_state_dict, select, include_embeddings=include_embeddings, include_head=include_head
+    )
     est_name = estimator if isinstance(estimator, str) else getattr(estimator, "__name__", "custom")
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -293,9 +345,19 @@ def analyze(
         if t.device.type == "meta":
             skipped.append({"name": name, "shape": shape, "reason": "meta tensor (no data)"})
             continue
-        rows.append({"name": name, "shape": shape, "module_type": module_label(info), "role": info.role,
-                     "layer": info.block, "fan_in": info.fan_in, "fan_out": info.fan_out, "n_eigs": min(shape),
-                     "estimator": est_name})
+        rows.append(
+            {
+                "name": name,
+                "shape": shape,
+                "module_type": module_label(info),
+                "role": info.role,
+                "layer": info.block,
+                "fan_in": info.fan_in,
+                "fan_out": info.fan_out,
+                "n_eigs": min(shape),
+                "estimator": est_name,
+            }
+        )
         mats.append((len(rows) - 1, t.detach()))
 
     eig_list: list[torch.Tensor | None] = [None] * len(rows)
@@ -323,19 +385,32 @@ def analyze(
         row["n_tail"] = int(fit.n_tail[k])
         reason = fit.reasons[k] if k < len(fit.reasons) else None
         if shape_correction is not None:
-            row["alpha_corrected"] = (float(shape_corrected_alpha(a, row["shape"], est_name if est_name in
-                                      ("hill", "ks") else "hill", mode=shape_correction))
-                                      if math.isfinite(a) else math.nan)
+            row["alpha_corrected"] = (
+                float(
+                    shape_corrected_alpha(
+                        a, row["shape"], est_name if est_name in ("hill", "ks") else "hill", mode=shape_correction
+                    )
+                )
+                if math.isfinite(a)
+                else math.nan
+            )
         row.update(spectral_metrics(e, a, top_k=top_k))
         if reason is not None and reason.startswith("non-finite"):
             reason = "non-finite entries (NaN/Inf) in the matrix or its Gram matrix"
         row["reason"] = reason
     report = SpectralReport(
-        rows=rows, skipped=skipped, estimator=est_name,
-        settings={"select": select if isinstance(select, str) else getattr(select, "__name__", "callable"),
-                  "include_embeddings": include_embeddings, "include_head": include_head, "min_n": min_n,
-                  "xmin_range": list(xmin_range) if xmin_range is not None else None,
-                  "shape_correction": shape_correction, "dtype": str(dtype).replace("torch.", "")},
+        rows=rows,
+        skipped=skipped,
+        estimator=est_name,
+        settings={
+            "select": select if isinstance(select, str) else getattr(select, "__name__", "callable"),
+            "include_embeddings": include_embeddings,
+            "include_head": include_head,
+            "min_n": min_n,
+            "xmin_range": list(xmin_range) if xmin_range is not None else None,
+            "shape_correction": shape_correction,
+            "dtype": str(dtype).replace("torch.", ""),
+        },
         eigs={r["name"]: e.cpu() for r, e in zip(rows, eigs)} if keep_eigs else {},
     )
     report.elapsed_s = time.perf_counter() - t0
