@@ -1,10 +1,11 @@
 """Issue 18's rule for the ctypes LAPACK binding: analyze() with the GIL-free ctypes ``?syevr`` vs the same
-analysis through SciPy's public f2py wrapper ``scipy.linalg.lapack.ssyevr`` over the same threads.
+analysis through SciPy's public f2py wrapper ``scipy.linalg.lapack.ssyevr`` over the same threads; and the
+spectral headline: analyze() vs the AlphaDecay authors' way (one ``torch.linalg.svdvals`` per matrix + Hill).
 
-The binding stays only if it is >= 1.3x faster end to end.  Both variants run in ONE process, interleaved in a
-random order per round (neither leaves state behind: spectral_speed.py's interference column is ~1.0 for both),
-on the 56 llama-60m block matrices of spectral_speed.py; the figure is the median of the per-round paired
-ratios f2py / ctypes.
+The binding stays only if it is >= 1.3x faster end to end.  The three run in ONE process, interleaved in a
+random order per round (none leaves state behind: spectral_speed.py's interference column is ~1.0 for them),
+on the 56 llama-60m block matrices of spectral_speed.py; the figures are the medians of the per-round paired
+ratios f2py / ctypes and svd / ctypes.
 
     PYTHONPATH=src python benchmarks/lapack_binding_ab.py [--rounds 12]
 
@@ -38,6 +39,7 @@ def main() -> None:
         fns = {
             "ctypes": lambda m=model: analyze(m, solver="lapack"),
             "f2py": lambda m=model: S._f2py_analyze(m),
+            "svd": lambda m=model: S.authors_way(m),
         }
         for fn in fns.values():
             fn()  # warm-up: thread pool, LAPACK workspace
@@ -50,13 +52,14 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fns[k]()
                 times[k].append(time.perf_counter() - t0)
-        ratios = sorted(f / c for c, f in zip(times["ctypes"], times["f2py"]))
-        print(
-            f"{variant}: ctypes {statistics.median(times['ctypes']) * 1e3:.0f} ms, "
-            f"f2py {statistics.median(times['f2py']) * 1e3:.0f} ms (medians); f2py/ctypes paired ratio "
-            f"{statistics.median(ratios):.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f}); "
-            f"load {os.getloadavg()[0]:.2f}"
-        )
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        for ref in ("f2py", "svd"):
+            ratios = sorted(f / c for c, f in zip(times["ctypes"], times[ref]))
+            print(
+                f"{variant}: ctypes {med['ctypes']:.0f} ms, {ref} {med[ref]:.0f} ms (medians); {ref}/ctypes paired "
+                f"ratio {statistics.median(ratios):.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f}); "
+                f"load {os.getloadavg()[0]:.2f}"
+            )
 
 
 if __name__ == "__main__":
