@@ -38,3 +38,13 @@ def layer_index(name):
     """Block index of a lab-model name (``layers.3.mlp...`` -> 3), else None (hand-written reference)."""
     parts = name.split(".")
     return int(parts[1]) if parts[0] == "layers" else None
+
+
+def per_matrix_optimizer(model, cls=torch.optim.AdamW, **kw):
+    """``cls`` over hand-made groups: one per block matrix (:func:`block_linear_weights`), one with the rest;
+    every group takes the optimizer's defaults (``kw``).  The layout the controllers need, built without
+    ``layerwise.param_groups``."""
+    mats = [w for _, w in block_linear_weights(model)]
+    ids = {id(w) for w in mats}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return cls([{"params": [w]} for w in mats] + [{"params": rest}], **kw)

@@ -12,14 +12,11 @@ import torch
 from torch import nn
 
 from layerwise import anatomy as _anatomy
-from layerwise import names as _names
 from layerwise.decay._base import (
     DecayController,
     Select,
-    check_in_optimizer,
-    controlled_matrices,
-    resolve_wd0,
-    split_groups,
+    authors_modules,
+    layout_units,
 )
 from layerwise.decay.mapping import ASSIGNS, assign_decays
 
@@ -76,26 +73,6 @@ def metric_scores(eigs: list[torch.Tensor], alpha: torch.Tensor, metric: str) ->
             p = e / total + _ENTROPY_EPS
             out[i] = float(-(p * p.log()).sum()) / math.log(rank + _ENTROPY_EPS)
     return out
-
-
-def authors_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The AlphaDecay authors' module set: every ``nn.Linear`` of ``model`` in ``named_modules()`` order except
-    the first and the last (on a LLaMA: all block matrices but layer 0's ``q_proj``, and not ``lm_head``).
-
-    Returns ``(canonical module name, module)`` pairs.  ``ValueError`` when the model has fewer than three
-    ``nn.Linear`` modules (nothing would be left).
-    """
-    lins = [
-        (_names.canonical_name(n), m)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) or getattr(m, "_layerwise_linear", False)
-    ]
-    if len(lins) < 3:
-        raise ValueError(
-            f"modules='authors' analyses every nn.Linear except the first and the last; the model has "
-            f"{len(lins)} nn.Linear module(s), so none is left to analyse"
-        )
-    return lins[1:-1]
 
 
 def estimate_alphas(
@@ -235,16 +212,20 @@ class AlphaDecay(DecayController):
     decoupled optimizers (``AdamW``, ``torch.optim.Muon``, AlphaAdam), ``g ← g + λ·θ`` for torch ``Adam``
     (coupled L2, the paper's main table).
 
-    Design: the controller **splits parameter groups** at construction — each analysed tensor gets a group
-    of its own that copies every other key of its original group (``lr``, ``betas``, ``param_names``,
-    ``lr_scale``, ``group`` ...), placed right after what remains of the original group — and then only
-    writes ``group["weight_decay"]``.  So it works with any optimizer that reads ``weight_decay`` from its
-    groups, including wrappers whose ``param_groups`` concatenates inner optimizers' groups.  Consequences:
+    Design: the controller never restructures the optimizer; it only writes ``group["weight_decay"]`` (and
+    records each controlled group's base decay once as ``group["initial_weight_decay"]``, as torch's LR
+    schedulers record ``initial_lr``).  So each analysed matrix must sit in a parameter group of its own (with
+    ``modules="authors"``, shared at most with its module's bias), which :func:`layerwise.param_groups` builds::
 
-    * create the controller **before the LR scheduler** (schedulers record one base LR per group; a
-      ``ValueError`` is raised if a split is needed and a scheduler is already attached);
-    * create it **before** ``optimizer.load_state_dict`` on resume (the optimizer's state dict lists
-      groups by position); optimizer state itself is keyed by parameter and survives the split.
+        groups = lw.param_groups(model, lr=3e-3, weight_decay=0.1, per_matrix=True)  # "authors" for modules="authors"
+        opt = torch.optim.AdamW(groups)
+        decay = lw.AlphaDecay(opt, model)
+
+    Any other layout raises :class:`~layerwise.decay.GroupLayoutError` naming the shared tensors and showing
+    that call (:meth:`per_matrix_for` gives the ``per_matrix`` value for given options).  Build order does not
+    matter: the controller can be created before or after the LR scheduler, and before or after
+    ``optimizer.load_state_dict`` (the base decay travels with the optimizer's groups; the controller's own
+    state, :meth:`state_dict`, restores α and the decays).
 
     **Module set** (``modules``; ``docs/methods.md`` §1 has the table of differences from the authors):
 
@@ -303,6 +284,7 @@ class AlphaDecay(DecayController):
     """
 
     name = "alphadecay"
+    sets_per_matrix = True
 
     def __init__(
         self,
@@ -356,31 +338,18 @@ class AlphaDecay(DecayController):
         untuned = untuned if untuned is not None else ("wd0" if authors else "keep")
         if untuned not in _UNTUNED:
             raise ValueError(f"untuned must be one of {_UNTUNED}, got {untuned!r}")
-        if authors:
-            if select is not None:
-                raise ValueError("select applies to modules='blocks'; modules='authors' fixes the module set")
-            mods = authors_modules(model)
-            by_id = {id(p): n for n, p in _names.named_parameters(model)}
-            matrices, biases = [], []
-            for mname, mod in mods:
-                w = mod.weight
-                if id(w) not in by_id or w.dim() != 2 or min(w.shape) < min_eigs:
-                    continue  # frozen, or too few eigenvalues: joins the untuned parameters
-                matrices.append((by_id[id(w)], w))
-                b = getattr(mod, "bias", None)
-                biases.append(b if isinstance(b, torch.Tensor) and id(b) in by_id else None)
-            if not matrices:
-                raise ValueError(
-                    f"modules='authors': no nn.Linear (other than the first and the last) has >= {min_eigs} "
-                    "eigenvalues (min_eigs) and is trainable; nothing to analyse"
-                )
-        else:
-            matrices = [(n, p) for n, p in controlled_matrices(model, select) if min(p.shape) >= min_eigs]
-            if not matrices:
-                raise ValueError(f"no selected weight matrix has >= {min_eigs} eigenvalues (min_eigs)")
-            biases = [None] * len(matrices)
-        check_in_optimizer(optimizer, matrices)
-        check_in_optimizer(optimizer, [(f"bias of {n}", b) for (n, _), b in zip(matrices, biases) if b is not None])
+        if authors and select is not None:
+            raise ValueError("select applies to modules='blocks'; modules='authors' fixes the module set")
+        per_matrix = self.per_matrix_for(modules=modules, select=select)
+        # too few eigenvalues: not analysed (with modules="authors" it joins the untuned parameters)
+        units = layout_units(optimizer, model, per_matrix, "AlphaDecay", lambda u: min(u.weight.shape) >= min_eigs)
+        if not units:
+            raise ValueError(
+                "modules='authors': no nn.Linear (other than the first and the last) has >= "
+                f"{min_eigs} eigenvalues (min_eigs) and is trainable; nothing to analyse"
+                if authors
+                else f"no selected weight matrix has >= {min_eigs} eigenvalues (min_eigs)"
+            )
         super().__init__(optimizer, model)
         self.interval = interval
         self.s1, self.s2 = float(s1), float(s2)
@@ -390,20 +359,11 @@ class AlphaDecay(DecayController):
         self.shape_correction = bool(shape_correction)
         self.modules, self.metric, self.assign, self.slope = modules, metric, assign, float(slope)
         self.min_eigs, self.untuned, self.timing = min_eigs, untuned, timing
-        self.names = [n for n, _ in matrices]
-        self._params = [p for _, p in matrices]
-        self._biases = biases
-        self._numel = [p.numel() + (0 if b is None else b.numel()) for p, b in zip(self._params, biases)]
+        one_base = "untuned='wd0' sets every other parameter to one base decay (or pass untuned='keep')"
+        self._adopt(units, wd0, one_base=one_base if untuned == "wd0" else None)
+        self._numel = [sum(t.numel() for t in u.tensors) for u in units]
         an = _anatomy.anatomy(model)
         self._blocks = [(an.by_name(n).stack, an.by_name(n).block) for n in self.names]  # sigmoid's blocks
-        split_groups(optimizer, self._params + [b for b in biases if b is not None])
-        groups = self.current_groups(self._params)
-        self.wd0 = resolve_wd0(groups, wd0, self.names)
-        if untuned == "wd0" and len(set(self.wd0)) != 1:
-            raise ValueError(
-                "untuned='wd0' sets every other parameter to one base decay, but the analysed modules have "
-                f"several ({sorted(set(self.wd0))}); pass a number as wd0 or untuned='keep'"
-            )
         n = len(self.names)
         nan = float("nan")
         self.alpha_raw = torch.full((n,), nan, dtype=torch.float64)  # latest estimate of α
@@ -463,17 +423,9 @@ class AlphaDecay(DecayController):
         self.last_update_step = self.step
 
     def _apply(self) -> None:
-        decays = self.decays.tolist()
-        for g, wd in zip(self.current_groups(self._params), decays):
-            g["weight_decay"] = wd
-        with_bias = [(b, wd) for b, wd in zip(self._biases, decays) if b is not None]
-        for g, (_, wd) in zip(self.current_groups([b for b, _ in with_bias]), with_bias):
-            g["weight_decay"] = wd
+        self.write_decays(self.units, self.decays.tolist())
         if self.untuned == "wd0":
-            mine = {id(p) for p in self._params} | {id(b) for b in self._biases if b is not None}
-            for g in self.optimizer.param_groups:
-                if not any(id(p) in mine for p in g["params"]):
-                    g["weight_decay"] = self.wd0[0]
+            self.write_untuned(self.units, self.wd0[0])
 
     # -------------------------------------------------------------------------------------------------
     def table(self) -> list[dict]:
@@ -483,7 +435,6 @@ class AlphaDecay(DecayController):
         ``modules="authors"`` ``bias`` (the canonical name of the module's bias, which has the same decay,
         or ``None``)."""
         rows = []
-        bias_names = self._bias_names()
         for i, name in enumerate(self.names):
             row: dict[str, Any] = {
                 "name": name,
@@ -494,24 +445,11 @@ class AlphaDecay(DecayController):
             if self.metric != "alpha":
                 row["score"] = _finite_or_none(self.score[i])
             if self.modules == "authors":
-                row["bias"] = bias_names[i]
+                row["bias"] = self.units[i].bias_name
             for key, vec in self.extra.items():
                 row[key] = _finite_or_none(vec[i])
             rows.append(row)
         return rows
-
-    def _bias_names(self) -> list[str | None]:
-        if not any(b is not None for b in self._biases):
-            return [None] * len(self.names)
-        loc = {}
-        for g in self.optimizer.param_groups:
-            for j, p in enumerate(g["params"]):
-                if "param_names" in g:
-                    loc[id(p)] = _names.canonical_name(g["param_names"][j])
-        return [
-            None if b is None else loc.get(id(b), n.rsplit(".", 1)[0] + ".bias")
-            for n, b in zip(self.names, self._biases)
-        ]
 
     def state_dict(self) -> dict:
         state = super().state_dict()
