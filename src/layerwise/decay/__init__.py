@@ -68,13 +68,9 @@ __all__ = [
     "per_matrix_for",
 ]
 
-#: name -> controller class (the names ``decay.name`` takes in a training config)
+#: name -> controller class (the names ``decay.name`` takes in a training config; each class's ``name``)
 DECAY_CONTROLLERS: dict[str, type[DecayController]] = {
-    "uniform": UniformDecay,
-    "alphadecay": AlphaDecay,
-    "awd": AWD,
-    "adadecay": AdaDecay,
-    "typedecay": TypeDecay,
+    cls.name: cls for cls in (UniformDecay, AlphaDecay, AWD, AdaDecay, TypeDecay)
 }
 
 

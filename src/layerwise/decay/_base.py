@@ -317,8 +317,6 @@ class DecayController:
 
     name: str = "base"
     interval: int | None = None
-    #: whether the controller sets a decay per matrix (and so needs the matrices in groups of their own)
-    sets_per_matrix: bool = False
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         check_optimizer(optimizer)
@@ -333,14 +331,8 @@ class DecayController:
     @classmethod
     def per_matrix_for(cls, **options: Any) -> PerMatrix:
         """The ``per_matrix`` argument of :func:`layerwise.param_groups` whose layout this controller, built with
-        keyword ``options``, needs: ``False`` (any layout) for controllers that set no per-matrix decay, else
-        ``"authors"`` for ``modules="authors"``, the ``select`` option if given, or ``True`` (block matrices)."""
-        if not cls.sets_per_matrix:
-            return False
-        if options.get("modules", "blocks") == "authors":
-            return "authors"
-        select = options.get("select")
-        return True if select is None else select
+        keyword ``options``, needs; ``False``: any layout (it sets no per-matrix decay)."""
+        return False
 
     def current_groups(self, params: Sequence[torch.Tensor]) -> list[dict]:
         """The group dict now holding each tensor.  Looked up every time: ``optimizer.load_state_dict``
@@ -419,3 +411,17 @@ class DecayController:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(step={self.step}, version={self.version})"
+
+
+class PerMatrixController(DecayController):
+    """A controller that sets one decay per matrix, so it needs each matrix it controls in a parameter group of
+    its own (:func:`check_layout`)."""
+
+    @classmethod
+    def per_matrix_for(cls, **options: Any) -> PerMatrix:
+        """``"authors"`` for ``modules="authors"``, else the ``select`` option if given, else ``True`` (the block
+        matrices): the ``per_matrix`` argument of :func:`layerwise.param_groups` this controller needs."""
+        if options.get("modules", "blocks") == "authors":
+            return "authors"
+        select = options.get("select")
+        return True if select is None else select

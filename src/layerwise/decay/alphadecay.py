@@ -13,12 +13,12 @@ from torch import nn
 
 from layerwise import anatomy as _anatomy
 from layerwise.decay._base import (
-    DecayController,
+    PerMatrixController,
     Select,
     authors_modules,
     layout_units,
 )
-from layerwise.decay.mapping import ASSIGNS, assign_decays
+from layerwise.decay.mapping import ASSIGNS, S1, S2, assign_decays
 
 __all__ = ["AlphaDecay", "estimate_alphas", "metric_scores", "authors_modules", "METRICS", "MODULE_SETS"]
 
@@ -197,7 +197,7 @@ def _to_vec(x: Any) -> torch.Tensor:
     return torch.stack([torch.as_tensor(v).detach().to("cpu", torch.float64).reshape(()) for v in x])
 
 
-class AlphaDecay(DecayController):
+class AlphaDecay(PerMatrixController):
     """Module-wise weight decay from the heavy-tail exponent α of each weight matrix (AlphaDecay).
 
     At construction (from the initial weights) and every ``interval`` optimizer steps the controller computes
@@ -284,15 +284,14 @@ class AlphaDecay(DecayController):
     """
 
     name = "alphadecay"
-    sets_per_matrix = True
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         model: nn.Module,
         interval: int = 500,
-        s1: float = 0.6666,
-        s2: float = 3.0,
+        s1: float = S1,
+        s2: float = S2,
         *,
         wd0: float | str | None = None,
         estimator: str = "hill",
@@ -361,9 +360,14 @@ class AlphaDecay(DecayController):
         self.min_eigs, self.untuned, self.timing = min_eigs, untuned, timing
         one_base = "untuned='wd0' sets every other parameter to one base decay (or pass untuned='keep')"
         self._adopt(units, wd0, one_base=one_base if untuned == "wd0" else None)
-        self._numel = [sum(t.numel() for t in u.tensors) for u in units]
         an = _anatomy.anatomy(model)
-        self._blocks = [(an.by_name(n).stack, an.by_name(n).block) for n in self.names]  # sigmoid's blocks
+        # what the map needs besides the scores: each matrix's block (sigmoid) and size (preserve_mean)
+        self._map = dict(
+            blocks=[(an.by_name(n).stack, an.by_name(n).block) for n in self.names],
+            numel=[sum(t.numel() for t in u.tensors) for u in units],
+            slope=self.slope,
+            preserve_mean=self.preserve_mean,
+        )
         n = len(self.names)
         nan = float("nan")
         self.alpha_raw = torch.full((n,), nan, dtype=torch.float64)  # latest estimate of α
@@ -407,17 +411,7 @@ class AlphaDecay(DecayController):
         self.alpha_raw = raw
         self.score = self.alpha.clone() if self.metric == "alpha" else self._smooth(self.score, score_raw)
         self.score_raw = score_raw.clone()
-        self.decays = assign_decays(
-            self.score,
-            self.wd0,
-            self.assign,
-            self.s1,
-            self.s2,
-            blocks=self._blocks,
-            slope=self.slope,
-            numel=self._numel,
-            preserve_mean=self.preserve_mean,
-        )
+        self.decays = assign_decays(self.score, self.wd0, self.assign, self.s1, self.s2, **self._map)
         self._apply()
         self.version += 1
         self.last_update_step = self.step

@@ -29,6 +29,7 @@ from layerwise import anatomy as _anatomy
 from layerwise import names as _names
 from layerwise.decay._base import (
     DecayController,
+    PerMatrixController,
     Select,
     base_decay,
     check_in_optimizer,
@@ -36,6 +37,7 @@ from layerwise.decay._base import (
     layout_units,
     param_locations,
 )
+from layerwise.decay.mapping import S1, S2
 
 __all__ = ["UniformDecay", "TypeDecay", "AWD", "AdaDecay"]
 
@@ -77,7 +79,7 @@ class UniformDecay(DecayController):
         ]
 
 
-class TypeDecay(DecayController):
+class TypeDecay(PerMatrixController):
     """Fixed decay multipliers per module type, no spectral analysis.
 
     Each analysed matrix gets ``wd0 × multiplier[type]`` once, at construction: attention matrices
@@ -89,14 +91,13 @@ class TypeDecay(DecayController):
     """
 
     name = "typedecay"
-    sets_per_matrix = True
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         model: nn.Module,
-        attention: float = 0.6666,
-        mlp: float = 3.0,
+        attention: float = S1,
+        mlp: float = S2,
         *,
         wd0: float | str | None = None,
         multipliers: dict[str, float] | None = None,
@@ -258,7 +259,7 @@ class AWD(DecayController):
                 g["weight_decay"] = self.lam_bar * base / self.wd_ref
 
 
-class AdaDecay(DecayController):
+class AdaDecay(PerMatrixController):
     """AdaDecay (Nakamura & Hong, 2019) at module level; the defaults are the AlphaDecay authors' baseline.
 
     The original scales each parameter's decay by a sigmoid of its gradient norm normalised within its
@@ -288,16 +289,15 @@ class AdaDecay(DecayController):
     """
 
     name = "adadecay"
-    sets_per_matrix = True
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         model: nn.Module,
-        slope: float = 4.0,
         *,
-        interval: int = 500,
         norm: str = "raw",
+        slope: float = 4.0,
+        interval: int = 500,
         wd0: float | str | None = None,
         eps: float = 1e-8,
         select: Select = None,
