@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from _decay_helpers import batches, block_linear_weights, make_model, per_matrix_optimizer, train_step
+from _decay_helpers import batches, block_linear_weights, hf_llama, make_model, per_matrix_optimizer, train_step
 from torch import nn
 
 import layerwise as lw
@@ -244,19 +244,7 @@ def test_works_with_muon_adamw_wrapper():
 def test_param_groups_give_every_documented_selection_its_layout():
     """For each selection a controller takes, param_groups(per_matrix=...) builds a layout it accepts, and the
     merged layout is refused with a GroupLayoutError that names the tensors and shows that call."""
-    hf = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = hf.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        attention_bias=True,
-        max_position_embeddings=32,
-    )
-    model = hf.LlamaForCausalLM(cfg)
+    model = hf_llama(hidden=64, intermediate=96)
     q_names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
     cases = [
         ({}, True, 14),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from _decay_helpers import VOCAB, batches, train_step
+from _decay_helpers import hf_llama as _hf_llama
 from torch import nn
 
 from layerwise.decay import AlphaDecay, assign_decays
@@ -109,21 +110,7 @@ def lab_model(seed: int = 0):
 
 
 def hf_llama(seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=False,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return _hf_llama(seed, hidden=64, intermediate=128, heads=4, kv_heads=2)
 
 
 def _hf_step(model, opt, x):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from _decay_helpers import block_linear_weights, layer_index, make_model, per_matrix_optimizer
+from _decay_helpers import block_linear_weights, hf_llama, layer_index, make_model, per_matrix_optimizer
 
 from layerwise.decay import AWD, DECAY_CONTROLLERS, AdaDecay, GroupLayoutError, TypeDecay, UniformDecay, build_decay
 from layerwise.names import named_parameters
@@ -167,20 +167,7 @@ def test_adadecay_default_is_the_papers_baseline_raw_norm_slope4_every_interval(
 
 
 def test_adadecay_authors_modules_bias_and_untuned():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        attention_bias=True,
-        mlp_bias=True,
-        max_position_embeddings=32,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
+    model = hf_llama()
     lr, eps, wd0 = 0.1, 1.0, 0.2
     groups = param_groups(model, lr=lr, weight_decay=wd0, per_matrix="authors")  # norms at 0 there: untuned sets wd0
     opt = torch.optim.AdamW(groups, lr=lr, eps=eps, betas=(0.0, 0.0))
