@@ -6,6 +6,7 @@ weight matrix's spectrum.  Formulas, defaults and every known difference from th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ _UNTUNED = ("keep", "wd0")
 _ENTROPY_EPS = 6e-5  # the authors' constant: numerical-rank threshold on σ and additive floor on p
 
 
-def metric_scores(eigs: list[torch.Tensor], alpha: torch.Tensor, metric: str) -> torch.Tensor:
+def metric_scores(eigs: Sequence[torch.Tensor] | torch.Tensor, alpha: torch.Tensor, metric: str) -> torch.Tensor:
     """Per-matrix score ``metric`` from ascending Gram eigenvalues ``λ`` (= σ²) and α; float64 CPU vector.
 
     The definitions are those of the AlphaDecay authors' code (``docs/methods.md`` §1), computed in float64:
@@ -168,7 +169,7 @@ def _estimate_sharded(
             padded[: local.shape[0]] = local
             bucket = [torch.empty_like(padded) for _ in range(world)] if rank == own[i] else None
             dist.gather(padded, bucket, dst=own[i])
-            if rank == own[i]:
+            if bucket is not None:  # this rank owns the matrix
                 full = torch.cat([b[: int(r)] for b, r in zip(bucket, all_rows)])
                 mine.append(full)
                 mine_idx.append(i)
@@ -284,6 +285,7 @@ class AlphaDecay(PerMatrixController):
     """
 
     name = "alphadecay"
+    interval: int
 
     def __init__(
         self,
@@ -362,7 +364,7 @@ class AlphaDecay(PerMatrixController):
         self._adopt(units, wd0, one_base=one_base if untuned == "wd0" else None)
         an = _anatomy.anatomy(model)
         # what the map needs besides the scores: each matrix's block (sigmoid) and size (preserve_mean)
-        self._map = dict(
+        self._map: dict[str, Any] = dict(
             blocks=[(an.by_name(n).stack, an.by_name(n).block) for n in self.names],
             numel=[sum(t.numel() for t in u.tensors) for u in units],
             slope=self.slope,

@@ -193,7 +193,8 @@ class AWD(DecayController):
             raise ValueError("AWD: no parameter group has a nonzero weight_decay to adapt")
         self._base = [base_decay(g) for g in groups]
         self.wd_ref = max(self._base)
-        self.names = [_group_names(g, by_id) for g in groups]
+        self.group_names = [_group_names(g, by_id) for g in groups]  # the controlled groups' tensors
+        self.names = [n for names in self.group_names for n in names]
         self._param_lists = [list(g["params"]) for g in groups]
         self._first = [ps[0] for ps in self._param_lists]  # one member identifies each group
         self.record_base(self._first)
@@ -234,7 +235,7 @@ class AWD(DecayController):
         lam = self.current()
         return [
             {"name": n, "alpha": None, "weight_decay": lam * base / self.wd_ref}
-            for names, base in zip(self.names, self._base)
+            for names, base in zip(self.group_names, self._base)
             for n in names
         ]
 
@@ -289,6 +290,7 @@ class AdaDecay(PerMatrixController):
     """
 
     name = "adadecay"
+    interval: int
 
     def __init__(
         self,

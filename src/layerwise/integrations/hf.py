@@ -335,4 +335,5 @@ def save_merged(model: nn.Module, path: str | os.PathLike, **save_pretrained_kwa
         raise TypeError("save_merged builds the state_dict itself; do not pass state_dict=")
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"save_merged needs a transformers PreTrainedModel, got {type(model).__name__}")
-    model.save_pretrained(os.fspath(path), state_dict=merged_state_dict(model), **save_pretrained_kwargs)
+    save_pretrained = getattr(model, "save_pretrained")  # noqa: B009 - a transformers method nn.Module does not type
+    save_pretrained(os.fspath(path), state_dict=merged_state_dict(model), **save_pretrained_kwargs)

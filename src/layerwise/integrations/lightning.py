@@ -39,7 +39,7 @@ This module never imports ``layerwise.lab``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -195,7 +195,10 @@ class WeightDecayMonitor(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.logging_interval != "step" or trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
+        if (
+            self.logging_interval != "step"
+            or trainer.global_step % max(1, getattr(trainer, "log_every_n_steps", 1)) != 0
+        ):
             return
         self.last = self.extract(trainer)
         _log_to_loggers(trainer, self.last, step=trainer.global_step)
@@ -294,12 +297,12 @@ class LayerwiseLM(pl.LightningModule):
     def _loss(self, batch: Any) -> torch.Tensor:
         if isinstance(batch, dict):
             x = batch["input_ids"]
-            labels = batch.get("labels", x)
-            logits = self(x)[:, :-1]
+            labels = batch["labels"] if "labels" in batch else x
+            logits = cast(torch.Tensor, self(x))[:, :-1]
             y = labels[:, 1:]
         elif isinstance(batch, (tuple, list)) and len(batch) == 2:
             x, y = batch
-            logits = self(x)
+            logits = cast(torch.Tensor, self(x))
         else:
             raise TypeError("batch must be (inputs, targets) or a dict with 'input_ids' (and optional 'labels')")
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
@@ -325,11 +328,7 @@ class LayerwiseLM(pl.LightningModule):
         if self.per_matrix is not None:
             return self.per_matrix
         trainer = self._trainer
-        needs = [
-            cb.per_matrix
-            for cb in (trainer.callbacks if trainer is not None else [])
-            if isinstance(cb, AlphaDecayCallback)
-        ]
+        needs = [cb.per_matrix for cb in getattr(trainer, "callbacks", []) if isinstance(cb, AlphaDecayCallback)]
         return needs[0] if needs else False
 
     def configure_optimizers(self) -> Any:

@@ -54,6 +54,7 @@ def _nonneg(field: str, value: Any) -> float:
 
 def _named(model_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
     """Canonical (name, tensor) pairs of the trainable parameters, deduplicated by identity (first name wins)."""
+    items: list[tuple[str, torch.Tensor]]
     if isinstance(model_or_named_params, nn.Module):
         items = list(model_or_named_params.named_parameters())
     else:
