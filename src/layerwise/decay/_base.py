@@ -231,18 +231,18 @@ def check_layout(
     check_in_optimizer(optimizer, units)
     unit_of = {id(t): i for i, u in enumerate(units) for t in u.tensors}
     loc = param_locations(optimizer)
-    shared: list[tuple[Controlled, int, list[torch.Tensor]]] = []
+    shared: list[tuple[str, int, list[torch.Tensor]]] = []
     for i, u in enumerate(units):
-        for t in u.tensors:
+        for t, tname in zip(u.tensors, (u.name, u.bias_name)):
             gi, g = loc[id(t)]
             others = [p for p in g["params"] if unit_of.get(id(p)) != i]
             if others:
-                shared.append((u, gi, others))
+                shared.append((str(tname), gi, others))
                 break
     if not shared:
         return
     name_of = {id(p): n for n, p in _names.named_parameters(model, trainable_only=False)}
-    u, gi, others = shared[0]
+    tname, gi, others = shared[0]
     listed = ", ".join(name_of.get(id(p), f"<tensor {tuple(p.shape)}>") for p in others[:4])
     listed += ", ..." if len(others) > 4 else ""
     opt = type(optimizer).__name__
@@ -250,7 +250,7 @@ def check_layout(
     raise GroupLayoutError(
         f"{controller} sets one weight decay per matrix, so each matrix it controls needs a parameter group of its "
         f"own{' (shared at most with its bias)' if with_bias else ''}; {len(shared)} of its {len(units)} matrices "
-        f"share a group, e.g. group {gi} of the {opt} holds {u.name} together with {len(others)} other tensor(s) "
+        f"share a group, e.g. group {gi} of the {opt} holds {tname} together with {len(others)} other tensor(s) "
         f"({listed}).  Controllers do not regroup an optimizer: build it from per-matrix groups, "
         f"{opt}(layerwise.param_groups(model, lr=..., weight_decay=..., per_matrix={per_matrix_text(per_matrix)}), "
         "...)"

@@ -220,8 +220,12 @@ class AWD(DecayController):
             self.calib = self.wd_ref / ratio
         prev = 0.0 if self.lam_bar is None else self.lam_bar
         self.lam_bar = self.beta * prev + (1.0 - self.beta) * self.calib * ratio
+        self._write()
+
+    def _write(self) -> None:
+        """``weight_decay = λ̄ · base / wd_ref`` in every controlled group."""
         for g, base in zip(self.current_groups(self._first), self._base):
-            g["weight_decay"] = self.lam_bar * base / self.wd_ref
+            g["weight_decay"] = self.current() * base / self.wd_ref
 
     def after_step(self) -> None:
         self.version += 1
@@ -256,8 +260,7 @@ class AWD(DecayController):
         self.lam_bar = None if state["lam_bar"] is None else float(state["lam_bar"])
         self.calib = None if state["calib"] is None else float(state["calib"])
         if self.lam_bar is not None:
-            for g, base in zip(self.current_groups(self._first), self._base):
-                g["weight_decay"] = self.lam_bar * base / self.wd_ref
+            self._write()
 
 
 class AdaDecay(PerMatrixController):
