@@ -69,7 +69,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +81,7 @@ KINDS = ("rowcol", "row", "col", "scalar")
 PLACEMENTS = ("paper", "symmetry_free")
 IMPLS = ("materialize", "io")
 
-Placement = Union[str, Callable[[str, nn.Module], str | bool | None]]
+Placement = str | Callable[[str, nn.Module], str | bool | None]
 
 #: symmetry-free placement: module type -> kind
 SYMMETRY_FREE: dict[str, str] = {"down": "rowcol", "gate": "row", "o": "rowcol", "q": "row"}

@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab-size",
         type=int,
         default=_QUICK_VOCAB,
-        help=f"size of the trained BPE (--tokenizer train; default {_QUICK_VOCAB}: the `quick` preset's, so `layerwise demo` reuses this cache entry)",
+        help=f"size of the trained BPE (--tokenizer train; default {_QUICK_VOCAB}: the `quick` preset's, "
+        "so `layerwise demo` reuses this cache entry)",
     )
     pp.add_argument("--tokenizer", default="train", help="'train' or a tokenizer.json / HF tokenizer folder")
     pp.add_argument("--text-field", default="text", help="text column of record sources")

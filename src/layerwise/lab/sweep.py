@@ -166,6 +166,12 @@ def _sem(vals: list[float]) -> float:
     return _sem_shared(vals)
 
 
+def _fmt_best(b: dict[str, float]) -> str:
+    """A table cell for one width's best cell: ``(lr, wd) loss ± s.e.`` (no ± without an s.e.)."""
+    se = b["sem"]
+    return f"({b['lr']:g}, {b['wd']:g}) {b['val_loss']:.4f}" + (f" ± {se:.4f}" if se == se else "")
+
+
 def _argmin(g: list[list[float]]) -> tuple[int, int]:
     best, arg = float("inf"), (0, 0)
     for i, row in enumerate(g):
@@ -243,13 +249,8 @@ def summarize_sweep(
             "proxy_ties": [[lrs[i], wds[j]] for i, j in ties],
             "regret_ties": regret_ties,
         }
-
-        def fmt(w):
-            i, j = best[w]
-            se = sems[w][i][j]
-            return f"({lrs[i]:g}, {wds[j]:g}) {grids[w][i][j]:.4f}" + (f" ± {se:.4f}" if se == se else "")
-
-        row = f"| {p} | {' | '.join(fmt(w) for w in widths)} | {i1 - i0:+d} | {j1 - j0:+d} | {regret:+.4f} |"
+        bests = " | ".join(_fmt_best(b) for b in result["parametrizations"][p]["best"].values())
+        row = f"| {p} | {bests} | {i1 - i0:+d} | {j1 - j0:+d} | {regret:+.4f} |"
         if seeds > 1:
             row += " " + ", ".join(f"({a:+d}, {b:+d})" for a, b in per_seed) + " |"
             row += f" {len(ties)} (band {band:.3f}) | {regret_ties:+.4f} |"

@@ -10,8 +10,8 @@ tridiagonalisation, ``?sytrd``, is half matrix-vector work and does not scale wi
 
 * ``"lapack"`` — SciPy's LAPACK (``?syevr`` from ``scipy.linalg.cython_lapack``, eigenvalues only, OpenBLAS
   held to one thread), called through ctypes so that the GIL is released: ``workers`` eigensolver threads
-  run at once, each on its own chunks of matrices.  On the project's AMD EPYC machine one such solver is 1.3–1.4× faster than
-  ``torch.linalg.eigvalsh`` (MKL's ``?syevd``; MKL takes a slower code path on AMD CPUs): 56 Gram matrices
+  run at once, each on its own chunks of matrices.  On the project's AMD EPYC machine one such solver is 1.3–1.4×
+  faster than ``torch.linalg.eigvalsh`` (MKL's ``?syevd``; MKL takes a slower code path on AMD CPUs): 56 Gram matrices
   of 512 × 512 in 0.39 s against 0.51–0.55 s; two threads take 0.20 s (``benchmarks/eigvalsh_floor.py``).
 * ``"torch"`` — ``torch.linalg.eigvalsh``: one batched call on the calling thread (CPU and CUDA); on CPU,
   MKL threads it itself and ``workers`` is not used.  It is deliberately *not* run from a thread pool:
