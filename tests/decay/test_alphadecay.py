@@ -78,7 +78,7 @@ def test_alphadecay_alpha_and_decays_match_references():
     assert [r["weight_decay"] for r in rows] == pytest.approx(want, rel=1e-3, abs=1e-6)
     # the optimizer's groups hold those decays, one group per analysed matrix
     by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
-    for (name, w), r in zip(mats, rows):
+    for (_, w), r in zip(mats, rows):
         g = by_id[id(w)]
         assert len(g["params"]) == 1 and g["weight_decay"] == r["weight_decay"]
 
@@ -139,7 +139,7 @@ def test_recomputation_exactly_at_0_interval_2interval(monkeypatch):
     holder["dec"] = dec
     assert calls == [0] and dec.version == 1 and dec.last_update_step == 0
     seen = []
-    for i, x in enumerate(batches(7)):
+    for x in batches(7):
         before = [g["weight_decay"] for g in opt.param_groups]
         train_step(model, opt, x)
         seen.append((dec.step, dec.version, dec.last_update_step))

@@ -112,7 +112,7 @@ def test_adadecay_matches_hand_computation(kind):
     _set_grads(model)
     mats = block_linear_weights(model)
     lam = _adadecay_reference([n for n, _ in mats], [p.grad for _, p in mats], [p.numel() for _, p in mats], wd0, 2.0)
-    lam_by = {n: l for (n, _), l in zip(mats, lam)}
+    lam_by = {n: v for (n, _), v in zip(mats, lam)}
     w = {n: p.detach().double().clone() for n, p in named_parameters(model)}
     g = {n: p.grad.double().clone() for n, p in named_parameters(model)}
     opt.step()
@@ -198,7 +198,7 @@ def test_adadecay_authors_modules_bias_and_untuned():
         dec.names, [m.weight.grad for _, m in linears], [1] * len(linears), wd0, 4.0, norm="raw", block=hf_block
     )
     lam = {}
-    for (n, m), v in zip(linears, ref):
+    for (_, m), v in zip(linears, ref):
         lam[id(m.weight)] = lam[id(m.bias)] = v
     w = {id(p): (n, p.detach().double().clone(), p.grad.double().clone()) for n, p in model.named_parameters()}
     opt.step()
