@@ -62,6 +62,12 @@ class TailFit:
         """The reason of a single fit (first entry of ``reasons``)."""
         return self.reasons[0] if self.reasons else None
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(alpha, xmin, ks, n_tail)`` as 1-D float64 / int64 tensors with one entry per input (one entry for
+        a single fit)."""
+        f64 = [torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in (self.alpha, self.xmin, self.ks)]
+        return f64[0], f64[1], f64[2], torch.as_tensor(self.n_tail, dtype=torch.int64).reshape(-1)
+
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _as_list(eigs) -> tuple[list[torch.Tensor], bool]:
@@ -308,8 +314,8 @@ def noise_alpha(shape: Sequence[int], estimator: str = "hill", *, samples: int =
         g = torch.Generator().manual_seed(seed * 1_000_003 + rows * 7919 + cols)
         ws = [torch.randn(rows, cols, generator=g) for _ in range(samples)]
         eigs = gram_eigvals(ws)
-        fit = hill_fit(eigs) if estimator == "hill" else ks_alpha(eigs)
-        vals = fit.alpha[torch.isfinite(fit.alpha)]
+        alpha = (hill_fit(eigs) if estimator == "hill" else ks_alpha(eigs)).tensors()[0]
+        vals = alpha[torch.isfinite(alpha)]
         _NOISE_CACHE[key] = float(vals.mean()) if vals.numel() else float("nan")
     return _NOISE_CACHE[key]
 
