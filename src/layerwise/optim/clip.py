@@ -90,7 +90,7 @@ def clip_grad_norm_(
                 "clip_grad_norm_: exclude contains names but parameters are unnamed; pass "
                 "model.named_parameters() or exclude the tensors themselves"
             )
-        missing = excl_names - set(names)  # type: ignore[arg-type]
+        missing = excl_names - set(names)
         if missing:
             raise ValueError(f"clip_grad_norm_: excluded name(s) {sorted(missing)} are not among the parameters")
     included: list[torch.Tensor] = []
