@@ -290,7 +290,8 @@ def write_cloze_task(
         if len(words) < 5 or not inner:
             continue
         k = rng.choice(inner)
-        answer, choices = words[k], []
+        answer = words[k]
+        choices: list[str] = []
         while len(choices) < n_choices - 1:
             w = rng.choice(pool)
             if w != answer and w not in choices:
@@ -462,9 +463,9 @@ def evaluate(
     if res is None:  # a non-zero rank under accelerate launch
         return {}
     entries = task_entries(res, limit=limit, num_fewshot=num_fewshot, fp=fp)
-    for e in entries.values():
-        e["wall_s"] = wall
-        e["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for entry in entries.values():
+        entry["wall_s"] = wall
+        entry["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     data = read_eval(dest)
     data.update(
         {

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -203,13 +203,14 @@ class _ShardWriter:
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         self.shards: list[dict] = []
         self.total = 0
-        self._f = None
+        self._f: BinaryIO | None = None
 
-    def _open(self) -> None:
+    def _open(self) -> BinaryIO:
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._f = open(self.out_dir / name, "wb")
+        self._f = f = open(self.out_dir / name, "wb")
         self.shards.append({"file": name, "tokens": 0})
         self._h = hashlib.sha256()
+        return f
 
     def _close(self) -> None:
         if self._f is not None:
@@ -223,12 +224,11 @@ class _ShardWriter:
 
     def write(self, ids: np.ndarray) -> None:
         while ids.size:
-            if self._f is None:
-                self._open()
+            f = self._f if self._f is not None else self._open()
             rec = self.shards[-1]
             take = min(ids.size, self.shard_tokens - rec["tokens"])
             buf = ids[:take].tobytes()
-            self._f.write(buf)
+            f.write(buf)
             self._h.update(buf)
             rec["tokens"] += take
             self.total += take

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from layerwise.lab import methods, runid
 from layerwise.lab.checkpoint import CheckpointError, CheckpointStore, trim_jsonl  # noqa: F401 - re-exported
@@ -348,7 +349,7 @@ def _train(
             ctx.barrier()
         data = prepare_config(cfg.data)
     hf = uses_hf(cfg)
-    mcfg = None if hf else resolve_model_config(cfg, data.vocab_size)
+    ref_cfg = None if hf else resolve_model_config(cfg, data.vocab_size)  # the reference model's config
     ckpt_dir = run_dir / "checkpoints"
     sharded = t.parallel == "fsdp"
     ident = runid.identity(cfg, data)
@@ -360,13 +361,15 @@ def _train(
         store.check_layout(t.parallel, ctx.world_size)  # before anything in the run directory changes
 
     torch.manual_seed(t.seed)  # same initial weights on every rank, for every method with this seed
-    if hf:
+    model: nn.Module
+    if ref_cfg is None:
         model, mcfg = build_hf_model(cfg, data.vocab_size)
         if ctx.is_main:
             write_run_config(mcfg, run_dir)
+        mcfg_dict = json.loads(mcfg.to_json_string())
     else:
-        model = LlamaModel(mcfg)
-    mcfg_dict = json.loads(mcfg.to_json_string()) if hf else mcfg.to_dict()
+        model, mcfg = LlamaModel(ref_cfg), ref_cfg
+        mcfg_dict = ref_cfg.to_dict()
     exclude_from_clip = methods.transform_model(model, cfg)
     model.to(device)
     fwd_model = D.wrap(model, ctx, dev_type)
@@ -420,9 +423,11 @@ def _train(
                     flush=True,
                 )
     if t.compile:
-        fwd_model = torch.compile(
+        compiled = torch.compile(
             fwd_model, backend=t.compile_backend, mode=None if t.compile_mode == "default" else t.compile_mode
         )
+        assert isinstance(compiled, nn.Module)  # an OptimizedModule (torch's stub types the result as a callable)
+        fwd_model = compiled
 
     sampler = BatchSampler(data.train, cfg.data.seq_len, t.batch_size, t.seed)
     tokens_per_step = t.batch_size * cfg.data.seq_len
