@@ -347,7 +347,7 @@ def cmd_sweep(args) -> int:
 
 
 def register(sub) -> None:
-    from layerwise.lab.config import PRESETS
+    from layerwise.lab.cli import add_config_args, add_runs_folder_args
 
     p = sub.add_parser(
         "sweep",
@@ -355,16 +355,7 @@ def register(sub) -> None:
         description=__doc__.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", default="quick", help=f"named preset: {', '.join(PRESETS)} (default: quick)")
-    p.add_argument("--config", help="a TOML config file (applied after the preset)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value for every run (repeatable), e.g. --set train.max_steps=300",
-    )
+    add_config_args(p, "quick", "override one config value for every run (repeatable), e.g. --set train.max_steps=300")
     p.add_argument("--widths", required=True, help="hidden sizes, e.g. 64,128,256 (multiples of 32)")
     p.add_argument("--lrs", required=True, help="base learning rates, e.g. 1e-3,3e-3,1e-2")
     p.add_argument("--wds", required=True, help="base weight decays, e.g. 0,0.05,0.1,0.2")
@@ -380,15 +371,5 @@ def register(sub) -> None:
         help="the width the base lr/wd are tuned at (default: the narrowest of --widths)",
     )
     p.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1: no standard errors)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; default 1)")
-    p.add_argument(
-        "--out",
-        help="output folder (default runs/sweep-<preset>); finished runs in it are reused "
-        "only if their recorded config and data equal this sweep's",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="re-run runs in --out made by a different config or data (default: refuse, naming the difference)",
-    )
+    add_runs_folder_args(p, "sweep")
     p.set_defaults(func=cmd_sweep)
