@@ -857,6 +857,23 @@ def from_path(path: str | os.PathLike[str]) -> tuple[nn.Module | dict[str, torch
     raise ValueError(f"anatomy: {p} is not a model folder (config.json), .safetensors, or .pt/.pth/.bin file")
 
 
+#: safetensors header dtype name -> torch dtype (float8 types map to uint8 on a torch without them)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
+    "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
+}
+
+
 def _safetensors_meta(path: str) -> dict[str, torch.Tensor]:
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -867,23 +884,11 @@ def _safetensors_meta(path: str) -> dict[str, torch.Tensor]:
             header = json.loads(fh.read(n))
         except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"anatomy: {path} has an unreadable safetensors header: {exc}") from None
-    dtypes = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }
     out = {}
     for k, v in header.items():
         if k == "__metadata__":
             continue
-        out[k] = torch.empty(v["shape"], dtype=dtypes.get(v.get("dtype"), torch.float32), device="meta")
+        out[k] = torch.empty(v["shape"], dtype=SAFETENSORS_DTYPES.get(v.get("dtype"), torch.float32), device="meta")
     return out
 
 
