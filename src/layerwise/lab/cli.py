@@ -13,6 +13,17 @@ from layerwise.lab.config import PRESETS, ConfigError
 _QUICK_VOCAB = PRESETS["quick"]["data.vocab_size"]
 
 
+def add_command(sub, name: str, help_text: str, doc: str | None) -> argparse.ArgumentParser:
+    """A sub-command whose ``--help`` shows ``doc`` (its module docstring, RST double backquotes removed) with
+    the line breaks as written."""
+    return sub.add_parser(
+        name,
+        help=help_text,
+        description=(doc or "").replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def add_set_arg(p: argparse.ArgumentParser, help_text: str) -> None:
     """``--set SECTION.KEY=VALUE`` (repeatable) into ``args.overrides``."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help_text)

@@ -682,12 +682,9 @@ def eval_options(args: argparse.Namespace, prefix: str = "") -> dict:
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "eval",
-        help="downstream tasks with lm-evaluation-harness (RUN_DIR or HF folder)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    from layerwise.lab.cli import add_command
+
+    p = add_command(subparsers, "eval", "downstream tasks with lm-evaluation-harness (RUN_DIR or HF folder)", __doc__)
     p.add_argument("path", help="a finished run directory or a Hugging Face model folder")
     p.add_argument(
         "--tasks", required=True, help="comma-separated lm-eval task names or task YAML paths, e.g. arc_easy,hellaswag"

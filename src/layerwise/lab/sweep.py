@@ -19,7 +19,6 @@ do not end up alone at the tail of a parallel sweep.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -347,14 +346,9 @@ def cmd_sweep(args) -> int:
 
 
 def register(sub) -> None:
-    from layerwise.lab.cli import add_config_args, add_runs_folder_args
+    from layerwise.lab.cli import add_command, add_config_args, add_runs_folder_args
 
-    p = sub.add_parser(
-        "sweep",
-        help="widths × lr × wd grid; optimum transfer across widths",
-        description=__doc__.replace("``", ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "sweep", "widths × lr × wd grid; optimum transfer across widths", __doc__)
     add_config_args(p, "quick", "override one config value for every run (repeatable), e.g. --set train.max_steps=300")
     p.add_argument("--widths", required=True, help="hidden sizes, e.g. 64,128,256 (multiples of 32)")
     p.add_argument("--lrs", required=True, help="base learning rates, e.g. 1e-3,3e-3,1e-2")
