@@ -31,16 +31,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = [
-    "TailFit",
-    "hill_alpha",
-    "hill_fit",
-    "ks_alpha",
-    "ks_distance",
-    "noise_alpha",
-    "shape_corrected_alpha",
-]
-
 
 @dataclass
 class TailFit:
@@ -130,6 +120,12 @@ def ks_distance(tail: torch.Tensor, xmin: float, alpha: float) -> float:
     return float(_ks_of_tail(logs, torch.tensor(float(alpha), dtype=torch.float64)))
 
 
+def _unfitted(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str | None]]:
+    """Result buffers for ``b`` inputs: alpha, xmin, ks NaN (float64) until a fit sets them, n_tail 0, no reasons."""
+    alpha, xmin, ks = (torch.full((b,), float("nan"), dtype=torch.float64) for _ in range(3))
+    return alpha, xmin, ks, torch.zeros((b,), dtype=torch.int64), [None] * b
+
+
 def _pack(alpha, xmin, ks, n_tail, reasons, single: bool) -> TailFit:
     if single:
         return TailFit(float(alpha[0]), float(xmin[0]), float(ks[0]), int(n_tail[0]), reasons)
@@ -150,12 +146,7 @@ def hill_fit(eigs, *, min_n: int = 1, rtol: float | None = None) -> TailFit:
             (lengths may differ; equal lengths are computed together).
     """
     es, single = _as_list(eigs)
-    b = len(es)
-    alpha = torch.full((b,), float("nan"), dtype=torch.float64)
-    xmin = torch.full((b,), float("nan"), dtype=torch.float64)
-    ks = torch.full((b,), float("nan"), dtype=torch.float64)
-    n_tail = torch.zeros((b,), dtype=torch.int64)
-    reasons: list[str | None] = [None] * b
+    alpha, xmin, ks, n_tail, reasons = _unfitted(len(es))
 
     # group valid inputs of equal length; compute each group in one shot
     groups: dict[tuple[int, torch.device], list[int]] = {}
@@ -272,12 +263,7 @@ def ks_alpha(
     if min_tail < 2:
         raise ValueError(f"ks_alpha: min_tail must be >= 2, got {min_tail}")
     es, single = _as_list(eigs)
-    b = len(es)
-    alpha = torch.full((b,), float("nan"), dtype=torch.float64)
-    xmin = torch.full((b,), float("nan"), dtype=torch.float64)
-    ks = torch.full((b,), float("nan"), dtype=torch.float64)
-    n_tail = torch.zeros((b,), dtype=torch.int64)
-    reasons: list[str | None] = [None] * b
+    alpha, xmin, ks, n_tail, reasons = _unfitted(len(es))
     for k, e in enumerate(es):
         reason, tol = _precheck(e, min_n, rtol)
         if reason is None:
