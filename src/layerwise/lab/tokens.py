@@ -25,7 +25,7 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -293,16 +293,26 @@ def encode_to_shards(
                 tok_s=f"{(writers['train'].total + writers['valid'].total) / max(el, 1e-9):.3g}",
             )
 
+    def each_wanted(
+        handle: Callable[[str, list[str], list[bool]], object],
+        after_group: Callable[[], None] = lambda: None,
+        after_part: Callable[[], None] = lambda: None,
+    ) -> None:
+        """``handle(split, texts, ends)`` for every group of documents a split still needs, in order."""
+        for splits, stream in parts:
+            for group in _groups(stream):
+                if done(splits):
+                    break
+                for split, texts, ends in group:
+                    if not full(split):
+                        handle(split, texts, ends)
+                after_group()
+            after_part()
+
     try:
         if num_proc <= 1:
             _init_worker(tok_json, eos_id, dtype.str)
-            for splits, stream in parts:
-                for group in _groups(stream):
-                    if done(splits):
-                        break
-                    for split, texts, ends in group:
-                        if not full(split):
-                            consume(split, _encode(texts, ends))
+            each_wanted(lambda split, texts, ends: consume(split, _encode(texts, ends)))
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
@@ -320,15 +330,11 @@ def encode_to_shards(
                         s, fut = pending.popleft()
                         consume(s, fut.result())
 
-                for splits, stream in parts:
-                    for group in _groups(stream):
-                        if done(splits):
-                            break
-                        for split, texts, ends in group:
-                            if not full(split):
-                                pending.append((split, pool.submit(_encode, texts, ends)))
-                        drain(2 * num_proc)
-                    drain(0)
+                each_wanted(
+                    lambda split, texts, ends: pending.append((split, pool.submit(_encode, texts, ends))),
+                    after_group=lambda: drain(2 * num_proc),
+                    after_part=lambda: drain(0),
+                )
     finally:
         if bar is not None:
             bar.close()
