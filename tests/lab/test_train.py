@@ -7,7 +7,7 @@ import torch
 from conftest import read_jsonl
 from layerwise.lab import config as C
 from layerwise.lab.cli import main
-from layerwise.lab.train import NonFiniteLossError, atomic_torch_save, load_checkpoint, lr_factor, train
+from layerwise.lab.train import NonFiniteLossError, atomic_torch_save, load_checkpoint, make_schedule, train
 
 
 def _cfg(corpus, **over):
@@ -91,10 +91,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus_f
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
-    assert lr_factor(0, 100, 0.1, 0.1) == pytest.approx(0.1)
-    assert lr_factor(9, 100, 0.1, 0.1) == pytest.approx(1.0)
-    assert lr_factor(99, 100, 0.1, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
-    assert lr_factor(100, 100, 0.1, 0.1) == pytest.approx(0.1)
+    f = make_schedule(100, 0.1, 0.1)
+    assert f(0) == pytest.approx(0.1)
+    assert f(9) == pytest.approx(1.0)
+    assert f(99) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert f(100) == pytest.approx(0.1)
 
 
 def test_cli_train_end_to_end_and_resume(tmp_path, corpus_file, capsys):

@@ -33,6 +33,7 @@ from layerwise.lab.export import stash_tokenizer
 from layerwise.lab.guard import NonFiniteGuard, NonFiniteLossError
 from layerwise.lab.hf_models import build_hf_model, uses_hf, write_run_config
 from layerwise.lab.model import LlamaModel, ModelConfig, model_config
+from layerwise.schedules import Schedule
 
 CKPT_NAME = "last.pt"
 
@@ -109,20 +110,6 @@ def validate(cfg: Config) -> None:
     schedule_of(cfg)
 
 
-def lr_factor(
-    step: int,
-    max_steps: int,
-    warmup_frac: float,
-    min_ratio: float,
-    schedule: str = "cosine",
-    decay_frac: float = 0.2,
-    decay_shape: str = "linear",
-) -> float:
-    """The LR multiplier at 0-based ``step``: linear warm-up over ``warmup_frac`` of the run, then the
-    :mod:`layerwise.schedules` ``schedule`` (default cosine from 1 to ``min_ratio``)."""
-    return make_schedule(max_steps, warmup_frac, min_ratio, schedule, decay_frac, decay_shape)(step)
-
-
 def make_schedule(
     max_steps: int,
     warmup_frac: float,
@@ -130,13 +117,14 @@ def make_schedule(
     schedule: str = "cosine",
     decay_frac: float = 0.2,
     decay_shape: str = "linear",
-):
-    from layerwise.schedules import Schedule
+) -> Schedule:
+    """The LR multiplier ``f(step)`` (0-based step): linear warm-up over ``warmup_frac`` of the run, then the
+    :mod:`layerwise.schedules` ``schedule`` (default cosine from 1 to ``min_ratio``)."""
 
     return Schedule(schedule, max_steps, int(warmup_frac * max_steps), min_ratio, decay_frac, decay_shape)
 
 
-def schedule_of(cfg: Config):
+def schedule_of(cfg: Config) -> Schedule:
     """The run's :class:`layerwise.schedules.Schedule` (``optim.schedule`` & co.); errors name the field."""
     o = cfg.optim
     try:
