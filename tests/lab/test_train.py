@@ -180,3 +180,25 @@ def test_multipliers_run_exports_merged_checkpoint_with_equal_outputs(tmp_path, 
     assert "resid_rms/last" in rec[0] and any(k.startswith("mult/") for k in rec[0])
     # the multipliers were moved by training, so the test above compares two different functions of them
     assert any((v - 1).abs().max() > 1e-4 for k, v in last["model"].items() if k.endswith("multiplier"))
+
+
+def test_metrics_log_writes_strict_json(tmp_path):
+    """A non-finite metric (a lagged NaN loss or gradient norm tensor) is written as null, never as NaN."""
+    import json as _json
+
+    from layerwise.lab.train import MetricsLog
+
+    log = MetricsLog(tmp_path, None, tensorboard=False)
+    log.write({"step": 3, "loss": torch.tensor(float("nan")), "grad_norm": torch.tensor(float("inf")), "lr": 0.5})
+    log.write({"step": 4, "loss": torch.tensor(2.5), "scales": torch.tensor([1.0, float("-inf")])})
+    log.close()
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in metrics.jsonl")
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    recs = [_json.loads(ln, parse_constant=no_constants) for ln in lines]
+    assert recs == [
+        {"step": 3, "loss": None, "grad_norm": None, "lr": 0.5},
+        {"step": 4, "loss": 2.5, "scales": [1.0, None]},
+    ]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerwise._json import json_safe
 from layerwise.lab import methods, runid
 from layerwise.lab.checkpoint import CheckpointError, CheckpointStore, trim_jsonl  # noqa: F401 - re-exported
 from layerwise.lab.config import Config, ConfigError, load_toml, to_toml
@@ -196,14 +197,6 @@ def evaluate(model: torch.nn.Module, tokens, seq_len: int, device: str, autocast
     return float(total[0] / total[1])
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard) writer; on resume, entries after the checkpoint's step are dropped."""
 
@@ -231,8 +224,8 @@ class MetricsLog:
                 self.tb = None
 
     def write(self, record: dict) -> None:
-        record = {k: _jsonable(v) for k, v in record.items()}
-        self.file.write(json.dumps(record) + "\n")
+        record = json_safe(record)
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in record.items():

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import anatomy as _anatomy
+from .._json import json_safe
 from ..anatomy import ParamInfo
 from ..names import canonical_name
 from .eig import gram_eigvals
@@ -76,16 +77,6 @@ def _fmt(v: Any, digits: int) -> str:
     return str(v)
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
-
-
 @dataclass
 class SpectralReport:
     """Rows of HT-SR statistics, one per analysed matrix.
@@ -127,7 +118,7 @@ class SpectralReport:
         return {r["name"]: r["alpha"] for r in self.rows}
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(
+        return json_safe(
             {
                 "estimator": self.estimator,
                 "settings": self.settings,
