@@ -130,7 +130,7 @@ def run_worker(mode: str, folder: Path, out: Path, extra: list[str]) -> dict:
     p = subprocess.run(
         [sys.executable, "-c", _WORKER, mode, str(folder), str(out), *extra], capture_output=True, text=True, env=env
     )
-    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if p.returncode != 0 or line is None:
         raise SystemExit(f"{mode} worker on {folder} failed:\n{p.stderr[-3000:]}")
     return json.loads(line[7:])

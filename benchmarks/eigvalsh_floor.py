@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import ssyevr
 
 from layerwise.spectral import gram_eigvals
 
@@ -30,8 +31,6 @@ print(f"Gram products            {best(lambda: [w.mT @ w if w.shape[0] > w.shape
 print(f"eigvalsh, loop           {best(lambda: [torch.linalg.eigvalsh(g) for g in grams]):.3f} s")
 print(f"eigvalsh, one batch      {best(lambda: torch.linalg.eigvalsh(torch.stack(grams))):.3f} s")
 print(f"numpy eigvalsh, loop     {best(lambda: [np.linalg.eigvalsh(g.numpy()) for g in grams]):.3f} s")
-print(
-    f"scipy ?syevr, loop       {best(lambda: [__import__('scipy').linalg.lapack.ssyevr(g.numpy(), compute_v=0) for g in grams]):.3f} s"
-)
+print(f"scipy ?syevr, loop       {best(lambda: [ssyevr(g.numpy(), compute_v=0) for g in grams]):.3f} s")
 print(f"gram_eigvals (ours)      {best(lambda: gram_eigvals(ws)):.3f} s")
 print(f"gram_eigvals torch solver {best(lambda: gram_eigvals(ws, solver='torch')):.3f} s")

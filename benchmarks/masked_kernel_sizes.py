@@ -10,12 +10,19 @@ per-round ratios.  Shows where the second pass is cheap (scratch still in cache)
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
 
 from layerwise.optim import _cpu_kernel as CK
+
+
+def run_kernel(tensors, scratch, h, rule, mode, out) -> None:
+    """One timed call: the C kernel over every (param, grad, exp_avg, exp_avg_sq) of one size."""
+    for p, g, m, v in tensors:
+        CK.step_(p, g, m, v, scratch, h, rule, mode, out)
 
 
 def main() -> None:
@@ -42,20 +49,13 @@ def main() -> None:
             p.grad = g.clone()
         fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
         fused.step()
-        scratch, out = torch.empty(n), torch.empty(2)
-
-        def kernel(rule, mode):
-            def run():
-                for i in range(reps):
-                    CK.step_(ps[i], gs[i], ms[i], vs[i], scratch, h, rule, mode, out)
-
-            return run
-
+        kernel = functools.partial(run_kernel, list(zip(ps, gs, ms, vs)), torch.empty(n), h)
+        out = torch.empty(2)
         fns = {
             "fused": fused.step,
-            "norm": kernel("previous", "norm"),
-            "cautious": kernel("cautious", "density"),
-            "adamw": kernel("none", "norm"),
+            "norm": functools.partial(kernel, "previous", "norm", out),
+            "cautious": functools.partial(kernel, "cautious", "density", out),
+            "adamw": functools.partial(kernel, "none", "norm", out),
         }
         for f in fns.values():
             f()

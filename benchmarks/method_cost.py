@@ -89,7 +89,7 @@ def run_method(
     data = synthetic_data(vocab, max(200_000, 4 * batch * (seq + 1)))
     with tempfile.TemporaryDirectory() as d:
         summary = train(cfg, Path(d) / "run", data=data, quiet=True)
-        recs = [json.loads(l) for l in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
+        recs = [json.loads(ln) for ln in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "tokens_per_s" in r and r["step"] > warmup]
     # windows are log_every steps; weight by tokens (equal windows: plain harmonic mean of rates)
     rates = [r["tokens_per_s"] for r in recs]
@@ -154,7 +154,7 @@ def main() -> None:
                 args.device,
             ] + [f"--set={e}" for e in args.extra]
             p = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if p.returncode != 0 or line is None:
                 raise SystemExit(f"worker {m} failed:\n{p.stderr[-3000:]}")
             res[m].append(json.loads(line[7:])["tokens_per_s"])

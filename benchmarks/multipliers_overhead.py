@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 
@@ -55,6 +56,13 @@ def _time(fn, n: int, device: str) -> float:
     return (CLOCK() - t) / n
 
 
+def _fwd_bwd(mod: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+    for p in mod.parameters():
+        p.grad = None
+    x.grad = None
+    mod(x).backward(dy)
+
+
 def bench_layers(shape: str, rounds: int, reps: int, device: str) -> list[str]:
     s = SHAPES[shape]
     tokens = s["batch"] * s["seq"]
@@ -67,17 +75,7 @@ def bench_layers(shape: str, rounds: int, reps: int, device: str) -> list[str]:
             variants[impl] = MultipliedLinear(copy.deepcopy(base), "rowcol", impl)
         x = torch.randn(s["batch"], s["seq"], fan_in, device=device, requires_grad=True)
         dy = torch.randn(s["batch"], s["seq"], fan_out, device=device)
-
-        def make(mod):
-            def run():
-                for p in mod.parameters():
-                    p.grad = None
-                x.grad = None
-                mod(x).backward(dy)
-
-            return run
-
-        fns = {k: make(m) for k, m in variants.items()}
+        fns = {k: functools.partial(_fwd_bwd, m, x, dy) for k, m in variants.items()}
         for f in fns.values():  # warm-up
             f()
         times: dict[str, list[float]] = {k: [] for k in fns}
@@ -137,8 +135,9 @@ def bench_steps(shape: str, rounds: int, steps: int, device: str, impls: tuple[s
         ratios = [a / b for a, b in zip(times[k], times["none"])]
         n_mult = sum(p.numel() for p in models[k].parameters()) - n_params
         rows.append(
-            f"| {shape} | {s['batch']}x{s['seq']} | {k} | {min(times['none']) * 1e3:.1f} | {min(times[k]) * 1e3:.1f} | "
-            f"{(min(times[k]) / min(times['none']) - 1) * 100:+.1f} % | {(statistics.median(ratios) - 1) * 100:+.1f} % | "
+            f"| {shape} | {s['batch']}x{s['seq']} | {k} | {min(times['none']) * 1e3:.1f} | "
+            f"{min(times[k]) * 1e3:.1f} | {(min(times[k]) / min(times['none']) - 1) * 100:+.1f} % | "
+            f"{(statistics.median(ratios) - 1) * 100:+.1f} % | "
             f"[{(min(ratios) - 1) * 100:+.1f}, {(max(ratios) - 1) * 100:+.1f}] | {n_mult / n_params * 100:.2f} % |"
         )
         print(rows[-1], flush=True)

@@ -62,6 +62,12 @@ def hook_overhead(width: int, reps: int = 30) -> tuple[float, float]:
     return plain[len(plain) // 2], hooked[len(hooked) // 2]
 
 
+def widest_two_slope(r, site: str, step: int) -> float:
+    """Slope of log2 RMS against log2 width between the two widest widths of a coord_check result."""
+    a, b = r.widths[-2], r.widths[-1]
+    return (math.log2(r.rms[site][b][step]) - math.log2(r.rms[site][a][step])) / (math.log2(b) - math.log2(a))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--widths", default="64,128,256,512")
@@ -97,12 +103,7 @@ def main() -> None:
             label=par,
         )
         last = args.steps - 1
-
-        def pair(site: str) -> float:
-            a, b = widths[-2], widths[-1]
-            return (math.log2(r.rms[site][b][last]) - math.log2(r.rms[site][a][last])) / (math.log2(b) - math.log2(a))
-
-        slopes = " | ".join(f"{r.slope(s, last):+.2f} / {pair(s):+.2f}" for s in sites)
+        slopes = " | ".join(f"{r.slope(s, last):+.2f} / {widest_two_slope(r, s, last):+.2f}" for s in sites)
         loss = f"{r.loss[widths[0]][last]:.3f} → {r.loss[widths[-1]][last]:.3f}"
         print(f"| {par} | {slopes} | {loss} |   ({time.perf_counter() - t:.1f}s)")
         plot_coord_check(r, os.path.join(args.out, f"coord_{par}.png"), title=f"coordinate check: {par}")

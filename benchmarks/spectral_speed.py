@@ -205,7 +205,7 @@ def main() -> None:
                 ["--small"] if args.small else []
             )
             p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if p.returncode != 0 or line is None:
                 raise SystemExit(f"worker {m}/{v} failed:\n{p.stderr[-3000:]}")
             res.setdefault((m, v), []).append(json.loads(line[7:]))

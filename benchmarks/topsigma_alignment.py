@@ -3,10 +3,11 @@
     PYTHONPATH=src python benchmarks/topsigma_alignment.py runs/sweep [--lr 1e-2 --wd 0.1]
 
 For each parametrization, at one (lr, wd) cell (default: the narrowest width's optimum), reads
-``checkpoints/last.pt`` of the narrowest and widest width (every seed; mean ± s.e. over seeds), computes the top singular value of every block matrix, and reports the
-ratio σ_top(widest) / σ_top(narrowest) (geometric mean over matrices, and per module type).  Fan et al.'s
-claim: under μP with weight decay ∝ √d the top singular values align across widths (ratio ≈ 1), while other
-weight-decay exponents let them drift.  Writes ``topsigma.md`` and ``plots/topsigma.png`` in the sweep folder.
+``checkpoints/last.pt`` of the narrowest and widest width (every seed; mean ± s.e. over seeds), computes the top
+singular value of every block matrix, and reports the ratio σ_top(widest) / σ_top(narrowest) (geometric mean over
+matrices, and per module type).  Fan et al.'s claim: under μP with weight decay ∝ √d the top singular values
+align across widths (ratio ≈ 1), while other weight-decay exponents let them drift.  Writes ``topsigma.md`` and
+``plots/topsigma.png`` in the sweep folder.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 from layerwise.anatomy import anatomy
-from layerwise.lab.sweep import _sem, run_dir, run_key
+from layerwise.lab.stats import fmt_pm, mean_se
+from layerwise.lab.sweep import run_dir, run_key
 from layerwise.spectral import gram_eigvals
 
 
@@ -39,6 +41,12 @@ def module_type(name: str) -> str:
     return OPS[name][1]
 
 
+def geo_mean(ratios: dict[str, float], keys) -> float:
+    """Geometric mean of ``ratios[k]`` over ``keys`` (NaN for no keys)."""
+    keys = list(keys)
+    return math.exp(sum(math.log(ratios[k]) for k in keys) / len(keys)) if keys else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("sweep", type=Path)
@@ -48,7 +56,7 @@ def main() -> None:
     res = json.loads((args.sweep / "sweep.json").read_text())
     widths = res["widths"]
     lines = [
-        "| parametrization | (lr, wd) | σ_top ratio w=%d/w=%d (geo-mean) | attention | MLP |" % (widths[-1], widths[0]),
+        f"| parametrization | (lr, wd) | σ_top ratio w={widths[-1]}/w={widths[0]} (geo-mean) | attention | MLP |",
         "|---|---|---|---|---|",
     ]
     import matplotlib
@@ -76,22 +84,13 @@ def main() -> None:
             by_w = by_w or sig  # the first seed found is plotted
             lo, hi = sig[widths[0]], sig[widths[-1]]
             ratios = {k: hi[k] / lo[k] for k in lo}
-
-            def gm(keys):
-                keys = list(keys)
-                return math.exp(sum(math.log(ratios[k]) for k in keys) / len(keys)) if keys else float("nan")
-
             attn = [k for k in ratios if module_type(k) in ("q", "k", "v", "o")]
             mlp = [k for k in ratios if module_type(k) in ("gate", "up", "down")]
-            per_seed.append((gm(ratios), gm(attn), gm(mlp)))
+            per_seed.append((geo_mean(ratios, ratios), geo_mean(ratios, attn), geo_mean(ratios, mlp)))
         if not per_seed:
             continue
 
-        def ms(vals):
-            m, se = sum(vals) / len(vals), _sem(vals)
-            return f"{m:.3f}" + (f" ± {se:.3f}" if se == se else "")
-
-        cols = " | ".join(ms([t[i] for t in per_seed]) for i in range(3))
+        cols = " | ".join(fmt_pm(*mean_se([t[i] for t in per_seed]), digits=3) for i in range(3))
         lines.append(f"| {p} | ({lr:g}, {wd:g}) | {cols} |")
         lo = by_w[widths[0]]
         order = sorted(lo, key=lambda k: OPS[k])

@@ -89,7 +89,7 @@ def run_loop(
     ctx = (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     losses = []
-    t0 = c0 = None
+    t0 = None
     for s in range(warmup + steps):
         if s == warmup:
             sync()
@@ -102,8 +102,6 @@ def run_loop(
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-        if s == 0:
-            c0 = time.perf_counter()
     sync()
     dt = time.perf_counter() - t0
     return {
@@ -174,7 +172,7 @@ def main() -> None:
                 str(args.threads),
             ]
             p = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if p.returncode != 0 or line is None:
                 raise SystemExit(f"worker {v}/{s} failed:\n{p.stderr[-3000:]}")
             res.setdefault((v, s), []).append(json.loads(line[7:]))

@@ -55,7 +55,7 @@ def harness(cfg, data, steps: int, warmup: int) -> float:
         c.train.max_steps, c.train.eval_every, c.train.log_every = steps, 0, warmup
         c.train.progress = False
         train(c, Path(d) / "run", data=data, quiet=True)
-        recs = [json.loads(l) for l in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
+        recs = [json.loads(ln) for ln in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
     # skip the first window (warm-up); weight the rest by tokens
     tail = [r for r in recs if r["step"] > warmup]
     tokens = sum(warmup * cfg.train.batch_size * cfg.data.seq_len for _ in tail)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -28,6 +29,12 @@ def make_text(n_lines: int, seed: int) -> str:
         words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 12))]
         lines.append(f"{speaker}. {' '.join(words).capitalize()}{rng.choice('.!?,;')}")
     return "\n".join(lines) + "\n"
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines file (``metrics.jsonl``, ``spectral.jsonl``, ...), one dict per line."""
+    with open(path) as f:
+        return [json.loads(line) for line in f.read().splitlines()]
 
 
 @pytest.fixture(scope="session", autouse=True)

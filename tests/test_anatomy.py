@@ -625,3 +625,21 @@ def test_block_membership_decides_before_module_names():
     assert sorted(r["name"] for r in analyze(model.state_dict()).rows) == sorted(want)
     assert lw.anatomy(model).by_name("output.weight").role == OUT
     assert lw.anatomy(model.state_dict()).by_name("output.weight").role == OUT
+
+
+def test_from_path_safetensors_headers_keep_shapes_and_dtypes(tmp_path):
+    from safetensors.torch import save_file
+
+    from layerwise.anatomy import SAFETENSORS_DTYPES, from_path
+
+    sd = {
+        "a": torch.zeros(3, 4, dtype=torch.bfloat16),
+        "b": torch.zeros(5, dtype=torch.int64),
+        "c": torch.zeros(2, 2, dtype=torch.float8_e4m3fn),
+    }
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    got, _ = from_path(tmp_path / "w.safetensors")
+    assert {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in got.items()} == {
+        k: (tuple(v.shape), v.dtype, "meta") for k, v in sd.items()
+    }
+    assert SAFETENSORS_DTYPES["F8_E4M3"] is torch.float8_e4m3fn

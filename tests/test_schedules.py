@@ -78,12 +78,12 @@ def test_lr_scheduler_drives_every_group_and_state_is_only_the_step():
 
 
 def test_trainer_and_lightning_use_the_same_schedule():
-    from layerwise.lab.train import lr_factor
+    from layerwise.lab.train import make_schedule
 
     for name in SCHEDULES:
         f = Schedule(name, 50, 5, 0.1, 0.3, "sqrt")
         for s in (0, 4, 5, 20, 36, 49, 50):
-            assert lr_factor(s, 50, 0.1, 0.1, name, 0.3, "sqrt") == f(s)
+            assert make_schedule(50, 0.1, 0.1, name, 0.3, "sqrt")(s) == f(s)
     pytest.importorskip("lightning")
     from layerwise.integrations.lightning import LayerwiseLM
 

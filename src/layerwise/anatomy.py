@@ -127,7 +127,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -354,7 +354,11 @@ class Anatomy(Sequence[ParamInfo]):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    @overload
+    def __getitem__(self, i: int) -> ParamInfo: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[ParamInfo]: ...
+    def __getitem__(self, i: int | slice) -> ParamInfo | list[ParamInfo]:
         return self.rows[i]
 
     def __iter__(self) -> Iterator[ParamInfo]:
@@ -614,9 +618,9 @@ def _mamba_parts(mod: nn.Module | None, fan_out: int) -> tuple[tuple[str, int, i
     if mod is None:
         return None
     try:
-        inter = int(mod.intermediate_size)
-        gn = int(mod.n_groups) * int(mod.ssm_state_size)
-        heads = int(mod.num_heads)
+        keys = ("intermediate_size", "n_groups", "ssm_state_size", "num_heads")
+        inter, groups, state, heads = (int(getattr(mod, k)) for k in keys)
+        gn = groups * state
     except (AttributeError, TypeError, ValueError):
         return None
     sizes = (("z", inter), ("x", inter), ("B", gn), ("C", gn), ("dt", heads))
@@ -639,7 +643,7 @@ def _config_width(model: nn.Module) -> int | None:
 
 
 def _entries_from_module(model: nn.Module) -> list[_Entry]:
-    owners = {}
+    owners: dict[int, tuple[nn.Module, str]] = {}
     for mname, mod in model.named_modules(remove_duplicate=False):
         for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
             owners.setdefault(id(p), (mod, f"{mname}.{pname}" if mname else pname))
@@ -853,6 +857,23 @@ def from_path(path: str | os.PathLike[str]) -> tuple[nn.Module | dict[str, torch
     raise ValueError(f"anatomy: {p} is not a model folder (config.json), .safetensors, or .pt/.pth/.bin file")
 
 
+#: safetensors header dtype name -> torch dtype (float8 types map to uint8 on a torch without them)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
+    "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
+}
+
+
 def _safetensors_meta(path: str) -> dict[str, torch.Tensor]:
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -863,23 +884,11 @@ def _safetensors_meta(path: str) -> dict[str, torch.Tensor]:
             header = json.loads(fh.read(n))
         except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"anatomy: {path} has an unreadable safetensors header: {exc}") from None
-    dtypes = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }
     out = {}
     for k, v in header.items():
         if k == "__metadata__":
             continue
-        out[k] = torch.empty(v["shape"], dtype=dtypes.get(v.get("dtype"), torch.float32), device="meta")
+        out[k] = torch.empty(v["shape"], dtype=SAFETENSORS_DTYPES.get(v.get("dtype"), torch.float32), device="meta")
     return out
 
 

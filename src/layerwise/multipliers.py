@@ -69,7 +69,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +81,7 @@ KINDS = ("rowcol", "row", "col", "scalar")
 PLACEMENTS = ("paper", "symmetry_free")
 IMPLS = ("materialize", "io")
 
-Placement = Union[str, Callable[[str, nn.Module], str | bool | None]]
+Placement = str | Callable[[str, nn.Module], str | bool | None]
 
 #: symmetry-free placement: module type -> kind
 SYMMETRY_FREE: dict[str, str] = {"down": "rowcol", "gate": "row", "o": "rowcol", "q": "row"}
@@ -106,12 +105,16 @@ def _ones(n: int, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(torch.ones(n, device=like.device, dtype=like.dtype))
 
 
-class _MultiplierMixin:
+class _MultiplierMixin(nn.Module):
     """Shared bits of the wrappers: which multipliers exist, the effective weight."""
 
     kind: str
     impl: str
-    weight: nn.Parameter
+    weight: torch.Tensor  # the wrapped module's Parameter (typed as torch types nn.Linear.weight)
+    row_multiplier: nn.Parameter | None
+    row_multiplier_index: torch.Tensor | None
+    col_multiplier: nn.Parameter | None
+    scalar_multiplier: nn.Parameter | None
 
     #: the stored weight is (in, out) (HF Conv1D): rows (outputs) are its dim 1, columns (inputs) its dim 0
     _transposed = False
@@ -205,6 +208,8 @@ class MultipliedConv1D(_MultiplierMixin, nn.Module):
 
     _transposed = True
     _layerwise_conv1d = True
+    bias: torch.Tensor | None
+    _orig: nn.Module  # the wrapped Conv1D (not a submodule)
 
     def __init__(
         self, conv: nn.Module, kind: str = "rowcol", impl: str = "materialize", rows: torch.Tensor | None = None
@@ -213,10 +218,13 @@ class MultipliedConv1D(_MultiplierMixin, nn.Module):
         w = getattr(conv, "weight", None)
         if not isinstance(w, nn.Parameter) or w.ndim != 2:
             raise ValueError(f"MultipliedConv1D wraps a Conv1D with a 2-D weight, got {type(conv).__name__}")
+        b = conv.bias
+        if b is not None and not isinstance(b, torch.Tensor):
+            raise ValueError(f"MultipliedConv1D wraps a Conv1D whose bias is a tensor or None, got {type(b).__name__}")
         object.__setattr__(self, "_orig", conv)  # not a submodule: names stay <module>.weight / .bias
         self.nf = w.shape[1]
         self.weight = w
-        self.bias = conv.bias
+        self.bias = b
         self._init_multipliers(_check_kind(kind), rows)
         self.register_buffer("multiplier_transposed", torch.ones((), dtype=torch.bool, device=w.device))
         self.impl = _check_impl(impl)
@@ -320,22 +328,21 @@ def _plan(model: nn.Module, placement: Placement, kind: str) -> tuple[list[_Plan
             out = placement(cn, mod)
             if out is None or out is False:
                 continue
-            k = (
+            chosen = (
                 kind
                 if out is True
                 else _check_kind(out, what=f"kind returned by the placement callable for module {cn!r}")
             )
-            plans.append(_Plan(raw_names[cn], mod, k))
+            plans.append(_Plan(raw_names[cn], mod, chosen))
         return plans, notes
 
     def module_of(info) -> nn.Module:
         mod = wrappable.get(info.module)
-        ok = (
-            mod is not None
-            and info.name == f"{info.module}.weight"
-            and (type(mod) in (nn.Linear, nn.Embedding) or _is_conv1d(mod))
-        )
-        if not ok:
+        if (
+            mod is None
+            or info.name != f"{info.module}.weight"
+            or not (type(mod) in (nn.Linear, nn.Embedding) or _is_conv1d(mod))
+        ):
             raise ValueError(
                 f"add_multipliers(placement={placement!r}): block matrix {info.name!r} belongs to "
                 f"{type(mod).__name__ if mod is not None else 'no module'} {info.module!r}, which cannot be wrapped "
@@ -380,9 +387,9 @@ def _plan(model: nn.Module, placement: Placement, kind: str) -> tuple[list[_Plan
             else:
                 notes.append(f"{info.name} (operator {op})")
         elif info.role == "embedding" and info.operator == "token" and placement == "paper":
-            mod = wrappable.get(info.module)
-            if isinstance(mod, nn.Embedding) and info.name == f"{info.module}.weight":
-                plans.append(_Plan(raw_names[info.module], mod, kind))
+            emb = wrappable.get(info.module)
+            if isinstance(emb, nn.Embedding) and info.name == f"{info.module}.weight":
+                plans.append(_Plan(raw_names[info.module], emb, kind))
     return plans, notes
 
 
@@ -448,12 +455,15 @@ def add_multipliers(
             continue
         done.add(id(plan.module))
         mod = plan.module
+        wrapper: _MultiplierMixin
         if isinstance(mod, nn.Embedding):
-            wrapper: nn.Module = MultipliedEmbedding(mod, plan.kind, impl or "io")
+            wrapper = MultipliedEmbedding(mod, plan.kind, impl or "io")
         elif _is_conv1d(mod):
             wrapper = MultipliedConv1D(mod, plan.kind, impl or "materialize", rows=plan.rows)
-        else:
+        elif isinstance(mod, nn.Linear):
             wrapper = MultipliedLinear(mod, plan.kind, impl or "materialize", rows=plan.rows)
+        else:  # _plan only plans nn.Linear, Conv1D and nn.Embedding
+            raise TypeError(f"add_multipliers cannot wrap {type(mod).__name__} {plan.name!r}")
         _set_submodule(model, plan.name, wrapper)
         new_params.extend(wrapper.multipliers().values())
         named.extend((f"{canonical_name(plan.name)}.{s}", p) for s, p in wrapper.multipliers().items())
@@ -504,17 +514,19 @@ def merge_multipliers(model: nn.Module) -> nn.Module:
             if (mod._transposed or mod.row_multiplier_index is not None)
             else _merge_tensor(w, mod.row_multiplier, mod.col_multiplier, mod.scalar_multiplier)
         )
+        weight: torch.Tensor
         if counts.get(id(w), 1) > 1:
             weight = nn.Parameter(merged, requires_grad=w.requires_grad)
         else:
             w.copy_(merged)
             weight = w
+        plain: nn.Module
         if isinstance(mod, MultipliedConv1D):
             plain = mod._orig
-            plain.weight = weight
-            plain.bias = mod.bias
+            # torch's stub types Module attributes as Tensor | Module; a registered parameter may be set to None
+            plain.bias = mod.bias  # type: ignore[assignment]
         elif isinstance(mod, MultipliedLinear):
-            plain: nn.Module = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+            plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
             plain.bias = mod.bias
         else:
             plain = nn.Embedding(

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from conftest import read_jsonl
+
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -90,8 +92,8 @@ def test_ddp_equals_single_process(single, tmp_path, corpus_file):
     assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-6)
     _close(_weights(single), _weights(tmp_path / "ddp"))
     # AlphaDecay: the same alpha and decays as one process
-    a = [json.loads(l) for l in (single / "spectral.jsonl").read_text().splitlines()]
-    b = [json.loads(l) for l in (tmp_path / "ddp" / "spectral.jsonl").read_text().splitlines()]
+    a = read_jsonl(single / "spectral.jsonl")
+    b = read_jsonl(tmp_path / "ddp" / "spectral.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 4, 8]
     for ra, rb in zip(a, b):
         for x, y in zip(ra["rows"], rb["rows"]):

@@ -13,22 +13,22 @@ import pytest
 import torch
 
 from conftest import make_text
-
-lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
-
-from layerwise.lab.cli import main  # noqa: E402
+from layerwise.lab.cli import main
 from layerwise.lab.downstream import (
     EVAL_FILE,
     EvalError,
     eval_markdown,
     eval_rows,
-    evaluate,  # noqa: E402
+    evaluate,
     fingerprint,
     parse_tasks,
     require_lm_eval,
     task_entries,
     write_cloze_task,
 )
+
+# lm-eval is the optional `eval` extra (an external package): without it these tests skip
+pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
 
 EOS = "<|endoftext|>"
 N_DOCS = 24

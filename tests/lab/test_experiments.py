@@ -4,6 +4,7 @@ import statistics
 
 import pytest
 
+from conftest import read_jsonl
 from layerwise.lab.cli import _split_methods, main
 from layerwise.lab.config import ConfigError
 from layerwise.lab.experiments import mean_se, summarize
@@ -75,7 +76,7 @@ def test_compare_runs_resumes_and_reports(tmp_path, corpus_file, capsys):
     assert (out / "plots" / "loss_curves.png").stat().st_size > 1000
 
     def losses(method: str, seed: int) -> list[float]:
-        rows = [json.loads(ln) for ln in (out / method / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        rows = read_jsonl(out / method / f"seed{seed}" / "metrics.jsonl")
         return [r["loss"] for r in rows if "loss" in r]
 
     # the paired design: seed k gives every method the same initial weights and the same batch order

@@ -6,15 +6,16 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM  # noqa: E402
+from conftest import read_jsonl
+from layerwise.lab import config as C
+from layerwise.lab.config import ConfigError
+from layerwise.lab.data import prepare_config
+from layerwise.lab.export import export_run, load_run_model
+from layerwise.lab.hf_models import build_hf_model, decoder_layers
+from layerwise.lab.train import train
 
-from layerwise.lab import config as C  # noqa: E402
-from layerwise.lab.config import ConfigError  # noqa: E402
-from layerwise.lab.data import prepare_config  # noqa: E402
-from layerwise.lab.export import export_run, load_run_model  # noqa: E402
-from layerwise.lab.hf_models import build_hf_model, decoder_layers  # noqa: E402
-from layerwise.lab.train import train  # noqa: E402
+# transformers is the optional `hf` extra (an external package): without it these tests skip
+transformers = pytest.importorskip("transformers")
 
 
 def tiny_configs(vocab):
@@ -85,11 +86,11 @@ def test_train_export_reload_and_init_from(arch, hf_dirs, corpus_file, tmp_path)
     assert s["steps"] == 4 and s["final_val_loss"] < 7.0
     assert json.loads((tmp_path / "run" / "hf_config.json").read_text())["model_type"] == arch
     if "decay" in METHOD[arch]:
-        rows = [json.loads(l) for l in (tmp_path / "run" / "spectral.jsonl").read_text().splitlines()]
+        rows = read_jsonl(tmp_path / "run" / "spectral.jsonl")
         assert rows[-1]["step"] == 4 and len(rows[-1]["rows"]) > 0
     out = export_run(tmp_path / "run", tmp_path / "hf")
     model, _, _ = load_run_model(tmp_path / "run")
-    hf = AutoModelForCausalLM.from_pretrained(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert type(hf).__name__ == type(model).__name__ and not any("multiplier" in k for k in hf.state_dict())
     ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -121,7 +122,7 @@ def test_hf_resume_equals_uninterrupted_and_layers(hf_dirs, corpus_file, tmp_pat
     b = torch.load(tmp_path / "part/checkpoints/last.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    lrs = [json.loads(l)["lr"] for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
     assert lrs[0] == pytest.approx(3e-3)  # wsd: stable at the peak before the cool-down (log at step 2)
     model, _, _ = load_run_model(tmp_path / "full")
     assert [type(m).__name__ for m in decoder_layers(model)] == ["Qwen2DecoderLayer"] * 2

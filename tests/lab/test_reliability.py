@@ -3,7 +3,6 @@ fallback, orphaned temp files, one writer per run directory, layout changes on r
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import subprocess
@@ -13,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from conftest import read_jsonl
 from layerwise.lab import config as C
 from layerwise.lab.checkpoint import CheckpointStore, trim_jsonl
 from layerwise.lab.cli import main
@@ -38,7 +38,7 @@ def _cfg(corpus, **over):
 
 
 def _steps(path):
-    return [json.loads(ln)["step"] for ln in path.read_text().splitlines()]
+    return [r["step"] for r in read_jsonl(path)]
 
 
 # ------------------------------------------------------------------ 1. no code execution from a DCP folder

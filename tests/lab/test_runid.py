@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+from conftest import read_jsonl
 from layerwise.lab import runid
 from layerwise.lab import train as T
 from layerwise.lab.cli import main
@@ -241,7 +242,7 @@ def test_tokens_per_s_excludes_evaluation_once_and_time_based_checkpoints(tmp_pa
         ],
     )
     T.train(cfg, tmp_path / "r", quiet=True)
-    recs = [json.loads(ln) for ln in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
+    recs = read_jsonl(tmp_path / "r/metrics.jsonl")
     per_step = cfg.train.batch_size * cfg.data.seq_len
     assert [r["step"] for r in recs] == [2, 4, 6, 8]
     assert [r["tokens_per_s"] for r in recs] == [pytest.approx(per_step)] * 4

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
+from conftest import read_jsonl
 from layerwise.lab import config as C
 from layerwise.lab.cli import main
-from layerwise.lab.train import NonFiniteLossError, atomic_torch_save, load_checkpoint, lr_factor, train
+from layerwise.lab.train import NonFiniteLossError, atomic_torch_save, load_checkpoint, make_schedule, train
 
 
 def _cfg(corpus, **over):
@@ -34,7 +35,7 @@ def test_resume_equals_uninterrupted(tmp_path, corpus_file, method):
     b = torch.load(run / "checkpoints/last.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 16
 
 
@@ -96,10 +97,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus_f
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
-    assert lr_factor(0, 100, 0.1, 0.1) == pytest.approx(0.1)
-    assert lr_factor(9, 100, 0.1, 0.1) == pytest.approx(1.0)
-    assert lr_factor(99, 100, 0.1, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
-    assert lr_factor(100, 100, 0.1, 0.1) == pytest.approx(0.1)
+    f = make_schedule(100, 0.1, 0.1)
+    assert f(0) == pytest.approx(0.1)
+    assert f(9) == pytest.approx(1.0)
+    assert f(99) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert f(100) == pytest.approx(0.1)
 
 
 def test_cli_train_end_to_end_and_resume(tmp_path, corpus_file, capsys):
@@ -125,7 +127,7 @@ def test_cli_train_end_to_end_and_resume(tmp_path, corpus_file, capsys):
         assert key in summary
     assert summary["final_val_ppl"] == pytest.approx(math.exp(summary["final_val_loss"]))
     assert (out / "config.toml").exists() and list((out / "tb").iterdir())
-    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rec = read_jsonl(out / "metrics.jsonl")
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(rec[0])
     rc = main(["train", "--resume", str(out), "--set", "train.max_steps=12", "--allow-changes"])
     assert rc == 0
@@ -180,7 +182,29 @@ def test_multipliers_run_exports_merged_checkpoint_with_equal_outputs(tmp_path, 
     x = torch.randint(0, mcfg.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(plain(x), wrapped(x), rtol=1e-5, atol=1e-6)
-    rec = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rec = read_jsonl(run / "metrics.jsonl")
     assert "resid_rms/last" in rec[0] and any(k.startswith("mult/") for k in rec[0])
     # the multipliers were moved by training, so the test above compares two different functions of them
     assert any((v - 1).abs().max() > 1e-4 for k, v in last["model"].items() if k.endswith("multiplier"))
+
+
+def test_metrics_log_writes_strict_json(tmp_path):
+    """A non-finite metric (a lagged NaN loss or gradient norm tensor) is written as null, never as NaN."""
+    import json as _json
+
+    from layerwise.lab.train import MetricsLog
+
+    log = MetricsLog(tmp_path, None, tensorboard=False)
+    log.write({"step": 3, "loss": torch.tensor(float("nan")), "grad_norm": torch.tensor(float("inf")), "lr": 0.5})
+    log.write({"step": 4, "loss": torch.tensor(2.5), "scales": torch.tensor([1.0, float("-inf")])})
+    log.close()
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in metrics.jsonl")
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    recs = [_json.loads(ln, parse_constant=no_constants) for ln in lines]
+    assert recs == [
+        {"step": 3, "loss": None, "grad_norm": None, "lr": 0.5},
+        {"step": 4, "loss": 2.5, "scales": [1.0, None]},
+    ]

@@ -6,11 +6,10 @@ small.  Compiled and eager kernels round differently, so losses agree to float32
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
+from conftest import read_jsonl
 from layerwise.lab import config as C
 from layerwise.lab.train import train
 
@@ -41,14 +40,8 @@ def test_compiled_training_matches_eager(tmp_path, corpus_file):
     torch._dynamo.reset()
     comp = train(_cfg(corpus_file, True, "aot_eager"), tmp_path / "compiled", quiet=True)
     torch._dynamo.reset()
-    le = [
-        json.loads(l)["loss"] for l in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l
-    ]
-    lc = [
-        json.loads(l)["loss"]
-        for l in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()
-        if '"loss"' in l
-    ]
+    le = [r["loss"] for r in read_jsonl(tmp_path / "eager" / "metrics.jsonl") if "loss" in r]
+    lc = [r["loss"] for r in read_jsonl(tmp_path / "compiled" / "metrics.jsonl") if "loss" in r]
     assert len(le) == len(lc) == 4
     assert lc == pytest.approx(le, rel=2e-4, abs=1e-5)
     assert le[-1] < le[0]  # it trains

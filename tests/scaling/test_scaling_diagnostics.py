@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -38,7 +39,7 @@ def _hand_gains(model, batches):
             x = model.embed_tokens(idx)
             for i, blk in enumerate(model.layers):
                 for kind, norm, f in (
-                    ("attn", blk.input_layernorm, lambda n: blk.self_attn(n, cos, sin)),
+                    ("attn", blk.input_layernorm, functools.partial(blk.self_attn, cos=cos, sin=sin)),
                     ("mlp", blk.post_attention_layernorm, blk.mlp),
                 ):
                     n = norm(x)

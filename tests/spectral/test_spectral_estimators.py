@@ -38,6 +38,18 @@ def test_hill_fit_fields():
     assert fit.ks == pytest.approx(np_ks_dist([4.0, 8.0, 16.0], 4.0, fit.alpha))
 
 
+def test_tail_fit_tensors_one_entry_per_input():
+    lam = torch.tensor([1.0, 2.0, 3.0, 4.0, 8.0, 16.0])
+    single = hill_fit(lam)
+    a, x, k, n = single.tensors()
+    assert [t.shape for t in (a, x, k, n)] == [(1,)] * 4
+    assert (float(a[0]), float(x[0]), float(k[0]), int(n[0])) == (single.alpha, 4.0, single.ks, 3)
+    batch = hill_fit([lam, lam * 2, torch.zeros(6)])
+    a, x, k, n = batch.tensors()
+    torch.testing.assert_close(a, batch.alpha, equal_nan=True, rtol=0, atol=0)
+    assert n.tolist() == [3, 3, 0] and x.tolist()[:2] == [4.0, 8.0] and math.isnan(a[2])
+
+
 @pytest.mark.parametrize("alpha", [2.0, 3.0, 4.5])
 def test_planted_power_law_is_recovered(alpha):
     hills, kss = [], []

@@ -17,11 +17,10 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``anatomy`` sub-command to a ``layerwise`` CLI parser; sets ``func=run``."""
-    p = subparsers.add_parser(
-        "anatomy",
-        help="role, block, operator and fan-in/out of every parameter of a model",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    from layerwise.lab.cli import add_command
+
+    p = add_command(
+        subparsers, "anatomy", "role, block, operator and fan-in/out of every parameter of a model", __doc__
     )
     p.add_argument("path", help="Hugging Face model folder (config.json), .safetensors, or .pt/.pth/.bin file")
     p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the rows as JSON")

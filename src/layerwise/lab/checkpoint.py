@@ -202,6 +202,7 @@ class CheckpointStore:
             return None
         failures: list[str] = []
         chosen: dict | None = None
+        restored: Path | None = None
         for path in cands:
             try:
                 if self.sharded:
@@ -224,20 +225,19 @@ class CheckpointStore:
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 failures.append(f"{path}: {msg}")
                 continue
-            chosen = ckpt
-            self.restored_from = path
+            chosen, restored = ckpt, path
             break
-        if chosen is None:
+        if chosen is None or restored is None:
             raise CheckpointError(
                 "no readable checkpoint to resume from:\n  "
                 + "\n  ".join(failures)
                 + "\nMove these aside to start the run again from step 0."
             )
-        bad = cands[: cands.index(self.restored_from)]
+        bad = cands[: cands.index(restored)]
         for path, why in zip(bad, failures):
             warnings.warn(
                 f"checkpoint {why} — unreadable, resuming from the previous one "
-                f"({self.restored_from.name}, step {chosen['step']}); it is kept as "
+                f"({restored.name}, step {chosen['step']}); it is kept as "
                 f"{path.name}.corrupt",
                 RuntimeWarning,
                 stacklevel=2,
@@ -246,12 +246,13 @@ class CheckpointStore:
         if self._main:
             for path in bad:
                 os.replace(path, path.with_name(path.name + ".corrupt"))
-            if self.restored_from != self.last and self.restored_from.name == f"{DCP_NAME}.old":
-                os.replace(self.restored_from, self.last)
-                self.restored_from = self.last
+            if restored != self.last and restored.name == f"{DCP_NAME}.old":
+                os.replace(restored, self.last)
+                restored = self.last
+        self.restored_from = restored
         self._barrier()
         step = int(chosen["step"])
-        if self.restored_from == self.last:
+        if restored == self.last:
             self.last_step = step
             self.own = {s for s, _ in self._older(self.ext) if s < step}
         else:  # resumed from an older one: it becomes the base of the rotation
@@ -308,6 +309,7 @@ class CheckpointStore:
         self._prune(step)
 
     def _install_dcp(self, src: Path, step: int) -> None:
+        installed = False
         if self.last.exists():
             if self.keep > 1 and self.last_step is not None:
                 older = self.dir / _step_name(self.last_step, "dcp")
@@ -320,8 +322,8 @@ class CheckpointStore:
                 os.replace(self.last, gone)
                 os.replace(src, self.last)
                 _rm(gone)
-                src = None
-        if src is not None:
+                installed = True
+        if not installed:
             os.replace(src, self.last)
         _rm(self.dir / f"{DCP_NAME}.old")
         self.last_step = step

@@ -13,9 +13,44 @@ from layerwise.lab.config import PRESETS, ConfigError
 _QUICK_VOCAB = PRESETS["quick"]["data.vocab_size"]
 
 
-def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = None) -> None:
-    from layerwise.lab.config import PRESETS
+def add_command(sub, name: str, help_text: str, doc: str | None) -> argparse.ArgumentParser:
+    """A sub-command whose ``--help`` shows ``doc`` (its module docstring, RST double backquotes removed) with
+    the line breaks as written."""
+    return sub.add_parser(
+        name,
+        help=help_text,
+        description=(doc or "").replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
+
+def add_set_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    """``--set SECTION.KEY=VALUE`` (repeatable) into ``args.overrides``."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help_text)
+
+
+def add_runs_folder_args(p: argparse.ArgumentParser, command: str) -> None:
+    """``--jobs``, ``--out``, ``--overwrite``: a folder of runs that compare / sweep fill and reuse."""
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; threads are split; default 1)")
+    p.add_argument(
+        "--out",
+        help=f"output folder (default runs/{command}-<preset>); a finished run in it is reused "
+        "only if its recorded config and data equal this command's",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="re-run the runs in --out whose recorded config or "
+        "data differ from this command's (default: refuse, naming the difference)",
+    )
+
+
+def add_config_args(
+    p: argparse.ArgumentParser,
+    preset_default: str | None = None,
+    set_help: str = "override one config value (repeatable), e.g. --set optim.lr=1e-3",
+) -> None:
+    """``--preset``, ``--config`` and ``--set``: the config of a command that trains (train, compare, sweep)."""
     names = ", ".join(PRESETS)
     p.add_argument(
         "--preset",
@@ -23,32 +58,29 @@ def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = No
         help=f"named preset: {names} (default: {preset_default or 'none: the defaults in config.py'})",
     )
     p.add_argument("--config", help="a TOML config file (applied after the preset)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable), e.g. --set optim.lr=1e-3",
-    )
+    add_set_arg(p, set_help)
+
+
+#: the options of `layerwise data prepare`: the keys of the config's [data] section of the same names
+_DATA_OPTIONS = (
+    "corpus",
+    "valid",
+    "vocab_size",
+    "tokenizer",
+    "text_field",
+    "eos_token",
+    "max_tokens",
+    "max_valid_tokens",
+    "num_proc",
+)
 
 
 def cmd_data(args) -> int:
-    from layerwise.lab.data import prepare
+    from layerwise.lab.config import DataSection
+    from layerwise.lab.data import prepare_config
 
-    prepare(
-        args.corpus,
-        args.vocab_size,
-        args.valid,
-        force=args.force,
-        verbose=True,
-        text_field=args.text_field,
-        tokenizer=args.tokenizer,
-        max_tokens=args.max_tokens,
-        max_valid_tokens=args.max_valid_tokens,
-        num_proc=args.num_proc,
-        eos_token=args.eos_token,
-    )
+    data = DataSection(**{k: getattr(args, k) for k in _DATA_OPTIONS})
+    prepare_config(data, verbose=True, force=args.force)
     return 0
 
 
@@ -209,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab-size",
         type=int,
         default=_QUICK_VOCAB,
-        help=f"size of the trained BPE (--tokenizer train; default {_QUICK_VOCAB}: the `quick` preset's, so `layerwise demo` reuses this cache entry)",
+        help=f"size of the trained BPE (--tokenizer train; default {_QUICK_VOCAB}: the `quick` preset's, "
+        "so `layerwise demo` reuses this cache entry)",
     )
     pp.add_argument("--tokenizer", default="train", help="'train' or a tokenizer.json / HF tokenizer folder")
     pp.add_argument("--text-field", default="text", help="text column of record sources")
@@ -223,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="train one run")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--out", help="run directory (default runs/<preset>); refused if it already holds a run")
     p.add_argument(
         "--resume",
@@ -246,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_methods_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_config_args(p, "quick")
+    add_config_args(p, "quick")
     p.add_argument(
         "--methods",
         default="adamw",
@@ -267,18 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="first seed (default 0): --seed-offset 3 --seeds 2 runs seeds 3 and 4",
     )
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; threads are split; default 1)")
-    p.add_argument(
-        "--out",
-        help="output folder (default runs/compare-<preset>); a finished run in it is reused "
-        "only if its recorded config and data equal this command's",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="re-run the runs in --out whose recorded config or "
-        "data differ from this command's (default: refuse, naming the difference)",
-    )
+    add_runs_folder_args(p, "compare")
     p.add_argument(
         "--eval-tasks",
         default=None,
@@ -309,14 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2: one per core)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a value of the `quick` preset for every run (repeatable)",
-    )
+    add_set_arg(p, "override a value of the `quick` preset for every run (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="re-run runs in --out made by another config")
     p.set_defaults(func=cmd_demo)
 

@@ -269,6 +269,28 @@ def to_toml(cfg: Config) -> str:
 
 
 # ------------------------------------------------------------------------------------------- presets
+#: what every paper-scale preset shares (the AlphaDecay authors' LLaMA-on-C4 setup, on a GPU; the c4-* presets
+#: take the vocabulary from the T5 tokenizer, the llama-* ones train a 32k BPE on data.corpus)
+_PAPER: dict[str, Any] = {
+    "data.seq_len": 256,
+    "train.batch_size": 512,
+    "optim.lr": 1e-3,
+    "optim.warmup_frac": 0.1,
+    "optim.min_lr_ratio": 0.1,
+    "optim.grad_clip": 0.0,
+    "train.eval_every": 1000,
+    "train.device": "cuda",
+    "decay.interval": 500,
+}
+#: per model size: gradient accumulation (batch 512 either way) and schedule length
+_PAPER_SIZES: dict[str, dict[str, Any]] = {
+    "llama-60m": {"model.size": "llama-60m", "train.grad_accum": 4, "train.max_steps": 10000},
+    "llama-135m": {"model.size": "llama-135m", "train.grad_accum": 8, "train.max_steps": 20000},
+}
+#: per optimizer, as in the authors' scripts: AdamW (wd0 0.1, s2 = 5) and Adam with coupled L2 (wd0 1e-5, s2 = 3)
+_PAPER_ADAMW = {"optim.name": "adamw", "optim.weight_decay": 0.1, "decay.s1": 0.6666, "decay.s2": 5.0}
+_PAPER_ADAM = {"optim.name": "adam", "optim.weight_decay": 1e-5, "decay.s1": 0.6666, "decay.s2": 3.0}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The demo: the tiny model (1.8M parameters with a 4096-token BPE) on Shakespeare, 450k training tokens,
     # about 1.5 minutes on a 2-core CPU.  AlphaDecay recomputes every 25 of the 220 steps (the paper: every
@@ -302,127 +324,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     # with coupled L2, wd0 1e-5 and s2 = 3 (the -adam variants, the paper's main table).  The decay method
     # itself comes from the method (compare) or decay.name=...; decay.modules=authors decay.timing=before
     # gives the authors' module set and loop.
-    "llama-60m": {
-        "model.size": "llama-60m",
-        "data.vocab_size": 32000,
-        "data.seq_len": 256,
-        "train.batch_size": 512,
-        "train.grad_accum": 4,
-        "train.max_steps": 10000,
-        "optim.lr": 1e-3,
-        "optim.name": "adamw",
-        "optim.weight_decay": 0.1,
-        "optim.warmup_frac": 0.1,
-        "optim.min_lr_ratio": 0.1,
-        "optim.grad_clip": 0.0,
-        "train.eval_every": 1000,
-        "train.device": "cuda",
-        "decay.interval": 500,
-        "decay.s1": 0.6666,
-        "decay.s2": 5.0,
-    },
-    "llama-60m-adam": {
-        "model.size": "llama-60m",
-        "data.vocab_size": 32000,
-        "data.seq_len": 256,
-        "train.batch_size": 512,
-        "train.grad_accum": 4,
-        "train.max_steps": 10000,
-        "optim.lr": 1e-3,
-        "optim.name": "adam",
-        "optim.weight_decay": 1e-5,
-        "optim.warmup_frac": 0.1,
-        "optim.min_lr_ratio": 0.1,
-        "optim.grad_clip": 0.0,
-        "train.eval_every": 1000,
-        "train.device": "cuda",
-        "decay.interval": 500,
-        "decay.s1": 0.6666,
-        "decay.s2": 3.0,
-    },
-    "llama-135m": {
-        "model.size": "llama-135m",
-        "data.vocab_size": 32000,
-        "data.seq_len": 256,
-        "train.batch_size": 512,
-        "train.grad_accum": 8,
-        "train.max_steps": 20000,
-        "optim.lr": 1e-3,
-        "optim.name": "adamw",
-        "optim.weight_decay": 0.1,
-        "optim.warmup_frac": 0.1,
-        "optim.min_lr_ratio": 0.1,
-        "optim.grad_clip": 0.0,
-        "train.eval_every": 1000,
-        "train.device": "cuda",
-        "decay.interval": 500,
-        "decay.s1": 0.6666,
-        "decay.s2": 5.0,
-    },
-    "llama-135m-adam": {
-        "model.size": "llama-135m",
-        "data.vocab_size": 32000,
-        "data.seq_len": 256,
-        "train.batch_size": 512,
-        "train.grad_accum": 8,
-        "train.max_steps": 20000,
-        "optim.lr": 1e-3,
-        "optim.name": "adam",
-        "optim.weight_decay": 1e-5,
-        "optim.warmup_frac": 0.1,
-        "optim.min_lr_ratio": 0.1,
-        "optim.grad_clip": 0.0,
-        "train.eval_every": 1000,
-        "train.device": "cuda",
-        "decay.interval": 500,
-        "decay.s1": 0.6666,
-        "decay.s2": 3.0,
+    **{
+        size + suffix: {**_PAPER, **_PAPER_SIZES[size], "data.vocab_size": 32000, **optim}
+        for size in _PAPER_SIZES
+        for suffix, optim in (("", _PAPER_ADAMW), ("-adam", _PAPER_ADAM))
     },
     # The AlphaDecay paper's recipe end to end, as a user with a GPU and a network runs it: C4 (English) streamed
     # from the hub, the T5 tokenizer (32k; by hub id, or point data.tokenizer at a local copy), LLaMA-60M /
     # 135M, 256-token sequences, batch 512, lr 1e-3, cosine with 10 % warm-up to 0.1x.  data.max_tokens covers
     # max_steps x batch x seq_len (1.31B / 2.62B tokens); 10M tokens of C4's validation split.  Not run in tests.
-    "c4-60m": {
-        "model.size": "llama-60m",
-        "data.corpus": "hf:allenai/c4:en",
-        "data.valid": "validation",
-        "data.tokenizer": "t5-base",
-        "data.max_tokens": 1_350_000_000,
-        "data.max_valid_tokens": 10_000_000,
-        "data.seq_len": 256,
-        "train.batch_size": 512,
-        "train.grad_accum": 4,
-        "train.max_steps": 10000,
-        "optim.lr": 1e-3,
-        "optim.weight_decay": 0.1,
-        "optim.schedule": "cosine",
-        "optim.warmup_frac": 0.1,
-        "optim.min_lr_ratio": 0.1,
-        "optim.grad_clip": 0.0,
-        "train.eval_every": 1000,
-        "train.device": "cuda",
-        "decay.interval": 500,
-    },
-    "c4-135m": {
-        "model.size": "llama-135m",
-        "data.corpus": "hf:allenai/c4:en",
-        "data.valid": "validation",
-        "data.tokenizer": "t5-base",
-        "data.max_tokens": 2_700_000_000,
-        "data.max_valid_tokens": 10_000_000,
-        "data.seq_len": 256,
-        "train.batch_size": 512,
-        "train.grad_accum": 8,
-        "train.max_steps": 20000,
-        "optim.lr": 1e-3,
-        "optim.weight_decay": 0.1,
-        "optim.schedule": "cosine",
-        "optim.warmup_frac": 0.1,
-        "optim.min_lr_ratio": 0.1,
-        "optim.grad_clip": 0.0,
-        "train.eval_every": 1000,
-        "train.device": "cuda",
-        "decay.interval": 500,
+    **{
+        f"c4-{size.removeprefix('llama-')}": {
+            **_PAPER,
+            **_PAPER_SIZES[size],
+            "data.corpus": "hf:allenai/c4:en",
+            "data.valid": "validation",
+            "data.tokenizer": "t5-base",
+            "data.max_tokens": max_tokens,
+            "data.max_valid_tokens": 10_000_000,
+            "optim.weight_decay": 0.1,
+            "optim.schedule": "cosine",
+        }
+        for size, max_tokens in (("llama-60m", 1_350_000_000), ("llama-135m", 2_700_000_000))
     },
 }
 

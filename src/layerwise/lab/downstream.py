@@ -290,7 +290,8 @@ def write_cloze_task(
         if len(words) < 5 or not inner:
             continue
         k = rng.choice(inner)
-        answer, choices = words[k], []
+        answer = words[k]
+        choices: list[str] = []
         while len(choices) < n_choices - 1:
             w = rng.choice(pool)
             if w != answer and w not in choices:
@@ -462,9 +463,9 @@ def evaluate(
     if res is None:  # a non-zero rank under accelerate launch
         return {}
     entries = task_entries(res, limit=limit, num_fewshot=num_fewshot, fp=fp)
-    for e in entries.values():
-        e["wall_s"] = wall
-        e["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for entry in entries.values():
+        entry["wall_s"] = wall
+        entry["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     data = read_eval(dest)
     data.update(
         {
@@ -681,12 +682,9 @@ def eval_options(args: argparse.Namespace, prefix: str = "") -> dict:
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "eval",
-        help="downstream tasks with lm-evaluation-harness (RUN_DIR or HF folder)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    from layerwise.lab.cli import add_command
+
+    p = add_command(subparsers, "eval", "downstream tasks with lm-evaluation-harness (RUN_DIR or HF folder)", __doc__)
     p.add_argument("path", help="a finished run directory or a Hugging Face model folder")
     p.add_argument(
         "--tasks", required=True, help="comma-separated lm-eval task names or task YAML paths, e.g. arc_easy,hellaswag"

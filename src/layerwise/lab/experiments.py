@@ -20,7 +20,7 @@ from pathlib import Path
 from layerwise.lab import methods, runid
 from layerwise.lab import stats as _stats
 from layerwise.lab.config import Config, apply_overrides, resolve
-from layerwise.lab.data import prepare_config
+from layerwise.lab.data import TokenData, prepare_config
 from layerwise.lab.train import train
 
 
@@ -105,7 +105,8 @@ class _DataCache:
     """One prepared token cache entry per distinct data config."""
 
     def __init__(self, verbose: bool):
-        self.verbose, self.entries = verbose, {}
+        self.verbose = verbose
+        self.entries: dict[str, TokenData] = {}
 
     def __call__(self, cfg: Config):
         key = repr(sorted(vars(cfg.data).items()))

@@ -25,10 +25,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from layerwise.lab.model import LlamaModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 TOKENIZER_INFO = "tokenizer_info.json"
 EXPORT_INFO = "layerwise_export.json"
@@ -128,7 +133,7 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, Any, dict]:
     :class:`~layerwise.lab.config.Config`, checkpoint info ``{"step", "model_config"}``), in eval mode, CPU."""
     from layerwise.lab import methods
     from layerwise.lab.hf_models import as_trainer_lm, run_hf_config
-    from layerwise.lab.model import LlamaModel, ModelConfig
+    from layerwise.lab.model import ModelConfig
     from layerwise.lab.train import run_config
 
     run_dir = Path(run_dir)
@@ -155,7 +160,7 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, Any, dict]:
     return model, cfg, {"step": state["step"], "model_config": state["model_config"]}
 
 
-def _reference_to_llama(model: nn.Module):
+def _reference_to_llama(model: LlamaModel):
     """(LlamaConfig, state dict) of a merged reference :class:`~layerwise.lab.model.LlamaModel`."""
     from transformers import LlamaConfig
 
@@ -194,12 +199,12 @@ def _reference_to_llama(model: nn.Module):
     return config, sd
 
 
-def _check_ties(model: nn.Module, config) -> None:
+def _check_ties(model: PreTrainedModel, config) -> None:
     """``model``: the run's model after merging (a tied pair a multiplier was on is no longer one tensor)."""
     if not getattr(config, "tie_word_embeddings", False):
         return
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is not None and head.weight is not emb.weight and not torch.equal(head.weight, emb.weight):
+    emb, head = _weight(model.get_input_embeddings()), _weight(model.get_output_embeddings())
+    if emb is not None and head is not None and head is not emb and not torch.equal(head, emb):
         raise ExportError(
             "the model ties its input and output embeddings (tie_word_embeddings=true) but they "
             "differ after merging multipliers; a plain model would re-tie them on load. Train with "
@@ -209,7 +214,7 @@ def _check_ties(model: nn.Module, config) -> None:
 
 def _plain_model(run_dir: Path):
     """(plain HF model with merged weights, its config, cfg, info)."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
     from layerwise.lab.hf_models import run_hf_config
     from layerwise.multipliers import merge_multipliers
@@ -219,15 +224,16 @@ def _plain_model(run_dir: Path):
     with torch.no_grad():
         ref = model(probe).double()
     merge_multipliers(model)
-    hf_config = run_hf_config(run_dir)
-    if hf_config is None:
+    if isinstance(model, LlamaModel):  # the reference model: a run without hf_config.json
         config, sd = _reference_to_llama(model)
         plain = LlamaForCausalLM(config)
-    else:
-        config = hf_config
+    elif isinstance(model, PreTrainedModel):  # an HF-model run: its config is RUN_DIR/hf_config.json
+        config = run_hf_config(run_dir)
         _check_ties(model, config)
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    else:
+        raise ExportError(f"{run_dir}: cannot export a {type(model).__name__} (neither the reference nor an HF model)")
     plain.load_state_dict(sd, strict=True)
     plain.eval()
     with torch.no_grad():
@@ -243,12 +249,22 @@ def _plain_model(run_dir: Path):
     return plain, config, cfg, info
 
 
+def _weight(module: nn.Module | None) -> torch.Tensor | None:
+    """``module.weight`` of an embedding or LM head (None without a module or a tensor weight)."""
+    w = getattr(module, "weight", None)
+    return w if isinstance(w, torch.Tensor) else None
+
+
 def _vocab(model: nn.Module) -> int:
-    return (
-        int(model.get_input_embeddings().weight.shape[0])
-        if hasattr(model, "get_input_embeddings")
-        else int(model.config.vocab_size)
-    )
+    """Vocabulary size of a run's model: the reference model's config, else the HF model's input embedding."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, LlamaModel):
+        return model.config.vocab_size
+    emb = _weight(model.get_input_embeddings()) if isinstance(model, PreTrainedModel) else None
+    if emb is None:
+        raise ExportError(f"{type(model).__name__}: cannot find its input embedding to read the vocabulary size")
+    return int(emb.shape[0])
 
 
 def _prepare_out(out: Path) -> None:
@@ -351,7 +367,9 @@ def generate(
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kw)
-    return tok.decode(out[0], skip_special_tokens=False)
+    text = tok.decode(out[0], skip_special_tokens=False)
+    assert isinstance(text, str)  # one sequence decodes to one string (a batch would give a list)
+    return text
 
 
 # ------------------------------------------------------------------------------------------------- CLI

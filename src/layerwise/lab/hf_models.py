@@ -179,10 +179,10 @@ def build_hf_model(cfg: Config, vocab_size: int) -> tuple[nn.Module, Any]:
 
 
 # ---------------------------------------------------------------------------------------- forward adapter
-_ADAPTED: dict[type, type] = {}
+_ADAPTED: dict[type[nn.Module], type[nn.Module]] = {}
 
 
-def _adapted_class(cls: type) -> type:
+def _adapted_class(cls: type[nn.Module]) -> type[nn.Module]:
     import torch.nn.functional as F
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):

@@ -95,20 +95,8 @@ def decay_options(cfg: Config) -> tuple[str, dict[str, Any]]:
         )
     opts: dict[str, Any] = {}
     if d.name == "alphadecay":
-        opts = dict(
-            interval=d.interval,
-            s1=d.s1,
-            s2=d.s2,
-            estimator=d.estimator,
-            preserve_mean=d.preserve_mean,
-            ema=d.ema or None,
-            shape_correction=d.shape_correction,
-            modules=d.modules,
-            metric=d.metric,
-            assign=d.assign,
-            timing=d.timing,
-            slope=d.slope,
-        )
+        opts = {k: getattr(d, k) for k in _ALPHADECAY_OPTIONS}
+        opts["ema"] = d.ema or None  # 0 in the config: no EMA
     elif d.name == "typedecay":
         opts = dict(attention=d.s1, mlp=d.s2)
     elif d.name == "adadecay":
@@ -129,6 +117,22 @@ def build_decay(optimizer, model: nn.Module, cfg: Config):
         return _build(name, optimizer, model, **opts)
     except ValueError as e:
         raise ConfigError(f"decay ({name}): {e}") from None
+
+
+#: [decay] keys passed to AlphaDecay under the same names (and ``ema``, where 0 means None)
+_ALPHADECAY_OPTIONS = (
+    "interval",
+    "s1",
+    "s2",
+    "estimator",
+    "preserve_mean",
+    "shape_correction",
+    "modules",
+    "metric",
+    "assign",
+    "timing",
+    "slope",
+)
 
 
 def _lambda_awd(value: str):

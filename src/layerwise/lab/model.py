@@ -187,6 +187,9 @@ class Block(nn.Module):
 class LlamaModel(nn.Module):
     """Decoder-only LM.  ``forward(idx)`` -> logits; ``forward(idx, targets)`` -> (logits, mean loss)."""
 
+    rope_cos: torch.Tensor  # (max_seq_len, head_dim / 2) buffers, not saved
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg

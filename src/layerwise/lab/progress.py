@@ -21,7 +21,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 _STOP = False  # a stop was requested in this process (SIGINT)
 _IN_WORKER = False  # this process is a worker of compare/sweep --jobs N
@@ -70,7 +73,7 @@ class GracefulInterrupt:
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.prev = None
+        self.prev: Callable[[int, FrameType | None], Any] | int | None = None  # the SIGINT handler replaced
 
     def __enter__(self) -> GracefulInterrupt:
         global _STOP

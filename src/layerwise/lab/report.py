@@ -234,6 +234,7 @@ def plot_decay_history(run: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
     import torch
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
 
     from layerwise.anatomy import anatomy
 
@@ -250,7 +251,7 @@ def plot_decay_history(run: Path, path: Path) -> None:
         info = an.get(name)
         return (info.block, info.operator) if info is not None else (None, None)
 
-    layers = sorted({where(r["name"])[0] for r in last["rows"] if where(r["name"])[0] is not None})
+    layers = sorted({b for b in (where(r["name"])[0] for r in last["rows"]) if b is not None})
     has_alpha = any(r.get("alpha") is not None for r in last["rows"])
     ncols = 4 if has_alpha else 1
     fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 1.9 + 0.45 * len(layers)), layout="constrained")
@@ -307,7 +308,8 @@ def plot_decay_history(run: Path, path: Path) -> None:
     im = draw(wax, wd, f"weight decay λ from step {last['step']}", "viridis", lo, hi, "{:.3g}")
     fig.colorbar(im, ax=wax, label="weight decay λ (coupled, per module)", shrink=0.9)
     fig.suptitle(f"{run.parent.name}/{run.name}: {controller}")
-    if has_alpha:
-        fig.get_layout_engine().set(rect=(0, 0.06, 1, 0.94))
+    engine = fig.get_layout_engine()
+    if has_alpha and isinstance(engine, ConstrainedLayoutEngine):  # the figure is made with layout="constrained"
+        engine.set(rect=(0, 0.06, 1, 0.94))
     fig.savefig(path, dpi=100)
     plt.close(fig)

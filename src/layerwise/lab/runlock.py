@@ -10,16 +10,26 @@ file is checked instead when it was written on this host.
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import socket
 import sys
 import time
+import types
 from pathlib import Path
 
 __all__ = ["RunLock", "RunLockedError", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"
+
+
+def _fcntl() -> types.ModuleType | None:
+    """``fcntl`` (advisory file locks) on POSIX; None elsewhere."""
+    try:
+        return importlib.import_module("fcntl")
+    except ImportError:  # pragma: no cover - non-POSIX
+        return None
 
 
 class RunLockedError(RuntimeError):
@@ -64,10 +74,7 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - non-POSIX
-            fcntl = None
+        fcntl = _fcntl()
         for _ in range(20):  # retry if the file was replaced between open and lock
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -127,9 +127,10 @@ class SafeFileSystemReader(FileSystemReader):
             rel = getattr(info, "relative_path", None)
             if not isinstance(rel, str) or not (root / rel).resolve().is_relative_to(root):
                 raise UnsafeCheckpointError(f"{path}: storage entry {rel!r} lies outside the checkpoint folder")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None)
+        if storage_meta is None:
+            storage_meta = metadata.storage_meta = StorageMeta()
+        storage_meta.load_id = self.load_id
         return metadata
 
 

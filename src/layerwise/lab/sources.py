@@ -383,13 +383,13 @@ def open_source(corpus: str, valid: str = "", text_field: str = "text") -> Sourc
             return open_source(str(files[0]), "", text_field)
         n_val = max(1, len(files) // 10)
 
-        def docs(lo: int, hi: int, split: str) -> Iterator[Item]:
+        def file_docs(lo: int, hi: int, split: str) -> Iterator[Item]:
             for p in files[lo:hi]:
                 yield split, p.read_text(encoding="utf-8", errors="replace"), True
 
         def parts() -> list[Part]:
             cut = len(files) - n_val
-            return [(("train",), docs(0, cut, "train")), (("valid",), docs(cut, len(files), "valid"))]
+            return [(("train",), file_docs(0, cut, "train")), (("valid",), file_docs(cut, len(files), "valid"))]
 
         return Source(
             path.name,
@@ -402,12 +402,12 @@ def open_source(corpus: str, valid: str = "", text_field: str = "text") -> Sourc
             },
         )
 
-    def parts() -> list[Part]:
+    def record_parts() -> list[Part]:
         return [(("train", "valid"), _held_out(_record_texts(path, text_field)))]
 
     return Source(
         path.name,
-        parts,
+        record_parts,
         h.hexdigest()[:16],
         {"source": str(path), "split": f"every {VALID_PERIOD}th document held out"},
     )

@@ -12,6 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from layerwise._json import json_safe
+
+__all__ = ["mean_se", "sem", "fmt_pm", "json_safe", "dump_json"]
+
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample s.d. / √n).  The s.e. is NaN for fewer than two values or
@@ -37,17 +41,6 @@ def fmt_pm(mean: float, se: float, digits: int = 4, signed: bool = False) -> str
         return "n/a" if mean is None or math.isnan(mean) else f"{mean}"
     m = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
     return f"{m} ± {se:.{digits}f}" if se is not None and math.isfinite(se) else f"{m} ± n/a"
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by None (recursively through dicts, lists and tuples)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def dump_json(path: str | Path, obj: Any, indent: int = 1) -> None:

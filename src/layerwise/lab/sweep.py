@@ -19,7 +19,6 @@ do not end up alone at the tail of a parallel sweep.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -166,6 +165,12 @@ def _sem(vals: list[float]) -> float:
     return _sem_shared(vals)
 
 
+def _fmt_best(b: dict[str, float]) -> str:
+    """A table cell for one width's best cell: ``(lr, wd) loss ± s.e.`` (no ± without an s.e.)."""
+    se = b["sem"]
+    return f"({b['lr']:g}, {b['wd']:g}) {b['val_loss']:.4f}" + (f" ± {se:.4f}" if se == se else "")
+
+
 def _argmin(g: list[list[float]]) -> tuple[int, int]:
     best, arg = float("inf"), (0, 0)
     for i, row in enumerate(g):
@@ -243,13 +248,8 @@ def summarize_sweep(
             "proxy_ties": [[lrs[i], wds[j]] for i, j in ties],
             "regret_ties": regret_ties,
         }
-
-        def fmt(w):
-            i, j = best[w]
-            se = sems[w][i][j]
-            return f"({lrs[i]:g}, {wds[j]:g}) {grids[w][i][j]:.4f}" + (f" ± {se:.4f}" if se == se else "")
-
-        row = f"| {p} | {' | '.join(fmt(w) for w in widths)} | {i1 - i0:+d} | {j1 - j0:+d} | {regret:+.4f} |"
+        bests = " | ".join(_fmt_best(b) for b in result["parametrizations"][p]["best"].values())
+        row = f"| {p} | {bests} | {i1 - i0:+d} | {j1 - j0:+d} | {regret:+.4f} |"
         if seeds > 1:
             row += " " + ", ".join(f"({a:+d}, {b:+d})" for a, b in per_seed) + " |"
             row += f" {len(ties)} (band {band:.3f}) | {regret_ties:+.4f} |"
@@ -346,24 +346,10 @@ def cmd_sweep(args) -> int:
 
 
 def register(sub) -> None:
-    from layerwise.lab.config import PRESETS
+    from layerwise.lab.cli import add_command, add_config_args, add_runs_folder_args
 
-    p = sub.add_parser(
-        "sweep",
-        help="widths × lr × wd grid; optimum transfer across widths",
-        description=__doc__.replace("``", ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--preset", default="quick", help=f"named preset: {', '.join(PRESETS)} (default: quick)")
-    p.add_argument("--config", help="a TOML config file (applied after the preset)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value for every run (repeatable), e.g. --set train.max_steps=300",
-    )
+    p = add_command(sub, "sweep", "widths × lr × wd grid; optimum transfer across widths", __doc__)
+    add_config_args(p, "quick", "override one config value for every run (repeatable), e.g. --set train.max_steps=300")
     p.add_argument("--widths", required=True, help="hidden sizes, e.g. 64,128,256 (multiples of 32)")
     p.add_argument("--lrs", required=True, help="base learning rates, e.g. 1e-3,3e-3,1e-2")
     p.add_argument("--wds", required=True, help="base weight decays, e.g. 0,0.05,0.1,0.2")
@@ -379,15 +365,5 @@ def register(sub) -> None:
         help="the width the base lr/wd are tuned at (default: the narrowest of --widths)",
     )
     p.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1: no standard errors)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; default 1)")
-    p.add_argument(
-        "--out",
-        help="output folder (default runs/sweep-<preset>); finished runs in it are reused "
-        "only if their recorded config and data equal this sweep's",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="re-run runs in --out made by a different config or data (default: refuse, naming the difference)",
-    )
+    add_runs_folder_args(p, "sweep")
     p.set_defaults(func=cmd_sweep)

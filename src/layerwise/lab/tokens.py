@@ -25,9 +25,9 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -203,13 +203,14 @@ class _ShardWriter:
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         self.shards: list[dict] = []
         self.total = 0
-        self._f = None
+        self._f: BinaryIO | None = None
 
-    def _open(self) -> None:
+    def _open(self) -> BinaryIO:
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._f = open(self.out_dir / name, "wb")
+        self._f = f = open(self.out_dir / name, "wb")
         self.shards.append({"file": name, "tokens": 0})
         self._h = hashlib.sha256()
+        return f
 
     def _close(self) -> None:
         if self._f is not None:
@@ -223,12 +224,11 @@ class _ShardWriter:
 
     def write(self, ids: np.ndarray) -> None:
         while ids.size:
-            if self._f is None:
-                self._open()
+            f = self._f if self._f is not None else self._open()
             rec = self.shards[-1]
             take = min(ids.size, self.shard_tokens - rec["tokens"])
             buf = ids[:take].tobytes()
-            self._f.write(buf)
+            f.write(buf)
             self._h.update(buf)
             rec["tokens"] += take
             self.total += take
@@ -293,16 +293,26 @@ def encode_to_shards(
                 tok_s=f"{(writers['train'].total + writers['valid'].total) / max(el, 1e-9):.3g}",
             )
 
+    def each_wanted(
+        handle: Callable[[str, list[str], list[bool]], object],
+        after_group: Callable[[], None] = lambda: None,
+        after_part: Callable[[], None] = lambda: None,
+    ) -> None:
+        """``handle(split, texts, ends)`` for every group of documents a split still needs, in order."""
+        for splits, stream in parts:
+            for group in _groups(stream):
+                if done(splits):
+                    break
+                for split, texts, ends in group:
+                    if not full(split):
+                        handle(split, texts, ends)
+                after_group()
+            after_part()
+
     try:
         if num_proc <= 1:
             _init_worker(tok_json, eos_id, dtype.str)
-            for splits, stream in parts:
-                for group in _groups(stream):
-                    if done(splits):
-                        break
-                    for split, texts, ends in group:
-                        if not full(split):
-                            consume(split, _encode(texts, ends))
+            each_wanted(lambda split, texts, ends: consume(split, _encode(texts, ends)))
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
@@ -320,15 +330,11 @@ def encode_to_shards(
                         s, fut = pending.popleft()
                         consume(s, fut.result())
 
-                for splits, stream in parts:
-                    for group in _groups(stream):
-                        if done(splits):
-                            break
-                        for split, texts, ends in group:
-                            if not full(split):
-                                pending.append((split, pool.submit(_encode, texts, ends)))
-                        drain(2 * num_proc)
-                    drain(0)
+                each_wanted(
+                    lambda split, texts, ends: pending.append((split, pool.submit(_encode, texts, ends))),
+                    after_group=lambda: drain(2 * num_proc),
+                    after_part=lambda: drain(0),
+                )
     finally:
         if bar is not None:
             bar.close()

@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from layerwise._json import json_safe
 from layerwise.lab import methods, runid
 from layerwise.lab.checkpoint import CheckpointError, CheckpointStore, trim_jsonl  # noqa: F401 - re-exported
 from layerwise.lab.config import Config, ConfigError, load_toml, to_toml
@@ -32,6 +34,7 @@ from layerwise.lab.export import stash_tokenizer
 from layerwise.lab.guard import NonFiniteGuard, NonFiniteLossError
 from layerwise.lab.hf_models import build_hf_model, uses_hf, write_run_config
 from layerwise.lab.model import LlamaModel, ModelConfig, model_config
+from layerwise.schedules import Schedule
 
 CKPT_NAME = "last.pt"
 
@@ -108,20 +111,6 @@ def validate(cfg: Config) -> None:
     schedule_of(cfg)
 
 
-def lr_factor(
-    step: int,
-    max_steps: int,
-    warmup_frac: float,
-    min_ratio: float,
-    schedule: str = "cosine",
-    decay_frac: float = 0.2,
-    decay_shape: str = "linear",
-) -> float:
-    """The LR multiplier at 0-based ``step``: linear warm-up over ``warmup_frac`` of the run, then the
-    :mod:`layerwise.schedules` ``schedule`` (default cosine from 1 to ``min_ratio``)."""
-    return make_schedule(max_steps, warmup_frac, min_ratio, schedule, decay_frac, decay_shape)(step)
-
-
 def make_schedule(
     max_steps: int,
     warmup_frac: float,
@@ -129,13 +118,14 @@ def make_schedule(
     schedule: str = "cosine",
     decay_frac: float = 0.2,
     decay_shape: str = "linear",
-):
-    from layerwise.schedules import Schedule
+) -> Schedule:
+    """The LR multiplier ``f(step)`` (0-based step): linear warm-up over ``warmup_frac`` of the run, then the
+    :mod:`layerwise.schedules` ``schedule`` (default cosine from 1 to ``min_ratio``)."""
 
     return Schedule(schedule, max_steps, int(warmup_frac * max_steps), min_ratio, decay_frac, decay_shape)
 
 
-def schedule_of(cfg: Config):
+def schedule_of(cfg: Config) -> Schedule:
     """The run's :class:`layerwise.schedules.Schedule` (``optim.schedule`` & co.); errors name the field."""
     o = cfg.optim
     try:
@@ -207,14 +197,6 @@ def evaluate(model: torch.nn.Module, tokens, seq_len: int, device: str, autocast
     return float(total[0] / total[1])
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard) writer; on resume, entries after the checkpoint's step are dropped."""
 
@@ -242,8 +224,8 @@ class MetricsLog:
                 self.tb = None
 
     def write(self, record: dict) -> None:
-        record = {k: _jsonable(v) for k, v in record.items()}
-        self.file.write(json.dumps(record) + "\n")
+        record = json_safe(record)
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in record.items():
@@ -348,7 +330,7 @@ def _train(
             ctx.barrier()
         data = prepare_config(cfg.data)
     hf = uses_hf(cfg)
-    mcfg = None if hf else resolve_model_config(cfg, data.vocab_size)
+    ref_cfg = None if hf else resolve_model_config(cfg, data.vocab_size)  # the reference model's config
     ckpt_dir = run_dir / "checkpoints"
     sharded = t.parallel == "fsdp"
     ident = runid.identity(cfg, data)
@@ -360,13 +342,15 @@ def _train(
         store.check_layout(t.parallel, ctx.world_size)  # before anything in the run directory changes
 
     torch.manual_seed(t.seed)  # same initial weights on every rank, for every method with this seed
-    if hf:
+    model: nn.Module
+    if ref_cfg is None:
         model, mcfg = build_hf_model(cfg, data.vocab_size)
         if ctx.is_main:
             write_run_config(mcfg, run_dir)
+        mcfg_dict = json.loads(mcfg.to_json_string())
     else:
-        model = LlamaModel(mcfg)
-    mcfg_dict = json.loads(mcfg.to_json_string()) if hf else mcfg.to_dict()
+        model, mcfg = LlamaModel(ref_cfg), ref_cfg
+        mcfg_dict = ref_cfg.to_dict()
     exclude_from_clip = methods.transform_model(model, cfg)
     model.to(device)
     fwd_model = D.wrap(model, ctx, dev_type)
@@ -420,9 +404,11 @@ def _train(
                     flush=True,
                 )
     if t.compile:
-        fwd_model = torch.compile(
+        compiled = torch.compile(
             fwd_model, backend=t.compile_backend, mode=None if t.compile_mode == "default" else t.compile_mode
         )
+        assert isinstance(compiled, nn.Module)  # an OptimizedModule (torch's stub types the result as a callable)
+        fwd_model = compiled
 
     sampler = BatchSampler(data.train, cfg.data.seq_len, t.batch_size, t.seed)
     tokens_per_step = t.batch_size * cfg.data.seq_len

@@ -140,7 +140,9 @@ def check_values(cfg: Config) -> None:
     for key in ("data.corpus", "data.valid", "model.hf_config", "model.init_from"):
         sec, name = key.split(".")
         v = getattr(getattr(cfg, sec), name, None)
-        why = _path_problem(v) if isinstance(v, str) and v != "shakespeare" else None
+        if not isinstance(v, str) or v == "shakespeare":
+            continue
+        why = _path_problem(v)
         if why:
             bad.append(f"{key}={v[:60]!r}{'...' if len(v) > 60 else ''} ({why})")
     if not cfg.data.corpus:

@@ -9,14 +9,13 @@ asks for a separate clip of their own norm.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Union
 
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from layerwise.names import canonical_name
 
-ParamsOrNamed = Union[torch.Tensor, Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+ParamsOrNamed = torch.Tensor | Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 
 def _split_named(parameters: ParamsOrNamed) -> tuple[list[torch.Tensor], list[str | None]]:
@@ -91,7 +90,7 @@ def clip_grad_norm_(
                 "clip_grad_norm_: exclude contains names but parameters are unnamed; pass "
                 "model.named_parameters() or exclude the tensors themselves"
             )
-        missing = excl_names - set(names)  # type: ignore[arg-type]
+        missing = excl_names - set(names)
         if missing:
             raise ValueError(f"clip_grad_norm_: excluded name(s) {sorted(missing)} are not among the parameters")
     included: list[torch.Tensor] = []

@@ -10,8 +10,8 @@ tridiagonalisation, ``?sytrd``, is half matrix-vector work and does not scale wi
 
 * ``"lapack"`` — SciPy's LAPACK (``?syevr`` from ``scipy.linalg.cython_lapack``, eigenvalues only, OpenBLAS
   held to one thread), called through ctypes so that the GIL is released: ``workers`` eigensolver threads
-  run at once, each on its own chunks of matrices.  On the project's AMD EPYC machine one such solver is 1.3–1.4× faster than
-  ``torch.linalg.eigvalsh`` (MKL's ``?syevd``; MKL takes a slower code path on AMD CPUs): 56 Gram matrices
+  run at once, each on its own chunks of matrices.  On the project's AMD EPYC machine one such solver is 1.3–1.4×
+  faster than ``torch.linalg.eigvalsh`` (MKL's ``?syevd``; MKL takes a slower code path on AMD CPUs): 56 Gram matrices
   of 512 × 512 in 0.39 s against 0.51–0.55 s; two threads take 0.20 s (``benchmarks/eigvalsh_floor.py``).
 * ``"torch"`` — ``torch.linalg.eigvalsh``: one batched call on the calling thread (CPU and CUDA); on CPU,
   MKL threads it itself and ``workers`` is not used.  It is deliberately *not* run from a thread pool:
@@ -30,8 +30,12 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import threadpoolctl
 
 __all__ = ["gram_eigvals", "gram_matrices", "SOLVERS"]
 
@@ -94,14 +98,14 @@ def gram_matrices(weights: Sequence[torch.Tensor], dtype: torch.dtype = torch.fl
     Returned tensors are views into one batch per (Gram size, device).
     """
     _check(weights)
-    res: list[torch.Tensor | None] = [None] * len(weights)
+    by_index: dict[int, torch.Tensor] = {}
     for idx, batch in _gram_batches(weights, dtype).values():
         for j, i in enumerate(idx):
-            res[i] = batch[j]
-    return res  # type: ignore[return-value]
+            by_index[i] = batch[j]
+    return [by_index[i] for i in range(len(weights))]
 
 
-_BLAS_CTL: object | None = None
+_BLAS_CTL: threadpoolctl.ThreadpoolController | None = None
 
 
 def _one_blas_thread():
@@ -116,7 +120,7 @@ def _one_blas_thread():
         return contextlib.nullcontext()
     if _BLAS_CTL is None:
         _BLAS_CTL = threadpoolctl.ThreadpoolController()
-    return _BLAS_CTL.limit(limits=1, user_api="blas")  # type: ignore[attr-defined]
+    return _BLAS_CTL.limit(limits=1, user_api="blas")
 
 
 def _have_scipy() -> bool:
@@ -308,7 +312,7 @@ def gram_eigvals(
     if solver == "lapack" and not _have_scipy():  # pragma: no cover - scipy is a dependency
         raise ImportError("gram_eigvals: solver='lapack' needs SciPy (pip install scipy)")
     single = isinstance(weights, torch.Tensor)
-    ws: list[torch.Tensor] = [weights] if single else list(weights)  # type: ignore[list-item]
+    ws = [weights] if isinstance(weights, torch.Tensor) else list(weights)
     if not ws:
         return []
     nw = _default_workers() if workers is None else int(workers)
@@ -320,7 +324,7 @@ def gram_eigvals(
         if bad is not None:
             raise ValueError(f"gram_eigvals: solver='lapack' runs on CPU tensors only, got a matrix on {bad}")
     use_lapack = solver == "lapack" or (solver == "auto" and _have_scipy())
-    out: list[torch.Tensor | None] = [None] * len(ws)
+    out: dict[int, torch.Tensor] = {}  # input index -> eigenvalues
     # all Gram matrices first: overlapping them with the eigensolvers measured slower
     for (n, device), (idx, g) in _gram_batches(ws, dtype).items():
         # a NaN/Inf in W makes a diagonal entry of its Gram matrix non-finite (G_ii = sum_k W_ik^2), and
@@ -352,4 +356,5 @@ def gram_eigvals(
         if scale2 is not None:
             for j in torch.nonzero(scale2 != 1).flatten().tolist():
                 out[idx[j]] = _unscale(ev[j], float(scale2[j]), dtype)
-    return out[0] if single else out  # type: ignore[return-value]
+    res = [out[i] for i in range(len(ws))]
+    return res[0] if single else res

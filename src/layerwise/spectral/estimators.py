@@ -31,16 +31,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = [
-    "TailFit",
-    "hill_alpha",
-    "hill_fit",
-    "ks_alpha",
-    "ks_distance",
-    "noise_alpha",
-    "shape_corrected_alpha",
-]
-
 
 @dataclass
 class TailFit:
@@ -61,6 +51,12 @@ class TailFit:
     def reason(self) -> str | None:
         """The reason of a single fit (first entry of ``reasons``)."""
         return self.reasons[0] if self.reasons else None
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(alpha, xmin, ks, n_tail)`` as 1-D float64 / int64 tensors with one entry per input (one entry for
+        a single fit)."""
+        f64 = [torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in (self.alpha, self.xmin, self.ks)]
+        return f64[0], f64[1], f64[2], torch.as_tensor(self.n_tail, dtype=torch.int64).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -124,6 +120,12 @@ def ks_distance(tail: torch.Tensor, xmin: float, alpha: float) -> float:
     return float(_ks_of_tail(logs, torch.tensor(float(alpha), dtype=torch.float64)))
 
 
+def _unfitted(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str | None]]:
+    """Result buffers for ``b`` inputs: alpha, xmin, ks NaN (float64) until a fit sets them, n_tail 0, no reasons."""
+    alpha, xmin, ks = (torch.full((b,), float("nan"), dtype=torch.float64) for _ in range(3))
+    return alpha, xmin, ks, torch.zeros((b,), dtype=torch.int64), [None] * b
+
+
 def _pack(alpha, xmin, ks, n_tail, reasons, single: bool) -> TailFit:
     if single:
         return TailFit(float(alpha[0]), float(xmin[0]), float(ks[0]), int(n_tail[0]), reasons)
@@ -144,12 +146,7 @@ def hill_fit(eigs, *, min_n: int = 1, rtol: float | None = None) -> TailFit:
             (lengths may differ; equal lengths are computed together).
     """
     es, single = _as_list(eigs)
-    b = len(es)
-    alpha = torch.full((b,), float("nan"), dtype=torch.float64)
-    xmin = torch.full((b,), float("nan"), dtype=torch.float64)
-    ks = torch.full((b,), float("nan"), dtype=torch.float64)
-    n_tail = torch.zeros((b,), dtype=torch.int64)
-    reasons: list[str | None] = [None] * b
+    alpha, xmin, ks, n_tail, reasons = _unfitted(len(es))
 
     # group valid inputs of equal length; compute each group in one shot
     groups: dict[tuple[int, torch.device], list[int]] = {}
@@ -266,12 +263,7 @@ def ks_alpha(
     if min_tail < 2:
         raise ValueError(f"ks_alpha: min_tail must be >= 2, got {min_tail}")
     es, single = _as_list(eigs)
-    b = len(es)
-    alpha = torch.full((b,), float("nan"), dtype=torch.float64)
-    xmin = torch.full((b,), float("nan"), dtype=torch.float64)
-    ks = torch.full((b,), float("nan"), dtype=torch.float64)
-    n_tail = torch.zeros((b,), dtype=torch.int64)
-    reasons: list[str | None] = [None] * b
+    alpha, xmin, ks, n_tail, reasons = _unfitted(len(es))
     for k, e in enumerate(es):
         reason, tol = _precheck(e, min_n, rtol)
         if reason is None:
@@ -308,8 +300,8 @@ def noise_alpha(shape: Sequence[int], estimator: str = "hill", *, samples: int =
         g = torch.Generator().manual_seed(seed * 1_000_003 + rows * 7919 + cols)
         ws = [torch.randn(rows, cols, generator=g) for _ in range(samples)]
         eigs = gram_eigvals(ws)
-        fit = hill_fit(eigs) if estimator == "hill" else ks_alpha(eigs)
-        vals = fit.alpha[torch.isfinite(fit.alpha)]
+        alpha = (hill_fit(eigs) if estimator == "hill" else ks_alpha(eigs)).tensors()[0]
+        vals = alpha[torch.isfinite(alpha)]
         _NOISE_CACHE[key] = float(vals.mean()) if vals.numel() else float("nan")
     return _NOISE_CACHE[key]
 

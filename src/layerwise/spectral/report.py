@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import anatomy as _anatomy
+from .._json import json_safe
 from ..anatomy import ParamInfo
 from ..names import canonical_name
 from .eig import gram_eigvals
@@ -76,16 +77,6 @@ def _fmt(v: Any, digits: int) -> str:
     return str(v)
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
-
-
 @dataclass
 class SpectralReport:
     """Rows of HT-SR statistics, one per analysed matrix.
@@ -127,7 +118,7 @@ class SpectralReport:
         return {r["name"]: r["alpha"] for r in self.rows}
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(
+        return json_safe(
             {
                 "estimator": self.estimator,
                 "settings": self.settings,
@@ -243,7 +234,7 @@ def select_matrices(
     elif select == "all":
         chosen = [r for r in an if r.ndim >= 2 and r.role != "multiplier"]
     elif callable(select):
-        chosen = [r for r in an if select(r.name, r.tensor)]
+        chosen = [r for r in an if r.tensor is not None and select(r.name, r.tensor)]
     else:
         raise ValueError(f"analyze: select must be 'blocks', 'linear', 'all' or a callable, got {select!r}")
     if include_embeddings:
@@ -265,7 +256,7 @@ def select_matrices(
     seen: set[int] = set()
     out = []
     for r in chosen:
-        if id(r) not in seen:
+        if id(r) not in seen and r.tensor is not None:  # anatomy() gives every row its tensor
             seen.add(id(r))
             out.append((r, r.tensor))
     return out
@@ -273,7 +264,8 @@ def select_matrices(
 
 # ------------------------------------------------------------------------------------------------ analyze
 def _chunks(mats: list[tuple[int, torch.Tensor]]) -> Iterable[list[tuple[int, torch.Tensor]]]:
-    cur, size = [], 0
+    cur: list[tuple[int, torch.Tensor]] = []
+    size = 0
     for item in mats:
         if cur and size + item[1].numel() > _CHUNK_ELEMS:
             yield cur
@@ -360,12 +352,9 @@ def analyze(
         )
         mats.append((len(rows) - 1, t.detach()))
 
-    eig_list: list[torch.Tensor | None] = [None] * len(rows)
+    eigs: list[torch.Tensor] = []  # one per row: every row has a matrix in mats, in row order
     for chunk in _chunks(mats):
-        evs = gram_eigvals([t for _, t in chunk], dtype, workers=workers, solver=solver)
-        for (r, _), ev in zip(chunk, evs):
-            eig_list[r] = ev
-    eigs = [e for e in eig_list]  # all filled
+        eigs += gram_eigvals([t for _, t in chunk], dtype, workers=workers, solver=solver)
 
     if not eigs:
         fit = TailFit(torch.empty(0), torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.int64), [])
@@ -373,16 +362,17 @@ def analyze(
         fit = hill_fit(eigs, min_n=min_n)
     elif estimator == "ks":
         fit = ks_alpha(eigs, xmin_range, min_n=min_n)
-    else:
-        fit = estimator(eigs)  # type: ignore[operator]
+    elif not isinstance(estimator, str):  # a str is 'hill' or 'ks' (checked above)
+        fit = estimator(eigs)
         if not isinstance(fit, TailFit):
             raise TypeError(f"analyze: a custom estimator must return a TailFit, got {type(fit).__name__}")
+    alphas, xmins, kss, n_tails = fit.tensors()
     for k, (row, e) in enumerate(zip(rows, eigs)):
-        a = float(fit.alpha[k])
+        a = float(alphas[k])
         row["alpha"] = a
-        row["xmin"] = float(fit.xmin[k])
-        row["ks"] = float(fit.ks[k])
-        row["n_tail"] = int(fit.n_tail[k])
+        row["xmin"] = float(xmins[k])
+        row["ks"] = float(kss[k])
+        row["n_tail"] = int(n_tails[k])
         reason = fit.reasons[k] if k < len(fit.reasons) else None
         if shape_correction is not None:
             row["alpha_corrected"] = (
