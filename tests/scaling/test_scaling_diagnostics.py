@@ -38,7 +38,7 @@ def _hand_gains(model, batches):
             x = model.embed_tokens(idx)
             for i, blk in enumerate(model.layers):
                 for kind, norm, f in (
-                    ("attn", blk.input_layernorm, lambda n: blk.self_attn(n, cos, sin)),
+                    ("attn", blk.input_layernorm, lambda n, blk=blk, cos=cos, sin=sin: blk.self_attn(n, cos, sin)),
                     ("mlp", blk.post_attention_layernorm, blk.mlp),
                 ):
                     n = norm(x)

@@ -85,7 +85,7 @@ def _assert_classes(groups, expected_by_name):
 def test_classes_on_reference_model():
     model = _model(64)
     expected = {}
-    for n, p in model.named_parameters():
+    for n, _p in model.named_parameters():
         if n == "embed_tokens.weight":
             expected[n] = "embedding"
         elif n == "lm_head.weight":
