@@ -85,7 +85,7 @@ def test_train_export_reload_and_init_from(arch, hf_dirs, corpus_file, tmp_path)
     assert s["steps"] == 4 and s["final_val_loss"] < 7.0
     assert json.loads((tmp_path / "run" / "hf_config.json").read_text())["model_type"] == arch
     if "decay" in METHOD[arch]:
-        rows = [json.loads(l) for l in (tmp_path / "run" / "spectral.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (tmp_path / "run" / "spectral.jsonl").read_text().splitlines()]
         assert rows[-1]["step"] == 4 and len(rows[-1]["rows"]) > 0
     out = export_run(tmp_path / "run", tmp_path / "hf")
     model, _, _ = load_run_model(tmp_path / "run")
@@ -121,7 +121,7 @@ def test_hf_resume_equals_uninterrupted_and_layers(hf_dirs, corpus_file, tmp_pat
     b = torch.load(tmp_path / "part/checkpoints/last.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    lrs = [json.loads(l)["lr"] for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert lrs[0] == pytest.approx(3e-3)  # wsd: stable at the peak before the cool-down (log at step 2)
     model, _, _ = load_run_model(tmp_path / "full")
     assert [type(m).__name__ for m in decoder_layers(model)] == ["Qwen2DecoderLayer"] * 2
@@ -139,8 +139,8 @@ def test_hf_config_errors(hf_dirs, corpus_file, tmp_path):
     transformers.ViTConfig().save_pretrained(str(tmp_path / "vit"))
     with pytest.raises(ConfigError, match="not a causal LM"):
         build(f"model.hf_config={tmp_path / 'vit'}")
-    with pytest.raises(ConfigError, match="parametrization"):
-        build(f"model.hf_config={hf_dirs['llama']}", "model.parametrization=mup")
+    with pytest.raises(ConfigError, match="parametrization='mup' builds a fresh"):
+        build(f"model.init_from={hf_dirs['llama']}", "model.parametrization=mup")
     with pytest.raises(ConfigError, match="exceeds the model's 64 positions"):
         build(f"model.hf_config={hf_dirs['llama']}", "data.seq_len=128")
     with pytest.warns(UserWarning, match="vocab_size .* replaced by the data tokenizer's 300"):
@@ -168,3 +168,38 @@ def test_sweep_resizes_an_hf_config(hf_dirs, corpus_file, tmp_path):
         assert (c["hidden_size"], c["num_attention_heads"], c.get("head_dim", w // heads)) == (w, heads, 32)
     with pytest.raises(ConfigError, match="cannot resize"):
         build_hf_model(base_cfg(corpus_file, f"model.init_from={hf_dirs['qwen2']}", "model.hidden_size=64"), 300)
+
+
+def test_sweep_mup_on_an_hf_config_and_export(hf_dirs, corpus_file, tmp_path):
+    """μP on an HF config: each width is made μP by WidthScaling.from_models against the sweep's base width
+    (the optimizer's groups use its per-tensor factors), and the export folds the readout multiplier."""
+    from layerwise.lab.methods import build_param_groups
+    from layerwise.lab.sweep import sweep
+    from layerwise.scaling.model_side import applied
+
+    over = [
+        "train.progress=false",
+        "train.tensorboard=false",
+        f"data.corpus={corpus_file}",
+        "train.max_steps=2",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "train.batch_size=2",
+        f"model.hf_config={hf_dirs['llama']}",
+    ]
+    res = sweep("smoke", [32, 64], [3e-3], [0.1], ["mup-sqrtwd"], tmp_path / "sw", overrides=over, quiet=True)
+    assert set(res["parametrizations"]["mup-sqrtwd"]["grids"]) == {"32", "64"}
+    run = tmp_path / "sw" / "mup-sqrtwd" / "w64" / "lr0.003_wd0.1" / "seed0"
+    model, cfg, _ = load_run_model(run)
+    state = applied(model)
+    assert state is not None and state.rule.per_tensor and set(state.hooks) == {"lm_head"}
+    groups = {n: g for g in build_param_groups(model, cfg, None) for n in g["param_names"]}
+    q = groups["model.layers.0.self_attn.q_proj.weight"]
+    assert (q["lr"], q["weight_decay"]) == (pytest.approx(3e-3 / 2), pytest.approx(0.1 * 2**0.5))
+    assert groups["lm_head.weight"]["lr"] == pytest.approx(3e-3)
+    out = export_run(run, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-5
+    assert json.loads((out / "layerwise_export.json").read_text())["parametrization"] == "mup"

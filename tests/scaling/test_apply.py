@@ -9,21 +9,13 @@ import warnings
 import pytest
 import torch
 from tests._zoo import HandMLP
-from tests.scaling.test_from_models import hf_llama, llama_config, seq_net
+from tests.scaling.test_from_models import build, hf_llama, llama_config, seq_net
 from torch import nn
 
 import layerwise as lw
 from layerwise.scaling import WidthScaling, coord_check
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 IDS = torch.randint(64, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -143,11 +135,7 @@ def test_gpt2_tied_conv1d_and_attention_scale():
             eos_token_id=0,
             tie_word_embeddings=tie,
         )
-        if meta:
-            with torch.device("meta"):
-                return GPT2LMHeadModel(cfg)
-        torch.manual_seed(0)
-        return GPT2LMHeadModel(cfg)
+        return build(GPT2LMHeadModel, cfg, meta=meta)
 
     model = gpt2(128)
     rule = WidthScaling.from_models(model, base=gpt2(32, meta=True))
@@ -195,11 +183,7 @@ def test_falcon_h1_multipliers_in_its_config():
             lm_head_multiplier=0.5,
             key_multiplier=1.5,
         )
-        if meta:
-            with torch.device("meta"):
-                return FalconH1ForCausalLM(cfg)
-        torch.manual_seed(0)
-        return FalconH1ForCausalLM(cfg)
+        return build(FalconH1ForCausalLM, cfg, meta=meta)
 
     model = falcon(64)
     rule = WidthScaling.from_models(model, base=falcon(32, meta=True))

@@ -18,14 +18,6 @@ LR, WD = 1e-3, 0.1
 QKVO = ("q", "k", "v", "o")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def llama_config(hidden, inter, heads=4, kv=None, tie=False, vocab=64):
     transformers = pytest.importorskip("transformers")
     return transformers.LlamaConfig(
@@ -40,15 +32,19 @@ def llama_config(hidden, inter, heads=4, kv=None, tie=False, vocab=64):
     )
 
 
+def build(cls, cfg, *, meta=False, seed=0):
+    """``cls(cfg)`` on the meta device (shapes only), or initialised under ``seed``."""
+    if meta:
+        with torch.device("meta"):
+            return cls(cfg)
+    torch.manual_seed(seed)
+    return cls(cfg)
+
+
 def hf_llama(hidden, inter, *, meta=False, seed=0, **kw):
     from transformers import LlamaForCausalLM
 
-    cfg = llama_config(hidden, inter, **kw)
-    if meta:
-        with torch.device("meta"):
-            return LlamaForCausalLM(cfg)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
+    return build(LlamaForCausalLM, llama_config(hidden, inter, **kw), meta=meta, seed=seed)
 
 
 def seq_net(width, d_in=10, n_out=3):
@@ -163,8 +159,7 @@ def _with_bias(hidden):
 
     cfg = llama_config(hidden, 2 * hidden)
     cfg.attention_bias = True
-    with torch.device("meta"):
-        return LlamaForCausalLM(cfg)
+    return build(LlamaForCausalLM, cfg, meta=True)
 
 
 def test_tied_head_with_lr_readout_is_an_error():

@@ -46,14 +46,19 @@ class CoordCheckResult:
     label: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def slope(self, site: str, step: int) -> float:
-        """Least-squares slope of log2 RMS against log2 width at one step (0 = width-invariant; 1 = RMS ∝ width)."""
+    def slope(self, site: str, step: int, widths: Sequence[int] | None = None) -> float:
+        """Least-squares slope of log2 RMS against log2 width at one step (0 = width-invariant; 1 = RMS ∝ width),
+        over all recorded widths or the given subset (e.g. the widest pair)."""
         if site not in self.rms:
             raise KeyError(f"unknown site {site!r}; recorded sites: {sorted(self.rms)}")
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} out of range [0, {self.steps})")
-        xs = [math.log2(w) for w in self.widths]
-        ys = [math.log2(self.rms[site][w][step]) for w in self.widths]
+        ws = list(self.widths if widths is None else widths)
+        unknown = set(ws) - set(self.widths)
+        if unknown:
+            raise KeyError(f"width(s) {sorted(unknown)} not recorded; widths: {self.widths}")
+        xs = [math.log2(w) for w in ws]
+        ys = [math.log2(self.rms[site][w][step]) for w in ws]
         xm, ym = sum(xs) / len(xs), sum(ys) / len(ys)
         sxx = sum((x - xm) ** 2 for x in xs)
         return sum((x - xm) * (y - ym) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
