@@ -374,3 +374,22 @@ def test_exports():
     assert lw.scaling.TensorScaling is lw.scaling.shapes.TensorScaling
     assert "unscaled" in lw.scaling.PARAM_CLASSES
     assert lw.scaling.WD_CONVENTIONS == ("coupled", "independent")
+
+
+def test_global_rule_apply_on_a_hand_written_net():
+    """The shortcut rule on the zoo's classifier (anatomy: input layer, hidden blocks, classifier): hidden
+    matrices × m^-1/2 (constant init) and nothing on the input layer (its fan-in is fixed); under "fan_in" the
+    classifier × √m and the hidden biases × √m, the input layer and its bias untouched."""
+    for init, expect in (
+        ("constant", {"hidden.0.weight": 0.5, "hidden.1.weight": 0.5}),
+        ("fan_in", {"classifier.weight": 2.0, "hidden.0.bias": 2.0, "hidden.1.bias": 2.0, "classifier.bias": 2.0}),
+    ):
+        torch.manual_seed(0)
+        model = HandMLP(d_in=10, width=64, n_classes=3)
+        before = _clone(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no attention: nothing left undone
+            report = WidthScaling(16, 64).apply_(model, init=init)
+        assert report["init"] == expect and report["readout"] == {"classifier": 0.25}
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), before[name] * expect.get(name, 1.0), rtol=0, atol=0)

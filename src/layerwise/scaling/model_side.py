@@ -151,7 +151,7 @@ def _bias_owner_m_in(rule: WidthScaling, an: _anatomy.Anatomy, row: _anatomy.Par
     if weight is None or weight.role in ("bias", "norm", "other"):
         return 1.0
     cls = rule.param_class(weight)
-    if cls not in ("matrix", "readout", "unscaled", "embedding"):
+    if cls not in ("matrix", "readout"):  # the fan-in of the other classes does not grow
         return 1.0
     return rule.multipliers(cls, weight.name)[0]
 

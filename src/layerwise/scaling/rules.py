@@ -416,11 +416,12 @@ class WidthScaling:
         ``readout="lr"``, 1 otherwise.  ``init="fan_in"``: the model's init std is ∝ 1/sqrt(fan_in) (PyTorch's
         default ``nn.Linear`` init) -> 1 for matrices, ``m_in^(1/2)`` for an output layer under
         ``readout="multiplier"`` (as mup's ``MuReadout`` rescale), ``m_in^(−1/2)`` under ``"lr"``.
-        ``init="keep"``: 1 (trained weights).
+        ``init="keep"``: 1 (trained weights).  Other classes: 1 (their fan-in does not grow).
         """
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
-        if init == "keep" or param_class in ("vector", "multiplier"):
+        _check_class(param_class)
+        if init == "keep" or param_class not in ("matrix", "readout"):
             return 1.0
         m_in = self.multipliers(param_class, name)[0]
         current = 0.5 if init == "fan_in" else 0.0
