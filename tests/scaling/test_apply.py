@@ -393,3 +393,24 @@ def test_global_rule_apply_on_a_hand_written_net():
         assert report["init"] == expect and report["readout"] == {"classifier": 0.25}
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.detach(), before[name] * expect.get(name, 1.0), rtol=0, atol=0)
+
+
+def test_bert_attention_scale_sits_in_a_sub_module():
+    """BERT's q/k/v sit in ``attention.self`` (which holds ``scaling`` and the head size), ``o`` in
+    ``attention.output``: the scale is found below the attention sub-layer."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    def bert(d, meta=False):
+        cfg = BertConfig(
+            vocab_size=64, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=2, num_attention_heads=4
+        )
+        return build(BertForMaskedLM, cfg, meta=meta)
+
+    model = bert(128)
+    rule = WidthScaling.from_models(model, base=bert(32, meta=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = rule.apply_(model)
+    assert set(report["attention"]) == {f"bert.encoder.layer.{i}.attention" for i in range(2)}
+    assert model.bert.encoder.layer[0].attention.self.scaling == pytest.approx(math.sqrt(8) / 32, rel=1e-15)
+    assert report["readout"] == {"cls.predictions.decoder": 0.25}  # tied to the word embeddings

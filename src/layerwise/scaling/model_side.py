@@ -120,6 +120,12 @@ def _scale_attr(root: nn.Module, attr: str, factor: float, modules: list[nn.Modu
         setattr(cfg, attr, getattr(cfg, attr) * factor)
 
 
+def _scaling_holder(attention: nn.Module) -> nn.Module | None:
+    """The module that holds the attention-logit scale ``scaling`` (a float): the attention module itself or
+    one of its sub-modules (BERT's ``attention.self``)."""
+    return next((m for m in attention.modules() if isinstance(getattr(m, "scaling", None), float)), None)
+
+
 def _readout_targets(rule: WidthScaling, an: _anatomy.Anatomy, classes: dict[str, str | None]) -> dict[str, float]:
     """``{module: factor}`` of the readout multiplier: every output-like weight's owner (1/m_in) and every
     module that uses a tied input-like tensor as its weight (1/the tensor's width multiplier)."""
@@ -225,7 +231,7 @@ def apply_(rule: WidthScaling, model: nn.Module, *, init: str = "constant") -> d
             mod = an.module(rec.module)
             if _config_number(mod, "key_multiplier") and _config_number(cfg, "key_multiplier"):
                 key_factors.add(f_att)
-            elif isinstance(getattr(mod, "scaling", None), float):
+            elif _scaling_holder(mod) is not None:
                 scaling[rec.module] = f_att
             else:
                 not_done.append(f"attention scale of {rec.module} ({type(mod).__name__} has no 'scaling' attribute)")
@@ -243,8 +249,9 @@ def apply_(rule: WidthScaling, model: nn.Module, *, init: str = "constant") -> d
                 row.tensor.mul_(init_factors[row.name])
     hooks = {name: (an.module(name).register_forward_pre_hook(_InputScale(f, name)), f) for name, f in readout.items()}
     for name, f in scaling.items():
-        mod = an.module(name)
-        setattr(mod, "scaling", float(getattr(mod, "scaling")) * f)  # noqa: B009, B010 - not a Module field
+        holder = _scaling_holder(an.module(name))
+        assert holder is not None  # checked above
+        setattr(holder, "scaling", float(getattr(holder, "scaling")) * f)  # noqa: B009, B010 - not a Module field
     for attr, f in config.items():
         _scale_attr(root, attr, f, [m for m in root.modules() if _config_number(m, attr)])
     object.__setattr__(root, _MARK, _Applied(rule=rule, init=init, hooks=hooks, scaling=scaling, config=config))
@@ -311,8 +318,9 @@ def fold_(rule: WidthScaling, model: nn.Module) -> dict[str, Any]:
         for name, f in state.scaling.items():
             for row in queries[name]:
                 row.tensor.mul_(f)  # type: ignore[union-attr]
-            mod = an.module(name)
-            setattr(mod, "scaling", float(getattr(mod, "scaling")) / f)  # noqa: B009, B010 - not a Module field
+            holder = _scaling_holder(an.module(name))
+            assert holder is not None  # apply_ scaled it
+            setattr(holder, "scaling", float(getattr(holder, "scaling")) / f)  # noqa: B009, B010 - not a Module field
     state.folded = True
     return {
         "readout": {n: f for n, (_, f) in state.hooks.items()},

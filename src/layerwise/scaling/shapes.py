@@ -223,10 +223,12 @@ def _config_head_dim(model: nn.Module | None) -> int | None:
 
 
 def _module_head_dim(module: nn.Module) -> int | None:
-    for attr in ("head_dim", "head_size", "attention_head_size"):
-        v = getattr(module, attr, None)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
+    """The head size an attention module (or the first of its sub-modules that has one) declares."""
+    for mod in module.modules():
+        for attr in ("head_dim", "head_size", "attention_head_size"):
+            v = getattr(mod, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
     return None
 
 
