@@ -9,9 +9,11 @@ cost of the SublayerGains hooks on a forward pass (same process, interleaved).  
 ``GPT2LMHeadModel`` (tied head, fused Conv1D qkv) and a hand-written classifier (Linear(10, d) -> 2 hidden
 Linear(d, d) -> Linear(d, 3), PyTorch's default init, feature inputs) — made μP with
 ``WidthScaling.from_models(model, base=<the base-width model on the meta device>)`` and ``rule.apply_(model)``,
-against the same models untouched (SP).  Plots go to ``benchmarks/results/plots/coord_models_*.png``.
+against the same models untouched (SP), with fresh random batches every step and with one fixed batch (mup's
+``fix_data=True``).  Plots go to ``benchmarks/results/plots/coord_models_<model>_<sp|mup>_<fresh|fixed>.png``.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/scaling_coord_check.py --suite models --widths 64,128,256,512 --steps 6
+    PYTHONPATH=src .venv/bin/python benchmarks/scaling_coord_check.py --suite models \
+        --widths 64,128,256,512 --steps 6 --seeds 3
 
 Every line reports the slope of log2 RMS(activation) against log2 width at the last recorded step
 (0 = width-invariant) over all widths / over the widest pair.
@@ -77,6 +79,22 @@ def slopes(r, site: str, step: int) -> str:
     if site not in r.rms:
         return "–"
     return f"{r.slope(site, step):+.2f} / {r.slope(site, step, widths=r.widths[-2:]):+.2f}"
+
+
+def seed_slopes(results: list, site: str, step: int) -> str:
+    """Mean ± standard error over seeds of the all-widths slope / of the widest-pair slope."""
+    if site not in results[0].rms:
+        return "–"
+
+    def stat(vals: list[float]) -> str:
+        n = len(vals)
+        mean = sum(vals) / n
+        se = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5 / n**0.5 if n > 1 else float("nan")
+        return f"{mean:+.2f} ± {se:.2f}"
+
+    full = [r.slope(site, step) for r in results]
+    pair = [r.slope(site, step, widths=r.widths[-2:]) for r in results]
+    return f"{stat(full)} / {stat(pair)}"
 
 
 # ------------------------------------------------------------------------------ models without μP built in
@@ -152,40 +170,48 @@ def models_suite(args, widths: list[int]) -> None:
     print(
         f"widths {widths}, base width {base}, steps {args.steps}, AdamW lr {args.lr}, λ {args.wd}; LMs: batch 8x32 "
         "random tokens, vocab 256, 2 layers, 4 heads (head size grows with width); handnet: batch 32 of 10 "
-        "standard-normal features, 3 random classes"
+        f"standard-normal features, 3 random classes; seeds 0..{args.seeds - 1} (slopes: mean ± s.e. over seeds, "
+        "all widths / widest pair)"
     )
     print(f"load average before: {open('/proc/loadavg').read().split()[:3]}")
     sites = ("embedding", "attn", "mlp", "residual", "hidden", "logits")
     print(
-        "| model | parametrization | "
+        "| model | batches | parametrization | "
         + " | ".join(f"slope {s}" for s in sites)
         + " | loss at last step (narrow → wide) |"
     )
-    print("|---|---|" + "---|" * (len(sites) + 1))
+    print("|---|---|---|" + "---|" * (len(sites) + 1))
     last = args.steps - 1
     for kind in ("llama", "gpt2", "handnet"):
-        for mup in (False, True):
-            t = time.perf_counter()
-            kw: dict = dict(batch_size=32, input_shape=(10,)) if kind == "handnet" else dict(batch_size=8, seq_len=32)
-            r = coord_check(
-                widths,
-                model_builder(kind, mup, base),
-                steps=args.steps,
-                lr=args.lr,
-                weight_decay=args.wd,
-                parametrization="sp",
-                label=f"{kind} {'μP' if mup else 'SP'}",
-                **kw,
-            )
-
-            par = "μP (from_models + apply_)" if mup else "SP"
-            loss = f"{r.loss[widths[0]][last]:.3f} → {r.loss[widths[-1]][last]:.3f}"
-            print(
-                f"| {kind} | {par} | " + " | ".join(slopes(r, s, last) for s in sites) + f" | {loss} |"
-                f"   ({time.perf_counter() - t:.1f}s)"
-            )
-            name = f"coord_models_{kind}_{'mup' if mup else 'sp'}.png"
-            plot_coord_check(r, os.path.join(out, name), title=f"coordinate check: {r.label}")
+        for fixed in (False, True):
+            for mup in (False, True):
+                t = time.perf_counter()
+                kw: dict = (
+                    dict(batch_size=32, input_shape=(10,)) if kind == "handnet" else dict(batch_size=8, seq_len=32)
+                )
+                data = "fixed" if fixed else "fresh"
+                runs = [
+                    coord_check(
+                        widths,
+                        model_builder(kind, mup, base),
+                        steps=args.steps,
+                        lr=args.lr,
+                        weight_decay=args.wd,
+                        parametrization="sp",
+                        fix_data=fixed,
+                        seed=seed,
+                        label=f"{kind} {'μP' if mup else 'SP'}, {data} batches",
+                        **kw,
+                    )
+                    for seed in range(args.seeds)
+                ]
+                r = runs[0]
+                par = "μP (from_models + apply_)" if mup else "SP"
+                loss = f"{r.loss[widths[0]][last]:.3f} → {r.loss[widths[-1]][last]:.3f}"
+                cells = " | ".join(seed_slopes(runs, s, last) for s in sites)
+                print(f"| {kind} | {data} | {par} | {cells} | {loss} |   ({time.perf_counter() - t:.1f}s)")
+                name = f"coord_models_{kind}_{'mup' if mup else 'sp'}_{data}.png"
+                plot_coord_check(r, os.path.join(out, name), title=f"coordinate check: {r.label}")
     print(f"load average after: {open('/proc/loadavg').read().split()[:3]}")
 
 
@@ -198,6 +224,7 @@ def main() -> None:
     ap.add_argument("--wd", type=float, default=0.1)
     ap.add_argument("--attn-scale", default="mup", choices=("sqrt", "mup"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=3, help="--suite models: seeds per row")
     ap.add_argument("--out", default="benchmarks/results/scaling_plots")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -318,12 +318,13 @@ def _hf_builder(mup: bool, base=32):
     return build
 
 
-def test_coord_check_hf_llama_mup_flat_sp_grows():
+@pytest.mark.parametrize("fix_data", [False, True])
+def test_coord_check_hf_llama_mup_flat_sp_grows(fix_data):
     """μP (from_models + apply_) on transformers' LlamaForCausalLM: every site's slope of log RMS vs log width
     within ±0.5 after the first update; SP (the same models, no rule) grows.  Before any update the logits
     fall as width^-1/2 by design (μP's output layer: a width-independent weight std over a 1/m input)."""
     widths = [32, 64, 128, 256]
-    kw = dict(steps=3, lr=1e-2, batch_size=4, seq_len=16)
+    kw = dict(steps=3, lr=1e-2, batch_size=4, seq_len=16, fix_data=fix_data)
     mup = coord_check(widths, _hf_builder(True), **kw)
     sp = coord_check(widths, _hf_builder(False), **kw)
     assert mup.meta["parametrization"] == "rules from build_fn"

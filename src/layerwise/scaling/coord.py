@@ -12,7 +12,12 @@ transformer blocks: the outputs of its other matrix layers, averaged), ``logits`
 any readout multiplier).
 
 Inputs: random token ids by default (a language model), or ``input_shape`` (standard-normal features of that
-shape per sample, random class targets), or any ``batch_fn(step) -> (inputs, targets)``.
+shape per sample, random class targets), or any ``batch_fn(step) -> (inputs, targets)``.  With
+``fix_data=True`` every step sees the first step's batch (mup's ``get_coord_data`` default): each update is
+then aligned with the next input, the regime μP's scaling argument describes.  With fresh random batches
+(the default here) an update is mostly unaligned with the next batch's independent random tokens, and that
+part of a sub-layer's output change shrinks as ``1/sqrt(width)`` under μP, so narrow μP models drift a
+little higher than wide ones over the first steps (negative slopes that flatten with width).
 """
 
 from __future__ import annotations
@@ -148,6 +153,7 @@ def coord_check(
     vocab_size: int | None = None,
     input_shape: Sequence[int] | None = None,
     batch_fn: Callable[[int], tuple[Any, torch.Tensor]] | None = None,
+    fix_data: bool = False,
     seed: int = 0,
     label: str = "",
 ) -> CoordCheckResult:
@@ -173,6 +179,7 @@ def coord_check(
         batch_fn: instead of either, ``step -> (inputs, targets)`` (inputs: a tensor, or a dict of keyword
             arguments); it must return the same batch at every width.  The loss is the cross-entropy of the
             logits (last dimension: classes) against integer targets of the logits' leading shape.
+        fix_data: every step uses step 0's batch (mup's convention; see the module docstring).
         seed: seeds model construction (``torch.manual_seed(seed)`` before each ``build_fn``) and batches.
     """
     from layerwise.optim.groups import param_groups
@@ -228,10 +235,11 @@ def coord_check(
         loss_w: list[float] = []
         try:
             for t in range(steps):
-                gen = torch.Generator().manual_seed(seed * 100003 + t)
+                b = 0 if fix_data else t  # which batch this step sees
+                gen = torch.Generator().manual_seed(seed * 100003 + b)
                 targets: torch.Tensor | None
                 if batch_fn is not None:
-                    inputs, targets = batch_fn(t)
+                    inputs, targets = batch_fn(b)
                 elif input_shape is not None:
                     inputs, targets = torch.randn(batch_size, *input_shape, generator=gen), None
                 else:
@@ -269,6 +277,7 @@ def coord_check(
         "weight_decay": weight_decay,
         "base_width": base,
         "seed": seed,
+        "fix_data": fix_data,
         "parametrization": "rules from build_fn"
         if rules_from_build
         else parametrization
