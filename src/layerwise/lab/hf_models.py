@@ -168,8 +168,8 @@ def _apply_size_overrides(cfg: Config, config, field: str) -> None:
 
 def base_hf_config(cfg: Config, config):
     """The μP base of an HF config: ``model.base_hidden_size`` (a negative value divides the hidden size, as
-    for the reference model), the FFN size in proportion, the head size kept (heads in proportion where that
-    divides evenly, else the same heads with a smaller head size)."""
+    for the reference model), the FFN size in proportion, the head size kept (query and key/value heads in
+    proportion where both divide evenly, else the same heads with a smaller head size)."""
     from layerwise.lab.methods import resolve_relative_widths
 
     hidden = int(config.hidden_size)
@@ -182,10 +182,14 @@ def base_hf_config(cfg: Config, config):
         if isinstance(v, int) and not isinstance(v, bool):
             setattr(out, attr, max(1, round(v * base / hidden)))
             break
-    for attr in ("num_attention_heads", "num_key_value_heads"):
-        v = getattr(config, attr, None)
-        if isinstance(v, int) and not isinstance(v, bool) and (v * base) % hidden == 0 and v * base >= hidden:
-            setattr(out, attr, v * base // hidden)
+    heads = {
+        a: v
+        for a in ("num_attention_heads", "num_key_value_heads")
+        if isinstance(v := getattr(config, a, None), int) and not isinstance(v, bool)
+    }
+    if heads and all((v * base) % hidden == 0 and v * base >= hidden for v in heads.values()):
+        for a, v in heads.items():  # both in proportion (the head size kept), or neither
+            setattr(out, a, v * base // hidden)
     if isinstance(getattr(config, "head_dim", None), int):
         out.head_dim = base // out.num_attention_heads
     return out
