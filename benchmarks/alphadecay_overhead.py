@@ -18,6 +18,7 @@ Prints a markdown table; the overhead ratio is recompute / (500 x step).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -25,6 +26,7 @@ import torch
 
 from layerwise.decay import AWD, AdaDecay, AlphaDecay
 from layerwise.lab.model import build_model
+from layerwise.optim import param_groups
 from layerwise.spectral import hill_alpha
 
 
@@ -53,7 +55,7 @@ def main() -> None:
     dev = args.device
     torch.manual_seed(0)
     model = build_model("llama-60m", vocab_size=32000).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(param_groups(model, lr=1e-3, weight_decay=0.1, per_matrix=True))  # its layout
     dec = AlphaDecay(opt, model, interval=500)
     mats = dec._params
     n_params = sum(p.numel() for p in model.parameters())
@@ -90,14 +92,15 @@ def main() -> None:
     hook_costs = {}
     for cls in (AWD, AdaDecay):
         m2 = build_model("llama-60m", vocab_size=32000).to(dev)
-        o2 = torch.optim.AdamW(m2.parameters(), lr=1e-3, weight_decay=0.1)
+        o2 = torch.optim.AdamW(param_groups(m2, lr=1e-3, weight_decay=0.1, per_matrix=True))
         # AdaDecay: the per-step variant (its default recomputes every 500 steps, like the paper's baseline)
         c = cls(o2, m2, **({"interval": 1, "norm": "rms", "slope": 1.0} if cls is AdaDecay else {}))
         for p in m2.parameters():
             p.grad = torch.randn_like(p) * 1e-3
-        c.before_step()
-        hook_costs[cls.name] = statistics.median(timed(c.before_step, dev) for _ in range(5))
-        del m2, o2, c
+        hook = functools.partial(c._pre_hook, o2, (), {})  # computes λ and writes it into the groups
+        hook()
+        hook_costs[cls.name] = statistics.median(timed(hook, dev) for _ in range(5))
+        del m2, o2, c, hook
 
     shapes = sorted({tuple(w.shape) for w in mats})
     print(

@@ -39,7 +39,7 @@ def _train(model, hf: bool, steps: int, sampler, lr: float) -> None:
 
 def _decays(model, modules: str) -> tuple[dict[str, float], dict[str, float]]:
     m = copy.deepcopy(model)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(param_groups(m, lr=1e-3, weight_decay=0.1, per_matrix=modules))  # its layout
     dec = AlphaDecay(opt, m, modules=modules, s2=3.0)
     rows = dec.table()
     return {r["name"]: r["weight_decay"] for r in rows}, {r["name"]: r["alpha"] for r in rows}

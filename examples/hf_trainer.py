@@ -6,9 +6,11 @@ Offline: the model is built from a LlamaConfig (no hub download); the data comes
     PYTHONPATH=src python examples/hf_trainer.py --max-steps 50
     PYTHONPATH=src python examples/hf_trainer.py --max-steps 200 --optimizer adamw --multipliers --scale-width 128
 
-What it shows: the optimizer factory (our param groups + AlphaAdam/AdamW, optional width scaling),
-AlphaDecay as a TrainerCallback (α and λ in the Trainer's logs), learnable multipliers excluded from gradient
-clipping, and a merged export that loads into a plain LlamaForCausalLM.
+What it shows: the optimizer factory (our param groups + AlphaAdam/AdamW, optional width scaling; one group per
+block matrix, the layout the AlphaDecay callback names with ``per_matrix``), AlphaDecay as a TrainerCallback (α
+and λ in the Trainer's logs; it only writes each group's weight decay, so it attaches after the Trainer has built
+its LR scheduler), learnable multipliers excluded from gradient clipping, and a merged export that loads into a
+plain LlamaForCausalLM.
 """
 
 from __future__ import annotations
@@ -113,8 +115,8 @@ def main() -> None:
         args=args,
         train_dataset=Windows(data.train, a.seq_len),
         eval_dataset=Windows(data.val, a.seq_len, limit=64),
-        optimizer_cls_and_kwargs=layerwise_optimizer(
-            a.optimizer, lr=a.lr, weight_decay=a.weight_decay, scaling=scaling
+        optimizer_cls_and_kwargs=layerwise_optimizer(  # the group layout the controller needs
+            a.optimizer, lr=a.lr, weight_decay=a.weight_decay, scaling=scaling, per_matrix=decay_cb.per_matrix
         ),
         callbacks=callbacks,
     )

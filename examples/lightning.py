@@ -7,7 +7,8 @@ Offline: the model is our reference LLaMA built from a config (``layerwise.lab.m
     PYTHONPATH=src python examples/lightning.py --max-steps 200 --optimizer adamw --multipliers
 
 What it shows: :class:`LayerwiseLM` (our param groups + AlphaAdam/AdamW, warm-up + cosine, multiplier-excluding
-gradient clipping), :class:`AlphaDecayCallback` (its state goes into Lightning checkpoints) and
+gradient clipping; one group per block matrix because the trainer has an AlphaDecay callback),
+:class:`AlphaDecayCallback` (its state, ``AlphaDecay.state_dict()``, goes into Lightning checkpoints) and
 :class:`WeightDecayMonitor`, logged to CSV under ``--out``.  ``--resume`` continues from ``--out/last.ckpt``.
 """
 

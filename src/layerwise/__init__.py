@@ -32,6 +32,7 @@ _LAZY = {
     "Anatomy": ("layerwise.anatomy", "Anatomy"),
     "ParamInfo": ("layerwise.anatomy", "ParamInfo"),
     "AlphaDecay": ("layerwise.decay", "AlphaDecay"),
+    "GroupLayoutError": ("layerwise.decay", "GroupLayoutError"),
     "AlphaAdam": ("layerwise.optim", "AlphaAdam"),
     "CautiousAdamW": ("layerwise.optim", "CautiousAdamW"),
     "param_groups": ("layerwise.optim", "param_groups"),

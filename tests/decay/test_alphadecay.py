@@ -1,17 +1,19 @@
-"""AlphaDecay: the map, the α it uses, when it recomputes, group splitting, optimizer semantics, state."""
+"""AlphaDecay: the map, the α it uses, when it recomputes, the group layout it needs, optimizer semantics, state."""
 
 from __future__ import annotations
 
 import io
 import math
+import re
 
 import pytest
 import torch
-from _decay_helpers import batches, block_linear_weights, make_model, train_step
+from _decay_helpers import batches, block_linear_weights, hf_llama, make_model, per_matrix_optimizer, train_step
 from torch import nn
 
+import layerwise as lw
 import layerwise.decay.alphadecay as ad_mod
-from layerwise.decay import AlphaDecay, linear_decay_map, split_groups
+from layerwise.decay import AlphaDecay, GroupLayoutError, linear_decay_map
 from layerwise.names import named_parameters
 
 # ------------------------------------------------------------------------------------------- the map
@@ -65,7 +67,7 @@ def _hill_reference(w: torch.Tensor) -> float:
 
 def test_alphadecay_alpha_and_decays_match_references():
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = per_matrix_optimizer(model, lr=1e-3, weight_decay=0.1)
     dec = AlphaDecay(opt, model, interval=10)
     rows = dec.table()
     mats = block_linear_weights(model)
@@ -78,48 +80,34 @@ def test_alphadecay_alpha_and_decays_match_references():
     assert [r["weight_decay"] for r in rows] == pytest.approx(want, rel=1e-3, abs=1e-6)
     # the optimizer's groups hold those decays, one group per analysed matrix
     by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
-    for (name, w), r in zip(mats, rows):
+    for (_, w), r in zip(mats, rows):
         g = by_id[id(w)]
         assert len(g["params"]) == 1 and g["weight_decay"] == r["weight_decay"]
 
 
-def test_excluded_modules_keep_wd0_and_groups_keep_hyperparameters():
+def test_select_controls_only_its_matrices_and_leaves_every_other_key_alone():
     model = make_model()
     names = dict(named_parameters(model))
     mlp = [n for n in names if ".mlp." in n]
-    others = [n for n in names if n not in mlp]
-    groups = [
-        {
-            "params": [names[n] for n in mlp + others if names[n].dim() == 2],
-            "lr": 2e-3,
-            "weight_decay": 0.1,
-            "param_names": [n for n in mlp + others if names[n].dim() == 2],
-            "group": "matrix",
-            "lr_scale": 0.5,
-            "betas": (0.8, 0.9),
-        },
-        {
-            "params": [names[n] for n in names if names[n].dim() < 2],
-            "lr": 1e-3,
-            "weight_decay": 0.0,
-            "param_names": [n for n in names if names[n].dim() < 2],
-            "group": "vector",
-        },
-    ]
+    groups = lw.param_groups(model, lr=2e-3, weight_decay=0.1, per_matrix=r"\.mlp\.")
+    for g in groups:
+        g["betas"] = (0.8, 0.9)
     opt = torch.optim.AdamW(groups, lr=1e-3)
+    before = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     dec = AlphaDecay(opt, model, interval=5, select=r"\.mlp\.")
     assert [r["name"] for r in dec.table()] == mlp
-    for g in opt.param_groups:
+    wd = {r["name"]: r["weight_decay"] for r in dec.table()}
+    assert len(set(wd.values())) == len(mlp)
+    for g, old in zip(opt.param_groups, before):
         pn = g["param_names"]
-        assert len(pn) == len(g["params"]) and all(p is names[n] for n, p in zip(pn, g["params"]))
-        if g["group"] == "vector":
-            assert g["weight_decay"] == 0.0
-            continue
-        assert g["lr"] == 2e-3 and g["lr_scale"] == 0.5 and g["betas"] == (0.8, 0.9)
-        if any(n in mlp for n in pn):
-            assert len(pn) == 1
-        else:  # embedding, attention, head: untouched remainder of the original group
-            assert g["weight_decay"] == 0.1 and all(n not in mlp for n in pn)
+        if any(n in mlp for n in pn):  # a controlled matrix: alone, its decay set, its base recorded
+            assert pn in ([n] for n in mlp) and g["weight_decay"] == wd[pn[0]]
+            assert {k: v for k, v in g.items() if k not in ("params", "weight_decay", "initial_weight_decay")} == {
+                k: v for k, v in old.items() if k != "weight_decay"
+            }
+            assert g["initial_weight_decay"] == old["weight_decay"] == 0.1
+        else:  # attention matrices, embedding, head, norms: untouched
+            assert {k: v for k, v in g.items() if k != "params"} == old
     assert sorted(n for g in opt.param_groups for n in g["param_names"]) == sorted(names)
 
 
@@ -134,12 +122,12 @@ def test_recomputation_exactly_at_0_interval_2interval(monkeypatch):
 
     monkeypatch.setattr(ad_mod, "estimate_alphas", spy)
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = per_matrix_optimizer(model, lr=1e-2, weight_decay=0.1)
     dec = AlphaDecay(opt, model, interval=3)
     holder["dec"] = dec
     assert calls == [0] and dec.version == 1 and dec.last_update_step == 0
     seen = []
-    for i, x in enumerate(batches(7)):
+    for x in batches(7):
         before = [g["weight_decay"] for g in opt.param_groups]
         train_step(model, opt, x)
         seen.append((dec.step, dec.version, dec.last_update_step))
@@ -152,7 +140,7 @@ def test_recomputation_exactly_at_0_interval_2interval(monkeypatch):
 def test_new_decay_applies_from_next_step():
     """The decay set after step k is the one step k+1 uses: check with zero gradients (AdamW: p *= 1 - lr*wd)."""
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.5, weight_decay=0.1)
+    opt = per_matrix_optimizer(model, lr=0.5, weight_decay=0.1)
     dec = AlphaDecay(opt, model, interval=1)
     w = model.layers[0].mlp.up_proj.weight
     for _ in range(2):
@@ -173,7 +161,7 @@ def test_one_step_matches_hand_computation(kind):
     model = make_model()
     lr, eps, wd0 = 0.1, 1.0, 0.5  # large eps keeps the update linear enough to depend on the decay
     cls = torch.optim.Adam if kind == "adam_l2" else torch.optim.AdamW
-    opt = cls(model.parameters(), lr=lr, eps=eps, weight_decay=wd0)
+    opt = per_matrix_optimizer(model, cls, lr=lr, eps=eps, weight_decay=wd0)
     dec = AlphaDecay(opt, model, interval=100)
     lam = {r["name"]: r["weight_decay"] for r in dec.table()}
     assert len(set(lam.values())) > 2
@@ -209,7 +197,7 @@ def test_works_with_alphaadam():
     import layerwise.optim.alphaadam as alphaadam
 
     model = make_model()
-    opt = alphaadam.AlphaAdam(model.parameters(), lr=0.5, weight_decay=0.1, fast=False)
+    opt = per_matrix_optimizer(model, alphaadam.AlphaAdam, lr=0.5, weight_decay=0.1, fast=False)
     dec = AlphaDecay(opt, model, interval=2)
     _zero_grad_decay_check(model, opt, 0.5)
     for x in batches(2):
@@ -222,7 +210,7 @@ def test_works_with_torch_muon_on_matrices_only():
     model = nn.Sequential(
         nn.Linear(12, 16, bias=False), nn.Tanh(), nn.Linear(16, 16, bias=False), nn.Tanh(), nn.Linear(16, 8, bias=False)
     )
-    opt = torch.optim.Muon(model.parameters(), lr=0.5, weight_decay=0.1)
+    opt = torch.optim.Muon([{"params": [p]} for p in model.parameters()], lr=0.5, weight_decay=0.1)
     dec = AlphaDecay(opt, model, interval=2)
     assert len(dec.table()) == 3 and len(opt.param_groups) == 3
     _zero_grad_decay_check(model, opt, 0.5)
@@ -238,10 +226,12 @@ def test_works_with_muon_adamw_wrapper():
     import layerwise.optim.muon as muon
 
     model = make_model()
-    opt = muon.MuonAdamW(model, lr=0.5, weight_decay=0.1)
+    with pytest.raises(GroupLayoutError, match=r"MuonAdamW\(layerwise\.param_groups\(.*per_matrix=True\)"):
+        AlphaDecay(muon.MuonAdamW(model, lr=0.5, weight_decay=0.1), model)  # its own groups: one per class
+    opt = muon.MuonAdamW(lw.param_groups(model, lr=0.5, weight_decay=0.1, per_matrix=True), lr=0.5)
     n_before = len(opt.param_groups)
     dec = AlphaDecay(opt, model, interval=2)
-    assert len(opt.param_groups) == n_before + 13  # the 14 block matrices: one group each (one reused)
+    assert len(opt.param_groups) == n_before and len(opt.muon.param_groups) == 14  # the 14 block matrices
     assert all(g["use_muon"] for g in opt.muon.param_groups)
     inner_ids = {id(g) for g in opt.muon.param_groups} | {id(g) for g in opt.adamw.param_groups}
     assert {id(g) for g in opt.param_groups} == inner_ids
@@ -251,19 +241,34 @@ def test_works_with_muon_adamw_wrapper():
     assert dec.version == 2
 
 
-def test_split_keeps_optimizer_state_after_steps():
-    model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    for x in batches(2):
-        train_step(model, opt, x)
-    w = model.layers[1].mlp.down_proj.weight
-    exp_avg = opt.state[w]["exp_avg"].clone()
-    split_groups(opt, [w])
-    assert opt.state[w]["exp_avg"] is not None
-    torch.testing.assert_close(opt.state[w]["exp_avg"], exp_avg, rtol=0, atol=0)
-    assert float(opt.state[w]["step"]) == 2.0
-    train_step(model, opt, batches(1, seed=9)[0])  # keeps running
-    assert float(opt.state[w]["step"]) == 3.0
+def test_param_groups_give_every_documented_selection_its_layout():
+    """For each selection a controller takes, param_groups(per_matrix=...) builds a layout it accepts, and the
+    merged layout is refused with a GroupLayoutError that names the tensors and shows that call."""
+    model = hf_llama(hidden=64, intermediate=96)
+    q_names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    cases = [
+        ({}, True, 14),
+        ({"select": r"\.mlp\."}, r"\.mlp\.", 6),
+        ({"select": q_names}, q_names, 2),
+        ({"modules": "authors"}, "authors", 13),
+    ]
+    for opts, want, n in cases:
+        assert AlphaDecay.per_matrix_for(**opts) == want
+        with pytest.raises(GroupLayoutError) as err:
+            AlphaDecay(torch.optim.AdamW(model.parameters(), weight_decay=0.1), model, **opts)
+        msg = str(err.value)
+        assert f"per_matrix={want!r}" in msg and "AdamW(layerwise.param_groups(model" in msg
+        assert re.search(r"holds model\.layers\.\d\.\w+\.\w+_proj\.weight together with \d+ other", msg), msg
+        opt = torch.optim.AdamW(lw.param_groups(model, lr=1e-3, weight_decay=0.1, per_matrix=want))
+        dec = AlphaDecay(opt, model, **opts)
+        assert len(dec.names) == n
+        for name in dec.names:  # alone in its group, or (authors) with its module's bias only
+            g = next(g for g in opt.param_groups if name in g["param_names"])
+            assert g["param_names"] in ([name], [name, name.removesuffix("weight") + "bias"]), g["param_names"]
+            assert g["weight_decay"] == dec.table()[dec.names.index(name)]["weight_decay"]
+    callable_select = lambda n, p: n.endswith("down_proj.weight")
+    opt = torch.optim.AdamW(lw.param_groups(model, lr=1e-3, weight_decay=0.1, per_matrix=callable_select))
+    assert len(AlphaDecay(opt, model, select=callable_select).names) == 2
 
 
 # ------------------------------------------------------------------------------------ state / resume
@@ -272,7 +277,7 @@ def test_split_keeps_optimizer_state_after_steps():
 def _run(n_total: int, split_at: int | None, **opts) -> tuple[dict, list[dict]]:
     data = batches(n_total)
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.2)
+    opt = per_matrix_optimizer(model, lr=2e-2, weight_decay=0.2)
     dec = AlphaDecay(opt, model, interval=3, **opts)
     if split_at is None:
         for x in data:
@@ -286,8 +291,8 @@ def _run(n_total: int, split_at: int | None, **opts) -> tuple[dict, list[dict]]:
     ck = torch.load(buf, weights_only=True)
     model2 = make_model(seed=1)  # different initial weights: everything must come from the checkpoint
     model2.load_state_dict(ck["model"])
-    opt2 = torch.optim.AdamW(model2.parameters(), lr=2e-2, weight_decay=0.2)
-    dec2 = AlphaDecay(opt2, model2, interval=3, **opts)  # before optimizer.load_state_dict (same split)
+    opt2 = per_matrix_optimizer(model2, lr=2e-2, weight_decay=0.2)
+    dec2 = AlphaDecay(opt2, model2, interval=3, **opts)
     opt2.load_state_dict(ck["opt"])
     dec2.load_state_dict(ck["decay"])
     assert dec2.table() == dec.table() and dec2.state_dict() == dec.state_dict()
@@ -309,7 +314,7 @@ def test_resume_equals_uninterrupted(opts):
 
 def test_ema_smooths_alpha():
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-2, weight_decay=0.1)
+    opt = per_matrix_optimizer(model, lr=5e-2, weight_decay=0.1)
     dec = AlphaDecay(opt, model, interval=2, ema=0.75)
     a0 = dec.alpha.clone()
     for x in batches(2):
@@ -320,13 +325,13 @@ def test_ema_smooths_alpha():
 
 def test_ks_estimator_and_shape_correction_rows():
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = per_matrix_optimizer(model, lr=1e-3, weight_decay=0.1)
     dec = AlphaDecay(opt, model, estimator="ks")
     rows = dec.table()
     assert all({"name", "alpha", "weight_decay", "xmin", "ks"} <= set(r) for r in rows)
     m1, m2 = make_model(), make_model()
-    plain = AlphaDecay(torch.optim.AdamW(m1.parameters(), weight_decay=0.1), m1)
-    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-3, weight_decay=0.1)
+    plain = AlphaDecay(per_matrix_optimizer(m1, weight_decay=0.1), m1)
+    opt2 = per_matrix_optimizer(m2, lr=1e-3, weight_decay=0.1)
     corrected = AlphaDecay(opt2, m2, shape_correction=True)
     # the correction moves square (attention) and rectangular (MLP) matrices by different amounts
     shift = corrected.alpha - plain.alpha
@@ -338,7 +343,7 @@ def test_nan_alpha_module_gets_wd0():
     model = make_model()
     with torch.no_grad():
         model.layers[0].self_attn.k_proj.weight.zero_()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = per_matrix_optimizer(model, lr=1e-3, weight_decay=0.1)
     dec = AlphaDecay(opt, model)
     row = next(r for r in dec.table() if r["name"] == "layers.0.self_attn.k_proj.weight")
     assert row["alpha"] is None and row["weight_decay"] == 0.1
@@ -349,7 +354,7 @@ def test_nan_alpha_module_gets_wd0():
 
 def test_errors_name_the_field():
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), weight_decay=0.1)
+    opt = per_matrix_optimizer(model, weight_decay=0.1)
     with pytest.raises(ValueError, match="s1"):
         AlphaDecay(opt, model, s1=3.0, s2=1.0)
     with pytest.raises(ValueError, match="interval"):
@@ -363,11 +368,8 @@ def test_errors_name_the_field():
     partial = torch.optim.AdamW([p for n, p in model.named_parameters() if "up_proj" not in n])
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj\.weight"):
         AlphaDecay(partial, model)
-    two = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in model.named_parameters() if "mlp" in n], "weight_decay": 0.1},
-            {"params": [p for n, p in model.named_parameters() if "mlp" not in n], "weight_decay": 0.05},
-        ]
+    two = torch.optim.AdamW(  # per-matrix groups with two base decays
+        lw.param_groups(model, lr=1e-3, weight_decay=0.05, rules=[(r"\.mlp\.", {"weight_decay": 0.1})], per_matrix=True)
     )
     with pytest.raises(ValueError, match="wd0 is ambiguous"):
         AlphaDecay(two, model)
@@ -375,19 +377,19 @@ def test_errors_name_the_field():
     assert dec.wd0 == [0.1 if ".mlp." in n else 0.05 for n in dec.names]
 
 
-def test_scheduler_created_before_split_is_an_error():
+def test_merged_groups_are_refused_and_left_as_they_were():
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), weight_decay=0.1)
-    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(GroupLayoutError, match=r"14 of its 14 matrices share a group.*per_matrix=True"):
         AlphaDecay(opt, model)
-    assert len(opt.param_groups) == 1 and len(opt.state) == 0  # nothing changed, no hook left
-    assert not opt._optimizer_step_post_hooks
+    assert isinstance(GroupLayoutError("x"), ValueError) and lw.GroupLayoutError is GroupLayoutError
+    assert len(opt.param_groups) == 1 and set(opt.param_groups[0]) == set(opt.defaults) | {"params"}
+    assert not opt._optimizer_step_post_hooks and not opt._optimizer_step_pre_hooks
 
 
 def test_state_dict_rejects_other_matrices():
     model = make_model()
-    dec = AlphaDecay(torch.optim.AdamW(model.parameters(), weight_decay=0.1), model)
+    dec = AlphaDecay(per_matrix_optimizer(model, weight_decay=0.1), model)
     state = dec.state_dict()
     state["names"] = state["names"][::-1]
     with pytest.raises(ValueError, match="different matrices"):

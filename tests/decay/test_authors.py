@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from _decay_helpers import VOCAB, batches, train_step
+from _decay_helpers import hf_llama as _hf_llama
 from torch import nn
 
 from layerwise.decay import AlphaDecay, assign_decays
@@ -109,21 +110,7 @@ def lab_model(seed: int = 0):
 
 
 def hf_llama(seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=False,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return _hf_llama(seed, hidden=64, intermediate=128, heads=4, kv_heads=2)
 
 
 def _hf_step(model, opt, x):
@@ -151,7 +138,7 @@ def test_lab_model_authors_decays_match_reference_after_training():
     from fp32 Gram eigenvalues, the reference from float64 SVD: measured worst difference 1e-6 to 7e-6
     relative over training lengths 4-12, so 1e-5 is the precision the fp32 pipeline reaches.)"""
     model = lab_model()
-    opt = torch.optim.AdamW(param_groups(model, lr=2e-2, weight_decay=0.1), lr=2e-2)
+    opt = torch.optim.AdamW(param_groups(model, lr=2e-2, weight_decay=0.1, per_matrix="authors"), lr=2e-2)
     norm_groups = [g for g in opt.param_groups if g["weight_decay"] == 0.0]
     assert norm_groups  # the lab leaves norms undecayed ...
     dec = AlphaDecay(opt, model, interval=8, modules="authors")
@@ -168,7 +155,8 @@ def test_lab_model_authors_decays_match_reference_after_training():
 
 def test_hf_llama_authors_decays_match_reference_biases_in_their_module_group():
     model = hf_llama()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-5)  # the paper's main table: coupled L2
+    groups = param_groups(model, lr=1e-2, weight_decay=1e-5, per_matrix="authors")  # bias in its module's group
+    opt = torch.optim.Adam(groups, lr=1e-2)  # the paper's main table: coupled L2
     dec = AlphaDecay(opt, model, interval=3, modules="authors")
     for x in batches(3, seed=4, b=2, t=16):
         _hf_step(model, opt, x)
@@ -200,7 +188,7 @@ def test_hf_llama_authors_decays_match_reference_biases_in_their_module_group():
 def test_metrics_and_assignments_match_their_formulas(trained_lab, metric, assign):
     model = lab_model(seed=1)
     model.load_state_dict(trained_lab)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(param_groups(model, lr=1e-3, weight_decay=0.1, per_matrix="authors"))
     dec = AlphaDecay(opt, model, modules="authors", metric=metric, assign=assign, s2=5.0)
     _check(model, opt, dec, 0.1, metric=metric, assign=assign, s2=5.0)
     if metric != "alpha":
@@ -211,7 +199,7 @@ def test_blocks_default_differs_only_by_the_documented_choices(trained_lab):
     """Default modules='blocks': every block matrix incl. layer 0's q_proj, no size rule, other groups kept."""
     model = lab_model(seed=1)
     model.load_state_dict(trained_lab)
-    opt = torch.optim.AdamW(param_groups(model, lr=1e-3, weight_decay=0.1), lr=1e-3)
+    opt = torch.optim.AdamW(param_groups(model, lr=1e-3, weight_decay=0.1, per_matrix=True))
     dec = AlphaDecay(opt, model)
     assert dec.names[0] == "layers.0.self_attn.q_proj.weight" and len(dec.names) == 14
     norms = [p for n, p in model.named_parameters() if "norm" in n]
@@ -220,15 +208,16 @@ def test_blocks_default_differs_only_by_the_documented_choices(trained_lab):
     # the same analysis restricted to the authors' set equals the authors' decays
     m2 = lab_model(seed=1)
     m2.load_state_dict(trained_lab)
-    o2 = torch.optim.AdamW(m2.parameters(), lr=1e-3, weight_decay=0.1)
     names, _ = authors_reference(m2, 0.1)
-    d2 = AlphaDecay(o2, m2, select=[n + ".weight" for n in names], untuned="wd0")
+    select = [n + ".weight" for n in names]
+    o2 = torch.optim.AdamW(param_groups(m2, lr=1e-3, weight_decay=0.1, per_matrix=select))
+    d2 = AlphaDecay(o2, m2, select=select, untuned="wd0")
     _check(m2, o2, d2, 0.1)
 
 
 def test_timing_before_recomputes_before_the_interval_th_step_from_its_input_weights():
     model = lab_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(param_groups(model, lr=2e-2, weight_decay=0.1, per_matrix="authors"))
     dec = AlphaDecay(opt, model, interval=3, modules="authors", timing="before")
     seen = {}
 

@@ -1,16 +1,17 @@
-"""Baselines (uniform, TypeDecay, AWD, AdaDecay), the registry, and resume for every controller."""
+"""Baselines (uniform, TypeDecay, AWD, AdaDecay) against hand computations, and the registry (resume for every
+controller: test_decay_properties.py)."""
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
-from _decay_helpers import batches, block_linear_weights, layer_index, make_model, train_step
+from _decay_helpers import block_linear_weights, hf_llama, layer_index, make_model, per_matrix_optimizer
 
-from layerwise.decay import AWD, DECAY_CONTROLLERS, AdaDecay, TypeDecay, UniformDecay, build_decay
+from layerwise.decay import AWD, DECAY_CONTROLLERS, AdaDecay, GroupLayoutError, TypeDecay, UniformDecay, build_decay
 from layerwise.names import named_parameters
+from layerwise.optim import param_groups
 
 
 def _set_grads(model, seed=5, scale=0.01):
@@ -30,7 +31,9 @@ def test_uniform_is_noop():
 
 def test_typedecay_multipliers():
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    with pytest.raises(GroupLayoutError, match=r"TypeDecay.*per_matrix=True"):
+        TypeDecay(torch.optim.AdamW(model.parameters(), weight_decay=0.1), model)
+    opt = per_matrix_optimizer(model, lr=1e-3, weight_decay=0.1)
     dec = TypeDecay(opt, model)
     by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     for name, w in block_linear_weights(model):
@@ -46,7 +49,7 @@ def test_awd_matches_algorithm_by_hand():
     lr, eps = 0.1, 1.0
     opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps, weight_decay=0.1, betas=(0.0, 0.0))
     dec = AWD(opt, model, beta=0.1)
-    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 == opt.param_groups[0]["initial_weight_decay"]
     lam_bar, calib = 0.0, None
     for step in range(2):
         _set_grads(model, seed=step)
@@ -63,6 +66,7 @@ def test_awd_matches_algorithm_by_hand():
             want = w[n] * (1 - lr * lam_bar) - lr * g[n] / (g[n].abs() + eps)
             torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6, msg=n)
         assert dec.current() == pytest.approx(lam_bar, rel=1e-5)
+        assert opt.param_groups[0]["weight_decay"] == dec.current()  # what the optimizer applied
     assert dec.table()[0]["weight_decay"] == pytest.approx(lam_bar, rel=1e-5)
     assert dec.version == 2 and dec.step == 2
 
@@ -71,8 +75,7 @@ def test_awd_coupled_with_adam_l2_and_explicit_lambda():
     model = make_model()
     lr, eps = 0.1, 1.0
     opt = torch.optim.Adam(model.parameters(), lr=lr, eps=eps, weight_decay=0.1)
-    dec = AWD(opt, model, lambda_awd=3.0, beta=0.0)
-    assert dec._modes == ["coupled"]
+    AWD(opt, model, lambda_awd=3.0, beta=0.0)
     _set_grads(model)
     w = {n: p.detach().double().clone() for n, p in named_parameters(model)}
     g = {n: p.grad.double().clone() for n, p in named_parameters(model)}
@@ -107,12 +110,12 @@ def test_adadecay_matches_hand_computation(kind):
     model = make_model()
     lr, eps, wd0 = 0.1, 1.0, 0.2
     cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
-    opt = cls(model.parameters(), lr=lr, eps=eps, weight_decay=wd0)
+    opt = per_matrix_optimizer(model, cls, lr=lr, eps=eps, weight_decay=wd0)
     dec = AdaDecay(opt, model, slope=2.0, norm="rms", interval=1)
     _set_grads(model)
     mats = block_linear_weights(model)
     lam = _adadecay_reference([n for n, _ in mats], [p.grad for _, p in mats], [p.numel() for _, p in mats], wd0, 2.0)
-    lam_by = {n: l for (n, _), l in zip(mats, lam)}
+    lam_by = {n: v for (n, _), v in zip(mats, lam)}
     w = {n: p.detach().double().clone() for n, p in named_parameters(model)}
     g = {n: p.grad.double().clone() for n, p in named_parameters(model)}
     opt.step()
@@ -137,7 +140,7 @@ def test_adadecay_default_is_the_papers_baseline_raw_norm_slope4_every_interval(
     assert (sig["slope"].default, sig["interval"].default, sig["norm"].default) == (4.0, 500, "raw")
     model = make_model()
     lr, eps, wd0 = 0.1, 1.0, 0.2
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps, weight_decay=wd0, betas=(0.0, 0.0))
+    opt = per_matrix_optimizer(model, lr=lr, eps=eps, weight_decay=wd0, betas=(0.0, 0.0))
     dec = AdaDecay(opt, model, interval=3)
     mats = block_linear_weights(model)
     names = [n for n, _ in mats]
@@ -164,31 +167,10 @@ def test_adadecay_default_is_the_papers_baseline_raw_norm_slope4_every_interval(
 
 
 def test_adadecay_authors_modules_bias_and_untuned():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        attention_bias=True,
-        mlp_bias=True,
-        max_position_embeddings=32,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
+    model = hf_llama()
     lr, eps, wd0 = 0.1, 1.0, 0.2
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in model.named_parameters() if "norm" not in n]},
-            {"params": [p for n, p in model.named_parameters() if "norm" in n], "weight_decay": 0.0},
-        ],
-        lr=lr,
-        eps=eps,
-        weight_decay=wd0,
-        betas=(0.0, 0.0),
-    )
+    groups = param_groups(model, lr=lr, weight_decay=wd0, per_matrix="authors")  # norms at 0 there: untuned sets wd0
+    opt = torch.optim.AdamW(groups, lr=lr, eps=eps, betas=(0.0, 0.0))
     dec = AdaDecay(opt, model, interval=1, modules="authors")
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][1:-1]
     assert dec.names == [n + ".weight" for n, _ in linears]
@@ -198,7 +180,7 @@ def test_adadecay_authors_modules_bias_and_untuned():
         dec.names, [m.weight.grad for _, m in linears], [1] * len(linears), wd0, 4.0, norm="raw", block=hf_block
     )
     lam = {}
-    for (n, m), v in zip(linears, ref):
+    for (_, m), v in zip(linears, ref):
         lam[id(m.weight)] = lam[id(m.bias)] = v
     w = {id(p): (n, p.detach().double().clone(), p.grad.double().clone()) for n, p in model.named_parameters()}
     opt.step()
@@ -230,7 +212,7 @@ def test_awd_authors_lambda_is_100_wd0():
 
 def test_adadecay_errors_name_the_field():
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), weight_decay=0.1)
+    opt = per_matrix_optimizer(model, weight_decay=0.1)
     for kw, field in [
         ({"norm": "l1"}, "norm"),
         ({"interval": 0}, "interval"),
@@ -240,7 +222,7 @@ def test_adadecay_errors_name_the_field():
     ]:
         with pytest.raises(ValueError, match=field):
             AdaDecay(opt, model, **kw)
-    assert len(opt.param_groups) == 1 and not opt._optimizer_step_pre_hooks
+    assert not opt._optimizer_step_pre_hooks and "initial_weight_decay" not in opt.param_groups[0]
 
 
 # --------------------------------------------------------------------------------- registry / resume
@@ -254,8 +236,8 @@ def test_registry_and_build_decay_errors():
         build_decay("alpha", opt, model)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['intervall'\]"):
         build_decay("alphadecay", opt, model, intervall=3)
-    with pytest.raises(ValueError, match="mode"):
-        build_decay("awd", opt, model, mode="both")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['mode'\]"):  # the optimizer applies the decay its way
+        build_decay("awd", opt, model, mode="decoupled")
     with pytest.raises(ValueError, match="no parameter group has a nonzero weight_decay"):
         AWD(torch.optim.AdamW(model.parameters(), weight_decay=0.0), model)
     assert not opt._optimizer_step_post_hooks and not opt._optimizer_step_pre_hooks
@@ -263,43 +245,3 @@ def test_registry_and_build_decay_errors():
         build_decay("alphadecay", object(), model)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         build_decay("typedecay", opt, object())
-
-
-OPTIONS = {"uniform": {}, "alphadecay": {"interval": 3}, "awd": {}, "adadecay": {"interval": 2}, "typedecay": {}}
-
-
-def _run(name: str, n_total: int, split_at: int | None):
-    data = batches(n_total, seed=7)
-    model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.2)
-    dec = build_decay(name, opt, model, **OPTIONS[name])
-    if split_at is not None:
-        for x in data[:split_at]:
-            train_step(model, opt, x)
-        buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "decay": dec.state_dict()}, buf)
-        buf.seek(0)
-        ck = torch.load(buf, weights_only=True)
-        model = make_model(seed=1)
-        model.load_state_dict(ck["model"])
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.2)
-        dec = build_decay(name, opt, model, **OPTIONS[name])
-        opt.load_state_dict(ck["opt"])
-        dec.load_state_dict(ck["decay"])
-        data = data[split_at:]
-    for x in data:
-        train_step(model, opt, x)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, dec
-
-
-@pytest.mark.parametrize("name", sorted(OPTIONS))
-def test_resume_equals_uninterrupted_every_controller(name):
-    full, dec_full = _run(name, 6, None)
-    res, dec_res = _run(name, 6, 3)
-    for n in full:
-        torch.testing.assert_close(res[n], full[n], rtol=1e-5, atol=1e-6, msg=n)
-    assert dec_res.step == dec_full.step == 6 and dec_res.version == dec_full.version
-    rows_f, rows_r = dec_full.table(), dec_res.table()
-    assert [r["name"] for r in rows_f] == [r["name"] for r in rows_r]
-    assert [r["weight_decay"] for r in rows_r] == pytest.approx([r["weight_decay"] for r in rows_f], rel=1e-4)
-    assert set(rows_f[0]) >= {"name", "alpha", "weight_decay"}

@@ -173,7 +173,10 @@ def test_factory_builds_layerwise_groups(tmp_path):
             assert wd[n] == pytest.approx(2e-3), n
         else:
             assert wd[n] == pytest.approx(WD0), n
-    # the groups are the library's param_groups, re-split: same (lr, wd, label) per name
+    # the groups are the library's param_groups with one group per block matrix
+    assert [g["param_names"] for g in opt.param_groups] == [
+        g["param_names"] for g in lw.param_groups(model, lr=2e-2, weight_decay=WD0, per_matrix=True)
+    ]
     ref = {
         n: (g["lr"], g["weight_decay"], g["group"])
         for g in lw.param_groups(model, lr=2e-2, weight_decay=WD0)
@@ -259,15 +262,17 @@ def test_resume_without_saved_state_recomputes_with_warning(tmp_path):
     assert cb.decay.step == 3 and cb.decay.version == 1
 
 
-def test_callback_rejects_unsplit_default_optimizer(tmp_path):
-    cb = AlphaDecayCallback(interval=2)
+def test_callback_rejects_the_default_optimizers_groups_naming_the_call(tmp_path):
+    cb = AlphaDecayCallback(interval=2, select=r"mlp")
     trainer = Trainer(
         model=tiny_llama(0), args=training_args(tmp_path, 2), train_dataset=TokenDataset(), callbacks=[cb]
     )
-    with pytest.raises(ValueError, match="layerwise_optimizer"):
+    with pytest.raises(lw.GroupLayoutError, match=r"layerwise_optimizer\(\.\.\., per_matrix='mlp'\)"):
         trainer.train()
     with pytest.raises(TypeError, match="select"):
         AlphaDecayCallback(select=lambda n, p: True)
+    with pytest.raises(TypeError, match=r"\['split_matrices'\] were replaced by per_matrix"):
+        build_optimizer(tiny_llama(0), "adamw", split_matrices=False)
 
 
 def test_move_callback_first(tmp_path):

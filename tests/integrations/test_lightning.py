@@ -53,7 +53,7 @@ def loader():
 def module(seed=0, **kw):
     torch.manual_seed(seed)
     model = build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ + 1)
-    kw.setdefault("optimizer_options", {"fast": False})
+    kw.setdefault("fast", False)
     return LayerwiseLM(model, kw.pop("optimizer", "alphaadam"), lr=2e-2, weight_decay=WD0, **kw)
 
 
@@ -135,20 +135,38 @@ def test_callback_state_dict_roundtrip_and_errors():
     cb = AlphaDecayCallback(interval=2)
     assert cb.state_dict() == {}
     cb.load_state_dict({})  # an empty state (saved before fit) is accepted
-    with pytest.raises(ValueError, match="controller"):
+    with pytest.raises(ValueError, match=r"not an AlphaDecay\.state_dict\(\); got keys \['step'\]"):
         cb.load_state_dict({"step": 3})
+    with pytest.raises(ValueError, match="cannot be resumed"):  # the payload callbacks wrote before
+        cb.load_state_dict({"controller": {"step": 3}, "wd0": [0.1]})
     with pytest.raises(ValueError, match="interval"):
         AlphaDecayCallback(interval=0)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['intervall'\]"):
+        AlphaDecayCallback(intervall=3)
+    assert AlphaDecayCallback(modules="authors").per_matrix == "authors"
 
     class Plain(LayerwiseLM):
-        def configure_optimizers(self):  # merged groups and a scheduler: too late to split
+        def configure_optimizers(self):  # merged groups (and a scheduler)
             opt = torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.1)
             return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)}
 
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match="build_optimizer"):
-        plain = Plain(build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ + 1))
+    plain = Plain(build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ + 1))
+    with pytest.raises(lw.GroupLayoutError, match=r"build_optimizer\(module, \.\.\., per_matrix=True\)"):
         trainer(1, [AlphaDecayCallback()]).fit(plain, loader())
+
+
+def test_layerwise_lm_builds_the_layout_its_trainers_callback_needs():
+    blocks = {r.name for r in lw.anatomy(module()).block_matrices()}
+    for callbacks, want in (([], False), ([AlphaDecayCallback()], True), ([AlphaDecayCallback(select=r"mlp")], "mlp")):
+        m, t = module(), trainer(1, callbacks)
+        t.fit(m, loader())
+        groups = t.optimizers[0].param_groups
+        alone = {g["param_names"][0] for g in groups if len(g["params"]) == 1 and g["param_names"][0] in blocks}
+        if want is False:
+            assert not alone and m.group_layout() is False
+        else:
+            assert alone == {n for n in blocks if want is True or want in n} and m.group_layout() == want
 
 
 def test_weight_decay_monitor_names_and_values():

@@ -31,7 +31,7 @@ def _build(overrides):
     cfg = apply_overrides(preset("smoke"), overrides)
     torch.manual_seed(0)
     model = build_model("nano", vocab_size=64, hidden_size=64, intermediate_size=176, num_heads=4, num_kv_heads=4)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(methods.build_param_groups(model, cfg, None))  # the layout the controller needs
     return methods.build_decay(opt, model, cfg)
 
 

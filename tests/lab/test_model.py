@@ -87,6 +87,12 @@ def test_init_std_and_mup_width_scaling():
     assert mup.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.01, rel=0.05)
     assert mup.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert mup.readout_mult == 0.25
+    # the readout multiplier: logits = (norm(x) · W_headᵀ) / m, against a float64 product of the hooked hidden state
+    seen = {}
+    mup.norm.register_forward_hook(lambda mod, args, out: seen.__setitem__("h", out.detach()))
+    logits = mup(torch.randint(0, 64, (2, 8)))
+    ref = (seen["h"].double() @ mup.lm_head.weight.detach().double().T) / 4
+    torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_config_names_the_field():

@@ -1,8 +1,8 @@
 """Weight-decay controllers: AlphaDecay and its baselines.
 
-Every controller is built as ``Controller(optimizer, model, ...)`` after the optimizer and **before the LR
-scheduler** (controllers that set per-module decays give each analysed matrix its own parameter group),
-counts optimizer steps itself with a step post-hook, and offers:
+Every controller is built as ``Controller(optimizer, model, ...)`` at any point after the optimizer (before or
+after the LR scheduler and ``optimizer.load_state_dict``), never restructures the optimizer (it only writes
+``group["weight_decay"]``), counts optimizer steps itself with a step post-hook, and offers:
 
 * ``table()`` — one row per controlled parameter: ``{"name", "alpha", "weight_decay", ...}``
   (canonical names; ``alpha`` is ``None`` for controllers that compute none);
@@ -10,6 +10,12 @@ counts optimizer steps itself with a step post-hook, and offers:
   ``interval`` (``None``: fixed after construction; ``1``: changes every step; ``k``: every k steps);
 * ``state_dict()`` / ``load_state_dict()`` (load after building the controller; resume == uninterrupted);
 * ``remove()`` — detach the hooks.
+
+Controllers that set a decay per matrix (AlphaDecay, TypeDecay, AdaDecay) need each matrix they control in a
+parameter group of its own: build the optimizer from ``layerwise.param_groups(model, ..., per_matrix=...)``
+with the value :func:`per_matrix_for` gives (``True``: the block matrices, the default; ``"authors"`` for
+``modules="authors"``; the ``select`` option when one is given).  Another layout raises
+:class:`GroupLayoutError`, whose message shows that call.
 
 Weight decay is PyTorch's convention (coupled lr·λ): θ ← θ·(1 − lr·λ) per decoupled step, or λ·θ added
 to the gradient for coupled L2 (torch ``Adam``).
@@ -33,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerwise.decay._base import DecayController, controlled_matrices, split_groups
+from layerwise.decay._base import DecayController, GroupLayoutError, PerMatrix, controlled_matrices
 from layerwise.decay.alphadecay import METRICS, MODULE_SETS, AlphaDecay, authors_modules, estimate_alphas, metric_scores
 from layerwise.decay.baselines import AWD, AdaDecay, TypeDecay, UniformDecay
 from layerwise.decay.mapping import ASSIGNS, assign_decays, linear_decay_map
@@ -56,25 +62,21 @@ __all__ = [
     "metric_scores",
     "estimate_alphas",
     "controlled_matrices",
-    "split_groups",
+    "GroupLayoutError",
+    "PerMatrix",
+    "check_options",
+    "per_matrix_for",
 ]
 
-#: name -> controller class (the names ``decay.name`` takes in a training config)
+#: name -> controller class (the names ``decay.name`` takes in a training config; each class's ``name``)
 DECAY_CONTROLLERS: dict[str, type[DecayController]] = {
-    "uniform": UniformDecay,
-    "alphadecay": AlphaDecay,
-    "awd": AWD,
-    "adadecay": AdaDecay,
-    "typedecay": TypeDecay,
+    cls.name: cls for cls in (UniformDecay, AlphaDecay, AWD, AdaDecay, TypeDecay)
 }
 
 
-def build_decay(name: str, optimizer: torch.optim.Optimizer, model: nn.Module, **options: Any) -> DecayController:
-    """Build the controller registered as ``name`` with keyword ``options``.
-
-    Raises ``ValueError`` for an unknown name or an option the controller does not take (naming it).
-    Call after creating the optimizer and before creating the LR scheduler.
-    """
+def check_options(name: str, options: dict[str, Any]) -> type[DecayController]:
+    """The controller class registered as ``name``; ``ValueError`` for an unknown name or an option its
+    constructor does not take (naming it and listing the valid ones)."""
     if name not in DECAY_CONTROLLERS:
         raise ValueError(f"unknown decay controller {name!r}; choose one of {sorted(DECAY_CONTROLLERS)}")
     cls = DECAY_CONTROLLERS[name]
@@ -83,4 +85,20 @@ def build_decay(name: str, optimizer: torch.optim.Optimizer, model: nn.Module, *
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for decay controller {name!r}; valid: {valid}")
-    return cls(optimizer, model, **options)
+    return cls
+
+
+def per_matrix_for(name: str, **options: Any) -> PerMatrix:
+    """The ``per_matrix`` argument of :func:`layerwise.param_groups` that controller ``name`` built with
+    ``options`` needs (``False``: any group layout will do)."""
+    return check_options(name, options).per_matrix_for(**options)
+
+
+def build_decay(name: str, optimizer: torch.optim.Optimizer, model: nn.Module, **options: Any) -> DecayController:
+    """Build the controller registered as ``name`` with keyword ``options``.
+
+    Raises ``ValueError`` for an unknown name or an option the controller does not take (naming it), and
+    :class:`GroupLayoutError` when the optimizer's groups do not have the layout the controller needs
+    (build them with ``param_groups(..., per_matrix=per_matrix_for(name, **options))``).
+    """
+    return check_options(name, options)(optimizer, model, **options)

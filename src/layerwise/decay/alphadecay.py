@@ -6,22 +6,20 @@ weight matrix's spectrum.  Formulas, defaults and every known difference from th
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from layerwise import anatomy as _anatomy
-from layerwise import names as _names
 from layerwise.decay._base import (
-    DecayController,
+    PerMatrixController,
     Select,
-    check_in_optimizer,
-    controlled_matrices,
-    resolve_wd0,
-    split_groups,
+    authors_modules,
+    layout_units,
 )
-from layerwise.decay.mapping import ASSIGNS, assign_decays
+from layerwise.decay.mapping import ASSIGNS, S1, S2, assign_decays
 
 __all__ = ["AlphaDecay", "estimate_alphas", "metric_scores", "authors_modules", "METRICS", "MODULE_SETS"]
 
@@ -35,7 +33,7 @@ _UNTUNED = ("keep", "wd0")
 _ENTROPY_EPS = 6e-5  # the authors' constant: numerical-rank threshold on σ and additive floor on p
 
 
-def metric_scores(eigs: list[torch.Tensor], alpha: torch.Tensor, metric: str) -> torch.Tensor:
+def metric_scores(eigs: Sequence[torch.Tensor] | torch.Tensor, alpha: torch.Tensor, metric: str) -> torch.Tensor:
     """Per-matrix score ``metric`` from ascending Gram eigenvalues ``λ`` (= σ²) and α; float64 CPU vector.
 
     The definitions are those of the AlphaDecay authors' code (``docs/methods.md`` §1), computed in float64:
@@ -76,26 +74,6 @@ def metric_scores(eigs: list[torch.Tensor], alpha: torch.Tensor, metric: str) ->
             p = e / total + _ENTROPY_EPS
             out[i] = float(-(p * p.log()).sum()) / math.log(rank + _ENTROPY_EPS)
     return out
-
-
-def authors_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The AlphaDecay authors' module set: every ``nn.Linear`` of ``model`` in ``named_modules()`` order except
-    the first and the last (on a LLaMA: all block matrices but layer 0's ``q_proj``, and not ``lm_head``).
-
-    Returns ``(canonical module name, module)`` pairs.  ``ValueError`` when the model has fewer than three
-    ``nn.Linear`` modules (nothing would be left).
-    """
-    lins = [
-        (_names.canonical_name(n), m)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) or getattr(m, "_layerwise_linear", False)
-    ]
-    if len(lins) < 3:
-        raise ValueError(
-            f"modules='authors' analyses every nn.Linear except the first and the last; the model has "
-            f"{len(lins)} nn.Linear module(s), so none is left to analyse"
-        )
-    return lins[1:-1]
 
 
 def estimate_alphas(
@@ -191,7 +169,7 @@ def _estimate_sharded(
             padded[: local.shape[0]] = local
             bucket = [torch.empty_like(padded) for _ in range(world)] if rank == own[i] else None
             dist.gather(padded, bucket, dst=own[i])
-            if rank == own[i]:
+            if bucket is not None:  # this rank owns the matrix
                 full = torch.cat([b[: int(r)] for b, r in zip(bucket, all_rows)])
                 mine.append(full)
                 mine_idx.append(i)
@@ -220,7 +198,7 @@ def _to_vec(x: Any) -> torch.Tensor:
     return torch.stack([torch.as_tensor(v).detach().to("cpu", torch.float64).reshape(()) for v in x])
 
 
-class AlphaDecay(DecayController):
+class AlphaDecay(PerMatrixController):
     """Module-wise weight decay from the heavy-tail exponent α of each weight matrix (AlphaDecay).
 
     At construction (from the initial weights) and every ``interval`` optimizer steps the controller computes
@@ -235,16 +213,20 @@ class AlphaDecay(DecayController):
     decoupled optimizers (``AdamW``, ``torch.optim.Muon``, AlphaAdam), ``g ← g + λ·θ`` for torch ``Adam``
     (coupled L2, the paper's main table).
 
-    Design: the controller **splits parameter groups** at construction — each analysed tensor gets a group
-    of its own that copies every other key of its original group (``lr``, ``betas``, ``param_names``,
-    ``lr_scale``, ``group`` ...), placed right after what remains of the original group — and then only
-    writes ``group["weight_decay"]``.  So it works with any optimizer that reads ``weight_decay`` from its
-    groups, including wrappers whose ``param_groups`` concatenates inner optimizers' groups.  Consequences:
+    Design: the controller never restructures the optimizer; it only writes ``group["weight_decay"]`` (and
+    records each controlled group's base decay once as ``group["initial_weight_decay"]``, as torch's LR
+    schedulers record ``initial_lr``).  So each analysed matrix must sit in a parameter group of its own (with
+    ``modules="authors"``, shared at most with its module's bias), which :func:`layerwise.param_groups` builds::
 
-    * create the controller **before the LR scheduler** (schedulers record one base LR per group; a
-      ``ValueError`` is raised if a split is needed and a scheduler is already attached);
-    * create it **before** ``optimizer.load_state_dict`` on resume (the optimizer's state dict lists
-      groups by position); optimizer state itself is keyed by parameter and survives the split.
+        groups = lw.param_groups(model, lr=3e-3, weight_decay=0.1, per_matrix=True)  # "authors" for modules="authors"
+        opt = torch.optim.AdamW(groups)
+        decay = lw.AlphaDecay(opt, model)
+
+    Any other layout raises :class:`~layerwise.decay.GroupLayoutError` naming the shared tensors and showing
+    that call (:meth:`per_matrix_for` gives the ``per_matrix`` value for given options).  Build order does not
+    matter: the controller can be created before or after the LR scheduler, and before or after
+    ``optimizer.load_state_dict`` (the base decay travels with the optimizer's groups; the controller's own
+    state, :meth:`state_dict`, restores α and the decays).
 
     **Module set** (``modules``; ``docs/methods.md`` §1 has the table of differences from the authors):
 
@@ -303,14 +285,15 @@ class AlphaDecay(DecayController):
     """
 
     name = "alphadecay"
+    interval: int
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         model: nn.Module,
         interval: int = 500,
-        s1: float = 0.6666,
-        s2: float = 3.0,
+        s1: float = S1,
+        s2: float = S2,
         *,
         wd0: float | str | None = None,
         estimator: str = "hill",
@@ -356,31 +339,18 @@ class AlphaDecay(DecayController):
         untuned = untuned if untuned is not None else ("wd0" if authors else "keep")
         if untuned not in _UNTUNED:
             raise ValueError(f"untuned must be one of {_UNTUNED}, got {untuned!r}")
-        if authors:
-            if select is not None:
-                raise ValueError("select applies to modules='blocks'; modules='authors' fixes the module set")
-            mods = authors_modules(model)
-            by_id = {id(p): n for n, p in _names.named_parameters(model)}
-            matrices, biases = [], []
-            for mname, mod in mods:
-                w = mod.weight
-                if id(w) not in by_id or w.dim() != 2 or min(w.shape) < min_eigs:
-                    continue  # frozen, or too few eigenvalues: joins the untuned parameters
-                matrices.append((by_id[id(w)], w))
-                b = getattr(mod, "bias", None)
-                biases.append(b if isinstance(b, torch.Tensor) and id(b) in by_id else None)
-            if not matrices:
-                raise ValueError(
-                    f"modules='authors': no nn.Linear (other than the first and the last) has >= {min_eigs} "
-                    "eigenvalues (min_eigs) and is trainable; nothing to analyse"
-                )
-        else:
-            matrices = [(n, p) for n, p in controlled_matrices(model, select) if min(p.shape) >= min_eigs]
-            if not matrices:
-                raise ValueError(f"no selected weight matrix has >= {min_eigs} eigenvalues (min_eigs)")
-            biases = [None] * len(matrices)
-        check_in_optimizer(optimizer, matrices)
-        check_in_optimizer(optimizer, [(f"bias of {n}", b) for (n, _), b in zip(matrices, biases) if b is not None])
+        if authors and select is not None:
+            raise ValueError("select applies to modules='blocks'; modules='authors' fixes the module set")
+        per_matrix = self.per_matrix_for(modules=modules, select=select)
+        # too few eigenvalues: not analysed (with modules="authors" it joins the untuned parameters)
+        units = layout_units(optimizer, model, per_matrix, "AlphaDecay", lambda u: min(u.weight.shape) >= min_eigs)
+        if not units:
+            raise ValueError(
+                "modules='authors': no nn.Linear (other than the first and the last) has >= "
+                f"{min_eigs} eigenvalues (min_eigs) and is trainable; nothing to analyse"
+                if authors
+                else f"no selected weight matrix has >= {min_eigs} eigenvalues (min_eigs)"
+            )
         super().__init__(optimizer, model)
         self.interval = interval
         self.s1, self.s2 = float(s1), float(s2)
@@ -390,20 +360,16 @@ class AlphaDecay(DecayController):
         self.shape_correction = bool(shape_correction)
         self.modules, self.metric, self.assign, self.slope = modules, metric, assign, float(slope)
         self.min_eigs, self.untuned, self.timing = min_eigs, untuned, timing
-        self.names = [n for n, _ in matrices]
-        self._params = [p for _, p in matrices]
-        self._biases = biases
-        self._numel = [p.numel() + (0 if b is None else b.numel()) for p, b in zip(self._params, biases)]
+        one_base = "untuned='wd0' sets every other parameter to one base decay (or pass untuned='keep')"
+        self._adopt(units, wd0, one_base=one_base if untuned == "wd0" else None)
         an = _anatomy.anatomy(model)
-        self._blocks = [(an.by_name(n).stack, an.by_name(n).block) for n in self.names]  # sigmoid's blocks
-        split_groups(optimizer, self._params + [b for b in biases if b is not None])
-        groups = self.current_groups(self._params)
-        self.wd0 = resolve_wd0(groups, wd0, self.names)
-        if untuned == "wd0" and len(set(self.wd0)) != 1:
-            raise ValueError(
-                "untuned='wd0' sets every other parameter to one base decay, but the analysed modules have "
-                f"several ({sorted(set(self.wd0))}); pass a number as wd0 or untuned='keep'"
-            )
+        # what the map needs besides the scores: each matrix's block (sigmoid) and size (preserve_mean)
+        self._map: dict[str, Any] = dict(
+            blocks=[(an.by_name(n).stack, an.by_name(n).block) for n in self.names],
+            numel=[sum(t.numel() for t in u.tensors) for u in units],
+            slope=self.slope,
+            preserve_mean=self.preserve_mean,
+        )
         n = len(self.names)
         nan = float("nan")
         self.alpha_raw = torch.full((n,), nan, dtype=torch.float64)  # latest estimate of α
@@ -447,33 +413,15 @@ class AlphaDecay(DecayController):
         self.alpha_raw = raw
         self.score = self.alpha.clone() if self.metric == "alpha" else self._smooth(self.score, score_raw)
         self.score_raw = score_raw.clone()
-        self.decays = assign_decays(
-            self.score,
-            self.wd0,
-            self.assign,
-            self.s1,
-            self.s2,
-            blocks=self._blocks,
-            slope=self.slope,
-            numel=self._numel,
-            preserve_mean=self.preserve_mean,
-        )
+        self.decays = assign_decays(self.score, self.wd0, self.assign, self.s1, self.s2, **self._map)
         self._apply()
         self.version += 1
         self.last_update_step = self.step
 
     def _apply(self) -> None:
-        decays = self.decays.tolist()
-        for g, wd in zip(self.current_groups(self._params), decays):
-            g["weight_decay"] = wd
-        with_bias = [(b, wd) for b, wd in zip(self._biases, decays) if b is not None]
-        for g, (_, wd) in zip(self.current_groups([b for b, _ in with_bias]), with_bias):
-            g["weight_decay"] = wd
+        self.write_decays(self.units, self.decays.tolist())
         if self.untuned == "wd0":
-            mine = {id(p) for p in self._params} | {id(b) for b in self._biases if b is not None}
-            for g in self.optimizer.param_groups:
-                if not any(id(p) in mine for p in g["params"]):
-                    g["weight_decay"] = self.wd0[0]
+            self.write_untuned(self.units, self.wd0[0])
 
     # -------------------------------------------------------------------------------------------------
     def table(self) -> list[dict]:
@@ -483,7 +431,6 @@ class AlphaDecay(DecayController):
         ``modules="authors"`` ``bias`` (the canonical name of the module's bias, which has the same decay,
         or ``None``)."""
         rows = []
-        bias_names = self._bias_names()
         for i, name in enumerate(self.names):
             row: dict[str, Any] = {
                 "name": name,
@@ -494,24 +441,11 @@ class AlphaDecay(DecayController):
             if self.metric != "alpha":
                 row["score"] = _finite_or_none(self.score[i])
             if self.modules == "authors":
-                row["bias"] = bias_names[i]
+                row["bias"] = self.units[i].bias_name
             for key, vec in self.extra.items():
                 row[key] = _finite_or_none(vec[i])
             rows.append(row)
         return rows
-
-    def _bias_names(self) -> list[str | None]:
-        if not any(b is not None for b in self._biases):
-            return [None] * len(self.names)
-        loc = {}
-        for g in self.optimizer.param_groups:
-            for j, p in enumerate(g["params"]):
-                if "param_names" in g:
-                    loc[id(p)] = _names.canonical_name(g["param_names"][j])
-        return [
-            None if b is None else loc.get(id(b), n.rsplit(".", 1)[0] + ".bias")
-            for n, b in zip(self.names, self._biases)
-        ]
 
     def state_dict(self) -> dict:
         state = super().state_dict()

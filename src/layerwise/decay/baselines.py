@@ -9,16 +9,12 @@
 Formulas, defaults and the differences from the AlphaDecay authors' baselines: ``docs/methods.md`` §1.
 
 Weight decay is PyTorch's convention (coupled lr·λ): a decoupled step does θ ← θ·(1 − lr·λ), a coupled
-(L2) step adds λ·θ to the gradient.  ``UniformDecay`` and ``TypeDecay`` only write ``group["weight_decay"]``
-(group splitting as in :class:`~layerwise.decay.AlphaDecay`).  ``AWD`` and ``AdaDecay`` change the decay at
-every step from gradient norms; writing a Python float into the groups would cost a host sync per step,
-so they set the controlled groups' ``weight_decay`` to 0 and apply the decay themselves in a step
-*pre*-hook (after gradient clipping and unscaling, before the optimizer's update) with tensor-valued λ:
-``mode="decoupled"``: θ ← θ·(1 − lr·λ), exactly what torch ``AdamW``/``Muon`` do before their update;
-``mode="coupled"``: g ← g + λ·θ, exactly torch ``Adam``/``SGD``'s L2.  ``mode="auto"`` (default) reads
-each group's ``decoupled_weight_decay`` flag (torch ``Adam``/``AdamW``), treats ``SGD``/``RMSprop``/
-``Adagrad``/``Adamax``/``NAdam``/``RAdam`` without that flag as coupled, and everything else (``Muon``,
-AlphaAdam, ...) as decoupled.  ``lr`` is read from ``group["lr"]`` at the step (after the scheduler).
+(L2) step adds λ·θ to the gradient.  Every controller only writes ``group["weight_decay"]``, and the optimizer
+applies it as it does (coupled for torch ``Adam``/``SGD``, decoupled for ``AdamW``/``Muon``/AlphaAdam).
+``AWD`` and ``AdaDecay`` compute λ from the gradients of the step about to be taken, so they write it in a
+step *pre*-hook (after gradient clipping and unscaling, before the update); turning the λ computed on the
+parameters' device into the float a group holds costs one host synchronisation each time it changes (AWD:
+every step; AdaDecay: every ``interval`` steps).
 """
 
 from __future__ import annotations
@@ -33,60 +29,31 @@ from layerwise import anatomy as _anatomy
 from layerwise import names as _names
 from layerwise.decay._base import (
     DecayController,
+    PerMatrixController,
     Select,
+    base_decay,
     check_in_optimizer,
-    controlled_matrices,
+    controlled_units,
+    layout_units,
     param_locations,
-    resolve_wd0,
-    split_groups,
 )
+from layerwise.decay.mapping import S1, S2
 
 __all__ = ["UniformDecay", "TypeDecay", "AWD", "AdaDecay"]
 
-_MODES = ("auto", "coupled", "decoupled")
 #: the AlphaDecay authors' AWD runs use λ_awd = 100 · wd0
 AUTHORS_AWD_FACTOR = 100.0
 _NORMS = ("raw", "rms")
-_COUPLED_OPTIMIZERS = ("SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "ASGD", "Adadelta")
-
-
-def _group_mode(optimizer: Any, group: dict, mode: str) -> str:
-    if mode != "auto":
-        return mode
-    if "decoupled_weight_decay" in group:
-        return "decoupled" if group["decoupled_weight_decay"] else "coupled"
-    if type(optimizer).__name__ in _COUPLED_OPTIMIZERS and type(optimizer).__module__.startswith("torch.optim"):
-        return "coupled"
-    return "decoupled"
-
 
 #: anatomy operators TypeDecay treats as attention / MLP matrices
 ATTENTION_OPERATORS = ("q", "k", "v", "o", "qkv")
 MLP_OPERATORS = ("gate", "up", "gate_up", "down")
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-
-
-def _name_map(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in _names.named_parameters(model, trainable_only=False)}
-
-
 def _group_names(group: dict, by_id: dict[int, str]) -> list[str]:
     if "param_names" in group:
         return [_names.canonical_name(n) for n in group["param_names"]]
     return [by_id.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in group["params"]]
-
-
-@torch.no_grad()
-def _apply_decay(p: torch.Tensor, lam: torch.Tensor, lr: Any, mode: str) -> None:
-    """One decay of parameter ``p`` by tensor ``lam`` (no host sync)."""
-    if mode == "coupled":
-        p.grad.add_(p * lam.to(p.dtype))
-    else:
-        p.mul_(1.0 - lr * lam.to(p.dtype))
 
 
 class UniformDecay(DecayController):
@@ -96,11 +63,11 @@ class UniformDecay(DecayController):
     name = "uniform"
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, select: Select = None) -> None:
-        matrices = controlled_matrices(model, select)
-        check_in_optimizer(optimizer, matrices)
+        units = controlled_units(model, True if select is None else select, controller="UniformDecay")
+        check_in_optimizer(optimizer, units)
         super().__init__(optimizer, model)
-        self.names = [n for n, _ in matrices]
-        self._params = [p for _, p in matrices]
+        self.names = [u.name for u in units]
+        self._params = [u.weight for u in units]
         self.version, self.last_update_step = 1, 0
         self._attach()
 
@@ -112,14 +79,15 @@ class UniformDecay(DecayController):
         ]
 
 
-class TypeDecay(DecayController):
+class TypeDecay(PerMatrixController):
     """Fixed decay multipliers per module type, no spectral analysis.
 
     Each analysed matrix gets ``wd0 × multiplier[type]`` once, at construction: attention matrices
     (q/k/v/o) ``attention`` (0.6666 = AlphaDecay's s1), MLP matrices (gate/up/down) ``mlp`` (3 = s2),
     any other type ×1 (``multipliers`` may override or add types, keyed by the anatomy operator
-    (:data:`layerwise.anatomy.OPERATORS`: q/k/v/o/qkv are attention, gate/up/gate_up/down MLP).  Groups are split as in :class:`~layerwise.decay.AlphaDecay`
-    (create it before the LR scheduler).  ``wd0`` as in AlphaDecay.
+    (:data:`layerwise.anatomy.OPERATORS`: q/k/v/o/qkv are attention, gate/up/gate_up/down MLP).  Each matrix
+    needs a group of its own, as for :class:`~layerwise.decay.AlphaDecay` (``param_groups(...,
+    per_matrix=True)``).  ``wd0`` as in AlphaDecay.
     """
 
     name = "typedecay"
@@ -128,8 +96,8 @@ class TypeDecay(DecayController):
         self,
         optimizer: torch.optim.Optimizer,
         model: nn.Module,
-        attention: float = 0.6666,
-        mlp: float = 3.0,
+        attention: float = S1,
+        mlp: float = S2,
         *,
         wd0: float | str | None = None,
         multipliers: dict[str, float] | None = None,
@@ -138,26 +106,18 @@ class TypeDecay(DecayController):
         for field, v in (("attention", attention), ("mlp", mlp)):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{field} multiplier must be finite and >= 0, got {v!r}")
-        matrices = controlled_matrices(model, select)
-        check_in_optimizer(optimizer, matrices)
+        units = layout_units(optimizer, model, self.per_matrix_for(select=select), "TypeDecay")
         super().__init__(optimizer, model)
         mult = {t: float(attention) for t in ATTENTION_OPERATORS}
         mult.update({t: float(mlp) for t in MLP_OPERATORS})
         mult.update({k: float(v) for k, v in (multipliers or {}).items()})
         self.multipliers = mult
-        self.names = [n for n, _ in matrices]
-        self._params = [p for _, p in matrices]
-        groups = split_groups(optimizer, self._params)
-        self.wd0 = resolve_wd0(groups, wd0, self.names)
+        self._adopt(units, wd0)
         an = _anatomy.anatomy(model)
         self.decays = [w * mult.get(an.by_name(n).operator or "", 1.0) for n, w in zip(self.names, self.wd0)]
-        self._apply()
+        self.write_decays(self.units, self.decays)
         self.version, self.last_update_step = 1, 0
         self._attach()
-
-    def _apply(self) -> None:
-        for g, wd in zip(self.current_groups(self._params), self.decays):
-            g["weight_decay"] = wd
 
     def table(self) -> list[dict]:
         return [{"name": n, "alpha": None, "weight_decay": wd} for n, wd in zip(self.names, self.decays)]
@@ -170,32 +130,10 @@ class TypeDecay(DecayController):
             raise ValueError(f"TypeDecay state dict was saved for {state.get('names')!r}, now {self.names!r}")
         super().load_state_dict(state)
         self.decays = [float(v) for v in state["weight_decay"]]
-        self._apply()
+        self.write_decays(self.units, self.decays)
 
 
-class _PerStepDecay(DecayController):
-    """Controllers that set λ from gradients at every step and apply the decay themselves (pre-hook)."""
-
-    interval = 1
-
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, mode: str) -> None:
-        _check_mode(mode)
-        super().__init__(optimizer, model)
-        self.mode = mode
-        self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
-
-    def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self.before_step()
-
-    def before_step(self) -> None:  # pragma: no cover - overridden
-        pass
-
-    def after_step(self) -> None:
-        self.version += 1
-        self.last_update_step = self.step
-
-
-class AWD(_PerStepDecay):
+class AWD(DecayController):
     """Adaptive weight decay (Ghiasi, Shafahi, Ardekani, NeurIPS 2023, Algorithm 1), applied to every group
     whose ``weight_decay`` is nonzero at construction.
 
@@ -204,10 +142,12 @@ class AWD(_PerStepDecay):
 
         λ_t = λ_awd · ‖g_t‖ / ‖w_t‖,     λ̄_t = β · λ̄_{t−1} + (1 − β) · λ_t,   λ̄_0 = 0,  β = 0.1
 
-    and group ``k`` decays with ``λ̄_t · wd_k / wd_ref`` (``wd_k`` its decay at construction, ``wd_ref`` the
-    largest of them — so with one common base decay every group gets λ̄_t, as in the paper; groups with a
-    smaller base, e.g. multipliers, keep their ratio).  The paper adds λ̄·w to the gradient of SGD
-    (coupled); here ``mode`` picks coupled/decoupled (default from the optimizer, see module docs).
+    and group ``k`` decays with ``λ̄_t · wd_k / wd_ref`` (``wd_k`` its base decay, ``wd_ref`` the largest of
+    them — so with one common base decay every group gets λ̄_t, as in the paper; groups with a smaller base,
+    e.g. multipliers, keep their ratio).  λ̄_t is written into those groups' ``weight_decay`` in a step
+    pre-hook (after clipping and unscaling, before the update), so the optimizer applies it its own way:
+    coupled L2 for torch ``Adam``/``SGD`` (the paper adds λ̄·w to SGD's gradient), decoupled for ``AdamW``,
+    ``Muon``, AlphaAdam.
 
     ``lambda_awd``:
 
@@ -220,10 +160,13 @@ class AWD(_PerStepDecay):
 
     The authors' script has all parameters (norms and embeddings too) in one group at wd0, so its AWD decays
     everything; here only groups with a nonzero decay are controlled — build the optimizer with one group to
-    reproduce it.  No host sync per step.
+    reproduce it.  Cost: one host synchronisation per step (λ̄_t, one scalar, read back so that it can be
+    written into the groups as the float every torch optimizer takes; free on CPU, on a GPU it waits for the
+    backward pass that the optimizer step waits for anyway).
     """
 
     name = "awd"
+    interval = 1
 
     def __init__(
         self,
@@ -231,8 +174,6 @@ class AWD(_PerStepDecay):
         model: nn.Module,
         lambda_awd: float | str | None = None,
         beta: float = 0.1,
-        *,
-        mode: str = "auto",
     ) -> None:
         if isinstance(lambda_awd, str):
             if lambda_awd != "authors":
@@ -243,59 +184,62 @@ class AWD(_PerStepDecay):
             raise ValueError(f"lambda_awd must be None, 'authors' or a finite number >= 0, got {lambda_awd!r}")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-        super().__init__(optimizer, model, mode)
+        super().__init__(optimizer, model)
         self.lambda_awd = lambda_awd
         self.beta = float(beta)
-        by_id = _name_map(model)
-        groups = [g for g in optimizer.param_groups if float(g.get("weight_decay", 0.0)) != 0.0]
+        by_id = {id(p): n for n, p in _names.named_parameters(model, trainable_only=False)}
+        groups = [g for g in optimizer.param_groups if g["params"] and base_decay(g) != 0.0]
         if not groups:
             raise ValueError("AWD: no parameter group has a nonzero weight_decay to adapt")
-        self._base = [float(g["weight_decay"]) for g in groups]
+        self._base = [base_decay(g) for g in groups]
         self.wd_ref = max(self._base)
-        self._modes = [_group_mode(optimizer, g, mode) for g in groups]
-        self.names = [_group_names(g, by_id) for g in groups]
+        self.group_names = [_group_names(g, by_id) for g in groups]  # the controlled groups' tensors
+        self.names = [n for names in self.group_names for n in names]
         self._param_lists = [list(g["params"]) for g in groups]
         self._first = [ps[0] for ps in self._param_lists]  # one member identifies each group
-        for g in groups:
-            g["weight_decay"] = 0.0
-        self.lam_bar: torch.Tensor | None = None  # λ̄_t (0-dim tensor on the parameters' device)
+        self.record_base(self._first)
+        self.lam_bar: float | None = None  # λ̄_t
         if lambda_awd == "authors":
             lambda_awd = AUTHORS_AWD_FACTOR * self.wd_ref
-        self.calib: torch.Tensor | None = None if lambda_awd is None else torch.tensor(float(lambda_awd))
+        self.calib: float | None = None if lambda_awd is None else float(lambda_awd)
+        self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
         self._attach()
 
     @torch.no_grad()
-    def before_step(self) -> None:
+    def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         ps = [p for ps in self._param_lists for p in ps if p.grad is not None]
         if not ps:
             return
         dev = ps[0].device
-        gn = torch.linalg.vector_norm(
-            torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm([p.grad for p in ps])])
-        )
+        grads = [p.grad for p in ps if p.grad is not None]
+        gn = torch.linalg.vector_norm(torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm(grads)]))
         wn = torch.linalg.vector_norm(torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm(ps)]))
-        ratio = gn / wn.clamp_min(torch.finfo(torch.float32).tiny)
+        tiny = torch.finfo(torch.float32).tiny
+        ratio = max(float(gn / wn.clamp_min(tiny)), tiny)  # the one host synchronisation of the step
         if self.calib is None:
-            self.calib = self.wd_ref / ratio.clamp_min(torch.finfo(torch.float32).tiny)
-        lam = self.calib.to(dev) * ratio
-        prev = torch.zeros((), device=dev) if self.lam_bar is None else self.lam_bar.to(dev)
-        self.lam_bar = self.beta * prev + (1.0 - self.beta) * lam
-        groups = self.current_groups(self._first)
-        for g, plist, base, mode in zip(groups, self._param_lists, self._base, self._modes):
-            lam_g = self.lam_bar * (base / self.wd_ref)
-            for p in plist:
-                if p.grad is not None:
-                    _apply_decay(p, lam_g, g["lr"], mode)
+            self.calib = self.wd_ref / ratio
+        prev = 0.0 if self.lam_bar is None else self.lam_bar
+        self.lam_bar = self.beta * prev + (1.0 - self.beta) * self.calib * ratio
+        self._write()
+
+    def _write(self) -> None:
+        """``weight_decay = λ̄ · base / wd_ref`` in every controlled group."""
+        for g, base in zip(self.current_groups(self._first), self._base):
+            g["weight_decay"] = self.current() * base / self.wd_ref
+
+    def after_step(self) -> None:
+        self.version += 1
+        self.last_update_step = self.step
 
     def current(self) -> float:
-        """λ̄ of the last step (0 before the first step); one host sync."""
-        return 0.0 if self.lam_bar is None else float(self.lam_bar)
+        """λ̄ of the last step (0 before the first step)."""
+        return 0.0 if self.lam_bar is None else self.lam_bar
 
     def table(self) -> list[dict]:
         lam = self.current()
         return [
             {"name": n, "alpha": None, "weight_decay": lam * base / self.wd_ref}
-            for names, base in zip(self.names, self._base)
+            for names, base in zip(self.group_names, self._base)
             for n in names
         ]
 
@@ -303,8 +247,8 @@ class AWD(_PerStepDecay):
         return {
             **super().state_dict(),
             "base_weight_decay": list(self._base),
-            "lam_bar": None if self.lam_bar is None else float(self.lam_bar),
-            "calib": None if self.calib is None else float(self.calib),
+            "lam_bar": self.lam_bar,
+            "calib": self.calib,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -313,12 +257,13 @@ class AWD(_PerStepDecay):
                 f"AWD state dict has base decays {state.get('base_weight_decay')!r}, controller has {self._base!r}"
             )
         super().load_state_dict(state)
-        dev = self._first[0].device
-        self.lam_bar = None if state["lam_bar"] is None else torch.tensor(state["lam_bar"], device=dev)
-        self.calib = None if state["calib"] is None else torch.tensor(state["calib"], device=dev)
+        self.lam_bar = None if state["lam_bar"] is None else float(state["lam_bar"])
+        self.calib = None if state["calib"] is None else float(state["calib"])
+        if self.lam_bar is not None:
+            self._write()
 
 
-class AdaDecay(_PerStepDecay):
+class AdaDecay(PerMatrixController):
     """AdaDecay (Nakamura & Hong, 2019) at module level; the defaults are the AlphaDecay authors' baseline.
 
     The original scales each parameter's decay by a sigmoid of its gradient norm normalised within its
@@ -341,23 +286,24 @@ class AdaDecay(_PerStepDecay):
     and sets every other parameter group to ``wd0`` (their "untuned" group); ``"blocks"`` (default) analyses
     the block matrices (or ``select``) and leaves the other parameters as they are.
 
-    Groups are split per analysed tensor (as in AlphaDecay; create it before the LR scheduler); their
-    ``weight_decay`` is set to 0 and λ_m is applied in the step pre-hook (see module docs for ``mode``).
-    No host sync per step.
+    Each analysed matrix needs a group of its own, as for :class:`~layerwise.decay.AlphaDecay`
+    (``param_groups(..., per_matrix=True)``, or ``per_matrix="authors"`` for ``modules="authors"``).  λ_m is
+    written into the groups' ``weight_decay`` by the step pre-hook of a recomputation step, so the optimizer
+    applies it (coupled or decoupled, as it does); one host synchronisation per recomputation.
     """
 
     name = "adadecay"
+    interval: int
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         model: nn.Module,
-        slope: float = 4.0,
         *,
-        interval: int = 500,
         norm: str = "raw",
+        slope: float = 4.0,
+        interval: int = 500,
         wd0: float | str | None = None,
-        mode: str = "auto",
         eps: float = 1e-8,
         select: Select = None,
         modules: str = "blocks",
@@ -370,51 +316,19 @@ class AdaDecay(_PerStepDecay):
             raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
         if modules not in ("blocks", "authors"):
             raise ValueError(f"modules must be 'blocks' or 'authors', got {modules!r}")
-        if modules == "authors":
-            if select is not None:
-                raise ValueError("select applies to modules='blocks'; modules='authors' fixes the module set")
-            from layerwise.decay.alphadecay import authors_modules
-
-            by_id = {id(p): n for n, p in _names.named_parameters(model)}
-            matrices, biases = [], []
-            for _, mod in authors_modules(model):
-                if id(mod.weight) in by_id and mod.weight.dim() == 2:
-                    matrices.append((by_id[id(mod.weight)], mod.weight))
-                    b = getattr(mod, "bias", None)
-                    biases.append(b if isinstance(b, torch.Tensor) and id(b) in by_id else None)
-            if not matrices:
-                raise ValueError("modules='authors': no trainable nn.Linear between the first and the last")
-        else:
-            matrices = controlled_matrices(model, select)
-            biases = [None] * len(matrices)
-        check_in_optimizer(optimizer, matrices)
-        check_in_optimizer(optimizer, [(f"bias of {n}", b) for (n, _), b in zip(matrices, biases) if b is not None])
-        _check_mode(mode)
-        super().__init__(optimizer, model, mode)
+        if modules == "authors" and select is not None:
+            raise ValueError("select applies to modules='blocks'; modules='authors' fixes the module set")
+        units = layout_units(optimizer, model, self.per_matrix_for(modules=modules, select=select), "AdaDecay")
+        if not units:
+            raise ValueError("modules='authors': no trainable nn.Linear between the first and the last")
+        super().__init__(optimizer, model)
         self.slope, self.eps, self.norm, self.modules = float(slope), float(eps), norm, modules
         self.interval = interval
-        self.names = [n for n, _ in matrices]
-        self._params = [p for _, p in matrices]
-        self._biases = biases
-        self._owner = [i for i, b in enumerate(biases) if b is not None]  # matrix index of each bias
-        bias_list = [biases[i] for i in self._owner]
-        split_groups(optimizer, self._params + bias_list)
-        groups = self.current_groups(self._params)
-        self.wd0 = resolve_wd0(groups, wd0, self.names)
-        self._modes = [_group_mode(optimizer, g, mode) for g in groups]
-        self._bias_modes = [_group_mode(optimizer, g, mode) for g in self.current_groups(bias_list)]
-        mine = {id(p) for p in self._params + bias_list}
-        if modules == "authors":
-            if len(set(self.wd0)) != 1:
-                raise ValueError(
-                    f"modules='authors' sets every other parameter to one base decay, but the analysed modules have "
-                    f"several ({sorted(set(self.wd0))}); pass a number as wd0"
-                )
-            for g in optimizer.param_groups:
-                if not any(id(p) in mine for p in g["params"]):
-                    g["weight_decay"] = self.wd0[0]
-        for g in self.current_groups(self._params + bias_list):
-            g["weight_decay"] = 0.0
+        self._adopt(
+            units,
+            wd0,
+            one_base="modules='authors' sets every other parameter to one base decay" if modules == "authors" else None,
+        )
         blocks: dict[Any, int] = {}
         an = _anatomy.anatomy(model)
         self._block = [blocks.setdefault((an.by_name(n).stack, an.by_name(n).block), len(blocks)) for n in self.names]
@@ -425,9 +339,16 @@ class AdaDecay(_PerStepDecay):
         self._scale = torch.tensor(
             [math.sqrt(p.numel()) if norm == "rms" else 1.0 for p in self._params], dtype=torch.float32, device=dev
         )
-        self.lam: torch.Tensor | None = None  # λ_m of the last recomputation (None: wd0 so far)
+        self.lam: list[float] | None = None  # λ_m of the last recomputation (None: wd0 so far)
+        self._apply()
         self.version, self.last_update_step = 1, 0
+        self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
         self._attach()
+
+    def _apply(self) -> None:
+        self.write_decays(self.units, self.wd0 if self.lam is None else self.lam)
+        if self.modules == "authors":
+            self.write_untuned(self.units, self.wd0[0])
 
     def decays_from_grad_norms(self, gnorm: torch.Tensor) -> torch.Tensor:
         """λ per analysed matrix from its gradient L2 norm (float32 tensor, same order as ``names``)."""
@@ -441,44 +362,29 @@ class AdaDecay(_PerStepDecay):
         return self._base_t.to(dev) * 2.0 * torch.sigmoid(self.slope * z)
 
     @torch.no_grad()
-    def before_step(self) -> None:
-        present = [p.grad is not None for p in self._params]
-        if not any(present):
+    def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if (self.step + 1) % self.interval != 0 or all(p.grad is None for p in self._params):
             return
         dev = self._params[0].device
-        if (self.step + 1) % self.interval == 0:
-            grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self._params]
-            gnorm = torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm(grads)])
-            # a matrix without gradient reads as zero gradient in the statistics (and is not decayed: torch skips it)
-            self.lam = self.decays_from_grad_norms(gnorm)
-            self.version += 1
-            self.last_update_step = self.step
-        lam = self.lam if self.lam is not None else self._base_t.to(dev)
-        for i, (p, g, mode) in enumerate(zip(self._params, self.current_groups(self._params), self._modes)):
-            if present[i]:
-                _apply_decay(p, lam[i], g["lr"], mode)
-        bias_list = [self._biases[i] for i in self._owner]
-        for i, b, g, mode in zip(self._owner, bias_list, self.current_groups(bias_list), self._bias_modes):
-            if b.grad is not None:
-                _apply_decay(b, lam[i], g["lr"], mode)
-
-    def after_step(self) -> None:
-        pass  # version / last_update_step move when λ is recomputed (before_step)
+        # a matrix without gradient reads as zero gradient in the statistics (and is not decayed: torch skips it)
+        grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self._params]
+        gnorm = torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm(grads)])
+        self.lam = self.decays_from_grad_norms(gnorm).tolist()  # one host synchronisation per recomputation
+        self._apply()
+        self.version += 1
+        self.last_update_step = self.step
 
     def table(self) -> list[dict]:
-        lam = self.wd0 if self.lam is None else self.lam.tolist()
+        lam = self.wd0 if self.lam is None else self.lam
         return [{"name": n, "alpha": None, "weight_decay": float(v)} for n, v in zip(self.names, lam)]
 
     def state_dict(self) -> dict:
-        return {
-            **super().state_dict(),
-            "names": list(self.names),
-            "lam": None if self.lam is None else self.lam.tolist(),
-        }
+        return {**super().state_dict(), "names": list(self.names), "lam": None if self.lam is None else list(self.lam)}
 
     def load_state_dict(self, state: dict) -> None:
         if list(state.get("names", [])) != self.names:
             raise ValueError(f"AdaDecay state dict was saved for {state.get('names')!r}, now {self.names!r}")
         super().load_state_dict(state)
         lam = state.get("lam")
-        self.lam = None if lam is None else torch.tensor(lam, dtype=torch.float32, device=self._params[0].device)
+        self.lam = None if lam is None else [float(v) for v in lam]
+        self._apply()

@@ -12,17 +12,30 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["linear_decay_map", "assign_decays", "ASSIGNS"]
+__all__ = ["linear_decay_map", "assign_decays", "ASSIGNS", "S1", "S2"]
+
+#: the AlphaDecay paper's decay multipliers at the smallest and the largest α (``s1``, ``s2``)
+S1, S2 = 0.6666, 3.0
 
 #: the assignment functions :func:`assign_decays` offers
 ASSIGNS = ("linear", "sqrt", "log2", "sigmoid")
 
 
+def _vectors(scores, wd0, field: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores`` and ``wd0`` (a scalar or one value per module) as float64 CPU vectors of one length."""
+    m = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().reshape(-1)
+    base = torch.as_tensor(wd0, dtype=torch.float64).detach().cpu()
+    base = base.expand(m.numel()).clone() if base.dim() == 0 else base.reshape(-1).clone()
+    if base.numel() != m.numel():
+        raise ValueError(f"wd0 has {base.numel()} entries but {field} has {m.numel()}")
+    return m, base
+
+
 def linear_decay_map(
     alpha: Sequence[float] | torch.Tensor,
     wd0: float | Sequence[float] | torch.Tensor,
-    s1: float = 0.6666,
-    s2: float = 3.0,
+    s1: float = S1,
+    s2: float = S2,
     *,
     numel: Sequence[int] | torch.Tensor | None = None,
     preserve_mean: bool = False,
@@ -45,12 +58,7 @@ def linear_decay_map(
 
     ``wd0`` is a scalar or one base decay per module.  Returns float64 decays on the CPU.
     """
-    a = torch.as_tensor(alpha, dtype=torch.float64).detach().cpu().reshape(-1)
-    n = a.numel()
-    base = torch.as_tensor(wd0, dtype=torch.float64).detach().cpu()
-    base = base.expand(n).clone() if base.dim() == 0 else base.reshape(-1).clone()
-    if base.numel() != n:
-        raise ValueError(f"wd0 has {base.numel()} entries but alpha has {n}")
+    a, base = _vectors(alpha, wd0, "alpha")
     if not (math.isfinite(s1) and math.isfinite(s2)) or s1 > s2:
         raise ValueError(f"need finite s1 <= s2, got s1={s1}, s2={s2}")
     finite = torch.isfinite(a)
@@ -85,8 +93,8 @@ def assign_decays(
     scores: Sequence[float] | torch.Tensor,
     wd0: float | Sequence[float] | torch.Tensor,
     assign: str = "linear",
-    s1: float = 0.6666,
-    s2: float = 3.0,
+    s1: float = S1,
+    s2: float = S2,
     *,
     blocks: Sequence[object] | None = None,
     slope: float = 4.0,
@@ -111,12 +119,8 @@ def assign_decays(
     """
     if assign not in ASSIGNS:
         raise ValueError(f"assign must be one of {ASSIGNS}, got {assign!r}")
-    m = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().reshape(-1)
+    m, base = _vectors(scores, wd0, "scores")
     n = m.numel()
-    base = torch.as_tensor(wd0, dtype=torch.float64).detach().cpu()
-    base = base.expand(n).clone() if base.dim() == 0 else base.reshape(-1).clone()
-    if base.numel() != n:
-        raise ValueError(f"wd0 has {base.numel()} entries but scores has {n}")
     if not (math.isfinite(slope) and slope >= 0):
         raise ValueError(f"slope must be finite and >= 0, got {slope!r}")
     if assign == "linear":

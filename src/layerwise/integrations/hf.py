@@ -31,23 +31,23 @@ Design
   **not used** — the factory's ``lr`` and ``weight_decay`` are; the LR scheduler still comes from
   ``TrainingArguments`` and multiplies each group's own LR (width scaling is kept).  With transformers versions
   without factories, build the optimizer yourself: ``Trainer(optimizers=(build_optimizer(model, ...), None))``.
-* **Group splitting and the scheduler.**  AlphaDecay sets one weight decay per matrix, so each analysed matrix
-  needs its own parameter group, and groups cannot be split once the Trainer has created its LR scheduler —
-  which happens in ``Trainer._prepare_for_training`` right after the optimizer and before any callback event
-  that sees the optimizer.  So :func:`build_optimizer` splits the matrices **at construction**
-  (``split_matrices=True``, default); :class:`AlphaDecayCallback` then attaches at ``on_train_begin`` without
-  changing the group layout (a checkpoint's optimizer state loads into it, since the layout is the same every
-  run).  An optimizer built otherwise (Trainer's default AdamW) makes the callback raise a ``ValueError`` that
-  says so.
+* **Group layout.**  AlphaDecay sets one weight decay per matrix, so each analysed matrix needs a parameter
+  group of its own; controllers never regroup an optimizer, so :func:`build_optimizer` builds that layout
+  (``per_matrix=True``, default: one group per block matrix; ``per_matrix="authors"`` or the callback's
+  ``select`` for other module sets).  The Trainer creates its LR scheduler and loads a checkpoint's optimizer
+  state before any callback event that sees the optimizer; neither matters: :class:`AlphaDecayCallback`
+  attaches at ``on_train_begin`` and only writes ``weight_decay``.  An optimizer built otherwise (the Trainer's
+  default AdamW) makes the callback raise :class:`layerwise.GroupLayoutError`, which names the call to make.
 * **Step counting.**  The controller counts *optimizer* steps with a step post-hook on the innermost optimizer
   (accelerate's ``AcceleratedOptimizer`` is unwrapped), so gradient accumulation and skipped fp16 steps are
   handled; recomputation happens right after every ``interval``-th step.
 * **Logging.**  ``on_log`` adds α and λ (summary and, by default, per module) to the ``logs`` dict and to the
   matching entry of ``state.log_history``.  The Trainer runs reporting integrations (TensorBoard, W&B ...)
   *before* user callbacks; call :func:`move_callback_first` so that they record the keys too.
-* **Resume.**  The callback is an ``ExportableState``: its controller state is written into
-  ``trainer_state.json`` of every checkpoint, and on ``train(resume_from_checkpoint=...)`` it is restored at
-  ``on_train_begin`` (step count, α, decays), independent of ``restore_callback_states_from_checkpoint``.
+* **Resume.**  The callback is an ``ExportableState``: ``AlphaDecay.state_dict()`` (the one resume payload) is
+  written into ``trainer_state.json`` of every checkpoint, and on ``train(resume_from_checkpoint=...)`` it is
+  loaded into the controller at ``on_train_begin`` (step count, α, decays), independent of
+  ``restore_callback_states_from_checkpoint``.
 * **Multipliers.**  :func:`layerwise.add_multipliers` works on ``LlamaForCausalLM`` (names stay
   ``model.layers.N...weight``; multipliers are ``...row_multiplier`` etc.).  Trainer checkpoints then contain the
   multipliers (resume needs the model wrapped the same way); :func:`save_merged` writes a plain checkpoint that
@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -69,13 +68,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from layerwise.integrations._common import (
-    OPTIMIZERS,
-    build_optimizer,
-    check_optimizer_options,
-    decay_log_items,
-    unwrap_optimizer,
-)
+from layerwise.integrations._common import OPTIMIZERS, DecayCallbackBase, build_optimizer, optimizer_kwargs
 from layerwise.schedules import lr_scheduler
 
 __all__ = [
@@ -117,42 +110,16 @@ class LayerwiseOptimizerFactory:
 
 
 def layerwise_optimizer(
-    name: str = "alphaadam",
-    lr: float = 1e-3,
-    weight_decay: float = 0.1,
-    *,
-    betas: tuple[float, float] = (0.9, 0.95),
-    eps: float = 1e-8,
-    scaling: Any = None,
-    multiplier_weight_decay: float = 2e-3,
-    multiplier_lr_scale: float = 1.0,
-    no_decay: Sequence[str] = ("norm", "bias", "multiplier"),
-    split_matrices: bool = True,
-    decay_select: Any = None,
-    **optimizer_options: Any,
+    name: str = "alphaadam", lr: float = 1e-3, weight_decay: float = 0.1, **options: Any
 ) -> tuple[type[LayerwiseOptimizerFactory], dict[str, Any]]:
     """``(LayerwiseOptimizerFactory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
 
     Arguments are those of :func:`build_optimizer` (validated now, so a bad value fails when the Trainer is
-    built rather than when training starts).  ``lr``/``weight_decay`` here replace
+    built rather than when training starts); ``per_matrix=True`` (default) builds the group layout
+    :class:`AlphaDecayCallback` needs with its default options.  ``lr``/``weight_decay`` here replace
     ``TrainingArguments.learning_rate``/``weight_decay``; the Trainer's LR schedule multiplies each group's LR.
     """
-    check_optimizer_options(name, lr, weight_decay, betas, eps)
-    kwargs = dict(
-        name=name,
-        lr=lr,
-        weight_decay=weight_decay,
-        betas=tuple(betas),
-        eps=eps,
-        scaling=scaling,
-        multiplier_weight_decay=multiplier_weight_decay,
-        multiplier_lr_scale=multiplier_lr_scale,
-        no_decay=tuple(no_decay),
-        split_matrices=split_matrices,
-        decay_select=decay_select,
-        **optimizer_options,
-    )
-    return LayerwiseOptimizerFactory, kwargs
+    return LayerwiseOptimizerFactory, optimizer_kwargs(name=name, lr=lr, weight_decay=weight_decay, **options)
 
 
 # -------------------------------------------------------------------------------------------- AlphaDecay
@@ -169,76 +136,58 @@ def _json_select(select: Any) -> Any:
     )
 
 
-class AlphaDecayCallback(TrainerCallback, ExportableState):
+class AlphaDecayCallback(DecayCallbackBase, TrainerCallback, ExportableState):
     """Attach :class:`layerwise.AlphaDecay` to the Trainer's optimizer, log α and λ, survive resume.
 
     At ``on_train_begin`` the controller is built on the (unwrapped) optimizer and the model: it computes α from
     the current weights and sets each analysed matrix's decay; afterwards it recomputes right after every
-    ``interval``-th optimizer step, counting steps itself.  The optimizer must already hold each analysed matrix
-    in a group of its own (:func:`layerwise_optimizer` / :func:`build_optimizer` do that by default).
+    ``interval``-th optimizer step, counting steps itself.  The optimizer must hold each analysed matrix in a
+    group of its own (:func:`layerwise_optimizer` / :func:`build_optimizer` with ``per_matrix=``
+    :attr:`per_matrix`, which is ``True`` by default); :class:`layerwise.GroupLayoutError` otherwise.
 
     Args:
-        interval, s1, s2, wd0, estimator, preserve_mean, ema, shape_correction, select: as in
-            :class:`layerwise.AlphaDecay` (``select``: ``None``, a regex string or a list of names, since the
-            arguments are stored in ``trainer_state.json``).
-        log_per_module: add ``{prefix}/alpha/{name}`` and ``{prefix}/weight_decay/{name}`` to every log (the
-            summary ``{prefix}/alpha_mean|min|max``, ``{prefix}/weight_decay_mean|min|max`` and
-            ``{prefix}/version`` are always added).
-        prefix: log-key prefix.
+        interval, log_per_module, prefix, **options: see :class:`~layerwise.integrations._common.DecayCallbackBase`
+            (``options`` are :class:`layerwise.AlphaDecay`'s keywords; ``select`` must be ``None``, a regex
+            string or a list of names, since the arguments are stored in ``trainer_state.json``).  The summary
+            ``{prefix}/alpha_mean|min|max``, ``{prefix}/weight_decay_mean|min|max`` and ``{prefix}/version``
+            are added to every log.
 
     Attributes:
-        decay: the :class:`layerwise.AlphaDecay` (``None`` before training starts); ``decay.table()`` gives
-            ``[{"name", "alpha", "weight_decay", ...}]``.
+        decay: the :class:`layerwise.AlphaDecay` (``None`` before training starts).
+        resume_state: ``AlphaDecay.state_dict()`` to load at the next ``on_train_begin`` (set by transformers'
+            ``_load_callback_state`` when ``restore_callback_states_from_checkpoint=True``).
     """
 
+    layout_advice = (
+        "Trainer(optimizer_cls_and_kwargs=layerwise_optimizer(..., per_matrix={0})) or "
+        "Trainer(optimizers=(build_optimizer(model, ..., per_matrix={0}), None))"
+    )
+
     def __init__(
-        self,
-        interval: int = 500,
-        s1: float = 0.6666,
-        s2: float = 3.0,
-        *,
-        wd0: float | str | None = None,
-        estimator: str = "hill",
-        preserve_mean: bool = False,
-        ema: float | None = None,
-        shape_correction: bool = False,
-        select: str | Sequence[str] | None = None,
-        log_per_module: bool = True,
-        prefix: str = "alphadecay",
+        self, interval: int = 500, *, log_per_module: bool = True, prefix: str = "alphadecay", **options: Any
     ) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-        self._args = dict(
-            interval=interval,
-            s1=float(s1),
-            s2=float(s2),
-            wd0=wd0,
-            estimator=estimator,
-            preserve_mean=bool(preserve_mean),
-            ema=ema,
-            shape_correction=bool(shape_correction),
-            select=_json_select(select),
-            log_per_module=bool(log_per_module),
-            prefix=str(prefix),
-        )
-        self.decay: Any = None
-        #: controller state to load at the next ``on_train_begin`` (set by transformers'
-        #: ``_load_callback_state`` when ``restore_callback_states_from_checkpoint=True``)
-        self.resume_state: dict | None = None
+        if "select" in options:
+            options["select"] = _json_select(options["select"])
+        super().__init__(interval, log_per_module=log_per_module, prefix=prefix, **options)
+
+    @property
+    def resume_state(self) -> dict | None:
+        return self._pending
+
+    @resume_state.setter
+    def resume_state(self, state: dict | None) -> None:
+        self._pending = None
+        self.load_state_dict(state)
 
     # ExportableState ---------------------------------------------------------------------------------
     def state(self) -> dict:
-        """``{"args": constructor arguments, "attributes": {"resume_state": {"controller": AlphaDecay state dict,
-        "wd0": base decay of each analysed matrix}}}``."""
-        if self.decay is not None:
-            saved = {"controller": self.decay.state_dict(), "wd0": [float(x) for x in self.decay.wd0]}
-        else:
-            saved = self.resume_state
-        return {"args": dict(self._args), "attributes": {"resume_state": saved}}
+        """``{"args": constructor arguments, "attributes": {"resume_state": AlphaDecay.state_dict()}}``."""
+        args = dict(self.options, log_per_module=self.log_per_module, prefix=self.prefix)
+        return {"args": args, "attributes": {"resume_state": self.state_dict() or None}}
 
     def _saved_state(self, state: Any) -> dict | None:
-        if self.resume_state is not None:
-            return self.resume_state
+        if self._pending is not None:
+            return self._pending
         stored = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
         if isinstance(stored, list):  # transformers appends on every save when several exist; take the latest
             stored = stored[-1] if stored else None
@@ -250,67 +199,22 @@ class AlphaDecayCallback(TrainerCallback, ExportableState):
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any
     ) -> None:
-        from layerwise.decay import AlphaDecay
-
         if model is None or optimizer is None:
             raise ValueError("AlphaDecayCallback needs the Trainer's model and optimizer at on_train_begin")
-        if self.decay is not None:  # a second train() call: detach the old controller
-            self.decay.remove()
-            self.decay = None
-        opt = unwrap_optimizer(optimizer)
-        a = self._args
         resuming = state.global_step > 0
         saved = self._saved_state(state) if resuming else None
-        if saved is not None and not (isinstance(saved, dict) and "controller" in saved and "wd0" in saved):
-            raise ValueError(
-                "AlphaDecayCallback: the checkpoint's saved state is malformed (needs 'controller' and 'wd0')"
+        self._pending = None
+        self.load_state_dict(saved)
+        self.attach(optimizer, model)
+        if resuming and saved is None:
+            warnings.warn(
+                f"AlphaDecayCallback: resuming at step {state.global_step} without a saved AlphaDecay state in "
+                "the checkpoint; decays were recomputed from the current weights and the step count set to "
+                "the global step",
+                stacklevel=2,
             )
-        # On resume the Trainer has already loaded the optimizer state, so the groups hold the per-module decays
-        # of the checkpoint, not the base decay: take wd0 from the saved state instead of the groups.
-        wd0 = "group" if saved is not None else a["wd0"]
-        try:
-            self.decay = AlphaDecay(
-                opt,
-                model,
-                a["interval"],
-                a["s1"],
-                a["s2"],
-                wd0=wd0,
-                estimator=a["estimator"],
-                preserve_mean=a["preserve_mean"],
-                ema=a["ema"],
-                shape_correction=a["shape_correction"],
-                select=a["select"],
-            )
-        except ValueError as e:
-            if "initial_lr" in str(e):
-                raise ValueError(
-                    "AlphaDecayCallback: the Trainer's optimizer does not hold each analysed matrix in a parameter "
-                    "group of its own, and its LR scheduler already exists; build the optimizer with "
-                    "Trainer(optimizer_cls_and_kwargs=layerwise_optimizer(...)) or "
-                    "Trainer(optimizers=(build_optimizer(model, ...), None)) (split_matrices=True, with the same "
-                    "select as this callback)"
-                ) from None
-            raise
-        if resuming:
-            if saved is not None:
-                if len(saved["wd0"]) != len(self.decay.names):
-                    raise ValueError(
-                        f"AlphaDecayCallback: the checkpoint has wd0 for {len(saved['wd0'])} matrices, the model "
-                        f"has {len(self.decay.names)} to analyse"
-                    )
-                self.decay.wd0 = [float(x) for x in saved["wd0"]]
-                self.decay.load_state_dict(saved["controller"])
-            else:
-                warnings.warn(
-                    f"AlphaDecayCallback: resuming at step {state.global_step} without a saved AlphaDecay state in "
-                    "the checkpoint; decays were recomputed from the current weights and the step count set to "
-                    "the global step",
-                    stacklevel=2,
-                )
-                self.decay.step = int(state.global_step)
-                self.decay.last_update_step = self.decay.step
-        self.resume_state = None
+            self.decay.step = int(state.global_step)
+            self.decay.last_update_step = self.decay.step
         # A checkpoint written without this callback has no entry for it; the Trainer would fail (KeyError) at
         # its next save, so register ours now.
         sc = getattr(state, "stateful_callbacks", None)
@@ -320,8 +224,7 @@ class AlphaDecayCallback(TrainerCallback, ExportableState):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if self.decay is None or logs is None:
             return
-        items = decay_log_items(self.decay.table(), self._args["prefix"], self._args["log_per_module"])
-        items[f"{self._args['prefix']}/version"] = float(self.decay.version)
+        items = self.log_items()
         logs.update(items)
         hist = getattr(state, "log_history", None)
         if hist and hist[-1].get("step") == state.global_step:
@@ -432,4 +335,5 @@ def save_merged(model: nn.Module, path: str | os.PathLike, **save_pretrained_kwa
         raise TypeError("save_merged builds the state_dict itself; do not pass state_dict=")
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"save_merged needs a transformers PreTrainedModel, got {type(model).__name__}")
-    model.save_pretrained(os.fspath(path), state_dict=merged_state_dict(model), **save_pretrained_kwargs)
+    save_pretrained = getattr(model, "save_pretrained")  # noqa: B009 - a transformers method nn.Module does not type
+    save_pretrained(os.fspath(path), state_dict=merged_state_dict(model), **save_pretrained_kwargs)

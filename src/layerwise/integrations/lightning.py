@@ -14,14 +14,16 @@ Quick start::
 Design
 ------
 * **Where the controller attaches.**  Lightning runs ``configure_optimizers`` (optimizer *and* LR scheduler)
-  inside ``strategy.setup``, before ``on_fit_start`` and before it loads a checkpoint's optimizer state.
-  :class:`AlphaDecayCallback` builds :class:`layerwise.AlphaDecay` at ``on_fit_start``: the optimizer exists,
-  its state has not been loaded yet.  Because the scheduler already exists, each analysed matrix must already
-  sit in a parameter group of its own: :func:`build_optimizer` (used by :class:`LayerwiseLM`) does that by
-  default (``split_matrices=True``).  For your own module, call :func:`build_optimizer` in
-  ``configure_optimizers`` and create the scheduler after it.
-* **State.**  The callback's ``state_dict`` (Lightning stores it in every checkpoint) holds the controller's
-  state and the base decays; ``load_state_dict`` (called by Lightning before ``on_fit_start`` on
+  inside ``strategy.setup``, before ``on_fit_start``, and loads a checkpoint's optimizer state before the first
+  step.  :class:`AlphaDecayCallback` builds :class:`layerwise.AlphaDecay` at ``on_fit_start``; build order does
+  not matter, since the controller never regroups the optimizer and only writes ``weight_decay``.  It needs
+  each analysed matrix in a parameter group of its own: :class:`LayerwiseLM` builds that layout when the
+  trainer has an :class:`AlphaDecayCallback` (``per_matrix=None``: the callback's
+  :attr:`~AlphaDecayCallback.per_matrix`); for your own module, call
+  ``build_optimizer(module, ..., per_matrix=True)`` in ``configure_optimizers``.  Another layout raises
+  :class:`layerwise.GroupLayoutError`, which names the call.
+* **State.**  The callback's ``state_dict`` (Lightning stores it in every checkpoint) is exactly
+  ``AlphaDecay.state_dict()``; ``load_state_dict`` (called by Lightning before ``on_fit_start`` on
   ``fit(ckpt_path=...)``) keeps it until the controller exists.  Resumed equals uninterrupted.
 * **Step counting.**  The controller counts steps of the raw ``torch.optim.Optimizer`` with a step post-hook
   (Lightning's ``LightningOptimizer`` is unwrapped), i.e. real optimizer steps: gradient accumulation and
@@ -37,7 +39,7 @@ This module never imports ``layerwise.lab``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -45,7 +47,13 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from layerwise.integrations._common import OPTIMIZERS, build_optimizer, decay_log_items, unwrap_optimizer
+from layerwise.integrations._common import (
+    OPTIMIZERS,
+    DecayCallbackBase,
+    build_optimizer,
+    optimizer_kwargs,
+    unwrap_optimizer,
+)
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "AlphaDecayCallback", "WeightDecayMonitor", "LayerwiseLM"]
 
@@ -55,97 +63,48 @@ def _log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int) -
         logger.log_metrics(metrics, step=step)
 
 
-class AlphaDecayCallback(pl.Callback):
+class AlphaDecayCallback(DecayCallbackBase, pl.Callback):
     """:class:`layerwise.AlphaDecay` as a Lightning callback (per-module weight decay from spectral α).
 
     Args:
-        interval, s1, s2, wd0, estimator, preserve_mean, ema, shape_correction, select: as in
-            :class:`layerwise.AlphaDecay`.
+        interval, log_per_module, prefix, **options: see :class:`~layerwise.integrations._common.DecayCallbackBase`
+            (``options`` are :class:`layerwise.AlphaDecay`'s keywords).
         optimizer_index: which of ``trainer.optimizers`` to control.
-        log_per_module: log ``{prefix}/alpha/{name}`` and ``{prefix}/weight_decay/{name}`` (the summary
-            ``{prefix}/alpha_mean|min|max`` and ``{prefix}/weight_decay_mean|min|max`` are always logged).
-        prefix: metric-name prefix.
 
     Attributes:
         decay: the controller (``None`` before ``fit`` starts); ``decay.table()`` lists α and λ per matrix.
     """
 
+    layout_advice = (
+        "LayerwiseLM builds it when the trainer has this callback; in your own configure_optimizers use "
+        "layerwise.integrations.lightning.build_optimizer(module, ..., per_matrix={0})"
+    )
+
     def __init__(
         self,
         interval: int = 500,
-        s1: float = 0.6666,
-        s2: float = 3.0,
         *,
-        wd0: float | str | None = None,
-        estimator: str = "hill",
-        preserve_mean: bool = False,
-        ema: float | None = None,
-        shape_correction: bool = False,
-        select: Any = None,
         optimizer_index: int = 0,
         log_per_module: bool = True,
         prefix: str = "alphadecay",
+        **options: Any,
     ) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
         if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
             raise ValueError(f"optimizer_index must be an integer >= 0, got {optimizer_index!r}")
-        self.options = dict(
-            interval=interval,
-            s1=s1,
-            s2=s2,
-            wd0=wd0,
-            estimator=estimator,
-            preserve_mean=preserve_mean,
-            ema=ema,
-            shape_correction=shape_correction,
-            select=select,
-        )
+        super().__init__(interval, log_per_module=log_per_module, prefix=prefix, **options)
         self.optimizer_index = optimizer_index
-        self.log_per_module = bool(log_per_module)
-        self.prefix = str(prefix)
-        self.decay: Any = None
-        self._pending: dict | None = None
         self._logged_version: int | None = None
 
     # lifecycle ---------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from layerwise.decay import AlphaDecay
-
         if self.optimizer_index >= len(trainer.optimizers):
             raise ValueError(
                 f"AlphaDecayCallback optimizer_index={self.optimizer_index} but the trainer has "
                 f"{len(trainer.optimizers)} optimizer(s)"
             )
-        if self.decay is not None:
-            self.decay.remove()
-        opt = unwrap_optimizer(trainer.optimizers[self.optimizer_index])
-        opts = dict(self.options)
-        if self._pending is not None:
-            opts["wd0"] = "group"  # replaced by the saved base decays below
-        try:
-            self.decay = AlphaDecay(opt, pl_module, opts.pop("interval"), opts.pop("s1"), opts.pop("s2"), **opts)
-        except ValueError as e:
-            if "initial_lr" in str(e):
-                raise ValueError(
-                    "AlphaDecayCallback: the optimizer does not hold each analysed matrix in a parameter group of "
-                    "its own and configure_optimizers already created an LR scheduler; build the optimizer with "
-                    "layerwise.integrations.lightning.build_optimizer(module, ...) (split_matrices=True, same "
-                    "select as this callback)"
-                ) from None
-            raise
-        if self._pending is not None:
-            saved, self._pending = self._pending, None
-            if len(saved["wd0"]) != len(self.decay.names):
-                raise ValueError(
-                    f"AlphaDecayCallback: the checkpoint has wd0 for {len(saved['wd0'])} matrices, the model has "
-                    f"{len(self.decay.names)} to analyse"
-                )
-            self.decay.wd0 = [float(x) for x in saved["wd0"]]
-            self.decay.load_state_dict(saved["controller"])
-            self._logged_version = self.decay.version  # already logged before the checkpoint
-        else:
-            self._logged_version = None
+        resumed = self._pending is not None
+        self.attach(trainer.optimizers[self.optimizer_index], pl_module)
+        self._logged_version = self.decay.version if resumed else None  # a resumed version was logged before
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -164,23 +123,7 @@ class AlphaDecayCallback(pl.Callback):
             return
         self._logged_version = self.decay.version
         if trainer.loggers:
-            items = decay_log_items(self.decay.table(), self.prefix, self.log_per_module)
-            _log_to_loggers(trainer, items, step=trainer.global_step)
-
-    # state -------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """``{"controller": AlphaDecay state dict, "wd0": base decay per analysed matrix}`` (empty before fit)."""
-        if self.decay is not None:
-            return {"controller": self.decay.state_dict(), "wd0": [float(x) for x in self.decay.wd0]}
-        return dict(self._pending) if self._pending is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the state until the controller is built at ``on_fit_start`` (Lightning calls this before)."""
-        if not state_dict:
-            return
-        if "controller" not in state_dict or "wd0" not in state_dict:
-            raise ValueError("AlphaDecayCallback state dict needs keys 'controller' and 'wd0'")
-        self._pending = dict(state_dict)
+            _log_to_loggers(trainer, self.log_items(), step=trainer.global_step)
 
 
 class WeightDecayMonitor(pl.Callback):
@@ -252,7 +195,10 @@ class WeightDecayMonitor(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.logging_interval != "step" or trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
+        if (
+            self.logging_interval != "step"
+            or trainer.global_step % max(1, getattr(trainer, "log_every_n_steps", 1)) != 0
+        ):
             return
         self.last = self.extract(trainer)
         _log_to_loggers(trainer, self.last, step=trainer.global_step)
@@ -275,8 +221,10 @@ class LayerwiseLM(pl.LightningModule):
 
     Args:
         model: the causal LM.
-        optimizer, lr, weight_decay, betas, eps, scaling, multiplier_weight_decay, optimizer_options: passed to
-            :func:`build_optimizer` (``weight_decay``: PyTorch's coupled convention ``θ ← θ·(1 − lr·λ)``).
+        optimizer, lr, weight_decay, **optimizer_options: passed to :func:`build_optimizer` (``weight_decay``:
+            PyTorch's coupled convention ``θ ← θ·(1 − lr·λ)``; ``optimizer_options``: ``betas``, ``eps``,
+            ``scaling``, ``multiplier_weight_decay``, ... and the optimizer's own options such as AlphaAdam's
+            ``fast``), checked now.
         multipliers: ``None`` or a kind (``"rowcol"``, ``"row"``, ``"col"``, ``"scalar"``) — adds learnable
             multipliers (:func:`layerwise.add_multipliers`, ``placement``) at construction.
         placement: multiplier placement (``"paper"`` or ``"symmetry_free"``).
@@ -285,8 +233,9 @@ class LayerwiseLM(pl.LightningModule):
             ``"wsd"``, ``"linear"``, ``"constant"``) to ``min_lr_ratio·lr`` at ``total_steps``; ``decay_frac`` /
             ``decay_shape`` shape WSD's cool-down.  ``total_steps=None``: constant after warm-up (only with
             ``cosine`` or ``constant``).  Stepped every optimizer step.
-        split_matrices, decay_select: see :func:`build_optimizer` (keep the default for
-            :class:`AlphaDecayCallback`).
+        per_matrix: the group layout (:func:`layerwise.param_groups`); ``None`` (default): the layout the
+            trainer's :class:`AlphaDecayCallback` needs (its :attr:`~AlphaDecayCallback.per_matrix`), or no
+            per-matrix groups when it has none.
 
     Gradient clipping (``Trainer(gradient_clip_val=...)``, norm algorithm) leaves multipliers out of the global
     norm (:func:`layerwise.clip_grad_norm_` with ``exclude=``), as the multipliers paper recommends.
@@ -299,27 +248,21 @@ class LayerwiseLM(pl.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 0.1,
         *,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        scaling: Any = None,
         multipliers: str | None = None,
         placement: str = "paper",
-        multiplier_weight_decay: float = 2e-3,
         warmup_steps: int = 0,
         total_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         schedule: str = "cosine",
         decay_frac: float = 0.2,
         decay_shape: str = "linear",
-        split_matrices: bool = True,
-        decay_select: Any = None,
-        optimizer_options: dict[str, Any] | None = None,
+        per_matrix: Any = None,
+        **optimizer_options: Any,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+        self.optimizer_kwargs = optimizer_kwargs(name=optimizer, lr=lr, weight_decay=weight_decay, **optimizer_options)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= warmup_steps):
@@ -340,13 +283,7 @@ class LayerwiseLM(pl.LightningModule):
             from layerwise.multipliers import add_multipliers
 
             self.multiplier_params = add_multipliers(self.model, kind=multipliers, placement=placement)
-        self.optimizer_name = optimizer
-        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
-        self.scaling = scaling
-        self.multiplier_weight_decay = multiplier_weight_decay
-        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
-        self.split_matrices, self.decay_select = split_matrices, decay_select
-        self.optimizer_options = dict(optimizer_options or {})
+        self.per_matrix = per_matrix
 
     # model -------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -360,12 +297,12 @@ class LayerwiseLM(pl.LightningModule):
     def _loss(self, batch: Any) -> torch.Tensor:
         if isinstance(batch, dict):
             x = batch["input_ids"]
-            labels = batch.get("labels", x)
-            logits = self(x)[:, :-1]
+            labels = batch["labels"] if "labels" in batch else x
+            logits = cast(torch.Tensor, self(x))[:, :-1]
             y = labels[:, 1:]
         elif isinstance(batch, (tuple, list)) and len(batch) == 2:
             x, y = batch
-            logits = self(x)
+            logits = cast(torch.Tensor, self(x))
         else:
             raise TypeError("batch must be (inputs, targets) or a dict with 'input_ids' (and optional 'labels')")
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
@@ -385,20 +322,17 @@ class LayerwiseLM(pl.LightningModule):
         """The LR schedule's multiplier at optimizer step ``step`` (0-based; :class:`layerwise.schedules.Schedule`)."""
         return self._schedule(step)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        opt = build_optimizer(
-            self,
-            self.optimizer_name,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            betas=self.betas,
-            eps=self.eps,
-            scaling=self.scaling,
-            multiplier_weight_decay=self.multiplier_weight_decay,
-            split_matrices=self.split_matrices,
-            decay_select=self.decay_select,
-            **self.optimizer_options,
-        )
+    def group_layout(self) -> Any:
+        """The ``per_matrix`` the optimizer is built with: the module's own, else the one the trainer's
+        :class:`AlphaDecayCallback` needs, else ``False``."""
+        if self.per_matrix is not None:
+            return self.per_matrix
+        trainer = self._trainer
+        needs = [cb.per_matrix for cb in getattr(trainer, "callbacks", []) if isinstance(cb, AlphaDecayCallback)]
+        return needs[0] if needs else False
+
+    def configure_optimizers(self) -> Any:
+        opt = build_optimizer(self, **dict(self.optimizer_kwargs, per_matrix=self.group_layout()))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: self._schedule(s))  # state: the step count only
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 

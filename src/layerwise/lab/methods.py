@@ -52,8 +52,12 @@ def width_rule(cfg: Config, model_cfg, model: nn.Module | None = None) -> Any:
 
 
 def build_param_groups(model: nn.Module, cfg: Config, model_cfg) -> list[dict]:
+    """The run's parameter groups; with one group per controlled matrix when the configured decay controller
+    sets per-matrix decays (the layout it needs: controllers never regroup an optimizer)."""
+    from layerwise.decay import per_matrix_for
     from layerwise.optim import param_groups
 
+    name, opts = decay_options(cfg)
     return param_groups(
         model,
         lr=cfg.optim.lr,
@@ -61,6 +65,7 @@ def build_param_groups(model: nn.Module, cfg: Config, model_cfg) -> list[dict]:
         scaling=width_rule(cfg, model_cfg, model),
         multiplier_weight_decay=cfg.optim.multiplier_weight_decay,
         multiplier_lr_scale=cfg.optim.multiplier_lr_scale,
+        per_matrix=False if name == "none" else per_matrix_for(name, **opts),
     )
 
 
@@ -85,20 +90,16 @@ def build_optimizer(model: nn.Module, cfg: Config, model_cfg, device: str):
 
 
 # ------------------------------------------------------------------------------------ decay control
-def build_decay(optimizer, model: nn.Module, cfg: Config):
-    """The configured controller (``decay.name``: ``"none"`` or a name of
-    :data:`layerwise.decay.DECAY_CONTROLLERS`, the one registry of controller names)."""
+def decay_options(cfg: Config) -> tuple[str, dict[str, Any]]:
+    """The configured controller's name (``"none"`` or a name of :data:`layerwise.decay.DECAY_CONTROLLERS`,
+    the one registry of controller names) and its constructor options."""
     from layerwise.decay import DECAY_CONTROLLERS
-    from layerwise.decay import build_decay as _build
 
     d = cfg.decay
     if d.name != "none" and d.name not in DECAY_CONTROLLERS:
         raise ConfigError(
             f"decay.name: unknown controller {d.name!r}; choose one of {['none', *sorted(DECAY_CONTROLLERS)]}"
         )
-    if d.name == "none":
-        return None
-
     opts: dict[str, Any] = {}
     if d.name == "alphadecay":
         opts = dict(
@@ -121,10 +122,20 @@ def build_decay(optimizer, model: nn.Module, cfg: Config):
         opts = dict(interval=d.interval, slope=d.slope, norm=d.adadecay_norm, modules=d.modules)
     elif d.name == "awd":
         opts = dict(lambda_awd=_lambda_awd(d.lambda_awd))
+    return d.name, opts
+
+
+def build_decay(optimizer, model: nn.Module, cfg: Config):
+    """The configured controller (:func:`decay_options`), or None for ``decay.name = "none"``."""
+    from layerwise.decay import build_decay as _build
+
+    name, opts = decay_options(cfg)
+    if name == "none":
+        return None
     try:
-        return _build(d.name, optimizer, model, **opts)
+        return _build(name, optimizer, model, **opts)
     except ValueError as e:
-        raise ConfigError(f"decay ({d.name}): {e}") from None
+        raise ConfigError(f"decay ({name}): {e}") from None
 
 
 def _lambda_awd(value: str):

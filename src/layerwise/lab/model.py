@@ -226,9 +226,12 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(idx)
         for block in self.layers:
             x = block(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
+        h = self.norm(x)
         if self.config.width_mult != 1.0:
-            logits = logits * self.readout_mult
+            # the μP readout multiplier, applied to the head's input: (h/m)·Wᵀ = (h·Wᵀ)/m, and h has
+            # hidden_size entries per token where the logits have vocab_size (8-60x fewer to scale, fwd and bwd)
+            h = h * self.readout_mult
+        logits = self.lm_head(h)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from layerwise import anatomy as _anatomy
 from layerwise.anatomy import ParamInfo
 from layerwise.names import canonical_name
 from layerwise.scaling.rules import PARAM_CLASSES, WD_CONVENTIONS, WidthScaling, width_class
+
+if TYPE_CHECKING:
+    from layerwise.decay._base import PerMatrix
 
 __all__ = ["param_groups", "RuleSpec"]
 
@@ -56,7 +59,7 @@ def _nonneg(field: str, value: Any) -> float:
 
 def _named(model_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
     """Canonical (name, tensor) pairs of the trainable parameters, deduplicated by identity (first name wins)."""
-    items: list[Any]
+    items: list[tuple[str, torch.Tensor]]
     if isinstance(model_or_named_params, nn.Module):
         items = list(model_or_named_params.named_parameters())
     else:
@@ -143,6 +146,30 @@ def _compile_rules(rules: Sequence[tuple[str, RuleSpec]] | None) -> list[tuple[r
     return compiled
 
 
+def _per_matrix_units(model: Any, per_matrix: PerMatrix) -> dict[int, tuple[str, bool]]:
+    """``id(tensor) -> (name of its controlled matrix, whether it is that matrix)`` for ``per_matrix``."""
+    if per_matrix is False or per_matrix is None:
+        return {}
+    if not isinstance(model, nn.Module):
+        raise TypeError("param_groups(per_matrix=...) needs the model (its modules), not (name, tensor) pairs")
+    from layerwise.decay._base import controlled_units
+
+    units = controlled_units(model, per_matrix, controller="param_groups(per_matrix=...)")
+    return {id(t): (u.name, t is u.weight) for u in units for t in u.tensors}
+
+
+def _check_unit(g: dict[str, Any] | None, name: str, unit: tuple[str, bool], lr: float, keys: dict[str, Any]) -> None:
+    """A matrix and its bias share one group: same lr required; the matrix's keys are recorded to win."""
+    if g is not None and g["lr"] != lr:
+        raise ValueError(
+            f"param_groups(per_matrix='authors') puts {name} in one group with {unit[0]}, but their learning "
+            f"rates differ ({lr} vs {g['lr']}: width scaling treats biases and matrices differently); "
+            "use per_matrix=True (biases keep their own groups)"
+        )
+    if unit[1] and g is not None:
+        g["_matrix"] = keys
+
+
 def param_groups(
     model_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]],
     lr: float,
@@ -154,6 +181,7 @@ def param_groups(
     no_decay: Sequence[str] = ("norm", "bias", "multiplier"),
     rules: Sequence[tuple[str, RuleSpec]] | None = None,
     default_rules: bool = True,
+    per_matrix: PerMatrix = False,
     wd_convention: str | None = None,
 ) -> list[dict[str, Any]]:
     """Build ``torch.optim`` parameter groups: one group per class (or user label) and hyper-parameters.
@@ -189,6 +217,15 @@ def param_groups(
             ``s_t = lr_t / lr_peak``; torch's group ``weight_decay`` = λ / group lr); ``None`` = the rule's
             ``wd_convention``, else ``"coupled"``.  A width rule's factors keep the same per-step shrink in both
             conventions (:meth:`~layerwise.scaling.WidthScaling.shrink_mult`).
+        per_matrix: one group for each matrix a weight-decay controller sets a decay for (the layout
+            :class:`layerwise.AlphaDecay`, ``TypeDecay`` and ``AdaDecay`` need; controllers never regroup an
+            optimizer): ``True`` (or ``"blocks"``) = every block matrix of :func:`layerwise.anatomy` (the
+            controllers' default); ``"authors"`` = the AlphaDecay authors' module set (every ``nn.Linear`` but
+            the first and the last), each matrix with its module's bias, which takes the matrix's ``lr`` and
+            ``weight_decay``; a regex, a callable ``(name, tensor) -> bool`` or a list of names = the matrices
+            a controller's ``select=`` picks; ``False`` (default): none.  Needs a model (not name pairs).
+            :func:`layerwise.decay.per_matrix_for` gives the value a controller built with given options needs.
+            A per-matrix group keeps the label, class and hyper-parameters its matrix would have had.
 
     Raises:
         ValueError: with ``scaling``, parameters the anatomy cannot classify (role ``other``) and no rule
@@ -218,6 +255,7 @@ def param_groups(
     compiled = _compile_rules(rules)
 
     named = _named(model_or_named_params)
+    unit_of = _per_matrix_units(model_or_named_params, per_matrix)
     an = _anatomy.anatomy(model_or_named_params if isinstance(model_or_named_params, nn.Module) else dict(named))
     if scaling is not None:
         scaling.check_model(model_or_named_params if isinstance(model_or_named_params, nn.Module) else named, an)
@@ -279,7 +317,12 @@ def param_groups(
             g_wd = g_wd / g_lr if g_lr > 0 else 0.0
         lr_scale = g_lr / lr if lr > 0 else (multiplier_lr_scale if cls == "multiplier" else 1.0) * lr_factor
 
-        key = (label, cls, g_lr, g_wd)
+        key: tuple = (label, cls, g_lr, g_wd)
+        unit = unit_of.get(id(p))
+        if unit is not None:  # a controlled matrix, alone or with its module's bias
+            key = ("per_matrix", unit[0])
+            own = dict(group=label, param_class=cls, weight_decay=g_wd, wd_scale=wd_factor)
+            _check_unit(groups.get(key), name, unit, g_lr, own)
         g = groups.get(key)
         if g is None:
             g = groups[key] = {
@@ -297,6 +340,8 @@ def param_groups(
         g["param_names"].append(name)
 
     out = list(groups.values())
+    for g in out:  # a per-matrix group takes its matrix's label, class and decay (whichever tensor came first)
+        g.update(g.pop("_matrix", {}))
     total = sum(len(g["params"]) for g in out)
     if total != len(named) or len({id(p) for g in out for p in g["params"]}) != total:
         raise ValueError("internal error: parameter groups do not cover every trainable parameter exactly once")

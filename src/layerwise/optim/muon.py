@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -75,9 +75,9 @@ def muon_param_groups(
     (vector-like: norms, biases, SSM vectors, depthwise convs: AdamW, no decay),
     ``"multiplier"`` (AdamW, ``multiplier_weight_decay``).
     """
-    buckets: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    buckets: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for r in _anatomy.anatomy(model):
-        if not r.trainable:
+        if not r.trainable or r.tensor is None:
             continue
         label = _MUON_LABEL.get(r.role) or ("vector" if r.vector_like or r.ndim < 2 else "other")
         buckets.setdefault(label, []).append((r.name, r.tensor))
@@ -148,7 +148,7 @@ class MuonAdamW(Optimizer):
                 adam_parts.append(a)
         if not muon_parts and not adam_parts:
             raise ValueError("MuonAdamW got an empty parameter list")
-        self._muon_kwargs = dict(
+        self._muon_kwargs: dict[str, Any] = dict(
             lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,
@@ -158,7 +158,7 @@ class MuonAdamW(Optimizer):
             ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn,
         )
-        self._adam_kwargs = dict(
+        self._adam_kwargs: dict[str, Any] = dict(
             lr=adam_lr if adam_lr is not None else lr,
             betas=adam_betas,
             eps=adam_eps,
@@ -366,13 +366,14 @@ def has_sharded_params(muon: Optimizer) -> bool:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local tensor of a DTensor (an alias: in-place ops write through), or ``t`` itself."""
-    return t.to_local() if _is_dtensor(t) else t
+    return cast(Any, t).to_local() if _is_dtensor(t) else t
 
 
-def _shard_dim(p: torch.Tensor, name: str) -> int | None:
+def _shard_dim(t: torch.Tensor, name: str) -> int | None:
     """The sharded dim of a DTensor on a 1-D mesh (None: replicated, or a plain tensor)."""
-    if not _is_dtensor(p):
+    if not _is_dtensor(t):
         return None
+    p: Any = t  # a DTensor
     if p.device_mesh.ndim != 1 or len(p.placements) != 1:
         raise NotImplementedError(
             f"MuonAdamW: parameter {name} is a DTensor on a {p.device_mesh.ndim}-D mesh with placements "
@@ -497,12 +498,12 @@ def sharded_muon_step(muon: Optimizer) -> None:
     # 5. every rank applies its shard (coupled decay with the unadjusted lr, as torch.optim.Muon)
     for j in jobs:
         g = j["group"]
-        ortho = j.get("ortho")
-        if ortho is None:  # replicated / plain / one-rank mesh: the whole matrix is here
-            ortho = newton_schulz(j["update"], g["ns_coefficients"], g["ns_steps"], g["eps"])
+        step: torch.Tensor | None = j.get("ortho")
+        if step is None:  # replicated / plain / one-rank mesh: the whole matrix is here
+            step = newton_schulz(j["update"], g["ns_coefficients"], g["ns_steps"], g["eps"])
         p = _local(j["p"])
         p.mul_(1 - j["lr"] * g["weight_decay"])
-        p.add_(ortho, alpha=-adjusted_lr(j["lr"], g["adjust_lr_fn"], j["p"].shape))
+        p.add_(step, alpha=-adjusted_lr(j["lr"], g["adjust_lr_fn"], j["p"].shape))
 
 
 __all__ = [
