@@ -140,8 +140,8 @@ def test_hf_config_errors(hf_dirs, corpus_file, tmp_path):
     transformers.ViTConfig().save_pretrained(str(tmp_path / "vit"))
     with pytest.raises(ConfigError, match="not a causal LM"):
         build(f"model.hf_config={tmp_path / 'vit'}")
-    with pytest.raises(ConfigError, match="parametrization"):
-        build(f"model.hf_config={hf_dirs['llama']}", "model.parametrization=mup")
+    with pytest.raises(ConfigError, match="parametrization='mup' builds a fresh"):
+        build(f"model.init_from={hf_dirs['llama']}", "model.parametrization=mup")
     with pytest.raises(ConfigError, match="exceeds the model's 64 positions"):
         build(f"model.hf_config={hf_dirs['llama']}", "data.seq_len=128")
     with pytest.warns(UserWarning, match="vocab_size .* replaced by the data tokenizer's 300"):
@@ -149,19 +149,24 @@ def test_hf_config_errors(hf_dirs, corpus_file, tmp_path):
     assert model.get_input_embeddings().weight.shape[0] == 300
 
 
-def test_sweep_resizes_an_hf_config(hf_dirs, corpus_file, tmp_path):
-    from layerwise.lab.sweep import sweep
-
-    over = [
+def sweep_overrides(corpus, hf_dir):
+    """Two-step runs of an HF config, for the sweep tests."""
+    return [
         "train.progress=false",
         "train.tensorboard=false",
-        f"data.corpus={corpus_file}",
+        f"data.corpus={corpus}",
         "train.max_steps=2",
         "train.eval_every=0",
         "train.log_every=1",
         "train.batch_size=2",
-        f"model.hf_config={hf_dirs['qwen2']}",
+        f"model.hf_config={hf_dir}",
     ]
+
+
+def test_sweep_resizes_an_hf_config(hf_dirs, corpus_file, tmp_path):
+    from layerwise.lab.sweep import sweep
+
+    over = sweep_overrides(corpus_file, hf_dirs["qwen2"])
     res = sweep("smoke", [32, 64], [3e-3], [0.1], ["sp"], tmp_path / "sw", overrides=over, quiet=True)
     assert res["widths"] == [32, 64]
     for w, heads in ((32, 1), (64, 2)):
@@ -169,3 +174,54 @@ def test_sweep_resizes_an_hf_config(hf_dirs, corpus_file, tmp_path):
         assert (c["hidden_size"], c["num_attention_heads"], c.get("head_dim", w // heads)) == (w, heads, 32)
     with pytest.raises(ConfigError, match="cannot resize"):
         build_hf_model(base_cfg(corpus_file, f"model.init_from={hf_dirs['qwen2']}", "model.hidden_size=64"), 300)
+
+
+def test_sweep_mup_on_an_hf_config_and_export(hf_dirs, corpus_file, tmp_path):
+    """μP on an HF config: each width is made μP by WidthScaling.from_models against the sweep's base width
+    (the optimizer's groups use its per-tensor factors), and the export folds the readout multiplier."""
+    from layerwise.lab.methods import build_param_groups
+    from layerwise.lab.sweep import sweep
+    from layerwise.scaling.model_side import applied
+
+    over = sweep_overrides(corpus_file, hf_dirs["llama"])
+    res = sweep("smoke", [32, 64], [3e-3], [0.1], ["mup-sqrtwd"], tmp_path / "sw", overrides=over, quiet=True)
+    assert set(res["parametrizations"]["mup-sqrtwd"]["grids"]) == {"32", "64"}
+    run = tmp_path / "sw" / "mup-sqrtwd" / "w64" / "lr0.003_wd0.1" / "seed0"
+    model, cfg, _ = load_run_model(run)
+    state = applied(model)
+    assert state is not None and state.rule.per_tensor and set(state.hooks) == {"lm_head"}
+    groups = {n: g for g in build_param_groups(model, cfg, None) for n in g["param_names"]}
+    q = groups["model.layers.0.self_attn.q_proj.weight"]
+    assert (q["lr"], q["weight_decay"]) == (pytest.approx(3e-3 / 2), pytest.approx(0.1 * 2**0.5))
+    assert groups["lm_head.weight"]["lr"] == pytest.approx(3e-3)
+    out = export_run(run, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-5
+    assert json.loads((out / "layerwise_export.json").read_text())["parametrization"] == "mup"
+
+
+@pytest.mark.parametrize(
+    "hidden, heads, kv, base, expect",
+    [
+        (256, 8, 8, 64, (64, 192, 2, 2, 32)),  # heads in proportion: the head size kept (as the sweep's widths)
+        (128, 4, 2, 32, (32, 96, 4, 2, 8)),  # kv heads would be 0.5: neither changes, the head size shrinks
+        (128, 4, 4, -4, (32, 96, 1, 1, 32)),  # a negative base divides the hidden size
+    ],
+)
+def test_base_hf_config(hidden, heads, kv, base, expect):
+    from layerwise.lab.hf_models import base_hf_config
+
+    cfg = C.resolve("smoke", None, [f"model.base_hidden_size={base}", "model.parametrization=mup"])
+    config = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hidden // heads,
+    )
+    out = base_hf_config(cfg, config)
+    got = (out.hidden_size, out.intermediate_size, out.num_attention_heads, out.num_key_value_heads, out.head_dim)
+    assert got == expect
+    assert config.hidden_size == hidden  # the run's config is not changed

@@ -10,7 +10,11 @@
   readout multiplier ``1/m`` is folded into ``lm_head.weight`` and a μP attention scale ``1/head_dim`` into
   ``q_proj.weight`` (×``1/sqrt(head_dim)``: HF Llama scales by ``1/sqrt(head_dim)``), both exact up to float
   rounding;
-* an HF-model run (``model.hf_config`` / ``model.init_from``) is saved in its own architecture and config.
+* an HF-model run (``model.hf_config`` / ``model.init_from``) is saved in its own architecture and config;
+  under μP (``model.parametrization = "mup"``) the readout multiplier and attention scale that
+  :meth:`layerwise.WidthScaling.apply_` attached are folded into the head and query weights
+  (:meth:`~layerwise.WidthScaling.fold_`; a tied head or a fused qkv whose head size grew is an error), and a
+  config-held multiplier (Falcon-H1's ``lm_head_multiplier``) is saved in the config.
 
 The weights are the run's last checkpoint (``checkpoints/last.pt``, or the sharded ``last.dcp/`` of an FSDP
 run).  The folder is written under a temporary name and renamed, so an interrupted export leaves nothing that
@@ -20,6 +24,7 @@ looks complete; an existing export at ``OUT_DIR`` is replaced, any other non-emp
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -132,7 +137,7 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, Any, dict]:
     """(the run's model as trained — multipliers unmerged, trainer forward ``model(idx) -> logits`` —, its
     :class:`~layerwise.lab.config.Config`, checkpoint info ``{"step", "model_config"}``), in eval mode, CPU."""
     from layerwise.lab import methods
-    from layerwise.lab.hf_models import as_trainer_lm, run_hf_config
+    from layerwise.lab.hf_models import apply_mup, as_trainer_lm, run_hf_config
     from layerwise.lab.model import ModelConfig
     from layerwise.lab.train import run_config
 
@@ -143,7 +148,9 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, Any, dict]:
     if hf_config is not None:
         from transformers import AutoModelForCausalLM
 
-        model = as_trainer_lm(AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32))
+        model = as_trainer_lm(AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=torch.float32))
+        if cfg.model.parametrization == "mup":
+            apply_mup(cfg, model, hf_config, init="keep")  # hooks and scales; the weights come next
     else:
         if not state["model_config"]:
             raise ExportError(f"{run_dir}: the checkpoint records no model_config")
@@ -216,8 +223,8 @@ def _plain_model(run_dir: Path):
     """(plain HF model with merged weights, its config, cfg, info)."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
-    from layerwise.lab.hf_models import run_hf_config
     from layerwise.multipliers import merge_multipliers
+    from layerwise.scaling.model_side import applied
 
     model, cfg, info = load_run_model(run_dir)
     probe = torch.randint(0, _vocab(model), (1, min(16, cfg.data.seq_len)), generator=torch.Generator().manual_seed(0))
@@ -227,8 +234,15 @@ def _plain_model(run_dir: Path):
     if isinstance(model, LlamaModel):  # the reference model: a run without hf_config.json
         config, sd = _reference_to_llama(model)
         plain = LlamaForCausalLM(config)
-    elif isinstance(model, PreTrainedModel):  # an HF-model run: its config is RUN_DIR/hf_config.json
-        config = run_hf_config(run_dir)
+    elif isinstance(model, PreTrainedModel):  # an HF-model run
+        mup = applied(model)
+        if mup is not None:  # μP readout multiplier and attention scale into the weights (config-held ones stay)
+            try:
+                mup.rule.fold_(model)
+            except ValueError as e:
+                raise ExportError(f"{run_dir}: {e}") from None
+        # the model's own config: apply_ may have set a config-held multiplier (Falcon-H1's lm_head_multiplier)
+        config = copy.deepcopy(model.config)
         _check_ties(model, config)
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -314,8 +328,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
             "parametrization": cfg.model.parametrization,
             "seed": cfg.train.seed,
         }
-        if cfg.model.parametrization == "mup" and not cfg.model.hf_config:
-            record["folded"] = "muP readout multiplier in lm_head.weight; attention scale in q_proj.weight"
+        if cfg.model.parametrization == "mup":
+            record["folded"] = "muP readout multiplier in the head weight; attention scale in the query projection" + (
+                "; config-held multipliers in config.json" if cfg.model.hf_config else ""
+            )
         (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=1))
         from layerwise.lab.data import replace_dir
 

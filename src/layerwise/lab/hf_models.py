@@ -12,12 +12,22 @@ same names it would see on the user's model.  Only ``forward`` is adapted to the
 by swapping the instance's class for a subclass of its own class (:func:`as_trainer_lm`); the exported model
 (``layerwise export``) is the plain class again.
 
+μP (``model.parametrization = "mup"``, ``layerwise sweep --parametrization mup*``): the model is built as
+usual, then made μP by the library, :meth:`layerwise.WidthScaling.from_models` against the same architecture
+at ``model.base_hidden_size`` (built on the meta device: the config with that hidden size, the FFN size in
+proportion and the head size kept — the number of heads in proportion where it divides, as the sweep's
+widths do) and ``rule.apply_(model)`` (init, readout multiplier, attention scale where the head size grows).
+The rule then builds the parameter groups (:func:`layerwise.lab.methods.width_rule`).  The run records the
+config *before* μP (a config-held multiplier such as Falcon-H1's ``lm_head_multiplier`` is re-derived on load);
+``layerwise export`` folds the readout multiplier and attention scale into the weights.
+
 Vocabulary: the embedding is sized to the data's tokenizer.  A config whose ``vocab_size`` differs is resized
 with a warning (``from_config``); weights loaded by ``init_from`` must cover the tokenizer (else an error).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -87,10 +97,10 @@ def max_positions(config) -> int | None:
 def resolve_hf_config(cfg: Config, vocab_size: int):
     """The HF config a run builds: ``hf_config`` (else ``init_from``'s), vocab sized to the data's tokenizer."""
     m = cfg.model
-    if m.parametrization != "sp":
+    if m.parametrization != "sp" and m.init_from:
         raise ConfigError(
-            "model.parametrization='mup' is only implemented for the reference model; with "
-            "model.hf_config / model.init_from use parametrization='sp'"
+            "model.parametrization='mup' builds a fresh μP init; it does not apply to the pretrained weights of "
+            "model.init_from (use parametrization='sp')"
         )
     field = "model.hf_config" if m.hf_config else "model.init_from"
     config = load_hf_config(m.hf_config or m.init_from, field)
@@ -156,8 +166,57 @@ def _apply_size_overrides(cfg: Config, config, field: str) -> None:
         config.head_dim = config.hidden_size // config.num_attention_heads
 
 
+def base_hf_config(cfg: Config, config):
+    """The μP base of an HF config: ``model.base_hidden_size`` (a negative value divides the hidden size, as
+    for the reference model), the FFN size in proportion, the head size kept (query and key/value heads in
+    proportion where both divide evenly, else the same heads with a smaller head size)."""
+    from layerwise.lab.methods import resolve_relative_widths
+
+    hidden = int(config.hidden_size)
+    resolve_relative_widths(cfg, hidden)
+    base = cfg.model.base_hidden_size or hidden
+    out = copy.deepcopy(config)
+    out.hidden_size = base
+    for attr in ("intermediate_size", "n_inner"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            setattr(out, attr, max(1, round(v * base / hidden)))
+            break
+    heads = {
+        a: v
+        for a in ("num_attention_heads", "num_key_value_heads")
+        if isinstance(v := getattr(config, a, None), int) and not isinstance(v, bool)
+    }
+    if heads and all((v * base) % hidden == 0 and v * base >= hidden for v in heads.values()):
+        for a, v in heads.items():  # both in proportion (the head size kept), or neither
+            setattr(out, a, v * base // hidden)
+    if isinstance(getattr(config, "head_dim", None), int):
+        out.head_dim = base // out.num_attention_heads
+    return out
+
+
+def apply_mup(cfg: Config, model: nn.Module, config, init: str = "constant") -> None:
+    """μP on an HF model built from ``config``, in place (see the module docstring); ``init="keep"`` for a
+    model about to load trained weights (:func:`layerwise.lab.export.load_run_model`)."""
+    from layerwise.scaling import WidthScaling
+
+    tr = _transformers()
+    with torch.device("meta"):
+        base = tr.AutoModelForCausalLM.from_config(base_hf_config(cfg, config), dtype=torch.float32)
+    try:
+        rule = WidthScaling.from_models(
+            model, base=base, lr_exponent=cfg.optim.lr_exponent, wd_exponent=cfg.optim.wd_exponent
+        )
+    except ValueError as e:
+        raise ConfigError(f"model.parametrization='mup' with model.base_hidden_size: {e}") from None
+    rule.apply_(model, init=init)
+
+
 def build_hf_model(cfg: Config, vocab_size: int) -> tuple[nn.Module, Any]:
-    """(trainer-ready HF model in float32, its config).  Call under the run's ``torch.manual_seed``."""
+    """(trainer-ready HF model in float32, its config).  Call under the run's ``torch.manual_seed``.
+
+    Under ``model.parametrization = "mup"`` the model is made μP (:func:`apply_mup`); the config returned is
+    the one before μP (what the run records), the model's own ``config`` the one it runs with."""
     tr = _transformers()
     config = resolve_hf_config(cfg, vocab_size)
     if cfg.model.init_from:
@@ -171,7 +230,9 @@ def build_hf_model(cfg: Config, vocab_size: int) -> tuple[nn.Module, Any]:
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.init_from: cannot load weights from {src} ({e})") from e
     else:
-        model = tr.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = tr.AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32)
+        if cfg.model.parametrization == "mup":
+            apply_mup(cfg, model, config)
     if model.get_input_embeddings().weight.shape[0] < vocab_size:  # pragma: no cover - guarded above
         raise ConfigError(f"the model's embedding has fewer rows than the tokenizer's {vocab_size} tokens")
     model.train()

@@ -30,11 +30,18 @@ def _optimizer_options(name: str, cfg: Config) -> dict[str, Any]:
     return {}
 
 
-def width_rule(cfg: Config, model_cfg) -> Any:
-    """The :class:`layerwise.WidthScaling` rule of a muP run, else None."""
+def width_rule(cfg: Config, model_cfg, model: nn.Module | None = None) -> Any:
+    """The :class:`layerwise.WidthScaling` rule of a muP run, else None: for a Hugging Face model, the
+    per-tensor rule its build applied (:func:`layerwise.lab.hf_models.build_hf_model`); for the reference
+    model, the global rule of its hidden sizes."""
     if cfg.model.parametrization != "mup":
         return None
     from layerwise.scaling import WidthScaling
+    from layerwise.scaling.model_side import applied
+
+    state = applied(model) if model is not None else None
+    if state is not None:
+        return state.rule
 
     return WidthScaling(
         base_width=model_cfg.base_hidden_size,
@@ -55,7 +62,7 @@ def build_param_groups(model: nn.Module, cfg: Config, model_cfg) -> list[dict]:
         model,
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
-        scaling=width_rule(cfg, model_cfg),
+        scaling=width_rule(cfg, model_cfg, model),
         multiplier_weight_decay=cfg.optim.multiplier_weight_decay,
         multiplier_lr_scale=cfg.optim.multiplier_lr_scale,
         per_matrix=False if name == "none" else per_matrix_for(name, **opts),

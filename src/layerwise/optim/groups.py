@@ -5,18 +5,23 @@ torchtitan-style: ordered regex rules over *canonical* names (first match wins),
 classification: the :mod:`layerwise.anatomy` role of each parameter mapped to a width class by
 :func:`layerwise.scaling.width_class`.  A parameter the anatomy cannot classify (role ``other``) is an error
 when a width rule is given (the message lists them and shows the ``rules=`` entry that assigns them); without
-one it is treated by shape (< 2 dims: vector, else matrix) and listed in one warning.  Every trainable parameter is assigned to
-exactly one group — checked: a parameter that no rule assigns or two different tensors under one name raises
-``ValueError`` naming it (a tensor reachable under two names is placed once, under its first name).
+one it is treated by shape (< 2 dims: vector, else matrix) and listed in one warning.  Every trainable
+parameter is assigned to exactly one group — checked: a parameter that no rule assigns or two different
+tensors under one name raises ``ValueError`` naming it (a tensor reachable under two names is placed once,
+under its first name).
 
 Group dicts follow the layerwise contract: ``"params"``, ``"lr"``, ``"weight_decay"``, ``"param_names"``
 (canonical names, same order as ``params``), ``"group"`` (a label: ``"embedding"``, ``"matrix"``,
 ``"readout"``, ``"vector"``, ``"multiplier"`` or a user rule's label), plus ``"param_class"`` (the width
 class used for scaling), ``"lr_scale"`` (group lr / base lr) and ``"wd_scale"`` (the factor the width rule and
-the matching user rule put on the base decay; 1.0 without either).  Optimizers must tolerate extra keys;
-``torch.optim`` does.
+the matching user rule put on the base decay; 1.0 without either) and ``"wd_convention"``.  Optimizers must
+tolerate extra keys; ``torch.optim`` does.
 
-Weight decay is PyTorch's coupled convention: one step does ``θ ← θ·(1 − lr·λ)``.
+Weight decay is PyTorch's coupled convention by default: one step does ``θ ← θ·(1 − lr·λ)``.  With
+``wd_convention="independent"`` every λ given (``weight_decay``, ``multiplier_weight_decay``, a rule's
+``weight_decay``) is a per-step shrink at the peak LR, ``θ ← θ·(1 − s_t·λ)`` with ``s_t = lr_t / lr_peak``
+the schedule's factor: the group's torch ``weight_decay`` is ``λ / lr`` of the group (0 where the group's lr
+is 0), so the shrink does not depend on the peak LR.  A group's ``"weight_decay"`` is always torch's value.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,7 +37,7 @@ from torch import nn
 from layerwise import anatomy as _anatomy
 from layerwise.anatomy import ParamInfo
 from layerwise.names import canonical_name
-from layerwise.scaling.rules import PARAM_CLASSES, WidthScaling, width_class
+from layerwise.scaling.rules import PARAM_CLASSES, WD_CONVENTIONS, WidthScaling, width_class
 
 if TYPE_CHECKING:
     from layerwise.decay._base import PerMatrix
@@ -41,7 +46,7 @@ __all__ = ["param_groups", "RuleSpec"]
 
 #: A user rule's right-hand side: a class name, or a mapping with keys among
 #: ``group`` (label), ``param_class`` (one of PARAM_CLASSES), ``lr_scale``, ``wd_scale``, ``weight_decay``.
-RuleSpec = Union[str, Mapping[str, Any]]
+RuleSpec = str | Mapping[str, Any]
 
 _SPEC_KEYS = frozenset({"group", "param_class", "lr_scale", "wd_scale", "weight_decay"})
 
@@ -177,6 +182,7 @@ def param_groups(
     rules: Sequence[tuple[str, RuleSpec]] | None = None,
     default_rules: bool = True,
     per_matrix: PerMatrix = False,
+    wd_convention: str | None = None,
 ) -> list[dict[str, Any]]:
     """Build ``torch.optim`` parameter groups: one group per class (or user label) and hyper-parameters.
 
@@ -185,10 +191,12 @@ def param_groups(
             canonicalised; frozen tensors (``requires_grad=False``) are skipped; a tensor reachable under two
             names (tied weights) is placed once, under its first name.
         lr: base learning rate.
-        weight_decay: base weight decay λ, PyTorch's coupled convention (one step does ``θ ← θ·(1 − lr·λ)``).
-        scaling: a :class:`~layerwise.scaling.WidthScaling`; multiplies each class's (lr, λ) by its factors.
-            The model's hidden size must equal ``scaling.width`` when readable (``ValueError`` otherwise).
-            ``None`` (or a rule with ``base_width == width``) gives the unscaled groups.
+        weight_decay: base weight decay λ, in ``wd_convention`` (default PyTorch's coupled ``θ ← θ·(1 − lr·λ)``).
+        scaling: a :class:`~layerwise.scaling.WidthScaling`; multiplies each tensor's (lr, λ) by its factors:
+            per class at one global ``m`` (``WidthScaling(base_width, width)``: the model's hidden size must
+            equal ``scaling.width`` when readable), or per tensor (``WidthScaling.from_models``: classes and
+            fan-in multipliers from the shapes; the parameters' shapes must be the ones the rule was built
+            from).  ``ValueError`` otherwise.  ``None`` (or a rule at the base width) gives the unscaled groups.
         multiplier_weight_decay: λ of learnable multipliers (the LRM paper's 2e-3), never width-scaled.
         multiplier_lr_scale: multipliers' LR is ``lr × multiplier_lr_scale``.
         no_decay: tokens naming parameters that do *not* take the main ``weight_decay``; a token matches the
@@ -205,6 +213,10 @@ def param_groups(
             ``weight_decay`` (this rule's base λ, replacing ``weight_decay`` / the no-decay choice; still
             width-scaled by the class factor).
         default_rules: if False, a parameter that matches no user rule is an error (``ValueError`` naming it).
+        wd_convention: ``"coupled"`` (PyTorch's ``θ ← θ·(1 − lr·λ)``) or ``"independent"`` (``θ ← θ·(1 − s_t·λ)``,
+            ``s_t = lr_t / lr_peak``; torch's group ``weight_decay`` = λ / group lr); ``None`` = the rule's
+            ``wd_convention``, else ``"coupled"``.  A width rule's factors keep the same per-step shrink in both
+            conventions (:meth:`~layerwise.scaling.WidthScaling.shrink_mult`).
         per_matrix: one group for each matrix a weight-decay controller sets a decay for (the layout
             :class:`layerwise.AlphaDecay`, ``TypeDecay`` and ``AdaDecay`` need; controllers never regroup an
             optimizer): ``True`` (or ``"blocks"``) = every block matrix of :func:`layerwise.anatomy` (the
@@ -230,16 +242,23 @@ def param_groups(
     if isinstance(no_decay, str):
         raise TypeError("no_decay must be a sequence of tokens such as ('norm', 'bias', 'multiplier'), not a str")
     no_decay = tuple(no_decay)
-    if scaling is not None:
-        if not isinstance(scaling, WidthScaling):
-            raise TypeError(f"scaling must be a WidthScaling or None, got {type(scaling).__name__}")
-        if isinstance(model_or_named_params, nn.Module):
-            scaling.check_model(model_or_named_params)
+    if scaling is not None and not isinstance(scaling, WidthScaling):
+        raise TypeError(f"scaling must be a WidthScaling or None, got {type(scaling).__name__}")
+    convention = wd_convention or (scaling.wd_convention if scaling is not None else "coupled")
+    if convention not in WD_CONVENTIONS:
+        raise ValueError(f"wd_convention must be one of {WD_CONVENTIONS}, got {wd_convention!r}")
+    if scaling is not None and convention != scaling.wd_convention:
+        raise ValueError(
+            f"wd_convention={convention!r} differs from the width rule's {scaling.wd_convention!r}; build the rule "
+            f"with WidthScaling(..., wd_convention={convention!r})"
+        )
     compiled = _compile_rules(rules)
 
     named = _named(model_or_named_params)
     unit_of = _per_matrix_units(model_or_named_params, per_matrix)
     an = _anatomy.anatomy(model_or_named_params if isinstance(model_or_named_params, nn.Module) else dict(named))
+    if scaling is not None:
+        scaling.check_model(model_or_named_params if isinstance(model_or_named_params, nn.Module) else named, an)
     plan: list[tuple[str, torch.Tensor, ParamInfo, dict[str, Any], str | None]] = []
     unclassified: list[ParamInfo] = []
     for name, p in named:
@@ -253,7 +272,7 @@ def param_groups(
                 raise ValueError(f"parameter {name!r} (shape {tuple(p.shape)}) is not assigned by any rule")
             spec = {}
         info = an.by_name(name)
-        cls = spec.get("param_class") or width_class(info)
+        cls = spec.get("param_class") or (scaling.param_class(info) if scaling is not None else width_class(info))
         if cls is None:
             unclassified.append(info)
         plan.append((name, p, info, spec, cls))
@@ -290,10 +309,12 @@ def param_groups(
             p_wd = multiplier_weight_decay if cls == "multiplier" else 0.0
         else:
             p_wd = weight_decay
-        lr_factor = (scaling.lr_mult(cls) if scaling is not None else 1.0) * spec.get("lr_scale", 1.0)
-        wd_factor = (scaling.wd_mult(cls) if scaling is not None else 1.0) * spec.get("wd_scale", 1.0)
+        lr_factor = (scaling.lr_mult(cls, name) if scaling is not None else 1.0) * spec.get("lr_scale", 1.0)
+        wd_factor = (scaling.wd_mult(cls, name) if scaling is not None else 1.0) * spec.get("wd_scale", 1.0)
         g_lr = p_lr * lr_factor
         g_wd = p_wd * wd_factor
+        if convention == "independent":  # shrink s_t·λ per step: torch's coupled lr_t·wd with wd = λ / lr
+            g_wd = g_wd / g_lr if g_lr > 0 else 0.0
         lr_scale = g_lr / lr if lr > 0 else (multiplier_lr_scale if cls == "multiplier" else 1.0) * lr_factor
 
         key: tuple = (label, cls, g_lr, g_wd)
@@ -313,6 +334,7 @@ def param_groups(
                 "weight_decay": g_wd,
                 "lr_scale": lr_scale,
                 "wd_scale": wd_factor,
+                "wd_convention": convention,
             }
         g["params"].append(p)
         g["param_names"].append(name)

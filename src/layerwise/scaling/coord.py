@@ -1,13 +1,23 @@
 """Coordinate check (mup's visual test of a width parametrisation).
 
-Train a model at several widths for a few steps on random tokens and record the RMS of activations at a few
-sites before each update.  Under a correct μP, every site's RMS is (nearly) independent of width at every
-step: plotted against width, each step's curve is flat.  Under the standard parametrisation with a fixed LR,
-activations after the first updates grow with width.
+Train a model at several widths for a few steps and record the RMS of activations at a few sites before each
+update.  Under a correct μP, every site's RMS is (nearly) independent of width at every step: plotted against
+width, each step's curve is flat.  Under the standard parametrisation with a fixed LR, activations after the
+first updates grow with width.
 
-Sites (RMS over all elements of the batch): ``embedding`` (embedding output), ``attn`` and ``mlp`` (sub-layer
-outputs added to the residual, averaged over blocks), ``residual`` (output of the last block), ``logits``
-(the model output, after any readout multiplier).
+Sites (RMS over all elements of the batch): ``embedding`` (the token embedding's output; in a model without
+one, the output of its input layers: anatomy role ``input``), ``attn`` and ``mlp`` (sub-layer outputs added to
+the residual, averaged over blocks), ``residual`` (output of the last block), ``hidden`` (in a model without
+transformer blocks: the outputs of its other matrix layers, averaged), ``logits`` (the model output, after
+any readout multiplier).
+
+Inputs: random token ids by default (a language model), or ``input_shape`` (standard-normal features of that
+shape per sample, random class targets), or any ``batch_fn(step) -> (inputs, targets)``.  With
+``fix_data=True`` every step sees the first step's batch (mup's ``get_coord_data`` default): each update is
+then aligned with the next input, the regime μP's scaling argument describes.  With fresh random batches
+(the default here) an update is mostly unaligned with the next batch's independent random tokens, and that
+part of a sub-layer's output change shrinks as ``1/sqrt(width)`` under μP, so narrow μP models drift a
+little higher than wide ones over the first steps (negative slopes that flatten with width).
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from layerwise.scaling.rules import WidthScaling
 
 __all__ = ["CoordCheckResult", "coord_check", "plot_coord_check", "SITES"]
 
-SITES: tuple[str, ...] = ("embedding", "attn", "mlp", "residual", "logits")
+SITES: tuple[str, ...] = ("embedding", "attn", "mlp", "residual", "hidden", "logits")
 
 
 @dataclass
@@ -41,14 +51,19 @@ class CoordCheckResult:
     label: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def slope(self, site: str, step: int) -> float:
-        """Least-squares slope of log2 RMS against log2 width at one step (0 = width-invariant; 1 = RMS ∝ width)."""
+    def slope(self, site: str, step: int, widths: Sequence[int] | None = None) -> float:
+        """Least-squares slope of log2 RMS against log2 width at one step (0 = width-invariant; 1 = RMS ∝ width),
+        over all recorded widths or the given subset (e.g. the widest pair)."""
         if site not in self.rms:
             raise KeyError(f"unknown site {site!r}; recorded sites: {sorted(self.rms)}")
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} out of range [0, {self.steps})")
-        xs = [math.log2(w) for w in self.widths]
-        ys = [math.log2(self.rms[site][w][step]) for w in self.widths]
+        ws = list(self.widths if widths is None else widths)
+        unknown = set(ws) - set(self.widths)
+        if unknown:
+            raise KeyError(f"width(s) {sorted(unknown)} not recorded; widths: {self.widths}")
+        xs = [math.log2(w) for w in ws]
+        ys = [math.log2(self.rms[site][w][step]) for w in ws]
         xm, ym = sum(xs) / len(xs), sum(ys) / len(ys)
         sxx = sum((x - xm) ** 2 for x in xs)
         return sum((x - xm) * (y - ym) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
@@ -88,9 +103,43 @@ def _resolve_scaling(
     return WidthScaling.from_parametrization(parametrization, base_width, width)
 
 
+def _site_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The modules whose outputs make each site (see the module docstring); ``logits`` is the model output."""
+    an = _anatomy.anatomy(model)
+    sites: dict[str, list[nn.Module]] = {s: [] for s in SITES}
+    tokens = an.where("embedding", operator="token")
+    if tokens:
+        sites["embedding"].append(an.module(tokens[0].module))
+    else:
+        sites["embedding"] += [an.module(r.module) for r in an.where("input")]
+    try:
+        blocks = transformer_blocks(model)
+    except ValueError:
+        blocks = []
+    for b in blocks:
+        if b.attn is not None:
+            sites["attn"].append(b.attn)
+        if b.mlp is not None:
+            sites["mlp"].append(b.mlp)
+    if blocks:
+        sites["residual"].append(blocks[-1].block)
+    else:
+        skip = {id(m) for m in sites["embedding"]}
+        for r in an.where(("block_matrix", "matrix")):
+            mod = an.module(r.module)
+            if id(mod) not in skip:
+                skip.add(id(mod))
+                sites["hidden"].append(mod)
+    return sites
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
 def coord_check(
     widths: Sequence[int],
-    build_fn: Callable[[int], nn.Module],
+    build_fn: Callable[[int], nn.Module | tuple[nn.Module, WidthScaling | None]],
     steps: int = 4,
     *,
     lr: float = 1e-2,
@@ -102,15 +151,21 @@ def coord_check(
     batch_size: int = 4,
     seq_len: int = 16,
     vocab_size: int | None = None,
+    input_shape: Sequence[int] | None = None,
+    batch_fn: Callable[[int], tuple[Any, torch.Tensor]] | None = None,
+    fix_data: bool = False,
     seed: int = 0,
     label: str = "",
 ) -> CoordCheckResult:
-    """Record activation RMS per step per width for ``steps`` optimizer steps on random tokens.
+    """Record activation RMS per step per width for ``steps`` optimizer steps.
 
     Args:
         widths: hidden sizes, e.g. ``[32, 64, 128]``.
-        build_fn: ``width -> model``; the model maps token ids ``(B, T)`` to logits (a tensor, a tuple whose first
-            item is the logits, or an object with ``.logits``).  Build μP models (init, readout multiplier) here.
+        build_fn: ``width -> model`` or ``width -> (model, rule)``.  The model maps its inputs to logits (a
+            tensor, a tuple whose first item is the logits, or an object with ``.logits``).  Build μP models
+            here: either a model with μP built in, or ``rule = WidthScaling.from_models(model, base=...)``;
+            ``rule.apply_(model)`` and return ``(model, rule)`` (the rule then builds the groups and
+            ``parametrization`` is not used).
         steps: number of recorded forward passes; an update follows each one.
         lr, weight_decay: base hyper-parameters, passed to :func:`layerwise.param_groups`.
         parametrization: ``"sp"`` (no width scaling), ``"mup"``, ``"mup-sqrtwd"``, ``"mup-lrwd"``
@@ -119,6 +174,12 @@ def coord_check(
         optimizer_cls, optimizer_kwargs: the optimizer, built on the parameter groups.
         batch_size, seq_len, vocab_size: random-token batches (vocabulary: the token embedding's size by
             default); step t uses the same tokens at every width.
+        input_shape: instead of tokens, inputs ``randn(batch_size, *input_shape)`` and targets uniform over the
+            model's output classes (the last logits dimension), for models without an embedding.
+        batch_fn: instead of either, ``step -> (inputs, targets)`` (inputs: a tensor, or a dict of keyword
+            arguments); it must return the same batch at every width.  The loss is the cross-entropy of the
+            logits (last dimension: classes) against integer targets of the logits' leading shape.
+        fix_data: every step uses step 0's batch (mup's convention; see the module docstring).
         seed: seeds model construction (``torch.manual_seed(seed)`` before each ``build_fn``) and batches.
     """
     from layerwise.optim.groups import param_groups
@@ -128,56 +189,74 @@ def coord_check(
         raise ValueError(f"coord_check: widths must be a non-empty list of positive ints, got {widths!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"coord_check: steps must be a positive int, got {steps!r}")
+    if input_shape is not None and batch_fn is not None:
+        raise ValueError("coord_check: pass input_shape or batch_fn, not both")
     base = min(widths) if base_width is None else int(base_width)
     rms: dict[str, dict[int, list[float]]] = {s: {} for s in SITES}
     losses: dict[int, list[float]] = {}
+    rules_from_build = False
 
     for width in widths:
         torch.manual_seed(seed)
-        model = build_fn(width)
+        built = build_fn(width)
+        if isinstance(built, tuple):
+            model, rule = built
+            rules_from_build = True
+            if rule is not None and not isinstance(rule, WidthScaling):
+                raise TypeError(f"coord_check: build_fn({width}) returned a {type(rule).__name__}, not a WidthScaling")
+        else:
+            model, rule = built, _resolve_scaling(parametrization, width, base)
         model.train()
         device = next(model.parameters()).device
-        an = _anatomy.anatomy(model)
-        tokens = an.where("embedding", operator="token")
-        emb = an.module(tokens[0].module) if tokens else None
-        vocab = vocab_size or (emb.num_embeddings if emb is not None else None)
-        if vocab is None:
-            raise ValueError("coord_check: pass vocab_size (the model has no nn.Embedding)")
-        blocks = transformer_blocks(model)
-        groups = param_groups(model, lr, weight_decay, _resolve_scaling(parametrization, width, base))
-        opt = optimizer_cls(groups, lr=lr, **(optimizer_kwargs or {}))
+        sites = _site_modules(model)
+        vocab = None
+        if input_shape is None and batch_fn is None:
+            emb = sites["embedding"][0] if sites["embedding"] else None
+            vocab = vocab_size or (emb.num_embeddings if isinstance(emb, nn.Embedding) else None)
+            if vocab is None:
+                raise ValueError(
+                    "coord_check: pass vocab_size (the model has no nn.Embedding), input_shape or batch_fn"
+                )
+        groups = param_groups(model, lr, weight_decay, rule)
+        opt = optimizer_cls(groups, lr=lr, **(optimizer_kwargs or {}))  # type: ignore[call-arg]
 
         sums: dict[str, list[torch.Tensor]] = {s: [] for s in SITES}
 
-        def site_hook(site: str):
+        def site_hook(site: str, store: dict[str, list[torch.Tensor]] = sums):
             def hook(module, args, output):
                 y = _output_tensor(output)
                 if y is not None:
-                    sums[site].append(y.detach().float().pow(2).mean().sqrt())
+                    store[site].append(y.detach().float().pow(2).mean().sqrt())
 
             return hook
 
-        handles = []
-        if emb is not None:
-            handles.append(emb.register_forward_hook(site_hook("embedding")))
-        for b in blocks:
-            if b.attn is not None:
-                handles.append(b.attn.register_forward_hook(site_hook("attn")))
-            if b.mlp is not None:
-                handles.append(b.mlp.register_forward_hook(site_hook("mlp")))
-        handles.append(blocks[-1].block.register_forward_hook(site_hook("residual")))
-
+        handles = [m.register_forward_hook(site_hook(s)) for s, mods in sites.items() for m in mods]
         per_step: dict[str, list[float]] = {s: [] for s in SITES}
         loss_w: list[float] = []
         try:
             for t in range(steps):
-                gen = torch.Generator().manual_seed(seed * 100003 + t)
-                idx = torch.randint(vocab, (batch_size, seq_len + 1), generator=gen).to(device)
+                b = 0 if fix_data else t  # which batch this step sees
+                gen = torch.Generator().manual_seed(seed * 100003 + b)
+                targets: torch.Tensor | None
+                if batch_fn is not None:
+                    inputs, targets = batch_fn(b)
+                elif input_shape is not None:
+                    inputs, targets = torch.randn(batch_size, *input_shape, generator=gen), None
+                else:
+                    assert vocab is not None
+                    idx = torch.randint(vocab, (batch_size, seq_len + 1), generator=gen)
+                    inputs, targets = idx[:, :-1], idx[:, 1:]
+                if isinstance(inputs, torch.Tensor):
+                    inputs = inputs.to(device)
                 for s in sums:
                     sums[s].clear()
-                logits = _logits_of(model(idx[:, :-1]))
+                logits = _logits_of(_call(model, inputs))
                 sums["logits"].append(logits.detach().float().pow(2).mean().sqrt())
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+                if targets is None:
+                    targets = torch.randint(logits.shape[-1], tuple(logits.shape[:-1]), generator=gen)
+                loss = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), targets.to(logits.device).reshape(-1)
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -198,7 +277,10 @@ def coord_check(
         "weight_decay": weight_decay,
         "base_width": base,
         "seed": seed,
-        "parametrization": parametrization
+        "fix_data": fix_data,
+        "parametrization": "rules from build_fn"
+        if rules_from_build
+        else parametrization
         if isinstance(parametrization, str) or parametrization is None
         else getattr(parametrization, "__name__", "callable"),
     }

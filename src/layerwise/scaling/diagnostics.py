@@ -66,7 +66,7 @@ def transformer_blocks(model: nn.Module) -> list[BlockParts]:
 
         blocks.append(
             BlockParts(
-                b.name, b.index, get(b.name), get(b.attention), get(b.mlp), get(b.attention_norm), get(b.mlp_norm)
+                b.name, b.index, an.module(b.name), get(b.attention), get(b.mlp), get(b.attention_norm), get(b.mlp_norm)
             )
         )
     if not blocks:
@@ -165,6 +165,7 @@ class SublayerGains:
         for key, (b, kind, acc) in self._acc.items():
             sub = b.attn if kind == "attn" else b.mlp
             norm = b.attn_norm if kind == "attn" else b.mlp_norm
+            assert sub is not None  # only present sub-layers get an accumulator
             if norm is not None:
                 self._handles.append(norm.register_forward_pre_hook(self._norm_hook(acc), with_kwargs=True))
             self._handles.append(sub.register_forward_hook(self._sub_hook(acc, key), with_kwargs=True))
@@ -265,24 +266,23 @@ def block_top_singular_values(
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"block_top_singular_values: k must be a positive int, got {k!r}")
-    names, mats = [], []
+    from layerwise.spectral.eig import gram_eigvals
+
+    names: list[str] = []
+    mats: list[torch.Tensor] = []
     an = _anatomy.anatomy(model)
     for r in an.block_matrices():
         mod = an.module(r.module)
-        w = mod.effective_weight() if effective and hasattr(mod, "effective_weight") else r.tensor
+        eff = getattr(mod, "effective_weight", None)
+        w = eff() if effective and callable(eff) else r.tensor
+        if not isinstance(w, torch.Tensor):  # pragma: no cover - a block matrix row always holds its tensor
+            raise TypeError(f"block_top_singular_values: no tensor for {r.name}")
         names.append(r.name)
         mats.append(w.detach())
     if not mats:
         return {}
-    try:
-        from layerwise.spectral.eig import gram_eigvals
-    except ImportError:  # pragma: no cover - the spectral engine is part of the package
-        gram_eigvals = None
-    if gram_eigvals is not None:
-        eigs = gram_eigvals(mats, dtype=dtype)
-        svs = [e.flip(0)[:k].clamp(min=0).sqrt() for e in eigs]
-    else:  # pragma: no cover
-        svs = [torch.linalg.svdvals(m.to(dtype))[:k] for m in mats]
+    eigs = gram_eigvals(mats, dtype=dtype)
+    svs = [e.flip(0)[:k].clamp(min=0).sqrt() for e in eigs]
     return dict(zip(names, svs))
 
 
