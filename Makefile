@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # the venv's tools (ninja, which torch's C++ extension builder runs by name) on PATH without activating it
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 # the extras `make setup` installs: if one does not import, that is an installation bug, never a skipped test
-EXTRAS_IMPORT := import transformers, accelerate, lightning.pytorch, datasets, lm_eval
+EXTRAS_IMPORT := import transformers, accelerate, lightning.pytorch, datasets, lm_eval, mup
 
 .PHONY: demo test setup lint clean
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	# torch first: a CPU wheel; a loose requirement with no torch present would pull CUDA packages
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev,lab,hf,lightning,data,eval]"
+	# mup: a test oracle for width scaling only (never a dependency of layerwise); --no-deps because its
+	# requirements name torchvision, which would replace the torch above (it needs only torch and pyyaml)
+	$(PY) -m pip install -q --no-deps "mup==1.0.0"
 	touch $(STAMP)
 
 setup: $(STAMP)

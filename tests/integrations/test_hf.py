@@ -376,6 +376,28 @@ def test_save_merged_loads_into_plain_llama(tmp_path):
         torch.testing.assert_close(sd[k], v, rtol=1e-6, atol=1e-7)
 
 
+def test_save_merged_refuses_unfolded_mup_then_saves_folded(tmp_path):
+    model = tiny_llama(0)  # width 16, its base: the same config at width 8 on the meta device
+    base_cfg = LlamaConfig(**{**model.config.to_dict(), "hidden_size": 8, "intermediate_size": 20, "head_dim": 4})
+    with torch.device("meta"):
+        base = LlamaForCausalLM(base_cfg)
+    rule = lw.WidthScaling.from_models(model, base=base)
+    rule.apply_(model)
+    model.eval()
+    ids = TokenDataset(4, seed=5).x
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match=r"fold_\(model\)"):
+        save_merged(model, tmp_path / "unfolded")
+    assert not (tmp_path / "unfolded").exists()
+    rule.fold_(model)
+    save_merged(model, tmp_path / "folded")
+    plain = LlamaForCausalLM.from_pretrained(tmp_path / "folded").eval()
+    with torch.no_grad():
+        out = plain(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_save_merged_rejects_tied_multiplied_embedding(tmp_path):
     model = tiny_llama(0, tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight

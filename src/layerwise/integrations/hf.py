@@ -335,5 +335,14 @@ def save_merged(model: nn.Module, path: str | os.PathLike, **save_pretrained_kwa
         raise TypeError("save_merged builds the state_dict itself; do not pass state_dict=")
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"save_merged needs a transformers PreTrainedModel, got {type(model).__name__}")
+    from layerwise.scaling.model_side import applied
+
+    mup = applied(model)
+    if mup is not None and not mup.folded and (mup.hooks or mup.scaling):
+        raise ValueError(
+            "save_merged: WidthScaling.apply_ attached a readout multiplier / attention scale to this model that a "
+            "checkpoint would not carry (hooks and module attributes are not saved); call rule.fold_(model) "
+            "first to fold them into the weights"
+        )
     save_pretrained = getattr(model, "save_pretrained")  # noqa: B009 - a transformers method nn.Module does not type
     save_pretrained(os.fspath(path), state_dict=merged_state_dict(model), **save_pretrained_kwargs)
