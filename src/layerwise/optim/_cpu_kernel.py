@@ -18,6 +18,12 @@ buffer, the size of the largest masked parameter.  Memory traffic in units of on
 fused AdamW 7 (reads ``p, g, m, v``, writes ``p, m, v``); this kernel 10 when the scratch does not stay
 in cache.  ``rule="none"`` (``masking=False``) is plain AdamW in one pass.
 
+``alpha_lag=1`` (``lagged_steps_``): ``alpha`` comes from the tensor's previous sums, so the same loop
+writes ``p`` instead of the scratch and the step is one pass (7 units, fused AdamW's traffic, no
+scratch); the sums it accumulates are stored for the next step, in :func:`~layerwise.optim._masked_rule.
+partial_sums`'s units.  A tensor's first lagged step (no sums yet) is the exact two-pass update, which
+also stores its sums.
+
 The rule is the one of :mod:`layerwise.optim._masked_rule` (the tests compare this kernel's moments,
 ``alpha``, density and parameters with it); the arithmetic follows torch AdamW's order of operations and
 the build uses ``-ffp-contract=off`` so that no fused multiply-adds change the rounding.  Tensors above
@@ -48,7 +54,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["load", "available", "error", "step_", "steps_", "RULE_CODES", "MODE_CODES", "PARALLEL_MIN_NUMEL"]
+__all__ = [
+    "load",
+    "available",
+    "error",
+    "step_",
+    "steps_",
+    "lagged_steps_",
+    "RULE_CODES",
+    "MODE_CODES",
+    "PARALLEL_MIN_NUMEL",
+]
 
 RULE_CODES = {"none": 0, "previous": 1, "current": 2, "cautious": 3}
 MODE_CODES = {"norm": 0, "density": 1}
@@ -74,7 +90,11 @@ constexpr int64_t PARALLEL_MIN_NUMEL = 1 << 20;
 /* h: 0 decay = 1 - lr*wd, 1 = 1 - beta1, 2 = beta2, 3 = 1 - beta2, 4 = eps, 5 = step_size,
       6 = sqrt(1 - beta2^t), 7 = alpha_max, 8 = floor.  acc: sum u^2, sum (w u)^2, mask count. */
 
-#define PASS1(MASK_EXPR)                                                                     \
+/* One masked loop over [lo, hi): the moments, the mask and w * u of every element, and the sums
+   sum u^2, sum (w u)^2, mask count in acc.  LAGGED = false (pass 1 of the exact rule): w * u goes to the
+   scratch t.  LAGGED = true (alpha_lag=1, the whole step in one pass): t is the parameter,
+   t <- t * decay - coef * w * u with coef = step_size * (last step's alpha). */
+#define MASKED_LOOP(MASK_EXPR)                                                               \
     for (int64_t b = lo; b < hi; b += BLK) {                                                 \
         const int64_t e = b + BLK < hi ? b + BLK : hi;                                       \
         float su = 0.f, sw = 0.f, sc = 0.f;                                                  \
@@ -86,24 +106,34 @@ constexpr int64_t PARALLEL_MIN_NUMEL = 1 << 20;
             const float u = mn / (std::sqrt(vn) / bc2 + eps);                                \
             const int k = (MASK_EXPR);                                                       \
             const float wu = (k ? 1.f : fl) * u;                                             \
-            m[i] = mn; v[i] = vn; s[i] = wu;                                                 \
+            m[i] = mn; v[i] = vn;                                                            \
+            if (LAGGED) t[i] = t[i] * decay - coef * wu; else t[i] = wu;                     \
             su += u * u; sw += wu * wu; sc += (float)k;                                      \
         }                                                                                    \
         uu += su; ww += sw; cnt += sc;                                                       \
     }
 
-void pass1(const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
-           float* __restrict__ s, int64_t lo, int64_t hi, const float* h, int64_t rule, double* acc) {
-    const float b1c = h[1], b2 = h[2], b2c = h[3], eps = h[4], bc2 = h[6], fl = h[8];
+template <bool LAGGED>
+void masked_loop(const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+                 float* __restrict__ t, int64_t lo, int64_t hi, const float* h, int64_t rule, float coef,
+                 double* acc) {
+    const float decay = h[0], b1c = h[1], b2 = h[2], b2c = h[3], eps = h[4], bc2 = h[6], fl = h[8];
     double uu = 0.0, ww = 0.0, cnt = 0.0;
     if (rule == 1) {
-        PASS1((mf * gf > 0.f) | (mf == 0.f))
+        MASKED_LOOP((mf * gf > 0.f) | (mf == 0.f))
     } else if (rule == 2) {
-        PASS1((mn * gf > 0.f) | (mn == 0.f))
+        MASKED_LOOP((mn * gf > 0.f) | (mn == 0.f))
     } else {
-        PASS1(mn * gf > 0.f)
+        MASKED_LOOP(mn * gf > 0.f)
     }
     acc[0] = uu; acc[1] = ww; acc[2] = cnt;
+}
+
+/* the sums in the units of layerwise.optim._masked_rule.partial_sums (u' = u / sqrt(1 - beta2^t)), fp32 */
+void store_sums(const double* total, int64_t n, const float* h, float* sums) {
+    const double bc2sq = (double)h[6] * (double)h[6];
+    sums[0] = (float)(total[0] / bc2sq); sums[1] = (float)(total[1] / bc2sq);
+    sums[2] = (float)total[2]; sums[3] = (float)n;
 }
 
 /* alpha and density from the sums (layerwise.optim._masked_rule.alpha_from_sums); returns step_size * alpha */
@@ -159,30 +189,57 @@ void check(const at::Tensor& t, const at::Tensor& p, const char* what) {
                 " elements, the parameter ", p.numel());
 }
 
-/* the whole masked update of one tensor (pointers checked by the callers) */
-void masked_one(float* pp, const float* gp, float* mp, float* vp, float* sp, int64_t n, const float* hp,
-                int64_t rule, int64_t mode, float* op) {
+/* the masked loop over a tensor, split into chunks on torch's thread pool above PARALLEL_MIN_NUMEL;
+   the chunks' sums are added in chunk order into total (independent of the scheduling) */
+template <bool LAGGED>
+void masked_chunks(const float* gp, float* mp, float* vp, float* tp, int64_t n, const float* hp, int64_t rule,
+                   float coef, double* total) {
     int64_t chunks;
     const int64_t step = chunk_size(n, &chunks);
-    double total[3] = {0.0, 0.0, 0.0};
+    total[0] = total[1] = total[2] = 0.0;
     if (chunks <= 1) {
-        pass1(gp, mp, vp, sp, 0, n, hp, rule, total);
-        const float coef = alpha_of(total, n, hp, mode, op);
-        pass2(pp, sp, 0, n, hp[0], coef);
+        masked_loop<LAGGED>(gp, mp, vp, tp, 0, n, hp, rule, coef, total);
         return;
     }
     std::vector<double> acc(3 * chunks, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
         for (int64_t c = b; c < e; c++)
-            pass1(gp, mp, vp, sp, c * step, std::min(n, (c + 1) * step), hp, rule, &acc[3 * c]);
+            masked_loop<LAGGED>(gp, mp, vp, tp, c * step, std::min(n, (c + 1) * step), hp, rule, coef, &acc[3 * c]);
     });
-    for (int64_t c = 0; c < chunks; c++)  // in chunk order: independent of the scheduling
+    for (int64_t c = 0; c < chunks; c++)
         for (int j = 0; j < 3; j++) total[j] += acc[3 * c + j];
+}
+
+/* the whole exact masked update of one tensor (pointers checked by the callers): pass 1 into the scratch,
+   alpha, pass 2; sums_out (may be null) receives the sums (a tensor's first alpha_lag=1 step) */
+void masked_one(float* pp, const float* gp, float* mp, float* vp, float* sp, int64_t n, const float* hp,
+                int64_t rule, int64_t mode, float* op, float* sums_out) {
+    double total[3];
+    masked_chunks<false>(gp, mp, vp, sp, n, hp, rule, 0.f, total);
     const float coef = alpha_of(total, n, hp, mode, op);
+    if (sums_out != nullptr) store_sums(total, n, hp, sums_out);
+    int64_t chunks;
+    const int64_t step = chunk_size(n, &chunks);
     const float decay = hp[0];
+    if (chunks <= 1) {
+        pass2(pp, sp, 0, n, decay, coef);
+        return;
+    }
     at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
         for (int64_t c = b; c < e; c++) pass2(pp, sp, c * step, std::min(n, (c + 1) * step), decay, coef);
     });
+}
+
+/* the alpha_lag=1 update of one tensor in one pass: alpha from last step's sums (sums, read), this step's
+   sums written back to sums; op receives (alpha applied, this step's density) */
+void lagged_one(float* pp, const float* gp, float* mp, float* vp, float* sums, int64_t n, const float* hp,
+                int64_t rule, int64_t mode, float* op) {
+    const double prev[3] = {sums[0], sums[1], sums[2]};
+    const float coef = alpha_of(prev, (int64_t)sums[3], hp, mode, op);
+    double total[3];
+    masked_chunks<true>(gp, mp, vp, pp, n, hp, rule, coef, total);
+    op[1] = (float)total[2] / (float)(n > 0 ? n : 1);
+    store_sums(total, n, hp, sums);
 }
 
 void adamw_one(float* pp, const float* gp, float* mp, float* vp, int64_t n, const float* hp) {
@@ -210,7 +267,7 @@ void masked_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v,
                 "layerwise C kernel: out needs 2 contiguous fp32 elements");
     TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1), "layerwise C kernel: bad rule/mode");
     masked_one(p.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
-               s.data_ptr<float>(), p.numel(), h.data_ptr<float>(), rule, mode, out.data_ptr<float>());
+               s.data_ptr<float>(), p.numel(), h.data_ptr<float>(), rule, mode, out.data_ptr<float>(), nullptr);
 }
 
 /* several tensors sharing h in one call (the optimizer's per-call cost once per group, not per tensor);
@@ -232,7 +289,40 @@ void masked_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::
     float* sp = s.data_ptr<float>();
     for (size_t i = 0; i < k; i++)
         masked_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
-                   vs[i].data_ptr<float>(), sp, ps[i].numel(), hp, rule, mode, op + 2 * i);
+                   vs[i].data_ptr<float>(), sp, ps[i].numel(), hp, rule, mode, op + 2 * i, nullptr);
+}
+
+/* alpha_lag=1 for several tensors sharing h: sums[i] (4 fp32: sum u'^2, sum (w u')^2, count, numel) holds
+   tensor i's previous sums and receives this step's.  first: no previous sums (the exact rule, through the
+   scratch s); else one pass each.  out: (len, 2) rows of (alpha applied, density) */
+void lagged_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, at::TensorList sums,
+                   at::Tensor s, const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out, bool first) {
+    const size_t k = ps.size();
+    TORCH_CHECK(gs.size() == k && ms.size() == k && vs.size() == k && sums.size() == k,
+                "layerwise C kernel: list lengths differ");
+    TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() >= (int64_t)(2 * k),
+                "layerwise C kernel: out needs 2 contiguous fp32 elements per tensor");
+    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1), "layerwise C kernel: bad rule/mode");
+    check_h(h);
+    for (size_t i = 0; i < k; i++) {
+        check(ps[i], ps[i], "p"); check(gs[i], ps[i], "g"); check(ms[i], ps[i], "exp_avg");
+        check(vs[i], ps[i], "exp_avg_sq");
+        TORCH_CHECK(sums[i].device().is_cpu() && sums[i].scalar_type() == at::kFloat && sums[i].is_contiguous()
+                    && sums[i].numel() == 4, "layerwise C kernel: alpha_sums must be 4 contiguous fp32 CPU numbers");
+        if (first) check(s, ps[i], "scratch");
+    }
+    const float* hp = h.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    for (size_t i = 0; i < k; i++) {
+        if (first)
+            masked_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
+                       vs[i].data_ptr<float>(), s.data_ptr<float>(), ps[i].numel(), hp, rule, mode, op + 2 * i,
+                       sums[i].data_ptr<float>());
+        else
+            lagged_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
+                       vs[i].data_ptr<float>(), sums[i].data_ptr<float>(), ps[i].numel(), hp, rule, mode,
+                       op + 2 * i);
+    }
 }
 
 void adamw_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, const at::Tensor& h) {
@@ -271,11 +361,14 @@ TORCH_LIBRARY(layerwise_ck, lib) {
     lib.def("masked_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor(d!) s, Tensor h, "
             "int rule, int mode, Tensor(e!) out) -> ()");
     lib.def("adamw_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor h) -> ()");
+    lib.def("lagged_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor(d!)[] sums, "
+            "Tensor(e!) s, Tensor h, int rule, int mode, Tensor(f!) out, bool first) -> ()");
     lib.def("alpha_from_sums_(Tensor sums, int n, Tensor h, int mode, Tensor(a!) out) -> ()");
     lib.impl("masked_step_", c10::DispatchKey::CPU, TORCH_FN(masked_step_));
     lib.impl("adamw_step_", c10::DispatchKey::CPU, TORCH_FN(adamw_step_));
     lib.impl("masked_steps_", c10::DispatchKey::CPU, TORCH_FN(masked_steps_));
     lib.impl("adamw_steps_", c10::DispatchKey::CPU, TORCH_FN(adamw_steps_));
+    lib.impl("lagged_steps_", c10::DispatchKey::CPU, TORCH_FN(lagged_steps_));
     lib.impl("alpha_from_sums_", c10::DispatchKey::CPU, TORCH_FN(alpha_from_sums_));
 }
 """
@@ -292,6 +385,7 @@ class _Ops:
         self.adamw_step_ = ns.adamw_step_.default
         self.masked_steps_ = ns.masked_steps_.default
         self.adamw_steps_ = ns.adamw_steps_.default
+        self.lagged_steps_ = ns.lagged_steps_.default
         self.alpha_from_sums_ = ns.alpha_from_sums_.default
 
 
@@ -355,7 +449,7 @@ def _build() -> None:
 
 def _registered() -> bool:
     """Whether this process has the operators already (loaded from another cache directory, say)."""
-    return hasattr(getattr(torch.ops, _NAME), "masked_steps_")
+    return hasattr(getattr(torch.ops, _NAME), "lagged_steps_")
 
 
 def load() -> Any:
@@ -452,3 +546,27 @@ def steps_(
         ops.adamw_steps_(ps, gs, ms, vs, h)
     else:
         ops.masked_steps_(ps, gs, ms, vs, s, h, RULE_CODES[rule], MODE_CODES[mode], out)
+
+
+def lagged_steps_(
+    ps: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    ms: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    sums: list[torch.Tensor],
+    s: torch.Tensor,
+    h: torch.Tensor,
+    rule: str,
+    mode: str,
+    out: torch.Tensor,
+    first: bool,
+) -> None:
+    """``alpha_lag=1`` for several fp32 CPU tensors sharing ``h`` (masked rules only).  ``sums[i]``: tensor
+    ``i``'s ``alpha_sums`` (4 fp32 numbers, :func:`layerwise.optim._masked_rule.partial_sums`), read as last
+    step's and overwritten with this step's.  ``first``: the tensors have no previous sums; the exact rule
+    (two passes through the scratch ``s``) also writes them.  Otherwise one pass per tensor, ``alpha`` from
+    ``sums``.  ``out``: ``(len(ps), 2)`` rows of (``alpha`` applied, this step's density)."""
+    ops = _OPS
+    if ops is None:
+        raise RuntimeError(f"layerwise C kernel not loaded ({_ERROR or 'call load() first'})")
+    ops.lagged_steps_(ps, gs, ms, vs, sums, s, h, RULE_CODES[rule], MODE_CODES[mode], out, first)
