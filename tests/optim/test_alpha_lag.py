@@ -121,9 +121,10 @@ def test_lagged_equals_float64_reference(cls, kw):
 
 def _count_paths(monkeypatch):
     calls = {"c": 0, "compiled": 0}
-    real_c, real_many = CK.lagged_steps_, K.update_many_
+    real_c, real_many = CK.steps_, K.update_many_
 
     def c(ps, *args):
+        assert args[-2] is not None  # the lagged kernel: with sums
         calls["c"] += len(ps)
         return real_c(ps, *args)
 
@@ -132,7 +133,7 @@ def _count_paths(monkeypatch):
         calls["compiled"] += len(ps)
         return real_many(ps, *args, **kwargs)
 
-    monkeypatch.setattr(CK, "lagged_steps_", c)
+    monkeypatch.setattr(CK, "steps_", c)
     monkeypatch.setattr(K, "update_many_", many)
     return calls
 
@@ -193,7 +194,7 @@ def test_c_kernel_lagged_step_equals_masked_lagged(rule, mode, floor, n, threads
             prev = None if ref_sums is None else sums.clone()  # the same previous sums for both
             a_ref, d_ref, ref_sums = K.masked_lagged_(ref[0], g, ref[1], ref[2], h, prev, rule, mode)
             out = torch.full((1, 2), float("nan"))
-            CK.lagged_steps_([p], [g], [m], [v], [sums], torch.empty(n), h, rule, mode, out, first)
+            CK.steps_([p], [g], [m], [v], torch.empty(n), h, rule, mode, out, [sums], first)
             assert torch.equal(m, ref[1]) and torch.equal(v, ref[2])
             if first:
                 torch.testing.assert_close(out[0, 0], a_ref, rtol=2e-6, atol=0)

@@ -113,20 +113,15 @@ def _open(p: Path) -> tuple[WeightSource, Path]:
         dcp = _open_dcp(p)
         if dcp is not None:
             return dcp
-        if (p / "model.safetensors").is_file():
-            return SafetensorsSource.open(p, [p / "model.safetensors"]), p
-        if (p / "model.safetensors.index.json").is_file():
-            return SafetensorsSource.open(p, index_files(p / "model.safetensors.index.json")), p
-        shards = sorted(p.glob("model-*.safetensors"))
-        if shards:
-            return SafetensorsSource.open(p, shards), p
-        if (p / "pytorch_model.bin").is_file():
-            return TorchFileSource.open(p, [p / "pytorch_model.bin"]), p
-        if (p / "pytorch_model.bin.index.json").is_file():
-            return TorchFileSource.open(p, index_files(p / "pytorch_model.bin.index.json")), p
-        bins = sorted(p.glob("pytorch_model-*.bin"))
-        if bins:
-            return TorchFileSource.open(p, bins), p
+        # a Hugging Face folder: one file, an index of shards, or shards without an index; safetensors first
+        for cls, stem, ext in ((SafetensorsSource, "model", "safetensors"), (TorchFileSource, "pytorch_model", "bin")):
+            if (p / f"{stem}.{ext}").is_file():
+                return cls.open(p, [p / f"{stem}.{ext}"]), p
+            if (p / f"{stem}.{ext}.index.json").is_file():
+                return cls.open(p, index_files(p / f"{stem}.{ext}.index.json")), p
+            shards = sorted(p.glob(f"{stem}-*.{ext}"))
+            if shards:
+                return cls.open(p, shards), p
         raise AnalyzeError(
             f"{p}: directory holds none of checkpoints/last.pt, checkpoints/last.dcp/, model.safetensors, "
             f"model.safetensors.index.json, model-*.safetensors, pytorch_model.bin"

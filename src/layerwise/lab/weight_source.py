@@ -27,8 +27,6 @@ instead of with one batch.
 from __future__ import annotations
 
 import json
-import math
-import struct
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from layerwise._safetensors import read_header
 
 __all__ = [
     "WeightSource",
@@ -149,70 +149,18 @@ class SafetensorsSource(WeightSource):
     """One or more ``.safetensors`` files (a file, a folder's shards, or an ``index.json`` weight map), read
     with plain file reads (see the module docstring)."""
 
-    _DTYPES = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-        "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
-        "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
-    }
-    #: the format's own limit on the JSON header
-    MAX_HEADER = 100_000_000
-
     def __init__(self, path: Path, files: dict[str, Path], meta: dict[str, torch.Tensor], offsets: dict[str, int]):
         super().__init__(path, files, meta)
         self._offsets = offsets  # key -> absolute byte offset of its data in its file
 
-    @classmethod
-    def _header(cls, f: Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """``({key: meta tensor}, {key: absolute data offset})`` of one file, every entry checked."""
+    @staticmethod
+    def _header(f: Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """``({key: meta tensor}, {key: absolute data offset})`` of one file, every entry checked
+        (:func:`layerwise._safetensors.read_header`)."""
         try:
-            size = f.stat().st_size
-            with open(f, "rb") as fh:
-                head = fh.read(8)
-                if len(head) < 8:
-                    raise SourceError(f"{f}: not a safetensors file (shorter than its 8-byte header length)")
-                (n,) = struct.unpack("<Q", head)
-                if n > cls.MAX_HEADER or 8 + n > size:
-                    raise SourceError(f"{f}: not a safetensors file (header length {n} for a {size}-byte file)")
-                header = json.loads(fh.read(n).decode("utf-8"))
-        except OSError as exc:
-            raise SourceError(f"{f}: cannot read: {exc}") from exc
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SourceError(f"{f}: cannot read as safetensors (header is not JSON: {exc})") from exc
-        if not isinstance(header, dict):
-            raise SourceError(f"{f}: cannot read as safetensors (header is not a JSON object)")
-        data_start, data_size = 8 + n, size - 8 - n
-        meta: dict[str, torch.Tensor] = {}
-        offsets: dict[str, int] = {}
-        for k, entry in header.items():
-            if k == "__metadata__":
-                continue
-            try:
-                dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-                ok = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-                ok = ok and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size
-            except (TypeError, KeyError, ValueError):
-                ok = False
-            if not ok:
-                raise SourceError(f"{f}: tensor {k!r} has a malformed header entry {entry!r}")
-            dtype = cls._DTYPES.get(dtype_name)
-            if dtype is None:
-                raise SourceError(f"{f}: tensor {k!r} has unsupported safetensors dtype {dtype_name}")
-            t = torch.empty(tuple(shape), dtype=dtype, device="meta")
-            if end - begin != math.prod(shape) * t.element_size():
-                raise SourceError(
-                    f"{f}: tensor {k!r}: {end - begin} bytes stored for shape {tuple(shape)} of {dtype_name}"
-                )
-            meta[k], offsets[k] = t, data_start + begin
-        return meta, offsets
+            return read_header(f)
+        except ValueError as exc:
+            raise SourceError(str(exc)) from exc
 
     @classmethod
     def open(cls, path: Path, files: list[Path]) -> SafetensorsSource:

@@ -1,6 +1,6 @@
 """A small C++ kernel for the masked AdamW update of fp32 CPU tensors, built on first use with
 :func:`torch.utils.cpp_extension.load_inline` and registered as torch operators
-(``torch.ops.layerwise_ck.masked_step_`` / ``adamw_step_``).
+(``torch.ops.layerwise_ck.masked_steps_`` / ``adamw_steps_``).
 
 Why: the masked update needs a per-tensor statistic (``alpha``) before any parameter can move.  The
 compiled (inductor) path therefore reads every element twice and, since inductor never stores inside
@@ -18,7 +18,7 @@ buffer, the size of the largest masked parameter.  Memory traffic in units of on
 fused AdamW 7 (reads ``p, g, m, v``, writes ``p, m, v``); this kernel 10 when the scratch does not stay
 in cache.  ``rule="none"`` (``masking=False``) is plain AdamW in one pass.
 
-``alpha_lag=1`` (``lagged_steps_``): ``alpha`` comes from the tensor's previous sums, so the same loop
+``alpha_lag=1`` (:func:`steps_` with ``sums``): ``alpha`` comes from the tensor's previous sums, so the same loop
 writes ``p`` instead of the scratch and the step is one pass (7 units, fused AdamW's traffic, no
 scratch); the sums it accumulates are stored for the next step, in :func:`~layerwise.optim._masked_rule.
 partial_sums`'s units.  A tensor's first lagged step (no sums yet) is the exact two-pass update, which
@@ -60,7 +60,6 @@ __all__ = [
     "error",
     "step_",
     "steps_",
-    "lagged_steps_",
     "RULE_CODES",
     "MODE_CODES",
     "PARALLEL_MIN_NUMEL",
@@ -259,87 +258,52 @@ void check_h(const at::Tensor& h) {
                 "layerwise C kernel: h must be 9 contiguous fp32 CPU numbers");
 }
 
-void masked_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, at::Tensor s,
-                  const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out) {
-    check(p, p, "p"); check(g, p, "g"); check(m, p, "exp_avg"); check(v, p, "exp_avg_sq"); check(s, p, "scratch");
-    check_h(h);
-    TORCH_CHECK(out.numel() >= 2 && out.is_contiguous() && out.scalar_type() == at::kFloat,
-                "layerwise C kernel: out needs 2 contiguous fp32 elements");
-    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1), "layerwise C kernel: bad rule/mode");
-    masked_one(p.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
-               s.data_ptr<float>(), p.numel(), h.data_ptr<float>(), rule, mode, out.data_ptr<float>(), nullptr);
-}
-
-/* several tensors sharing h in one call (the optimizer's per-call cost once per group, not per tensor);
-   out: (len, 2) rows of (alpha, density) */
-void masked_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, at::Tensor s,
-                   const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out) {
+/* the checks of every batched call: list lengths, h, each tensor against its parameter; returns the count */
+size_t check_batch(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, const at::Tensor& h) {
     const size_t k = ps.size();
     TORCH_CHECK(gs.size() == k && ms.size() == k && vs.size() == k, "layerwise C kernel: list lengths differ");
-    TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() >= (int64_t)(2 * k),
-                "layerwise C kernel: out needs 2 contiguous fp32 elements per tensor");
-    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1), "layerwise C kernel: bad rule/mode");
-    check_h(h);
-    for (size_t i = 0; i < k; i++) {
-        check(ps[i], ps[i], "p"); check(gs[i], ps[i], "g"); check(ms[i], ps[i], "exp_avg");
-        check(vs[i], ps[i], "exp_avg_sq"); check(s, ps[i], "scratch");
-    }
-    const float* hp = h.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    float* sp = s.data_ptr<float>();
-    for (size_t i = 0; i < k; i++)
-        masked_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
-                   vs[i].data_ptr<float>(), sp, ps[i].numel(), hp, rule, mode, op + 2 * i, nullptr);
-}
-
-/* alpha_lag=1 for several tensors sharing h: sums[i] (4 fp32: sum u'^2, sum (w u')^2, count, numel) holds
-   tensor i's previous sums and receives this step's.  first: no previous sums (the exact rule, through the
-   scratch s); else one pass each.  out: (len, 2) rows of (alpha applied, density) */
-void lagged_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, at::TensorList sums,
-                   at::Tensor s, const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out, bool first) {
-    const size_t k = ps.size();
-    TORCH_CHECK(gs.size() == k && ms.size() == k && vs.size() == k && sums.size() == k,
-                "layerwise C kernel: list lengths differ");
-    TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() >= (int64_t)(2 * k),
-                "layerwise C kernel: out needs 2 contiguous fp32 elements per tensor");
-    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1), "layerwise C kernel: bad rule/mode");
     check_h(h);
     for (size_t i = 0; i < k; i++) {
         check(ps[i], ps[i], "p"); check(gs[i], ps[i], "g"); check(ms[i], ps[i], "exp_avg");
         check(vs[i], ps[i], "exp_avg_sq");
-        TORCH_CHECK(sums[i].device().is_cpu() && sums[i].scalar_type() == at::kFloat && sums[i].is_contiguous()
-                    && sums[i].numel() == 4, "layerwise C kernel: alpha_sums must be 4 contiguous fp32 CPU numbers");
-        if (first) check(s, ps[i], "scratch");
+    }
+    return k;
+}
+
+/* masked rules, several tensors sharing h in one call (the optimizer's per-call cost once per group, not per
+   tensor); out: (len, 2) rows of (alpha applied, density).  lag 0: the exact rule (sums unused); 1: the exact
+   rule, writing each tensor's sums (sum u'^2, sum (w u')^2, count, numel: 4 fp32) to sums[i] (its first
+   alpha_lag=1 step); 2: alpha from sums[i] (last step's), one pass, then sums[i] = this step's sums */
+void masked_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, at::TensorList sums,
+                   at::Tensor s, const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out, int64_t lag) {
+    const size_t k = check_batch(ps, gs, ms, vs, h);
+    TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() >= (int64_t)(2 * k),
+                "layerwise C kernel: out needs 2 contiguous fp32 elements per tensor");
+    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1) && lag >= 0 && lag <= 2,
+                "layerwise C kernel: bad rule/mode/lag");
+    TORCH_CHECK(lag == 0 || sums.size() == k, "layerwise C kernel: one alpha_sums tensor per parameter needed");
+    for (size_t i = 0; i < k; i++) {
+        if (lag < 2) check(s, ps[i], "scratch");
+        if (lag > 0)
+            TORCH_CHECK(sums[i].device().is_cpu() && sums[i].scalar_type() == at::kFloat && sums[i].is_contiguous()
+                            && sums[i].numel() == 4,
+                        "layerwise C kernel: alpha_sums must be 4 contiguous fp32 CPU numbers");
     }
     const float* hp = h.data_ptr<float>();
     float* op = out.data_ptr<float>();
     for (size_t i = 0; i < k; i++) {
-        if (first)
-            masked_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
-                       vs[i].data_ptr<float>(), s.data_ptr<float>(), ps[i].numel(), hp, rule, mode, op + 2 * i,
-                       sums[i].data_ptr<float>());
-        else
+        float* sm = lag > 0 ? sums[i].data_ptr<float>() : nullptr;
+        if (lag == 2)
             lagged_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
-                       vs[i].data_ptr<float>(), sums[i].data_ptr<float>(), ps[i].numel(), hp, rule, mode,
-                       op + 2 * i);
+                       vs[i].data_ptr<float>(), sm, ps[i].numel(), hp, rule, mode, op + 2 * i);
+        else
+            masked_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
+                       vs[i].data_ptr<float>(), s.data_ptr<float>(), ps[i].numel(), hp, rule, mode, op + 2 * i, sm);
     }
-}
-
-void adamw_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, const at::Tensor& h) {
-    check(p, p, "p"); check(g, p, "g"); check(m, p, "exp_avg"); check(v, p, "exp_avg_sq");
-    check_h(h);
-    adamw_one(p.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), p.numel(),
-              h.data_ptr<float>());
 }
 
 void adamw_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, const at::Tensor& h) {
-    const size_t k = ps.size();
-    TORCH_CHECK(gs.size() == k && ms.size() == k && vs.size() == k, "layerwise C kernel: list lengths differ");
-    check_h(h);
-    for (size_t i = 0; i < k; i++) {
-        check(ps[i], ps[i], "p"); check(gs[i], ps[i], "g"); check(ms[i], ps[i], "exp_avg");
-        check(vs[i], ps[i], "exp_avg_sq");
-    }
+    const size_t k = check_batch(ps, gs, ms, vs, h);
     const float* hp = h.data_ptr<float>();
     for (size_t i = 0; i < k; i++)
         adamw_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
@@ -355,20 +319,12 @@ void alpha_from_sums_(const at::Tensor& sums, int64_t n, const at::Tensor& h, in
 }  // namespace
 
 TORCH_LIBRARY(layerwise_ck, lib) {
-    lib.def("masked_step_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor(d!) s, Tensor h, "
-            "int rule, int mode, Tensor(e!) out) -> ()");
-    lib.def("adamw_step_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor h) -> ()");
-    lib.def("masked_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor(d!) s, Tensor h, "
-            "int rule, int mode, Tensor(e!) out) -> ()");
+    lib.def("masked_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor(d!)[] sums, "
+            "Tensor(e!) s, Tensor h, int rule, int mode, Tensor(f!) out, int lag) -> ()");
     lib.def("adamw_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor h) -> ()");
-    lib.def("lagged_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor(d!)[] sums, "
-            "Tensor(e!) s, Tensor h, int rule, int mode, Tensor(f!) out, bool first) -> ()");
     lib.def("alpha_from_sums_(Tensor sums, int n, Tensor h, int mode, Tensor(a!) out) -> ()");
-    lib.impl("masked_step_", c10::DispatchKey::CPU, TORCH_FN(masked_step_));
-    lib.impl("adamw_step_", c10::DispatchKey::CPU, TORCH_FN(adamw_step_));
     lib.impl("masked_steps_", c10::DispatchKey::CPU, TORCH_FN(masked_steps_));
     lib.impl("adamw_steps_", c10::DispatchKey::CPU, TORCH_FN(adamw_steps_));
-    lib.impl("lagged_steps_", c10::DispatchKey::CPU, TORCH_FN(lagged_steps_));
     lib.impl("alpha_from_sums_", c10::DispatchKey::CPU, TORCH_FN(alpha_from_sums_));
 }
 """
@@ -381,11 +337,8 @@ class _Ops:
 
     def __init__(self) -> None:
         ns = getattr(torch.ops, _NAME)
-        self.masked_step_ = ns.masked_step_.default
-        self.adamw_step_ = ns.adamw_step_.default
         self.masked_steps_ = ns.masked_steps_.default
         self.adamw_steps_ = ns.adamw_steps_.default
-        self.lagged_steps_ = ns.lagged_steps_.default
         self.alpha_from_sums_ = ns.alpha_from_sums_.default
 
 
@@ -449,7 +402,7 @@ def _build() -> None:
 
 def _registered() -> bool:
     """Whether this process has the operators already (loaded from another cache directory, say)."""
-    return hasattr(getattr(torch.ops, _NAME), "lagged_steps_")
+    return hasattr(getattr(torch.ops, _NAME), "masked_steps_")
 
 
 def load() -> Any:
@@ -503,6 +456,13 @@ def warn_unavailable() -> None:
     )
 
 
+def _ops() -> _Ops:
+    ops = _OPS
+    if ops is None:
+        raise RuntimeError(f"layerwise C kernel not loaded ({_ERROR or 'call load() first'})")
+    return ops
+
+
 def step_(
     p: torch.Tensor,
     g: torch.Tensor,
@@ -514,15 +474,10 @@ def step_(
     mode: str,
     out: torch.Tensor | None,
 ) -> None:
-    """Update one fp32 contiguous CPU tensor in place.  ``s``: fp32 scratch of at least ``p.numel()``
-    elements (masked rules); ``out``: a 2-element fp32 tensor that receives ``(alpha, density)``."""
-    ops = _OPS
-    if ops is None:
-        raise RuntimeError(f"layerwise C kernel not loaded ({_ERROR or 'call load() first'})")
-    if rule == "none":
-        ops.adamw_step_(p, g, m, v, h)
-    else:
-        ops.masked_step_(p, g, m, v, s, h, RULE_CODES[rule], MODE_CODES[mode], out)
+    """Update one fp32 contiguous CPU tensor in place (:func:`steps_` of one tensor).  ``s``: fp32 scratch of
+    at least ``p.numel()`` elements (masked rules); ``out``: a 2-element fp32 tensor that receives
+    ``(alpha, density)``."""
+    steps_([p], [g], [m], [v], s, h, rule, mode, None if out is None else out.view(1, 2))
 
 
 def steps_(
@@ -535,38 +490,19 @@ def steps_(
     rule: str,
     mode: str,
     out: torch.Tensor | None,
+    sums: list[torch.Tensor] | None = None,
+    first: bool = False,
 ) -> None:
-    """:func:`step_` for several tensors sharing ``h``, in one call.  ``s``: scratch of at least the largest
-    tensor's size; ``out``: a contiguous ``(len(ps), 2)`` fp32 tensor that receives the rows
-    ``(alpha, density)``."""
-    ops = _OPS
-    if ops is None:
-        raise RuntimeError(f"layerwise C kernel not loaded ({_ERROR or 'call load() first'})")
+    """Update several fp32 contiguous CPU tensors sharing ``h`` in place, in one call.  ``s``: fp32 scratch of
+    at least the largest tensor's size (masked rules; unused by a lagged step); ``out``: a contiguous
+    ``(len(ps), 2)`` fp32 tensor that receives the rows (``alpha`` applied, density).
+
+    ``sums`` (masked rules, ``alpha_lag=1``): each tensor's ``alpha_sums`` (4 fp32 numbers, in the units of
+    :func:`layerwise.optim._masked_rule.partial_sums`), read as last step's and overwritten with this step's:
+    one pass per tensor.  With ``first`` the tensors have no previous sums: the exact rule (two passes through
+    ``s``) also writes them."""
     if rule == "none":
-        ops.adamw_steps_(ps, gs, ms, vs, h)
-    else:
-        ops.masked_steps_(ps, gs, ms, vs, s, h, RULE_CODES[rule], MODE_CODES[mode], out)
-
-
-def lagged_steps_(
-    ps: list[torch.Tensor],
-    gs: list[torch.Tensor],
-    ms: list[torch.Tensor],
-    vs: list[torch.Tensor],
-    sums: list[torch.Tensor],
-    s: torch.Tensor,
-    h: torch.Tensor,
-    rule: str,
-    mode: str,
-    out: torch.Tensor,
-    first: bool,
-) -> None:
-    """``alpha_lag=1`` for several fp32 CPU tensors sharing ``h`` (masked rules only).  ``sums[i]``: tensor
-    ``i``'s ``alpha_sums`` (4 fp32 numbers, :func:`layerwise.optim._masked_rule.partial_sums`), read as last
-    step's and overwritten with this step's.  ``first``: the tensors have no previous sums; the exact rule
-    (two passes through the scratch ``s``) also writes them.  Otherwise one pass per tensor, ``alpha`` from
-    ``sums``.  ``out``: ``(len(ps), 2)`` rows of (``alpha`` applied, this step's density)."""
-    ops = _OPS
-    if ops is None:
-        raise RuntimeError(f"layerwise C kernel not loaded ({_ERROR or 'call load() first'})")
-    ops.lagged_steps_(ps, gs, ms, vs, sums, s, h, RULE_CODES[rule], MODE_CODES[mode], out, first)
+        _ops().adamw_steps_(ps, gs, ms, vs, h)
+        return
+    lag = 0 if sums is None else (1 if first else 2)
+    _ops().masked_steps_(ps, gs, ms, vs, sums or [], s, h, RULE_CODES[rule], MODE_CODES[mode], out, lag)
