@@ -299,7 +299,10 @@ class _MaskedAdamW(Optimizer):
         first = lag == "first"
         # the lagged pass needs no scratch (the buffer is passed, unused)
         scratch = self._scratch_for(ps[0].device, max(p.numel() for p in ps) if lag != "lagged" else 0)
-        sums = [st.setdefault("alpha_sums", torch.zeros(4, dtype=torch.float32)) for st in states] if lag else None
+        if lag == "first":  # the kernel writes them
+            for st in states:
+                st["alpha_sums"] = torch.zeros(4, dtype=torch.float32)
+        sums = [st["alpha_sums"] for st in states] if lag else None
         CK.steps_(ps, gs, ms, vs, scratch, h, rule, mode, rows, sums, first)
         return [(pi, tuple(row.unbind())) for pi, row in zip(pis, rows.unbind())]  # type: ignore[misc]
 
