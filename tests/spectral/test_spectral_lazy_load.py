@@ -105,7 +105,7 @@ def test_plan_groups_by_shape_within_budget():
     cost = 4 * 8 * 16 + 4 * 8 * 8  # float32 copy (what is read) + Gram, whatever the stored dtype
     assert cli._plan(chosen, 2 * cost) == [["a", "c"], ["d"], ["b"]]
     assert cli._plan(chosen, 1) == [["a"], ["c"], ["d"], ["b"]]
-    # default: 3/4 of the bound (2x the largest float32 matrix + its Gram): 64x16 -> 6912 bytes, 9 small ones
+    # default: half the bound (2x the largest float32 matrix + its Gram): 64x16 -> 4608 bytes, 6 small ones
     big = [("big", meta(64, 16))] + chosen
     assert cli.memory_bound(big) == 2 * 4 * 64 * 16 + 4 * 16 * 16
     assert cli._plan(big, None) == [["big"], ["a", "c", "d"], ["b"]]
