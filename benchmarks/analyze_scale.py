@@ -235,17 +235,20 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     print(
         "\n| size | checkpoint (bf16) | matrices | lazy time | lazy peak RSS | working set (peak - after imports) "
-        "| bound (2x largest fp32 + Gram) | eager time | eager peak RSS | WeightWatcher time | load avg |"
+        "| bound (2x largest fp32 + Gram) | working set / bound | eager time | eager peak RSS | WeightWatcher time "
+        "| load avg |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         lz, eg = r["lazy"], r.get("eager")
         eg_wall = f"{eg['wall']:.1f} s" if eg else "-"
         mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+        mib1 = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
         print(
             f"| {r['size']} | {mib(r['bytes'])} ({r['shards']} shards) | {r['matrices']} | {lz['wall']:.1f} s | "
-            f"{mib(lz['peak_rss'])} | {mib(lz['peak_rss'] - lz['base_rss'])} | {mib(r['bound'])} "
-            f"({r['largest'][0]}x{r['largest'][1]}) | {eg_wall} | "
+            f"{mib(lz['peak_rss'])} | {mib1(lz['peak_rss'] - lz['base_rss'])} | {mib1(r['bound'])} "
+            f"({r['largest'][0]}x{r['largest'][1]}) | {(lz['peak_rss'] - lz['base_rss']) / r['bound']:.2f} | "
+            f"{eg_wall} | "
             f"{mib(eg['peak_rss']) if eg else '-'} | "
             f"{str(round(r['ww']['wall'], 1)) + ' s' if 'ww' in r else '-'} | {r['load']:.1f} |"
         )
