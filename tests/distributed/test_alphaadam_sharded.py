@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _fsdp import dcp_round_trip, shard, torchrun, train
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def _worker(out: Path) -> None:
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch import nn
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
     from layerwise.lab.model import build_model
@@ -68,39 +65,17 @@ def _worker(out: Path) -> None:
                 assert "alpha_sums" not in sh.state[q]
 
     # (b) FSDP2 nano model, alpha_lag=1: DCP round trip after 2 steps, then one more step == uninterrupted
-    def shard(model):
-        for block in model.layers:
-            fully_shard(block)
-        return fully_shard(model)
-
-    def batch(step):
-        gen = torch.Generator().manual_seed(step)
-        idx = torch.randint(0, 64, (4, 16), generator=gen)
-        return idx, torch.roll(idx, -1, 1)
-
-    def train(model, opt, steps):
-        for s in steps:
-            opt.zero_grad()
-            model(*batch(s))[1].backward()
-            opt.step()
-
     torch.manual_seed(0)
     base = build_model("nano", vocab_size=64)
     init = copy.deepcopy(base.state_dict())
     sh = shard(copy.deepcopy(base))
     o_sh = AlphaAdam(sh.parameters(), lr=1e-2, weight_decay=0.1, alpha_lag=1)
     train(sh, o_sh, range(2))
-    ckpt = out / "ckpt"
-    msd, osd = get_state_dict(sh, o_sh)
-    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(ckpt))
     fresh = build_model("nano", vocab_size=64)
     fresh.load_state_dict(init)
     fresh = shard(fresh)
     o_fresh = AlphaAdam(fresh.parameters(), lr=1e-2, weight_decay=0.1, alpha_lag=1)
-    msd2, osd2 = get_state_dict(fresh, o_fresh)
-    state = {"model": msd2, "optimizer": osd2}
-    dcp.load(state, checkpoint_id=str(ckpt))
-    set_state_dict(fresh, o_fresh, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    dcp_round_trip(sh, o_sh, fresh, o_fresh, out / "ckpt")
     for p, q in zip(sh.parameters(), fresh.parameters()):
         a, b = o_sh.state[p]["alpha_sums"], o_fresh.state[q]["alpha_sums"]
         assert b.dtype == torch.float32 and torch.equal(a, b)
@@ -114,18 +89,7 @@ def _worker(out: Path) -> None:
 
 
 def test_sharded_alphaadam_equals_one_process(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(Path(__file__).resolve()),
-        str(tmp_path),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    torchrun(str(Path(__file__).resolve()), str(tmp_path))
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
 
 

@@ -11,52 +11,23 @@ import re
 
 import pytest
 import torch
+from test_alphaadam import (
+    SHAPES,
+    _run,
+    assert_state_close,
+    grads_for,
+    lockstep,
+    make_params,
+    reference_step,
+    step_and_snapshot,
+)
 
 from layerwise.optim import _cpu_kernel as CK
 from layerwise.optim import _masked_kernels as K
 from layerwise.optim import _masked_rule as R
 from layerwise.optim.alphaadam import AlphaAdam, CautiousAdamW
 
-SHAPES = [(24, 16), (16,), (7, 5, 3)]
 needs_c = pytest.mark.skipif(CK.load() is None, reason=f"C kernel unavailable: {CK.error()}")
-
-
-def make_params(seed=0, shapes=SHAPES, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-
-
-def grads_for(step, params):
-    gen = torch.Generator().manual_seed(1000 + step)
-    return [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
-
-
-def set_grads(params, grads):
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-
-
-def exact_alpha_and_update(p, g, m, v, t, *, lr, betas, eps, wd, rule, alpha_mode, alpha_max, floor):
-    """Float64, from the formulas: the moments, the masked direction ``w * u``, the exact rule's alpha of this
-    step and its mask density."""
-    p, g, m, v = (x.double() for x in (p, g, m, v))
-    b1, b2 = betas
-    m_new = b1 * m + (1 - b1) * g
-    v_new = b2 * v + (1 - b2) * g * g
-    u = (m_new / (1 - b1**t)) / ((v_new / (1 - b2**t)).sqrt() + eps)
-    if rule == "previous":
-        mask = (m * g > 0) | (m == 0)
-    elif rule == "current":
-        mask = (m_new * g > 0) | (m_new == 0)
-    else:  # cautious
-        mask = u * g > 0
-    w = mask.double() + floor * (1 - mask.double())
-    if alpha_mode == "norm":
-        den = (w * u).norm().item()
-        alpha = alpha_max if den == 0 else u.norm().item() / den
-    else:
-        alpha = 1.0 / max(w.mean().item(), 1.0 / alpha_max)
-    return m_new, v_new, w * u, min(max(alpha, 1.0), alpha_max), mask.double().mean().item()
 
 
 VARIANTS = [
@@ -92,24 +63,16 @@ def test_lagged_equals_float64_reference(cls, kw):
             exp_avg_sq=torch.rand(p.shape, generator=gen) * 0.1,
         )
     rule = _rule_of(cls, kw)
+    decay = 1 - hp["lr"] * hp["wd"]
     prev_alpha: list[float | None] = [None] * len(params)
     applied = []
     for step in range(1, 7):
-        grads = grads_for(step, params)
-        before = [
-            (p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()) for p in params
-        ]
-        set_grads(params, grads)
-        opt.step()
-        diag = opt.diagnostics()
-        for j, (p, g, (p0, m0, v0)) in enumerate(zip(params, grads, before)):
-            m_ref, v_ref, wu, alpha_now, density = exact_alpha_and_update(p0, g, m0, v0, step, **hp, **rule)
+        for j, (p, g, (p0, m0, v0), d) in enumerate(step_and_snapshot(opt, params, grads_for(step, params))):
+            # the exact rule's step is p_exact = decay p - lr alpha_now (w u): the lagged one scales its update
+            p_exact, m_ref, v_ref, alpha_now, density = reference_step(p0, g, m0, v0, step, **hp, **rule)
             alpha = alpha_now if prev_alpha[j] is None else prev_alpha[j]
-            p_ref = p0.double() * (1 - hp["lr"] * hp["wd"]) - hp["lr"] * alpha * wu
-            torch.testing.assert_close(p.double(), p_ref, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(opt.state[p]["exp_avg"].double(), m_ref, rtol=1e-5, atol=1e-7)
-            torch.testing.assert_close(opt.state[p]["exp_avg_sq"].double(), v_ref, rtol=1e-5, atol=1e-9)
-            d = diag[f"group0.param{j}"]
+            p_ref = decay * p0.double() + (alpha / alpha_now) * (p_exact - decay * p0.double())
+            assert_state_close(opt, p, p_ref, m_ref, v_ref)
             assert d["alpha"] == pytest.approx(alpha, rel=1e-5)
             assert d["mask_density"] == pytest.approx(density, abs=1e-6)
             assert opt.state[p]["alpha_sums"].dtype == torch.float32
@@ -151,18 +114,16 @@ def test_fast_paths_equal_eager(cls, kw, cpu_kernel, monkeypatch):
     eager = cls(a, lr=1e-2, weight_decay=0.1, alpha_lag=1, fast=False, **kw)
     fast = cls(b, lr=1e-2, weight_decay=0.1, alpha_lag=1, fast=True, cpu_kernel=cpu_kernel, **kw)
     calls = _count_paths(monkeypatch)
-    for step in range(6):
-        grads = grads_for(step, a)
-        set_grads(a, grads)
-        set_grads(b, grads)
-        eager.step()
-        fast.step()
+
+    def same_diagnostics(_step):
         de, df = eager.diagnostics(), fast.diagnostics()
+        assert de.keys() == df.keys()
         for name in de:
             assert df[name]["alpha"] == pytest.approx(de[name]["alpha"], rel=1e-5)
             assert df[name]["mask_density"] == pytest.approx(de[name]["mask_density"], abs=1e-7)
+
+    lockstep(eager, fast, a, b, 6, after_step=same_diagnostics)
     for x, y in zip(a, b):
-        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fast.state[y]["exp_avg"], eager.state[x]["exp_avg"], rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(fast.state[y]["alpha_sums"], eager.state[x]["alpha_sums"], rtol=1e-5, atol=0)
     n = 6 * len(SHAPES)
@@ -209,12 +170,6 @@ def test_c_kernel_lagged_step_equals_masked_lagged(rule, mode, floor, n, threads
             p.copy_(ref[0])
     finally:
         torch.set_num_threads(old)
-
-
-def _run(opt, params, steps, start):
-    for step in range(start, start + steps):
-        set_grads(params, grads_for(step, params))
-        opt.step()
 
 
 @pytest.mark.parametrize(

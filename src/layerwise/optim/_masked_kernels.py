@@ -16,6 +16,10 @@ storage dtypes.
   every shape; every hyper-parameter arrives in a small fp32 tensor ``h`` (learning-rate schedules
   never recompile); up to :data:`BUCKET_SIZE` tensors share one compiled call (a call costs tens
   of microseconds of Python and guard overhead).
+* ``alpha_lag=1`` (:func:`masked_lagged_`, eager and compiled): ``alpha`` from the previous step's sums, so
+  nothing written depends on this step's reduction.  Inductor still emits two loops (the reduction reads
+  ``m_{t-1}``, which the update loop overwrites, so it is scheduled first): no speed-up on this path; the C
+  kernel (:mod:`layerwise.optim._cpu_kernel`) does it in one pass.
 * The **eager reference path** (:func:`masked_adamw_`): :func:`masked_stage_` (reads ``g, m, v``;
   writes ``m, v`` and a caller-owned fp32 scratch ``buf = w * u``; returns ``alpha``, density), then
   :func:`masked_finish_` (reads ``p, buf``; writes ``p``).  ``m_{t-1}`` is read before it is
