@@ -3,15 +3,20 @@
 For each size (layerwise.lab.model.SIZES: llama-60m, -135m, -350m, -1b; vocab 32000), a Hugging Face folder
 is written to --tmp (sharded safetensors, <= --shard-mb per shard, with model.safetensors.index.json),
 tensor by tensor so the writer never holds the model.  Then `layerwise analyze DIR --no-plots` runs in a
-FRESH process that reports its resident set before the analysis (after imports) and its peak (VmHWM);
-the folder is deleted afterwards.  With --eager the old behaviour (load_state_dict: every tensor in memory,
-then analyze) is measured on the same folder for comparison.
+FRESH process that reports its resident set before the analysis and its peak (VmHWM); the folder is
+deleted afterwards.  The baseline is taken after imports and a warm-up `analyze` of a tiny in-memory
+model, so the code pages that any first analysis touches (a constant few MiB, whatever the checkpoint)
+are not counted as working set.  With --eager the old behaviour (load_state_dict: every tensor in memory,
+then analyze) is measured on the same folder for comparison; with --ww (sizes listed), WeightWatcher
+0.7.7 (`pip install weightwatcher==0.7.7`) on the same weights: an HF LlamaForCausalLM (fp32) built from
+the folder, then `WeightWatcher(model).analyze()` (its own layer choice: every Linear layer).
 
-The bound from the issue: peak working set (peak RSS - RSS after imports) below ~2x the largest analysed
+The bound from the issue: peak working set (peak RSS - baseline RSS) below ~2x the largest analysed
 tensor in fp32 plus its Gram matrix, independent of the model's size.
 
     PYTHONPATH=src python benchmarks/analyze_scale.py [--sizes llama-60m,llama-135m,llama-350m,llama-1b]
-        [--eager llama-60m,llama-135m] [--tmp /tmp] [--tiny]   (--tiny: sizes nano,tiny, a check of the script)
+        [--eager llama-60m,llama-135m] [--ww llama-60m,llama-135m] [--tmp /tmp]
+        [--tiny]   (--tiny: sizes nano,tiny, a check of the script)
 """
 
 from __future__ import annotations
@@ -97,21 +102,44 @@ def rss(field):
 import torch
 import safetensors, scipy.linalg.lapack  # runtime libraries in the baseline, not in the working set
 from layerwise.lab import analyze as cli
-from layerwise.spectral import gram_eigvals
-gram_eigvals([torch.randn(64, 64)])
+from layerwise.lab.model import build_model
+from layerwise.lab.weight_source import InMemorySource
+from layerwise.spectral import analyze
 mode, path, out = sys.argv[1], sys.argv[2], sys.argv[3]
+# warm-up: one small analysis through the same code (its code pages belong to the baseline)
+warm = {k: v.detach().to(torch.bfloat16) for k, v in build_model('nano', vocab_size=64).state_dict().items()}
+cli.analyze_source(InMemorySource(path, warm), keep_eigs=True)
+analyze(warm)
+del warm
+extra = {}
+if mode == 'ww':
+    import logging
+    import weightwatcher
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+    logging.getLogger('weightwatcher').setLevel(logging.ERROR)
+    c = json.loads(sys.argv[4])
 base = rss('VmRSS')
 t0 = time.perf_counter()
 if mode == 'lazy':
     rc = cli.main([path, '--no-plots', '--out', out] + sys.argv[4:])
     assert rc == 0, rc
-else:  # the old way: every tensor in memory first
-    from layerwise.spectral import analyze
+elif mode == 'eager':  # the old way: every tensor in memory first
     sd, _ = cli.load_state_dict(path)
     rep = analyze(sd, keep_eigs=True)
     assert rep.rows
+else:  # WeightWatcher on an HF model built from the folder
+    import glob
+    cfg = LlamaConfig(vocab_size=c['vocab'], hidden_size=c['hidden_size'], intermediate_size=c['intermediate_size'],
+                      num_hidden_layers=c['num_layers'], num_attention_heads=c['num_heads'], tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    for shard in sorted(glob.glob(path + '/*.safetensors')):
+        model.load_state_dict(load_file(shard), strict=False)
+    extra['load_s'] = time.perf_counter() - t0
+    details = weightwatcher.WeightWatcher(model=model).analyze()
+    extra['layers'] = len(details)
 wall = time.perf_counter() - t0
-print('RESULT ' + json.dumps({'base_rss': base, 'peak_rss': rss('VmHWM'), 'wall': wall}))
+print('RESULT ' + json.dumps({'base_rss': base, 'peak_rss': rss('VmHWM'), 'wall': wall, **extra}))
 """
 
 
@@ -144,11 +172,13 @@ def main() -> None:
     ap.add_argument("--shard-mb", type=float, default=500.0)
     ap.add_argument("--vocab", type=int, default=VOCAB)
     ap.add_argument("--tiny", action="store_true", help="nano,tiny sizes with vocab 512: checks the script")
+    ap.add_argument("--ww", default="", help="sizes also analysed by WeightWatcher 0.7.7 (if installed)")
     ap.add_argument("--analyze-args", default="", help="extra `layerwise analyze` flags, e.g. '--device cuda'")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     sizes = ["nano", "tiny"] if args.tiny else args.sizes.split(",")
     eager = set(sizes if args.tiny else [s for s in args.eager.split(",") if s])
+    ww = {s for s in args.ww.split(",") if s}
     vocab = 512 if args.tiny else args.vocab
     results = []
     print(f"torch {torch.__version__}, cpus {os.cpu_count()}, load avg {os.getloadavg()}", flush=True)
@@ -172,6 +202,11 @@ def main() -> None:
             rec["lazy"] = run_worker("lazy", work / "hf", work / "out", args.analyze_args.split())
             if size in eager:
                 rec["eager"] = run_worker("eager", work / "hf", work / "out2", [])
+            if size in ww:
+                from layerwise.lab.model import SIZES
+
+                c = dict(SIZES[size], vocab=vocab)
+                rec["ww"] = run_worker("ww", work / "hf", work / "out3", [json.dumps(c)])
             rec["load"] = (load0 + os.getloadavg()[0]) / 2
             rows = json.loads((work / "out" / "spectral.json").read_text())["rows"]
             rec["matrices"] = len(rows)
@@ -187,6 +222,12 @@ def main() -> None:
                     if "eager" in rec
                     else ""
                 )
+                + (
+                    f"; WeightWatcher {rec['ww']['wall']:.1f} s (load {rec['ww']['load_s']:.1f} s, "
+                    f"{rec['ww']['layers']} layers), peak {rec['ww']['peak_rss'] / 2**20:,.0f} MiB"
+                    if "ww" in rec
+                    else ""
+                )
                 + f"; load avg {rec['load']:.1f}",
                 flush=True,
             )
@@ -194,18 +235,22 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     print(
         "\n| size | checkpoint (bf16) | matrices | lazy time | lazy peak RSS | working set (peak - after imports) "
-        "| bound (2x largest fp32 + Gram) | eager time | eager peak RSS | load avg |"
+        "| bound (2x largest fp32 + Gram) | working set / bound | eager time | eager peak RSS | WeightWatcher time "
+        "| load avg |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         lz, eg = r["lazy"], r.get("eager")
         eg_wall = f"{eg['wall']:.1f} s" if eg else "-"
         mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+        mib1 = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
         print(
             f"| {r['size']} | {mib(r['bytes'])} ({r['shards']} shards) | {r['matrices']} | {lz['wall']:.1f} s | "
-            f"{mib(lz['peak_rss'])} | {mib(lz['peak_rss'] - lz['base_rss'])} | {mib(r['bound'])} "
-            f"({r['largest'][0]}x{r['largest'][1]}) | {eg_wall} | "
-            f"{mib(eg['peak_rss']) if eg else '-'} | {r['load']:.1f} |"
+            f"{mib(lz['peak_rss'])} | {mib1(lz['peak_rss'] - lz['base_rss'])} | {mib1(r['bound'])} "
+            f"({r['largest'][0]}x{r['largest'][1]}) | {(lz['peak_rss'] - lz['base_rss']) / r['bound']:.2f} | "
+            f"{eg_wall} | "
+            f"{mib(eg['peak_rss']) if eg else '-'} | "
+            f"{str(round(r['ww']['wall'], 1)) + ' s' if 'ww' in r else '-'} | {r['load']:.1f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

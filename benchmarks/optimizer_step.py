@@ -2,6 +2,9 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/optimizer_step.py [--rounds 15] [--threads N] [--clock cpu]
 
+The ``alpha_lag=1`` rows take alpha from the previous step's statistics (one pass over every tensor); the
+warm-up's first step is their exact first step, every timed step is a lagged one.
+
 Shapes (58.1M parameters, the LLaMA-60M of the GaLore/AlphaDecay papers): embed 32000x512,
 lm_head 32000x512, 8 blocks of q/k/v/o 512x512, gate/up 1376x512, down 512x1376, two RMSNorm 512,
 final norm 512.  Every optimizer works on the same parameter and gradient tensors (each keeps its own
@@ -130,10 +133,14 @@ def main(argv: list[str] | None = None) -> None:
         "AlphaAdam fast (density, previous)": AlphaAdam(group(), alpha_mode="density", **kw),
         "AlphaAdam fast masking=False": AlphaAdam(group(), masking=False, **kw),
         "CautiousAdamW fast": CautiousAdamW(group(), **kw),
+        # alpha_lag=1: alpha from the previous step's statistics, one pass (the C kernel / compiled kernels)
+        "AlphaAdam fast alpha_lag=1 (norm, previous)": AlphaAdam(group(), alpha_lag=1, **kw),
+        "CautiousAdamW fast alpha_lag=1": CautiousAdamW(group(), alpha_lag=1, **kw),
         # the inductor-compiled kernels (the default where the C kernel cannot be built, and for bf16)
         "AlphaAdam compiled (norm, previous)": AlphaAdam(group(), cpu_kernel=False, **kw),
         "AlphaAdam compiled masking=False": AlphaAdam(group(), masking=False, cpu_kernel=False, **kw),
         "CautiousAdamW compiled": CautiousAdamW(group(), cpu_kernel=False, **kw),
+        "AlphaAdam compiled alpha_lag=1 (norm, previous)": AlphaAdam(group(), alpha_lag=1, cpu_kernel=False, **kw),
     }
     if not args.no_eager:
         opts["AlphaAdam eager (reference)"] = AlphaAdam(group(), fast=False, **kw)
@@ -142,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(opt, AlphaAdam):
             assert g0["masking"] == ("masking=False" not in name), name
             assert g0["alpha_mode"] == ("density" if "density" in name else "norm"), name
+        if isinstance(opt, (AlphaAdam, CautiousAdamW)):
+            assert g0["alpha_lag"] == ("alpha_lag=1" in name), name
     base = "AdamW fused"
     if args.only:
         keep = [k.strip() for k in args.only.split(",") if k.strip()]

@@ -10,26 +10,16 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _fsdp import dcp_round_trip, shard, torchrun, train
 
 from layerwise.optim.muon import MuonAdamW, muon_owners
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    # the environment is read now, not at import: conftest's session fixture has by then pointed
-    # LAYERWISE_CACHE at a temporary folder (an import-time copy wrote into the user's ~/.cache/layerwise)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
 
 
 # ------------------------------------------------------------------------------------------ owner assignment
@@ -48,31 +38,12 @@ def test_muon_owners_balance_newton_schulz_cost():
 # ------------------------------------------------------------------------------------------ 2-rank worker
 def _worker(out: Path) -> None:
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch import nn
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
     from layerwise.lab.model import build_model
 
     dist.init_process_group("gloo")
-
-    def shard(model):
-        for block in model.layers:
-            fully_shard(block)
-        return fully_shard(model)
-
-    def batch(step):  # the same batch on every rank: FSDP's averaged gradient equals the one-process one
-        g = torch.Generator().manual_seed(step)
-        idx = torch.randint(0, 64, (4, 16), generator=g)
-        return idx, torch.roll(idx, -1, 1)
-
-    def train(model, opt, steps):
-        for s in steps:
-            opt.zero_grad()
-            model(*batch(s))[1].backward()
-            opt.step()
 
     # (a) a FSDP2-sharded model: MuonAdamW == torch.optim.Muon + AdamW on the whole model, bit for bit
     torch.manual_seed(0)
@@ -91,17 +62,11 @@ def _worker(out: Path) -> None:
     )
 
     # (b) DCP round trip of the sharded Muon state into a fresh sharded model: continues identically
-    ckpt = out / "ckpt"
-    msd, osd = get_state_dict(sh, o_sh)
-    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(ckpt))
     fresh = build_model("nano", vocab_size=64)
     fresh.load_state_dict(init)
     fresh = shard(fresh)
     o_fresh = MuonAdamW(fresh.named_parameters(), lr=1e-2, weight_decay=0.1)
-    msd2, osd2 = get_state_dict(fresh, o_fresh)
-    state = {"model": msd2, "optimizer": osd2}
-    dcp.load(state, checkpoint_id=str(ckpt))
-    set_state_dict(fresh, o_fresh, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    dcp_round_trip(sh, o_sh, fresh, o_fresh, out / "ckpt")
     train(ref, o_ref, [3])
     train(fresh, o_fresh, [3])
     for (n, p), (_, q) in zip(ref.named_parameters(), fresh.named_parameters()):
@@ -131,7 +96,7 @@ def _worker(out: Path) -> None:
 
 
 def test_sharded_step_is_bitwise_torch_muon(tmp_path):
-    _torchrun(str(Path(__file__).resolve()), str(tmp_path))
+    torchrun(str(Path(__file__).resolve()), str(tmp_path))
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
 
 
@@ -145,7 +110,7 @@ def test_trainer_muon_fsdp_equals_single_process_and_resumes(tmp_path, corpus_fi
     run = tmp_path / "two"
     _run(["train"], 2, run, corpus_file, muon + ["--set", "train.parallel=fsdp", "--set", "train.stop_at=4"])
     assert (run / "checkpoints" / "last.dcp" / ".metadata").exists() and not (run / "summary.json").exists()
-    _torchrun("-m", "layerwise", "train", "--resume", str(run), "--set", "train.stop_at=0")
+    torchrun("-m", "layerwise", "train", "--resume", str(run), "--set", "train.stop_at=0")
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     s2 = json.loads((run / "summary.json").read_text())
     assert s2["world_size"] == 2

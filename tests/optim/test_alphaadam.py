@@ -33,9 +33,10 @@ def set_grads(params, grads) -> None:
         p.grad = g.clone()
 
 
-def lockstep(ref_opt, opt, a, b, steps: int, before_step=None) -> None:
+def lockstep(ref_opt, opt, a, b, steps: int, before_step=None, after_step=None) -> None:
     """``steps`` steps of two optimizers over twin parameter lists with the same gradients, then
-    ``b == a`` to fp32 rounding.  ``before_step(step)`` runs first in every step (e.g. an LR schedule)."""
+    ``b == a`` to fp32 rounding.  ``before_step(step)`` runs first in every step (e.g. an LR schedule),
+    ``after_step(step)`` last (e.g. a comparison of the diagnostics)."""
     for step in range(steps):
         if before_step is not None:
             before_step(step)
@@ -44,6 +45,8 @@ def lockstep(ref_opt, opt, a, b, steps: int, before_step=None) -> None:
         set_grads(b, grads)
         ref_opt.step()
         opt.step()
+        if after_step is not None:
+            after_step(step)
     for x, y in zip(a, b):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
 
@@ -74,6 +77,27 @@ def reference_step(p, g, m, v, t, *, lr, betas, eps, wd, rule, alpha_mode="norm"
     alpha = min(max(alpha, 1.0), alpha_max)
     p_new = p * (1 - lr * wd) - lr * alpha * w * u
     return p_new, m_new, v_new, alpha, mask.double().mean().item()
+
+
+def step_and_snapshot(opt, params, grads):
+    """One step of ``opt`` with ``grads``; per parameter ``(p, g, (p, m, v) before the step, its diagnostics)``
+    (``m = v = 0`` before a parameter's first step)."""
+
+    def state(p, key):
+        return opt.state[p][key].clone() if opt.state[p] else torch.zeros_like(p)
+
+    before = [(p.detach().clone(), state(p, "exp_avg"), state(p, "exp_avg_sq")) for p in params]
+    set_grads(params, grads)
+    opt.step()
+    diag = opt.diagnostics()
+    return [(p, g, b, diag[f"group0.param{j}"]) for j, (p, g, b) in enumerate(zip(params, grads, before))]
+
+
+def assert_state_close(opt, p, p_ref, m_ref, v_ref) -> None:
+    """The parameter and both moments against float64 references, to fp32 rounding."""
+    torch.testing.assert_close(p.double(), p_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[p]["exp_avg"].double(), m_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(opt.state[p]["exp_avg_sq"].double(), v_ref, rtol=1e-5, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,26 +156,11 @@ def test_alphaadam_matches_float64_reference(rule, alpha_mode, floor):
     )
     seen_alpha = []
     for step in range(1, 7):
-        grads = grads_for(step, params)
-        before = [
-            (
-                p.detach().clone(),
-                opt.state[p]["exp_avg"].clone() if opt.state[p] else torch.zeros_like(p),
-                opt.state[p]["exp_avg_sq"].clone() if opt.state[p] else torch.zeros_like(p),
-            )
-            for p in params
-        ]
-        set_grads(params, grads)
-        opt.step()
-        diag = opt.diagnostics()
-        for j, (p, g, (p0, m0, v0)) in enumerate(zip(params, grads, before)):
+        for p, g, (p0, m0, v0), d in step_and_snapshot(opt, params, grads_for(step, params)):
             p_ref, m_ref, v_ref, alpha, density = reference_step(
                 p0, g, m0, v0, step, rule=rule, alpha_mode=alpha_mode, floor=floor, **kw
             )
-            torch.testing.assert_close(p.double(), p_ref, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(opt.state[p]["exp_avg"].double(), m_ref, rtol=1e-5, atol=1e-7)
-            torch.testing.assert_close(opt.state[p]["exp_avg_sq"].double(), v_ref, rtol=1e-5, atol=1e-9)
-            d = diag[f"group0.param{j}"]
+            assert_state_close(opt, p, p_ref, m_ref, v_ref)
             assert d["alpha"] == pytest.approx(alpha, rel=1e-5)
             assert d["mask_density"] == pytest.approx(density, rel=1e-6)
             seen_alpha.append(alpha)
@@ -163,24 +172,12 @@ def test_cautious_matches_float64_reference():
     kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, wd=0.1)
     opt = CautiousAdamW(params, lr=kw["lr"], betas=kw["betas"], eps=kw["eps"], weight_decay=kw["wd"], fast=False)
     for step in range(1, 6):
-        grads = grads_for(step, params)
-        before = [
-            (
-                p.detach().clone(),
-                opt.state[p]["exp_avg"].clone() if opt.state[p] else torch.zeros_like(p),
-                opt.state[p]["exp_avg_sq"].clone() if opt.state[p] else torch.zeros_like(p),
-            )
-            for p in params
-        ]
-        set_grads(params, grads)
-        opt.step()
-        diag = opt.diagnostics()
-        for j, (p, g, (p0, m0, v0)) in enumerate(zip(params, grads, before)):
-            p_ref, _, _, alpha, density = reference_step(
+        for p, g, (p0, m0, v0), d in step_and_snapshot(opt, params, grads_for(step, params)):
+            p_ref, m_ref, v_ref, alpha, density = reference_step(
                 p0, g, m0, v0, step, rule="cautious", alpha_mode="density", alpha_max=1000.0, **kw
             )
-            torch.testing.assert_close(p.double(), p_ref, rtol=1e-5, atol=1e-6)
-            assert diag[f"group0.param{j}"]["alpha"] == pytest.approx(1.0 / density, rel=1e-5)
+            assert_state_close(opt, p, p_ref, m_ref, v_ref)
+            assert d["alpha"] == pytest.approx(1.0 / density, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

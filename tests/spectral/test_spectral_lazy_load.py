@@ -67,6 +67,11 @@ class _Counting:
         self.calls.append(keys)
         return self.src.read(keys)
 
+    def read_into(self, items):
+        items = list(items)
+        self.calls.append([k for k, _ in items])
+        return self.src.read_into(items)
+
 
 @pytest.mark.parametrize("fmt", ["st", "bin"])
 def test_sharded_folder_lazy_batches_equal_eager(tmp_path, hf_sd, fmt):
@@ -95,12 +100,16 @@ def test_sharded_folder_lazy_batches_equal_eager(tmp_path, hf_sd, fmt):
 
 
 def test_plan_groups_by_shape_within_budget():
-    meta = lambda *s: torch.empty(s, dtype=torch.bfloat16, device="meta")  # noqa: E731
+    meta = lambda *s, dt=torch.bfloat16: torch.empty(s, dtype=dt, device="meta")  # noqa: E731
     chosen = [("a", meta(8, 16)), ("b", meta(16, 8)), ("c", meta(8, 16)), ("d", meta(8, 16))]
-    cost = 8 * 16 * (2 + 4) + 4 * 8 * 8  # stored bf16 + float32 copy + Gram
+    cost = 4 * 8 * 16 + 4 * 8 * 8  # float32 copy (what is read) + Gram, whatever the stored dtype
     assert cli._plan(chosen, 2 * cost) == [["a", "c"], ["d"], ["b"]]
-    assert cli._plan(chosen, None) == [["a", "c"], ["d"], ["b"]]  # default: twice the largest cost
     assert cli._plan(chosen, 1) == [["a"], ["c"], ["d"], ["b"]]
+    # default: half the bound (2x the largest float32 matrix + its Gram): 64x16 -> 4608 bytes, 6 small ones
+    big = [("big", meta(64, 16))] + chosen
+    assert cli.memory_bound(big) == 2 * 4 * 64 * 16 + 4 * 16 * 16
+    assert cli._plan(big, None) == [["big"], ["a", "c", "d"], ["b"]]
+    assert cli._plan(chosen + [("i", meta(8, 16, dt=torch.int64))], None)[-1] == ["i"]  # other dtypes apart
 
 
 def test_cli_sharded_index_and_errors(tmp_path, hf_sd, capsys):
@@ -140,3 +149,42 @@ def test_torch_checkpoint_mmap_and_legacy(tmp_path, hf_sd):
     assert [r["alpha"] for r in cli.analyze_source(src2).rows] == pytest.approx(
         [r["alpha"] for r in analyze(hf_sd).rows], rel=1e-6
     )
+
+
+def test_safetensors_read_into_converts_in_pieces_and_checks_the_header(tmp_path, monkeypatch):
+    """``read_into`` reads bf16 in staging pieces (one partial) into a float32 buffer, exactly the converted
+    values; float32 is read straight in; ``read`` gives tensors as stored; bad files are named."""
+    from safetensors.torch import save_file
+
+    from layerwise.lab import weight_source as ws
+
+    gen = torch.Generator().manual_seed(0)
+    sd = {
+        "w": torch.randn(7, 5, generator=gen).to(torch.bfloat16),
+        "f": torch.randn(3, 4, generator=gen),
+        "i": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "e": torch.empty(0, 4),
+    }
+    save_file(sd, str(tmp_path / "m.safetensors"), metadata={"format": "pt"})
+    src = ws.SafetensorsSource.open(tmp_path, [tmp_path / "m.safetensors"])
+    assert {k: (tuple(t.shape), t.dtype) for k, t in src.meta().items()} == {
+        k: (tuple(t.shape), t.dtype) for k, t in sd.items()
+    }
+    monkeypatch.setattr(ws, "STAGING_BYTES", 8)  # 4 bf16 values a piece: 35 = 8 pieces + 3
+    w, f, e = torch.full((7, 5), float("nan")), torch.full((12,), float("nan")), torch.empty(0)
+    src.read_into([("w", w), ("f", f), ("e", e)])
+    assert torch.equal(w, sd["w"].float()) and torch.equal(f, sd["f"].reshape(-1))
+    got = dict(src.read(["i", "w"]))
+    assert torch.equal(got["i"], sd["i"]) and got["w"].dtype == torch.bfloat16 and torch.equal(got["w"], sd["w"])
+    with pytest.raises(ValueError, match="'w' has 35 elements"):
+        src.read_into([("w", torch.empty(34))])
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-10])  # data cut short: the last tensor's range is outside
+    with pytest.raises(ws.SourceError, match="cut.safetensors: tensor .* malformed header entry"):
+        ws.SafetensorsSource.open(tmp_path, [tmp_path / "cut.safetensors"])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ws.SourceError, match="junk.safetensors: cannot read as safetensors"):
+        ws.SafetensorsSource.open(tmp_path, [tmp_path / "junk.safetensors"])
+    (tmp_path / "tiny.safetensors").write_bytes(b"\x01")
+    with pytest.raises(ws.SourceError, match="tiny.safetensors: not a safetensors file"):
+        ws.SafetensorsSource.open(tmp_path, [tmp_path / "tiny.safetensors"])

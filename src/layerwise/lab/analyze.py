@@ -11,9 +11,12 @@ PATH may be
   ``pytorch_model.bin.index.json``).
 
 Tensors are read lazily (:mod:`layerwise.lab.weight_source`): the matrices are selected from names and
-shapes alone, then read, analysed and released a bounded batch at a time, grouped by shape, so a checkpoint
-larger than memory can be analysed (peak memory follows the largest matrix, not the model; ``--batch-mb``).
-Torch files are opened with ``torch.load(..., mmap=True, weights_only=True, map_location="cpu")``.
+shapes alone, then read straight into one reused float32 buffer (no full-size copy in the stored dtype),
+analysed and released a bounded batch at a time, grouped by shape, so a checkpoint larger than memory can be
+analysed: peak memory follows the largest matrix, not the model (by default a batch's float32 matrices and
+Gram matrices take at most half of twice the largest matrix's float32 size plus its Gram matrix, or that
+largest matrix alone; ``--batch-mb``).  Torch files are opened with ``torch.load(..., mmap=True, weights_only=True,
+map_location="cpu")``.
 ``--device cuda`` computes the Gram matrices and eigenvalues on a GPU.  The command prints a
 table, writes ``spectral.json`` and plots (``plots/spectral_alpha_heatmap.png``: α per layer × module type;
 ``plots/esd_<name>.png``: the ESD on log-log axes with the fitted tail) to ``--out`` (default: the run
@@ -27,7 +30,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,7 @@ __all__ = [
     "load_state_dict",
     "open_weights",
     "analyze_source",
+    "memory_bound",
     "plot_alpha_heatmap",
     "plot_esd",
     "main",
@@ -109,20 +113,15 @@ def _open(p: Path) -> tuple[WeightSource, Path]:
         dcp = _open_dcp(p)
         if dcp is not None:
             return dcp
-        if (p / "model.safetensors").is_file():
-            return SafetensorsSource.open(p, [p / "model.safetensors"]), p
-        if (p / "model.safetensors.index.json").is_file():
-            return SafetensorsSource.open(p, index_files(p / "model.safetensors.index.json")), p
-        shards = sorted(p.glob("model-*.safetensors"))
-        if shards:
-            return SafetensorsSource.open(p, shards), p
-        if (p / "pytorch_model.bin").is_file():
-            return TorchFileSource.open(p, [p / "pytorch_model.bin"]), p
-        if (p / "pytorch_model.bin.index.json").is_file():
-            return TorchFileSource.open(p, index_files(p / "pytorch_model.bin.index.json")), p
-        bins = sorted(p.glob("pytorch_model-*.bin"))
-        if bins:
-            return TorchFileSource.open(p, bins), p
+        # a Hugging Face folder: one file, an index of shards, or shards without an index; safetensors first
+        for cls, stem, ext in ((SafetensorsSource, "model", "safetensors"), (TorchFileSource, "pytorch_model", "bin")):
+            if (p / f"{stem}.{ext}").is_file():
+                return cls.open(p, [p / f"{stem}.{ext}"]), p
+            if (p / f"{stem}.{ext}.index.json").is_file():
+                return cls.open(p, index_files(p / f"{stem}.{ext}.index.json")), p
+            shards = sorted(p.glob(f"{stem}-*.{ext}"))
+            if shards:
+                return cls.open(p, shards), p
         raise AnalyzeError(
             f"{p}: directory holds none of checkpoints/last.pt, checkpoints/last.dcp/, model.safetensors, "
             f"model.safetensors.index.json, model-*.safetensors, pytorch_model.bin"
@@ -162,18 +161,37 @@ def _select(meta: Mapping[str, torch.Tensor], select, include_embeddings: bool, 
     return [(k if isinstance(k, str) else k.name, t) for k, t in chosen]
 
 
+def _is_real_float(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and not t.is_complex()
+
+
+def _cost(t: torch.Tensor) -> int:
+    """Bytes one tensor takes in a batch: a real floating matrix its float32 copy (what is read) and its
+    Gram matrix; anything else (analysed only to be reported as skipped) its stored size."""
+    if not _is_real_float(t):
+        return t.numel() * t.element_size()
+    n = min(t.shape) if t.ndim == 2 else 0
+    return 4 * t.numel() + 4 * n * n
+
+
+def memory_bound(chosen: list[tuple[str, torch.Tensor]]) -> int:
+    """The issue-20 bound on the working set: twice the largest chosen tensor's float32 size plus its Gram
+    matrix (bytes; 0 for no tensors)."""
+    if not chosen:
+        return 0
+    t = max((t for _, t in chosen), key=lambda t: t.numel())
+    n = min(t.shape) if t.ndim == 2 else 0
+    return 2 * 4 * t.numel() + 4 * n * n
+
+
 def _plan(chosen: list[tuple[str, torch.Tensor]], budget: int | None) -> list[list[str]]:
-    """Batches of names: same shape within a batch (they share one Gram batch), each batch's bytes (the
-    tensor as stored + its float32 copy + its Gram matrix) at most ``budget`` (at least one tensor).
-    ``budget=None``: twice the largest tensor's cost, so memory follows the largest matrix."""
-
-    def cost(t: torch.Tensor) -> int:
-        n = min(t.shape) if t.ndim == 2 else 0
-        return t.numel() * (t.element_size() + 4) + 4 * n * n
-
+    """Batches of names: same shape and dtype within a batch (they share one Gram batch), each batch's
+    :func:`_cost` at most ``budget`` bytes (at least one tensor).  ``budget=None``: half of
+    :func:`memory_bound`, leaving the rest for the read buffer, BLAS/LAPACK workspaces and the allocator
+    (measured at llama-60m, where those are a large part of the bound: 3/4 went over it by 5 %)."""
     if not chosen:
         return []
-    cap = budget if budget is not None else 2 * max(cost(t) for _, t in chosen)
+    cap = budget if budget is not None else memory_bound(chosen) // 2
     groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
     for n, t in chosen:
         groups.setdefault((tuple(t.shape), t.dtype), []).append((n, t))
@@ -182,7 +200,7 @@ def _plan(chosen: list[tuple[str, torch.Tensor]], budget: int | None) -> list[li
         cur: list[str] = []
         size = 0
         for n, t in items:
-            c = cost(t)
+            c = _cost(t)
             if cur and size + c > cap:
                 batches.append(cur)
                 cur, size = [], 0
@@ -190,6 +208,29 @@ def _plan(chosen: list[tuple[str, torch.Tensor]], budget: int | None) -> list[li
             size += c
         batches.append(cur)
     return batches
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed blocks below its mmap threshold, 32 MiB at
+    most, which would let the resident set creep up over the batches); a no-op elsewhere."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
+def _in(names: frozenset[str]) -> Callable[[str, torch.Tensor], bool]:
+    """A ``select`` callable for :func:`layerwise.spectral.analyze`: exactly the tensors named."""
+    return lambda name, _t: name in names
 
 
 def analyze_source(
@@ -218,19 +259,31 @@ def analyze_source(
     skipped: list[dict[str, Any]] = []
     eigs: dict[str, torch.Tensor] = {}
     rep = None
-    for batch in _plan(chosen, batch_bytes):
+    plan = _plan(chosen, batch_bytes)
+    shape_of = dict(chosen)
+    # one float32 buffer for the largest batch of real floating matrices, reused by every batch: the weights
+    # are read straight into it (converted), so neither a stored-dtype copy nor a float32 copy per batch exists
+    floats = [b for b in plan if _is_real_float(shape_of[b[0]])]
+    arena = torch.empty(max((len(b) * shape_of[b[0]].numel() for b in floats), default=0), dtype=torch.float32)
+    for batch in plan:
+        first = shape_of[batch[0]]
         try:
-            loaded = dict(source.read([raw_of[n] for n in batch]))
+            if _is_real_float(first):
+                buf = arena[: len(batch) * first.numel()].view(len(batch), *first.shape)
+                source.read_into([(raw_of[n], buf[i]) for i, n in enumerate(batch)])
+                sd = {n: buf[i].to(device) for i, n in enumerate(batch)}
+            else:  # reported as skipped by analyze: read as stored
+                loaded = dict(source.read([raw_of[n] for n in batch]))
+                sd = {n: loaded.pop(raw_of[n]).to(device) for n in batch}
         except SourceError as exc:
             raise AnalyzeError(str(exc)) from exc
-        sd = {n: loaded.pop(raw_of[n]).to(device) for n in batch}
-        del loaded
-        wanted = set(sd)
-        rep = analyze(sd, lambda n, _t: n in wanted, keep_eigs=keep_eigs, **analyze_kwargs)
+        rep = analyze(sd, _in(frozenset(sd)), keep_eigs=keep_eigs, **analyze_kwargs)
         rows += rep.rows
         skipped += rep.skipped
         eigs.update(rep.eigs)
         del sd
+        _trim_heap()
+    del arena
     rows.sort(key=lambda r: order[r["name"]])
     skipped.sort(key=lambda r: order.get(r["name"], len(order)))
     settings = dict(rep.settings) if rep is not None else {}
@@ -413,8 +466,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="MB",
-        help="memory for one batch of matrices read at once (default: twice the largest matrix's "
-        "stored + float32 + Gram size)",
+        help="memory for one batch of matrices read at once: their float32 copies and Gram matrices "
+        "(default: half of twice the largest matrix's float32 size plus its Gram matrix)",
     )
     p.set_defaults(func=run)
     return p

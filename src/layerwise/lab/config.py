@@ -83,6 +83,7 @@ class OptimSection:
     alpha_mode: str = "norm"
     alpha_max: float = 10.0
     floor: float = 0.0
+    alpha_lag: int = 0  # 1: alpha (cautious: its scale) from the previous step's statistics, in one pass
     # Muon (2-D block matrices; the rest uses AdamW with lr above).  Muon's update is rescaled to AdamW's
     # RMS ("match_rms_adamw"), so AdamW's lr and weight decay carry over: muon_lr 0 = optim.lr.
     muon_lr: float = 0.0

@@ -24,7 +24,11 @@ def _optimizer_options(name: str, cfg: Config) -> dict[str, Any]:
     if name in ("adamw", "adam"):
         return {"fused": True} if o.fused else {}
     if name == "alphaadam":
-        return dict(mask_ref=o.mask_ref, alpha_mode=o.alpha_mode, alpha_max=o.alpha_max, floor=o.floor)
+        return dict(
+            mask_ref=o.mask_ref, alpha_mode=o.alpha_mode, alpha_max=o.alpha_max, floor=o.floor, alpha_lag=o.alpha_lag
+        )
+    if name == "cautious":
+        return dict(alpha_lag=o.alpha_lag)
     if name == "muon":  # Muon's own lr on the matrices; the AdamW half keeps optim.lr
         return dict(momentum=o.muon_momentum, adam_lr=o.lr)
     return {}

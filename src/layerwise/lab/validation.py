@@ -74,6 +74,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.alpha_mode": _choice("norm", "density"),
     "optim.alpha_max": _rng(1),
     "optim.floor": _rng(0, 1),
+    "optim.alpha_lag": ((lambda v: v in (0, 1) and not isinstance(v, bool)), "0 (exact) or 1 (previous step's alpha)"),
     "optim.muon_lr": _rng(0),
     "optim.muon_momentum": _rng(0, 1, hi_open=True),
     "decay.interval": _rng(1),

@@ -2,19 +2,26 @@
 
 ``layerwise analyze`` must read checkpoints larger than the machine's memory, so it never holds a whole
 state dict.  A :class:`WeightSource` knows every tensor's name, shape and dtype without reading data
-(``meta()`` returns them as ``device="meta"`` tensors, on which the usual selection runs), and ``read(keys)``
-yields only the requested tensors, opening the files for that call alone:
+(``meta()`` returns them as ``device="meta"`` tensors, on which the usual selection runs); ``read(keys)``
+yields the requested tensors as stored, and ``read_into([(key, out), ...])`` copies each straight into a
+caller-owned buffer (converting to its dtype: ``layerwise analyze`` reads bf16 weights into float32
+buffers), opening the files for that call alone:
 
-* ``.safetensors`` (one file, ``model-*.safetensors`` shards, or ``model.safetensors.index.json``):
-  ``safetensors.safe_open``; the header gives shapes and dtypes, ``get_tensor`` reads one tensor.
+* ``.safetensors`` (one file, ``model-*.safetensors`` shards, or ``model.safetensors.index.json``): the
+  header (an 8-byte length, then JSON with every tensor's dtype, shape and byte range) is parsed and
+  checked here, and tensors are read with plain file reads: ``read_into`` reads 256 KiB at a time into a
+  small staging buffer and converts it into ``out``, so no full-size copy in the stored dtype exists.
+  (``safetensors.safe_open`` maps the file: every page read stays in the resident set until the file is
+  closed.)
 * ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` (one file, ``pytorch_model-*.bin`` shards, or
   ``pytorch_model.bin.index.json``): ``torch.load(mmap=True, weights_only=True)``, so opening a file reads
-  only its pickle; the requested tensors are copied out of the mapping and the mapping is dropped.  A file
-  in the legacy (non-zip) format cannot be mapped: it is read whole once, with a warning.
+  only its pickle; the requested tensors are copied out of the mapping and the mapping is dropped (the
+  pages of the tensors read in one call count in the resident set until then).  A file in the legacy
+  (non-zip) format cannot be mapped: it is read whole once, with a warning.
 
-Files are closed (unmapped) after every ``read``: pages of a memory map count toward the process's
-resident set for as long as the map is open, so keeping it open would make peak memory grow with the
-checkpoint instead of with one batch.
+Files are closed (unmapped) after every call: pages of a memory map count toward the process's resident
+set for as long as the map is open, so keeping it open would make peak memory grow with the checkpoint
+instead of with one batch.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ from __future__ import annotations
 import json
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from layerwise._safetensors import read_header
 
 __all__ = [
     "WeightSource",
@@ -88,6 +97,26 @@ class WeightSource:
         for f, ks in by_file.items():
             yield from self._read_file(f, ks)
 
+    def read_into(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy each stored tensor ``key`` into its ``out`` (contiguous, the same number of elements; the
+        values are converted to ``out``'s dtype), grouped by file; each file is opened for this call only."""
+        by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+        for k, out in items:
+            if k not in self._files:
+                raise KeyError(f"{self.path}: no tensor named {k!r}")
+            if out.numel() != self._meta[k].numel() or not out.is_contiguous():
+                raise ValueError(
+                    f"{self.path}: tensor {k!r} has {self._meta[k].numel()} elements; the buffer to read it into "
+                    f"must be contiguous with as many, got shape {tuple(out.shape)}"
+                )
+            by_file.setdefault(self._files[k], []).append((k, out))
+        for f, its in by_file.items():
+            self._read_file_into(f, its)
+
+    def _read_file_into(self, f: Path, items: list[tuple[str, torch.Tensor]]) -> None:
+        for (_, t), (_, out) in zip(self._read_file(f, [k for k, _ in items]), items):
+            out.view(-1).copy_(t.reshape(-1))
+
     def load_all(self) -> dict[str, torch.Tensor]:
         """Every tensor, in memory at once (small checkpoints; :func:`load_state_dict`'s behaviour)."""
         return dict(self.read(self.keys()))
@@ -100,66 +129,90 @@ def _meta_like(t: Any) -> torch.Tensor:
     return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
 
 
-class SafetensorsSource(WeightSource):
-    """One or more ``.safetensors`` files (a file, a folder's shards, or an ``index.json`` weight map)."""
+#: bytes read at a time by :meth:`SafetensorsSource.read_into` when the stored dtype differs from the buffer's
+STAGING_BYTES = 1 << 18
 
-    _DTYPES = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-        "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
-        "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
-    }
+
+def _readinto(fh: Any, offset: int, dst: torch.Tensor, f: Path) -> None:
+    """Fill the contiguous ``dst`` with the bytes of ``fh`` from ``offset`` on (``SourceError`` if short)."""
+    view = dst.reshape(-1).view(torch.uint8).numpy().data  # a writable memoryview of dst's bytes
+    fh.seek(offset)
+    done = 0
+    while done < len(view):
+        n = fh.readinto(view[done:])
+        if not n:
+            raise SourceError(f"{f}: file ends early (truncated?): {len(view) - done} bytes missing at {offset + done}")
+        done += n
+
+
+class SafetensorsSource(WeightSource):
+    """One or more ``.safetensors`` files (a file, a folder's shards, or an ``index.json`` weight map), read
+    with plain file reads (see the module docstring)."""
+
+    def __init__(self, path: Path, files: dict[str, Path], meta: dict[str, torch.Tensor], offsets: dict[str, int]):
+        super().__init__(path, files, meta)
+        self._offsets = offsets  # key -> absolute byte offset of its data in its file
+
+    @staticmethod
+    def _header(f: Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """``({key: meta tensor}, {key: absolute data offset})`` of one file, every entry checked
+        (:func:`layerwise._safetensors.read_header`)."""
+        try:
+            return read_header(f)
+        except ValueError as exc:
+            raise SourceError(str(exc)) from exc
 
     @classmethod
     def open(cls, path: Path, files: list[Path]) -> SafetensorsSource:
-        safe_open = _safe_open()
         where: dict[str, Path] = {}
         meta: dict[str, torch.Tensor] = {}
+        offsets: dict[str, int] = {}
         for f in files:
             if not f.is_file():
                 raise SourceError(f"{path}: shard {f.name} is listed but missing")
-            try:
-                with safe_open(str(f), framework="pt", device="cpu") as fh:
-                    for k in fh.keys():
-                        sl = fh.get_slice(k)
-                        dtype = cls._DTYPES.get(sl.get_dtype())
-                        if dtype is None:
-                            raise SourceError(f"{f}: tensor {k!r} has unsupported safetensors dtype {sl.get_dtype()}")
-                        if k in where:
-                            raise SourceError(f"{path}: tensor {k!r} is in both {where[k].name} and {f.name}")
-                        where[k] = f
-                        meta[k] = torch.empty(tuple(sl.get_shape()), dtype=dtype, device="meta")
-            except SourceError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-                raise SourceError(f"{f}: cannot read as safetensors: {exc}") from exc
-        return cls(path, where, meta)
+            m, o = cls._header(f)
+            for k in m:
+                if k in where:
+                    raise SourceError(f"{path}: tensor {k!r} is in both {where[k].name} and {f.name}")
+                where[k] = f
+            meta.update(m)
+            offsets.update(o)
+        return cls(path, where, meta, offsets)
+
+    @staticmethod
+    def _open_file(f: Path) -> Any:
+        try:
+            return open(f, "rb")
+        except OSError as exc:
+            raise SourceError(f"{f}: cannot read: {exc}") from exc
 
     def _read_file(self, f: Path, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        safe_open = _safe_open()
-        try:
-            fh_ctx = safe_open(str(f), framework="pt", device="cpu")
-        except Exception as exc:  # noqa: BLE001
-            raise SourceError(f"{f}: cannot read as safetensors: {exc}") from exc
-        with fh_ctx as fh:
+        with self._open_file(f) as fh:
             for k in keys:
-                yield k, fh.get_tensor(k)
+                m = self._meta[k]
+                t = torch.empty(m.shape, dtype=m.dtype)
+                if t.numel():
+                    _readinto(fh, self._offsets[k], t, f)
+                yield k, t
 
-
-def _safe_open() -> Callable:
-    try:
-        from safetensors import safe_open
-    except ImportError as exc:  # pragma: no cover - safetensors is a dependency
-        raise SourceError("reading .safetensors needs the 'safetensors' package") from exc
-    return safe_open
+    def _read_file_into(self, f: Path, items: list[tuple[str, torch.Tensor]]) -> None:
+        with self._open_file(f) as fh:
+            staging: torch.Tensor | None = None
+            for k, out in items:
+                m, offset, flat = self._meta[k], self._offsets[k], out.view(-1)
+                if not flat.numel():
+                    continue
+                if m.dtype == out.dtype:  # straight into the buffer
+                    _readinto(fh, offset, flat, f)
+                    continue
+                step = max(1, STAGING_BYTES // m.element_size())
+                if staging is None or staging.dtype != m.dtype or staging.numel() < min(step, flat.numel()):
+                    staging = torch.empty(min(step, flat.numel()), dtype=m.dtype)
+                for a in range(0, flat.numel(), step):
+                    b = min(a + step, flat.numel())
+                    piece = staging[: b - a]
+                    _readinto(fh, offset + a * m.element_size(), piece, f)
+                    flat[a:b].copy_(piece)
 
 
 class TorchFileSource(WeightSource):
@@ -186,15 +239,15 @@ class TorchFileSource(WeightSource):
                 )
                 return InMemorySource(path, sd)
             obj = _torch_load(f, mmap=True)
-            sd = from_checkpoint_obj(obj, f)
-            for k, v in sd.items():
+            mapped = from_checkpoint_obj(obj, f)
+            for k, v in mapped.items():
                 if not isinstance(v, torch.Tensor):
                     continue
                 if k in where:
                     raise SourceError(f"{path}: tensor {k!r} is in both {where[k].name} and {f.name}")
                 where[k] = f
                 meta[k] = _meta_like(v)
-            del obj, sd
+            del obj, mapped
         return cls(path, where, meta)
 
     def _read_file(self, f: Path, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -204,6 +257,13 @@ class TorchFileSource(WeightSource):
         out = [(k, sd[k].clone()) for k in keys]
         del obj, sd
         yield from out
+
+    def _read_file_into(self, f: Path, items: list[tuple[str, torch.Tensor]]) -> None:
+        obj = _torch_load(f, mmap=True)
+        sd = from_checkpoint_obj(obj, f)
+        for k, out in items:  # from the mapping into the buffer: no copy in the stored dtype
+            out.view(-1).copy_(sd[k].reshape(-1))
+        del obj, sd
 
 
 def _torch_load(f: Path, *, mmap: bool) -> Any:
@@ -228,6 +288,9 @@ class InMemorySource(WeightSource):
             if k not in self._sd:
                 raise KeyError(f"{self.path}: no tensor named {k!r}")
             yield k, self._sd[k]
+
+    def _read_file(self, f: Path, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.read(keys)
 
 
 def index_files(index: Path) -> list[Path]:

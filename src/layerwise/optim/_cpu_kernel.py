@@ -1,6 +1,6 @@
 """A small C++ kernel for the masked AdamW update of fp32 CPU tensors, built on first use with
 :func:`torch.utils.cpp_extension.load_inline` and registered as torch operators
-(``torch.ops.layerwise_ck.masked_step_`` / ``adamw_step_``).
+(``torch.ops.layerwise_ck.masked_steps_`` / ``adamw_steps_``).
 
 Why: the masked update needs a per-tensor statistic (``alpha``) before any parameter can move.  The
 compiled (inductor) path therefore reads every element twice and, since inductor never stores inside
@@ -17,6 +17,12 @@ pass 2 costs little more than reading and writing ``p``.  The scratch is the opt
 buffer, the size of the largest masked parameter.  Memory traffic in units of one fp32 array pass:
 fused AdamW 7 (reads ``p, g, m, v``, writes ``p, m, v``); this kernel 10 when the scratch does not stay
 in cache.  ``rule="none"`` (``masking=False``) is plain AdamW in one pass.
+
+``alpha_lag=1`` (:func:`steps_` with ``sums``): ``alpha`` comes from the tensor's previous sums, so the same loop
+writes ``p`` instead of the scratch and the step is one pass (7 units, fused AdamW's traffic, no
+scratch); the sums it accumulates are stored for the next step, in :func:`~layerwise.optim._masked_rule.
+partial_sums`'s units.  A tensor's first lagged step (no sums yet) is the exact two-pass update, which
+also stores its sums.
 
 The rule is the one of :mod:`layerwise.optim._masked_rule` (the tests compare this kernel's moments,
 ``alpha``, density and parameters with it); the arithmetic follows torch AdamW's order of operations and
@@ -48,7 +54,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["load", "available", "error", "step_", "steps_", "RULE_CODES", "MODE_CODES", "PARALLEL_MIN_NUMEL"]
+__all__ = [
+    "load",
+    "available",
+    "error",
+    "step_",
+    "steps_",
+    "RULE_CODES",
+    "MODE_CODES",
+    "PARALLEL_MIN_NUMEL",
+]
 
 RULE_CODES = {"none": 0, "previous": 1, "current": 2, "cautious": 3}
 MODE_CODES = {"norm": 0, "density": 1}
@@ -74,7 +89,11 @@ constexpr int64_t PARALLEL_MIN_NUMEL = 1 << 20;
 /* h: 0 decay = 1 - lr*wd, 1 = 1 - beta1, 2 = beta2, 3 = 1 - beta2, 4 = eps, 5 = step_size,
       6 = sqrt(1 - beta2^t), 7 = alpha_max, 8 = floor.  acc: sum u^2, sum (w u)^2, mask count. */
 
-#define PASS1(MASK_EXPR)                                                                     \
+/* One masked loop over [lo, hi): the moments, the mask and w * u of every element, and the sums
+   sum u^2, sum (w u)^2, mask count in acc.  LAGGED = false (pass 1 of the exact rule): w * u goes to the
+   scratch t.  LAGGED = true (alpha_lag=1, the whole step in one pass): t is the parameter,
+   t <- t * decay - coef * w * u with coef = step_size * (last step's alpha). */
+#define MASKED_LOOP(MASK_EXPR)                                                               \
     for (int64_t b = lo; b < hi; b += BLK) {                                                 \
         const int64_t e = b + BLK < hi ? b + BLK : hi;                                       \
         float su = 0.f, sw = 0.f, sc = 0.f;                                                  \
@@ -86,24 +105,34 @@ constexpr int64_t PARALLEL_MIN_NUMEL = 1 << 20;
             const float u = mn / (std::sqrt(vn) / bc2 + eps);                                \
             const int k = (MASK_EXPR);                                                       \
             const float wu = (k ? 1.f : fl) * u;                                             \
-            m[i] = mn; v[i] = vn; s[i] = wu;                                                 \
+            m[i] = mn; v[i] = vn;                                                            \
+            if (LAGGED) t[i] = t[i] * decay - coef * wu; else t[i] = wu;                     \
             su += u * u; sw += wu * wu; sc += (float)k;                                      \
         }                                                                                    \
         uu += su; ww += sw; cnt += sc;                                                       \
     }
 
-void pass1(const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
-           float* __restrict__ s, int64_t lo, int64_t hi, const float* h, int64_t rule, double* acc) {
-    const float b1c = h[1], b2 = h[2], b2c = h[3], eps = h[4], bc2 = h[6], fl = h[8];
+template <bool LAGGED>
+void masked_loop(const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+                 float* __restrict__ t, int64_t lo, int64_t hi, const float* h, int64_t rule, float coef,
+                 double* acc) {
+    const float decay = h[0], b1c = h[1], b2 = h[2], b2c = h[3], eps = h[4], bc2 = h[6], fl = h[8];
     double uu = 0.0, ww = 0.0, cnt = 0.0;
     if (rule == 1) {
-        PASS1((mf * gf > 0.f) | (mf == 0.f))
+        MASKED_LOOP((mf * gf > 0.f) | (mf == 0.f))
     } else if (rule == 2) {
-        PASS1((mn * gf > 0.f) | (mn == 0.f))
+        MASKED_LOOP((mn * gf > 0.f) | (mn == 0.f))
     } else {
-        PASS1(mn * gf > 0.f)
+        MASKED_LOOP(mn * gf > 0.f)
     }
     acc[0] = uu; acc[1] = ww; acc[2] = cnt;
+}
+
+/* the sums in the units of layerwise.optim._masked_rule.partial_sums (u' = u / sqrt(1 - beta2^t)), fp32 */
+void store_sums(const double* total, int64_t n, const float* h, float* sums) {
+    const double bc2sq = (double)h[6] * (double)h[6];
+    sums[0] = (float)(total[0] / bc2sq); sums[1] = (float)(total[1] / bc2sq);
+    sums[2] = (float)total[2]; sums[3] = (float)n;
 }
 
 /* alpha and density from the sums (layerwise.optim._masked_rule.alpha_from_sums); returns step_size * alpha */
@@ -159,30 +188,57 @@ void check(const at::Tensor& t, const at::Tensor& p, const char* what) {
                 " elements, the parameter ", p.numel());
 }
 
-/* the whole masked update of one tensor (pointers checked by the callers) */
-void masked_one(float* pp, const float* gp, float* mp, float* vp, float* sp, int64_t n, const float* hp,
-                int64_t rule, int64_t mode, float* op) {
+/* the masked loop over a tensor, split into chunks on torch's thread pool above PARALLEL_MIN_NUMEL;
+   the chunks' sums are added in chunk order into total (independent of the scheduling) */
+template <bool LAGGED>
+void masked_chunks(const float* gp, float* mp, float* vp, float* tp, int64_t n, const float* hp, int64_t rule,
+                   float coef, double* total) {
     int64_t chunks;
     const int64_t step = chunk_size(n, &chunks);
-    double total[3] = {0.0, 0.0, 0.0};
+    total[0] = total[1] = total[2] = 0.0;
     if (chunks <= 1) {
-        pass1(gp, mp, vp, sp, 0, n, hp, rule, total);
-        const float coef = alpha_of(total, n, hp, mode, op);
-        pass2(pp, sp, 0, n, hp[0], coef);
+        masked_loop<LAGGED>(gp, mp, vp, tp, 0, n, hp, rule, coef, total);
         return;
     }
     std::vector<double> acc(3 * chunks, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
         for (int64_t c = b; c < e; c++)
-            pass1(gp, mp, vp, sp, c * step, std::min(n, (c + 1) * step), hp, rule, &acc[3 * c]);
+            masked_loop<LAGGED>(gp, mp, vp, tp, c * step, std::min(n, (c + 1) * step), hp, rule, coef, &acc[3 * c]);
     });
-    for (int64_t c = 0; c < chunks; c++)  // in chunk order: independent of the scheduling
+    for (int64_t c = 0; c < chunks; c++)
         for (int j = 0; j < 3; j++) total[j] += acc[3 * c + j];
+}
+
+/* the whole exact masked update of one tensor (pointers checked by the callers): pass 1 into the scratch,
+   alpha, pass 2; sums_out (may be null) receives the sums (a tensor's first alpha_lag=1 step) */
+void masked_one(float* pp, const float* gp, float* mp, float* vp, float* sp, int64_t n, const float* hp,
+                int64_t rule, int64_t mode, float* op, float* sums_out) {
+    double total[3];
+    masked_chunks<false>(gp, mp, vp, sp, n, hp, rule, 0.f, total);
     const float coef = alpha_of(total, n, hp, mode, op);
+    if (sums_out != nullptr) store_sums(total, n, hp, sums_out);
+    int64_t chunks;
+    const int64_t step = chunk_size(n, &chunks);
     const float decay = hp[0];
+    if (chunks <= 1) {
+        pass2(pp, sp, 0, n, decay, coef);
+        return;
+    }
     at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
         for (int64_t c = b; c < e; c++) pass2(pp, sp, c * step, std::min(n, (c + 1) * step), decay, coef);
     });
+}
+
+/* the alpha_lag=1 update of one tensor in one pass: alpha from last step's sums (sums, read), this step's
+   sums written back to sums; op receives (alpha applied, this step's density) */
+void lagged_one(float* pp, const float* gp, float* mp, float* vp, float* sums, int64_t n, const float* hp,
+                int64_t rule, int64_t mode, float* op) {
+    const double prev[3] = {sums[0], sums[1], sums[2]};
+    const float coef = alpha_of(prev, (int64_t)sums[3], hp, mode, op);
+    double total[3];
+    masked_chunks<true>(gp, mp, vp, pp, n, hp, rule, coef, total);
+    op[1] = (float)total[2] / (float)(n > 0 ? n : 1);
+    store_sums(total, n, hp, sums);
 }
 
 void adamw_one(float* pp, const float* gp, float* mp, float* vp, int64_t n, const float* hp) {
@@ -202,47 +258,8 @@ void check_h(const at::Tensor& h) {
                 "layerwise C kernel: h must be 9 contiguous fp32 CPU numbers");
 }
 
-void masked_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, at::Tensor s,
-                  const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out) {
-    check(p, p, "p"); check(g, p, "g"); check(m, p, "exp_avg"); check(v, p, "exp_avg_sq"); check(s, p, "scratch");
-    check_h(h);
-    TORCH_CHECK(out.numel() >= 2 && out.is_contiguous() && out.scalar_type() == at::kFloat,
-                "layerwise C kernel: out needs 2 contiguous fp32 elements");
-    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1), "layerwise C kernel: bad rule/mode");
-    masked_one(p.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
-               s.data_ptr<float>(), p.numel(), h.data_ptr<float>(), rule, mode, out.data_ptr<float>());
-}
-
-/* several tensors sharing h in one call (the optimizer's per-call cost once per group, not per tensor);
-   out: (len, 2) rows of (alpha, density) */
-void masked_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, at::Tensor s,
-                   const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out) {
-    const size_t k = ps.size();
-    TORCH_CHECK(gs.size() == k && ms.size() == k && vs.size() == k, "layerwise C kernel: list lengths differ");
-    TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() >= (int64_t)(2 * k),
-                "layerwise C kernel: out needs 2 contiguous fp32 elements per tensor");
-    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1), "layerwise C kernel: bad rule/mode");
-    check_h(h);
-    for (size_t i = 0; i < k; i++) {
-        check(ps[i], ps[i], "p"); check(gs[i], ps[i], "g"); check(ms[i], ps[i], "exp_avg");
-        check(vs[i], ps[i], "exp_avg_sq"); check(s, ps[i], "scratch");
-    }
-    const float* hp = h.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    float* sp = s.data_ptr<float>();
-    for (size_t i = 0; i < k; i++)
-        masked_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
-                   vs[i].data_ptr<float>(), sp, ps[i].numel(), hp, rule, mode, op + 2 * i);
-}
-
-void adamw_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, const at::Tensor& h) {
-    check(p, p, "p"); check(g, p, "g"); check(m, p, "exp_avg"); check(v, p, "exp_avg_sq");
-    check_h(h);
-    adamw_one(p.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), p.numel(),
-              h.data_ptr<float>());
-}
-
-void adamw_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, const at::Tensor& h) {
+/* the checks of every batched call: list lengths, h, each tensor against its parameter; returns the count */
+size_t check_batch(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, const at::Tensor& h) {
     const size_t k = ps.size();
     TORCH_CHECK(gs.size() == k && ms.size() == k && vs.size() == k, "layerwise C kernel: list lengths differ");
     check_h(h);
@@ -250,6 +267,43 @@ void adamw_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::T
         check(ps[i], ps[i], "p"); check(gs[i], ps[i], "g"); check(ms[i], ps[i], "exp_avg");
         check(vs[i], ps[i], "exp_avg_sq");
     }
+    return k;
+}
+
+/* masked rules, several tensors sharing h in one call (the optimizer's per-call cost once per group, not per
+   tensor); out: (len, 2) rows of (alpha applied, density).  lag 0: the exact rule (sums unused); 1: the exact
+   rule, writing each tensor's sums (sum u'^2, sum (w u')^2, count, numel: 4 fp32) to sums[i] (its first
+   alpha_lag=1 step); 2: alpha from sums[i] (last step's), one pass, then sums[i] = this step's sums */
+void masked_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, at::TensorList sums,
+                   at::Tensor s, const at::Tensor& h, int64_t rule, int64_t mode, at::Tensor out, int64_t lag) {
+    const size_t k = check_batch(ps, gs, ms, vs, h);
+    TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat && out.numel() >= (int64_t)(2 * k),
+                "layerwise C kernel: out needs 2 contiguous fp32 elements per tensor");
+    TORCH_CHECK(rule >= 1 && rule <= 3 && (mode == 0 || mode == 1) && lag >= 0 && lag <= 2,
+                "layerwise C kernel: bad rule/mode/lag");
+    TORCH_CHECK(lag == 0 || sums.size() == k, "layerwise C kernel: one alpha_sums tensor per parameter needed");
+    for (size_t i = 0; i < k; i++) {
+        if (lag < 2) check(s, ps[i], "scratch");
+        if (lag > 0)
+            TORCH_CHECK(sums[i].device().is_cpu() && sums[i].scalar_type() == at::kFloat && sums[i].is_contiguous()
+                            && sums[i].numel() == 4,
+                        "layerwise C kernel: alpha_sums must be 4 contiguous fp32 CPU numbers");
+    }
+    const float* hp = h.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    for (size_t i = 0; i < k; i++) {
+        float* sm = lag > 0 ? sums[i].data_ptr<float>() : nullptr;
+        if (lag == 2)
+            lagged_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
+                       vs[i].data_ptr<float>(), sm, ps[i].numel(), hp, rule, mode, op + 2 * i);
+        else
+            masked_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
+                       vs[i].data_ptr<float>(), s.data_ptr<float>(), ps[i].numel(), hp, rule, mode, op + 2 * i, sm);
+    }
+}
+
+void adamw_steps_(at::TensorList ps, at::TensorList gs, at::TensorList ms, at::TensorList vs, const at::Tensor& h) {
+    const size_t k = check_batch(ps, gs, ms, vs, h);
     const float* hp = h.data_ptr<float>();
     for (size_t i = 0; i < k; i++)
         adamw_one(ps[i].data_ptr<float>(), gs[i].data_ptr<float>(), ms[i].data_ptr<float>(),
@@ -265,15 +319,10 @@ void alpha_from_sums_(const at::Tensor& sums, int64_t n, const at::Tensor& h, in
 }  // namespace
 
 TORCH_LIBRARY(layerwise_ck, lib) {
-    lib.def("masked_step_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor(d!) s, Tensor h, "
-            "int rule, int mode, Tensor(e!) out) -> ()");
-    lib.def("adamw_step_(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor h) -> ()");
-    lib.def("masked_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor(d!) s, Tensor h, "
-            "int rule, int mode, Tensor(e!) out) -> ()");
+    lib.def("masked_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor(d!)[] sums, "
+            "Tensor(e!) s, Tensor h, int rule, int mode, Tensor(f!) out, int lag) -> ()");
     lib.def("adamw_steps_(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] m, Tensor(c!)[] v, Tensor h) -> ()");
     lib.def("alpha_from_sums_(Tensor sums, int n, Tensor h, int mode, Tensor(a!) out) -> ()");
-    lib.impl("masked_step_", c10::DispatchKey::CPU, TORCH_FN(masked_step_));
-    lib.impl("adamw_step_", c10::DispatchKey::CPU, TORCH_FN(adamw_step_));
     lib.impl("masked_steps_", c10::DispatchKey::CPU, TORCH_FN(masked_steps_));
     lib.impl("adamw_steps_", c10::DispatchKey::CPU, TORCH_FN(adamw_steps_));
     lib.impl("alpha_from_sums_", c10::DispatchKey::CPU, TORCH_FN(alpha_from_sums_));
@@ -288,8 +337,6 @@ class _Ops:
 
     def __init__(self) -> None:
         ns = getattr(torch.ops, _NAME)
-        self.masked_step_ = ns.masked_step_.default
-        self.adamw_step_ = ns.adamw_step_.default
         self.masked_steps_ = ns.masked_steps_.default
         self.adamw_steps_ = ns.adamw_steps_.default
         self.alpha_from_sums_ = ns.alpha_from_sums_.default
@@ -409,6 +456,13 @@ def warn_unavailable() -> None:
     )
 
 
+def _ops() -> _Ops:
+    ops = _OPS
+    if ops is None:
+        raise RuntimeError(f"layerwise C kernel not loaded ({_ERROR or 'call load() first'})")
+    return ops
+
+
 def step_(
     p: torch.Tensor,
     g: torch.Tensor,
@@ -420,15 +474,10 @@ def step_(
     mode: str,
     out: torch.Tensor | None,
 ) -> None:
-    """Update one fp32 contiguous CPU tensor in place.  ``s``: fp32 scratch of at least ``p.numel()``
-    elements (masked rules); ``out``: a 2-element fp32 tensor that receives ``(alpha, density)``."""
-    ops = _OPS
-    if ops is None:
-        raise RuntimeError(f"layerwise C kernel not loaded ({_ERROR or 'call load() first'})")
-    if rule == "none":
-        ops.adamw_step_(p, g, m, v, h)
-    else:
-        ops.masked_step_(p, g, m, v, s, h, RULE_CODES[rule], MODE_CODES[mode], out)
+    """Update one fp32 contiguous CPU tensor in place (:func:`steps_` of one tensor).  ``s``: fp32 scratch of
+    at least ``p.numel()`` elements (masked rules); ``out``: a 2-element fp32 tensor that receives
+    ``(alpha, density)``."""
+    steps_([p], [g], [m], [v], s, h, rule, mode, None if out is None else out.view(1, 2))
 
 
 def steps_(
@@ -441,14 +490,19 @@ def steps_(
     rule: str,
     mode: str,
     out: torch.Tensor | None,
+    sums: list[torch.Tensor] | None = None,
+    first: bool = False,
 ) -> None:
-    """:func:`step_` for several tensors sharing ``h``, in one call.  ``s``: scratch of at least the largest
-    tensor's size; ``out``: a contiguous ``(len(ps), 2)`` fp32 tensor that receives the rows
-    ``(alpha, density)``."""
-    ops = _OPS
-    if ops is None:
-        raise RuntimeError(f"layerwise C kernel not loaded ({_ERROR or 'call load() first'})")
+    """Update several fp32 contiguous CPU tensors sharing ``h`` in place, in one call.  ``s``: fp32 scratch of
+    at least the largest tensor's size (masked rules; unused by a lagged step); ``out``: a contiguous
+    ``(len(ps), 2)`` fp32 tensor that receives the rows (``alpha`` applied, density).
+
+    ``sums`` (masked rules, ``alpha_lag=1``): each tensor's ``alpha_sums`` (4 fp32 numbers, in the units of
+    :func:`layerwise.optim._masked_rule.partial_sums`), read as last step's and overwritten with this step's:
+    one pass per tensor.  With ``first`` the tensors have no previous sums: the exact rule (two passes through
+    ``s``) also writes them."""
     if rule == "none":
-        ops.adamw_steps_(ps, gs, ms, vs, h)
-    else:
-        ops.masked_steps_(ps, gs, ms, vs, s, h, RULE_CODES[rule], MODE_CODES[mode], out)
+        _ops().adamw_steps_(ps, gs, ms, vs, h)
+        return
+    lag = 0 if sums is None else (1 if first else 2)
+    _ops().masked_steps_(ps, gs, ms, vs, sums or [], s, h, RULE_CODES[rule], MODE_CODES[mode], out, lag)

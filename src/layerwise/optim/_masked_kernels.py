@@ -16,6 +16,10 @@ storage dtypes.
   every shape; every hyper-parameter arrives in a small fp32 tensor ``h`` (learning-rate schedules
   never recompile); up to :data:`BUCKET_SIZE` tensors share one compiled call (a call costs tens
   of microseconds of Python and guard overhead).
+* ``alpha_lag=1`` (:func:`masked_lagged_`, eager and compiled): ``alpha`` from the previous step's sums, so
+  nothing written depends on this step's reduction.  Inductor still emits two loops (the reduction reads
+  ``m_{t-1}``, which the update loop overwrites, so it is scheduled first): no speed-up on this path; the C
+  kernel (:mod:`layerwise.optim._cpu_kernel`) does it in one pass.
 * The **eager reference path** (:func:`masked_adamw_`): :func:`masked_stage_` (reads ``g, m, v``;
   writes ``m, v`` and a caller-owned fp32 scratch ``buf = w * u``; returns ``alpha``, density), then
   :func:`masked_finish_` (reads ``p, buf``; writes ``p``).  ``m_{t-1}`` is read before it is
@@ -44,6 +48,7 @@ __all__ = [
     "masked_finish_",
     "masked_fused_",
     "masked_adamw_",
+    "masked_lagged_",
     "RULES",
     "ALPHA_MODES",
     "H_SIZE",
@@ -66,14 +71,17 @@ def adamw_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> None:
 
 
 def _weighted_stats(
-    rule: str, alpha_mode: str, g: Tensor, m: Tensor, v: Tensor, h: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(m_t, v_t, w * u, alpha, density)``: the moments, the masked direction and its statistics."""
+    rule: str, alpha_mode: str, g: Tensor, m: Tensor, v: Tensor, h: Tensor, previous: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(m_t, v_t, w * u, alpha, density, sums)``: the moments, the masked direction, its statistics and
+    this step's :func:`~layerwise.optim._masked_rule.partial_sums`; ``alpha`` from ``previous`` sums when
+    given (``alpha_lag=1``), else from ``sums`` (the exact rule)."""
     gf, mf, m_new, v_new, u = R.moments(g, m, v, h)
     maskf = R.mask(rule, gf, mf, m_new).to(torch.float32)
     w = R.weight(maskf, h)
-    alpha, density = R.alpha_from_sums(R.partial_sums(m_new, v_new, w, maskf, h), h, alpha_mode)
-    return m_new, v_new, w * u, alpha, density
+    sums = R.partial_sums(m_new, v_new, w, maskf, h)
+    alpha, density = R.lagged_alpha(sums, previous, h, alpha_mode)
+    return m_new, v_new, w * u, alpha, density, sums
 
 
 def masked_stage_(
@@ -82,7 +90,7 @@ def masked_stage_(
     """Pass 1 of the eager path: update the moments densely, write ``buf = w * u`` (fp32) and return
     ``(alpha, density)`` as fp32 0-d tensors (``density`` = fraction of coordinates with mask 1; alpha
     in ``[1, alpha_max]``)."""
-    m_new, v_new, wu, alpha, density = _weighted_stats(rule, alpha_mode, g, m, v, h)
+    m_new, v_new, wu, alpha, density, _ = _weighted_stats(rule, alpha_mode, g, m, v, h)
     buf.copy_(wu)
     m.copy_(m_new)
     v.copy_(v_new)
@@ -99,11 +107,25 @@ def masked_fused_(
     and the density from ``g, m, v``) and the update loop, which recomputes ``u`` and the mask and
     writes ``p, m, v`` (inductor orders the writes after the reduction; ``m_{t-1}`` is still in ``m``).
     """
-    m_new, v_new, wu, alpha, density = _weighted_stats(rule, alpha_mode, g, m, v, h)
+    alpha, density, _ = masked_lagged_(p, g, m, v, h, None, rule, alpha_mode)
+    return alpha, density
+
+
+def masked_lagged_(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, previous: Tensor | None, rule: str, alpha_mode: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The whole ``alpha_lag=1`` update of one tensor (the eager reference and the compiled function):
+    ``alpha`` from the ``previous`` step's sums (``None``: this step's, the exact rule of a tensor's first
+    lagged step), written to ``p, m, v``.  Returns ``(alpha, density, sums)``: the ``alpha`` applied, this
+    step's mask density and its sums, to be kept for the next step.
+
+    Compiled with ``previous`` given, nothing written depends on a reduction: one loop over the tensor
+    that reads ``g, m, v, p`` once, writes ``p, m, v`` and accumulates the sums."""
+    m_new, v_new, wu, alpha, density, sums = _weighted_stats(rule, alpha_mode, g, m, v, h, previous)
     R.apply_(p, wu, h, alpha)
     m.copy_(m_new)
     v.copy_(v_new)
-    return alpha, density
+    return alpha, density, sums
 
 
 def masked_finish_(p: Tensor, buf: Tensor, h: Tensor, alpha: Tensor) -> None:
@@ -162,23 +184,33 @@ def _clone(fn: Callable, tag: str) -> Callable:
 BUCKET_SIZE = 8
 
 
-def _many(rule: str, alpha_mode: str) -> Callable:
+def _many(rule: str, alpha_mode: str, lag: str) -> Callable:
+    """The function one compiled call runs over a bucket.  ``lag``: ``""`` (the exact rule),
+    ``"first"`` (exact, returning the sums too) or ``"lagged"`` (``alpha`` from the previous sums)."""
     if rule == "none":
 
-        def many(ps, gs, ms, vs, h):
+        def many(ps, gs, ms, vs, h, prevs):
             for i in range(len(ps)):
                 adamw_(ps[i], gs[i], ms[i], vs[i], h)
             return []
+    elif lag == "lagged":
+
+        def many(ps, gs, ms, vs, h, prevs):
+            return [masked_lagged_(ps[i], gs[i], ms[i], vs[i], h, prevs[i], rule, alpha_mode) for i in range(len(ps))]
+    elif lag == "first":
+
+        def many(ps, gs, ms, vs, h, prevs):
+            return [masked_lagged_(ps[i], gs[i], ms[i], vs[i], h, None, rule, alpha_mode) for i in range(len(ps))]
     else:
 
-        def many(ps, gs, ms, vs, h):
+        def many(ps, gs, ms, vs, h, prevs):
             return [masked_fused_(ps[i], gs[i], ms[i], vs[i], h, rule, alpha_mode) for i in range(len(ps))]
 
     return many
 
 
-def _compiled_many(rule: str, alpha_mode: str, parallel: bool, k: int) -> Callable | None:
-    key = (rule, alpha_mode, parallel, k)
+def _compiled_many(rule: str, alpha_mode: str, parallel: bool, k: int, lag: str = "") -> Callable | None:
+    key = (rule, alpha_mode, parallel, k, lag)
     if key in _BROKEN:
         return None
     c = _COMPILED.get(key)
@@ -188,8 +220,8 @@ def _compiled_many(rule: str, alpha_mode: str, parallel: bool, k: int) -> Callab
             if c is None:
                 # a code object of its own per (variant, threading, bucket length): dynamo's cache and
                 # recompile limit are per code object
-                tag = f"{rule}_{alpha_mode}_{'parallel' if parallel else 'serial'}_{k}"
-                target = _clone(_many(rule, alpha_mode), tag)
+                tag = f"{rule}_{alpha_mode}_{'parallel' if parallel else 'serial'}_{k}{'_' + lag if lag else ''}"
+                target = _clone(_many(rule, alpha_mode, lag), tag)
                 if _BACKEND == "inductor":
                     c = torch.compile(target, dynamic=True, fullgraph=True, options=_OPTIONS[parallel])
                 else:
@@ -209,9 +241,15 @@ def update_many_(
     *,
     parallel: bool,
     strict: bool = False,
-) -> list[tuple[Tensor, Tensor] | None]:
+    lag: str = "",
+    prevs: list[Tensor] | None = None,
+) -> list[Any]:
     """Update up to :data:`BUCKET_SIZE` tensors with one compiled call; returns one
-    ``(alpha, density)`` (``None`` for ``rule="none"``) per tensor.
+    ``(alpha, density)`` (``None`` for ``rule="none"``) per tensor, or with ``lag`` one
+    ``(alpha, density, sums)`` (:func:`masked_lagged_`).
+
+    ``lag``: ``""`` the exact rule; ``"first"`` the exact rule that also returns the sums (a tensor's first
+    ``alpha_lag=1`` step); ``"lagged"`` ``alpha`` from ``prevs`` (each tensor's previous sums).
 
     Every tensor must be flat, contiguous and not a view; all share ``h`` (same step count and
     device).  ``parallel`` picks the multi-threaded kernels (for tensors above
@@ -223,11 +261,17 @@ def update_many_(
     propagates).  Any other error, e.g. one raised while the compiled kernel runs, propagates: the
     kernel may already have written some tensors, and running the update again would apply it twice.
     """
+    if lag not in ("", "first", "lagged"):
+        raise ValueError(f"update_many_: unknown lag {lag!r}")
+    if lag == "lagged" and (prevs is None or len(prevs) != len(ps)):
+        raise ValueError("update_many_: lag='lagged' needs one previous-sums tensor per parameter")
+    if rule == "none":
+        lag = ""
     k = len(ps)
-    key = (rule, alpha_mode, parallel, k)
+    key = (rule, alpha_mode, parallel, k, lag)
     fn = None
     try:
-        fn = _compiled_many(rule, alpha_mode, parallel, k)  # builds the wrapper only: nothing runs
+        fn = _compiled_many(rule, alpha_mode, parallel, k, lag)  # builds the wrapper only: nothing runs
     except Exception as exc:
         if strict:
             raise
@@ -235,13 +279,18 @@ def update_many_(
     if fn is not None:
         try:
             with _NO_DUCK():
-                out = fn(ps, gs, ms, vs, h)
+                out = fn(ps, gs, ms, vs, h, prevs if lag == "lagged" else None)
         except _COMPILE_ERRORS as exc:  # dynamo/inductor failed before the graph ran
             if strict:
                 raise
             _mark_broken(key, exc)
         else:
             return [None] * k if rule == "none" else list(out)
+    if lag:
+        return [
+            masked_lagged_(p, g, m, v, h, prevs[i] if lag == "lagged" else None, rule, alpha_mode)  # type: ignore[index]
+            for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs))
+        ]
     return [masked_adamw_(p, g, m, v, h, rule, alpha_mode) for p, g, m, v in zip(ps, gs, ms, vs)]
 
 

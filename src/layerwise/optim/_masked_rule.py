@@ -30,6 +30,15 @@ exactly 0), ``"cautious"`` (``M = 1[u * g > 0]``, no exception at zero: the C-Op
 update weight is ``w = M + floor * (1 - M)``.  Per tensor (``alpha_mode``): ``"norm"``
 (``alpha = ||u|| / ||w * u||``) or ``"density"`` (``alpha = 1 / mean(w)``), clamped to ``[1, alpha_max]``.
 Then ``p <- p * decay - step_size * alpha * (w * u)``.
+
+``alpha_lag`` (the optimizers' option): ``0`` (default) is the rule above, the exact one: ``alpha`` of step
+``t`` from step ``t``'s own statistics, so every element is visited twice (``alpha`` needs the whole tensor
+before any element moves).  ``1`` takes ``alpha`` from the statistics of the tensor's *previous* step
+(:func:`lagged_alpha`), so a step is one pass: read ``g, m, v, p`` once, write ``p, m, v`` with this step's
+mask and last step's ``alpha``, and add up this step's :func:`partial_sums` for the next step.  Those sums
+are per-tensor optimizer state (``state["alpha_sums"]``, 4 fp32 numbers).  A tensor without them (its first
+step, or state loaded from an AdamW or ``alpha_lag=0`` checkpoint) takes the exact rule for that step, which
+also yields its sums; so the first lagged step is the exact one.  The mask is always this step's.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ __all__ = [
     "weight",
     "partial_sums",
     "alpha_from_sums",
+    "density_from_sums",
+    "lagged_alpha",
     "apply_",
 ]
 
@@ -137,9 +148,9 @@ def alpha_from_sums(sums: Tensor, h: Tensor, alpha_mode: str) -> tuple[Tensor, T
     ``density`` is the fraction of coordinates with ``M = 1``; ``alpha`` is ``sqrt(sum u^2 / sum (w u)^2)``
     (``"norm"``; a zero denominator gives ``alpha_max``) or ``1 / mean(w)`` (``"density"``, with
     ``mean(w) = density + floor * (1 - density)``), clamped to ``[1, alpha_max]``."""
-    uu, ww, count, n = sums.unbind()
+    uu, ww, _, _ = sums.unbind()
     alpha_max, floor = h[7], h[8]
-    density = count / n.clamp_min(1.0)
+    density = density_from_sums(sums)
     if alpha_mode == "norm":
         alpha = (uu / ww.clamp_min(TINY)).sqrt()
     elif alpha_mode == "density":
@@ -147,6 +158,20 @@ def alpha_from_sums(sums: Tensor, h: Tensor, alpha_mode: str) -> tuple[Tensor, T
     else:
         raise ValueError(f"unknown alpha_mode {alpha_mode!r}: expected one of {ALPHA_MODES}")
     return torch.minimum(alpha.clamp_min(1.0), alpha_max), density
+
+
+def density_from_sums(sums: Tensor) -> Tensor:
+    """The fraction of coordinates with ``M = 1`` (fp32 0-d tensor) from :func:`partial_sums`."""
+    return sums[2] / sums[3].clamp_min(1.0)
+
+
+def lagged_alpha(sums: Tensor, previous: Tensor | None, h: Tensor, alpha_mode: str) -> tuple[Tensor, Tensor]:
+    """``(alpha, density)`` of a step under ``alpha_lag=1``: ``alpha`` from the ``previous`` step's
+    :func:`partial_sums` (from this step's ``sums`` when there are none: the exact rule), ``density`` of this
+    step's mask.  ``previous=None`` is exactly :func:`alpha_from_sums` of ``sums``."""
+    if previous is None:
+        return alpha_from_sums(sums, h, alpha_mode)
+    return alpha_from_sums(previous, h, alpha_mode)[0], density_from_sums(sums)
 
 
 def apply_(p: Tensor, direction: Tensor, h: Tensor, alpha: Tensor | None = None) -> None:

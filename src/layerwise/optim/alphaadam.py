@@ -27,9 +27,19 @@ parameter tensor, with gradient ``g`` and step ``t``:
 :class:`CautiousAdamW` (Liang et al., "Cautious Optimizers", C-Optim / timm rule) uses the same
 machinery with ``M = 1[u * g > 0]`` (no exception at zero) and scale ``1 / max(mean(M), 1e-3)``.
 
+``alpha_lag=1`` (an option; the exact rule above is the default): ``alpha`` (and, for CautiousAdamW, the
+density scale) comes from the tensor's *previous* step's statistics, so a step reads and writes every
+element once, like fused AdamW, instead of twice; the mask is still this step's.  The statistics are the
+four sums of :func:`layerwise.optim._masked_rule.partial_sums`, kept per tensor in ``state["alpha_sums"]``
+(fp32, on the parameter's device; all-reduced over shards, so equal on every rank).  A tensor without
+them (its first step, or state loaded from AdamW or an ``alpha_lag=0`` run) takes the exact rule for that
+step, which also yields them.  :meth:`diagnostics` then reports the ``alpha`` applied and this step's mask
+density.
+
 State and checkpoints: per-parameter state is exactly torch AdamW's (``step`` a float32 scalar tensor
 on the CPU, ``exp_avg``, ``exp_avg_sq`` like the parameter: same dtype, device and layout), no extra
-tensors, so AdamW state dicts load into these optimizers and back.  Moments are stored in the
+tensors (``alpha_lag=1`` adds ``alpha_sums``, kept fp32 by :meth:`load_state_dict`), so AdamW state
+dicts load into these optimizers and back.  Moments are stored in the
 parameter's dtype (like torch AdamW, and what ``Optimizer.load_state_dict`` casts to); the arithmetic is
 always fp32, so bf16 parameters get fp32 math with bf16 storage.
 
@@ -138,6 +148,9 @@ class _MaskedAdamW(Optimizer):
         wd = group["weight_decay"]
         if not _is_number(wd) or not float(wd) >= 0.0:
             raise ValueError(f"{n}: invalid weight_decay={wd!r}{where}: must be a number >= 0")
+        lag = group.get("alpha_lag", 0)
+        if isinstance(lag, bool) or lag not in (0, 1):
+            raise ValueError(f"{n}: invalid alpha_lag={lag!r}{where}: must be 0 (exact) or 1 (previous step's alpha)")
         self._validate_extra(group, where)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -159,6 +172,26 @@ class _MaskedAdamW(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`torch.optim.Optimizer.load_state_dict`, keeping the ``alpha_lag=1`` statistics
+        (``alpha_sums``) in fp32: torch casts every per-parameter state tensor but ``step`` to the parameter's
+        dtype, which for bf16 parameters would round them (and a resumed run would differ)."""
+        kept: dict[Any, Tensor] = {
+            pid: st["alpha_sums"]
+            for pid, st in state_dict.get("state", {}).items()
+            if isinstance(st, dict) and isinstance(st.get("alpha_sums"), Tensor)
+        }
+        super().load_state_dict(state_dict)
+        if not kept:
+            return
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid in kept and p in self.state:
+                sums = kept[pid]
+                where = (p.to_local() if _is_dtensor(p) else p).device
+                self.state[p]["alpha_sums"] = sums.detach().to(device=where, dtype=torch.float32).clone()
 
     # -- step -----------------------------------------------------------------------------------
     def _param_name(self, gi: int, pi: int) -> str:
@@ -218,22 +251,60 @@ class _MaskedAdamW(Optimizer):
             and self._fast_ok(p, g, m, v)
         )
 
+    @staticmethod
+    def _lag_kind(rule: str, group: dict[str, Any], state: dict[str, Any]) -> str:
+        """``""`` (the exact rule), ``"first"`` (``alpha_lag=1`` without previous sums: exact, keeping its
+        sums) or ``"lagged"`` (``alpha`` from the sums of the tensor's previous step)."""
+        if rule == "none" or not group.get("alpha_lag", 0):
+            state.pop("alpha_sums", None)  # stale once the exact rule runs: never used later
+            return ""
+        return "lagged" if "alpha_sums" in state else "first"
+
     def _run_eager(
-        self, rule: str, mode: str, p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor
+        self, rule: str, mode: str, p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, lag: str, state: dict
     ) -> tuple[Tensor, Tensor] | None:
         pd = p.detach()
+        if lag:
+            alpha, density, sums = K.masked_lagged_(pd, g, m, v, h, state.get("alpha_sums"), rule, mode)
+            state["alpha_sums"] = sums
+            return alpha, density
         n = pd.numel()
         buf = None if rule == "none" else self._scratch_for(pd.device, n)[:n].view(pd.shape)
         return K.masked_adamw_(pd, g, m, v, h, rule, mode, buf)
 
     def _run_fast(
-        self, rule: str, mode: str, bucket: list[tuple[int, Tensor, Tensor, Tensor, Tensor]], h: Tensor, parallel: bool
+        self, rule: str, mode: str, bucket: list[tuple], h: Tensor, parallel: bool, lag: str
     ) -> list[tuple[int, tuple[Tensor, Tensor] | None]]:
         # ``view(-1).detach()`` is a flat alias that is not a view (no ``_base``): the compiled
         # kernels' guards then see plain 1-D tensors, whatever the parameters' shapes
-        ps, gs, ms, vs = ([t.view(-1).detach() for t in ts] for ts in zip(*(item[1:] for item in bucket)))
-        outs = K.update_many_(ps, gs, ms, vs, h, rule, mode, parallel=parallel, strict=self.fast is True)
+        ps, gs, ms, vs = ([t.view(-1).detach() for t in ts] for ts in zip(*(item[1:5] for item in bucket)))
+        prevs = [item[5]["alpha_sums"] for item in bucket] if lag == "lagged" else None
+        outs = K.update_many_(
+            ps, gs, ms, vs, h, rule, mode, parallel=parallel, strict=self.fast is True, lag=lag, prevs=prevs
+        )
+        if lag:
+            for item, out in zip(bucket, outs):
+                item[5]["alpha_sums"] = out[2]
+            outs = [(out[0], out[1]) for out in outs]
         return [(item[0], out) for item, out in zip(bucket, outs)]
+
+    def _run_c(
+        self, rule: str, mode: str, batch: list[tuple], h: Tensor, lag: str, rows: Tensor | None
+    ) -> list[tuple[int, tuple[Tensor, Tensor] | None]]:
+        pis, ps, gs, ms, vs, states = (list(x) for x in zip(*batch))
+        if rule == "none":
+            CK.steps_(ps, gs, ms, vs, None, h, rule, mode, None)
+            return [(pi, None) for pi in pis]
+        assert rows is not None
+        first = lag == "first"
+        # the lagged pass needs no scratch (the buffer is passed, unused)
+        scratch = self._scratch_for(ps[0].device, max(p.numel() for p in ps) if lag != "lagged" else 0)
+        if lag == "first":  # the kernel writes them
+            for st in states:
+                st["alpha_sums"] = torch.zeros(4, dtype=torch.float32)
+        sums = [st["alpha_sums"] for st in states] if lag else None
+        CK.steps_(ps, gs, ms, vs, scratch, h, rule, mode, rows, sums, first)
+        return [(pi, tuple(row.unbind())) for pi, row in zip(pis, rows.unbind())]  # type: ignore[misc]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -290,11 +361,11 @@ class _MaskedAdamW(Optimizer):
             alpha_max = self._alpha_max(group)
             floor = self._floor(group)
             h_cache: dict[tuple[torch.device, float], Tensor] = {}
-            # compiled path: tensors sharing (device, step, dtypes, threading) go in buckets of
+            # compiled path: tensors sharing (device, step, dtypes, threading, lag) go in buckets of
             # K.BUCKET_SIZE (a power of two), one compiled call per bucket (in parameter order)
-            buckets: dict[tuple, list[tuple[int, Tensor, Tensor, Tensor, Tensor]]] = {}
-            # C kernel: the tensors sharing (device, step) in one call
-            c_batches: dict[tuple[torch.device, float], list[tuple[int, Tensor, Tensor, Tensor, Tensor]]] = {}
+            buckets: dict[tuple, list[tuple]] = {}
+            # C kernel: the tensors sharing (device, step, lag) in one call
+            c_batches: dict[tuple, list[tuple]] = {}
             group_stats: list[tuple[int, tuple[Tensor, Tensor] | None]] = []
             for pi, p in enumerate(group["params"]):
                 g = p.grad
@@ -310,35 +381,31 @@ class _MaskedAdamW(Optimizer):
                     h = h_cache[key] = R.hyper(lr, (beta1, beta2), eps, wd, t, alpha_max, floor, p.device)
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 pd = p.detach()
+                lag = self._lag_kind(rule, group, state)
                 if use_c and self._c_ok(pd, g, m, v):
-                    c_batches.setdefault(key, []).append((pi, pd, g, m, v))
+                    c_batches.setdefault((key, lag), []).append((pi, pd, g, m, v, state))
                 elif fast and self._fast_ok(pd, g, m, v):
                     parallel = pd.numel() > K.PARALLEL_MIN_NUMEL
                     # one-element tensors apart: dynamo specialises sizes of 1
-                    bkey = (key, pd.dtype, g.dtype, m.dtype, v.dtype, pd.numel() == 1, parallel)
+                    bkey = (key, pd.dtype, g.dtype, m.dtype, v.dtype, pd.numel() == 1, lag, parallel)
                     bucket = buckets.setdefault(bkey, [])
-                    bucket.append((pi, pd, g, m, v))
+                    bucket.append((pi, pd, g, m, v, state))
                     if len(bucket) == K.BUCKET_SIZE:
-                        group_stats += self._run_fast(rule, mode, bucket, h, parallel)
+                        group_stats += self._run_fast(rule, mode, bucket, h, parallel, lag)
                         del buckets[bkey]
                 else:
-                    group_stats.append((pi, self._run_eager(rule, mode, p, g, m, v, h)))
-            for key, batch in c_batches.items():
-                pis, ps, gs, ms, vs = (list(x) for x in zip(*batch))
-                if rule == "none":
-                    CK.steps_(ps, gs, ms, vs, None, h_cache[key], rule, mode, None)
-                    group_stats += [(pi, None) for pi in pis]
-                else:
-                    rows = c_out[c_row : c_row + len(ps)]  # type: ignore[index]
-                    c_row += len(ps)
-                    scratch = self._scratch_for(key[0], max(p.numel() for p in ps))
-                    CK.steps_(ps, gs, ms, vs, scratch, h_cache[key], rule, mode, rows)
-                    group_stats += [(pi, tuple(row.unbind())) for pi, row in zip(pis, rows.unbind())]
+                    group_stats.append((pi, self._run_eager(rule, mode, p, g, m, v, h, lag, state)))
+            for (key, lag), batch in c_batches.items():
+                rows = None
+                if rule != "none":
+                    rows = c_out[c_row : c_row + len(batch)]  # type: ignore[index]
+                    c_row += len(batch)
+                group_stats += self._run_c(rule, mode, batch, h_cache[key], lag, rows)
             for bkey, bucket in buckets.items():
                 # the rest in power-of-two lengths: at most log2(BUCKET_SIZE) + 1 compiled lengths
                 while bucket:
                     k = 1 << (len(bucket).bit_length() - 1)
-                    group_stats += self._run_fast(rule, mode, bucket[:k], h_cache[bkey[0]], bkey[-1])
+                    group_stats += self._run_fast(rule, mode, bucket[:k], h_cache[bkey[0]], bkey[-1], bkey[-2])
                     bucket = bucket[k:]
             group_stats.sort(key=lambda item: item[0])
             stats += [(gi, pi, out) for pi, out in group_stats]
@@ -346,12 +413,12 @@ class _MaskedAdamW(Optimizer):
         return loss
 
     def _h(self, group: dict[str, Any], t: float, device: torch.device) -> Tensor:
-        betas = tuple(float(b) for b in group["betas"])
+        beta1, beta2 = (float(b) for b in group["betas"])
         return R.hyper(
             float(group["lr"]),
-            betas,
+            (beta1, beta2),
             float(group["eps"]),
-            float(group["weight_decay"]),  # type: ignore[arg-type]
+            float(group["weight_decay"]),
             t,
             self._alpha_max(group),
             self._floor(group),
@@ -365,11 +432,15 @@ class _MaskedAdamW(Optimizer):
         ``alpha`` needs (``sum u^2``, ``sum (w u)^2``, mask count, element count) are partial sums stacked into
         one small tensor and summed with **one all-reduce per step** over the parameters' process group —
         never ``full_tensor()``.  Results equal the unsharded optimizer's up to reduction order.  Extra memory:
-        ``w * u`` of the local shards in fp32 until the step ends.
+        ``w * u`` of the local shards in fp32 until the step ends.  With ``alpha_lag=1`` a tensor with
+        previous sums is updated at once (``alpha`` from its ``alpha_sums``, which hold the all-reduced sums of
+        its previous step, identical on every rank) and keeps no ``w * u``; the all-reduce then only carries
+        this step's sums, stored for the next step.
         """
         import torch.distributed as dist
 
-        work = []  # (gi, pi, p_local, h, wu, rule, mode)
+        # (gi, pi, p_local, h, direction still to apply (None: applied), rule, mode, state, lag, alpha applied)
+        work: list[tuple[int, int, Tensor, Tensor, Tensor | None, str, str, dict, str, Tensor | None]] = []
         partial = []
         group_pg = None
         for gi, group in enumerate(self.param_groups):
@@ -385,6 +456,7 @@ class _MaskedAdamW(Optimizer):
                 if _is_dtensor(p) and group_pg is None:
                     group_pg = p.device_mesh.get_group()
                 h = self._h(group, t, pl.device)
+                lag = self._lag_kind(rule, group, state)
                 gf, mf, m_new, v_new, u = R.moments(gl, ml, vl, h)
                 if rule == "none":
                     wu = u
@@ -396,21 +468,31 @@ class _MaskedAdamW(Optimizer):
                     partial.append(R.partial_sums(m_new, v_new, w, maskf, h))
                 ml.copy_(m_new)
                 vl.copy_(v_new)
-                work.append((gi, pi, pl, h, wu, rule, mode))
+                if lag == "lagged":  # alpha from last step's (all-reduced) sums: update now, one pass
+                    alpha = R.alpha_from_sums(state["alpha_sums"], h, mode)[0]
+                    R.apply_(pl, wu, h, alpha)
+                    work.append((gi, pi, pl, h, None, rule, mode, state, lag, alpha))
+                else:
+                    work.append((gi, pi, pl, h, wu, rule, mode, state, lag, None))
         if not work:
             return []
         sums = torch.stack(partial)
         if group_pg is not None and dist.get_world_size(group_pg) > 1:
             dist.all_reduce(sums, group=group_pg)
         stats: list[tuple[int, int, tuple[Tensor, Tensor] | None]] = []
-        for (gi, pi, pl, h, wu, rule, mode), part in zip(work, sums):
+        for (gi, pi, pl, h, pending, rule, mode, state, lag, applied), part in zip(work, sums):
             if rule == "none":
-                R.apply_(pl, wu, h)
+                R.apply_(pl, pending, h)  # type: ignore[arg-type]
                 stats.append((gi, pi, None))
                 continue
-            alpha, density = R.alpha_from_sums(part, h, mode)
-            R.apply_(pl, wu, h, alpha)
-            stats.append((gi, pi, (alpha, density)))
+            if lag:
+                state["alpha_sums"] = part.clone()
+            if pending is not None:  # the exact rule (alpha_lag=0, or a tensor's first lagged step)
+                alpha, density = R.alpha_from_sums(part, h, mode)
+                R.apply_(pl, pending, h, alpha)
+                stats.append((gi, pi, (alpha, density)))
+            else:
+                stats.append((gi, pi, (applied, R.density_from_sums(part))))  # type: ignore[arg-type]
         return stats
 
     # -- diagnostics ----------------------------------------------------------------------------
@@ -454,6 +536,10 @@ class AlphaAdam(_MaskedAdamW):
         alpha_max: upper bound of alpha (>= 1, default 10); alpha is always >= 1.
         floor: gamma in ``[0, 1]``, the update weight kept by masked coordinates (default 0).
         masking: ``False`` gives plain AdamW (equal to ``torch.optim.AdamW``).
+        alpha_lag: ``0`` (default) the exact rule: alpha from this step's statistics (two passes over
+            each tensor); ``1``: alpha from the tensor's previous step (one pass; the statistics are kept in
+            ``state["alpha_sums"]``, 4 fp32 numbers per tensor, saved in the state dict; a tensor's first
+            step, or one whose state has no sums, uses the exact rule).  See the module docstring.
         fast: ``None`` (default: the C kernel for fp32 CPU tensors, compiled kernels for the rest, the eager
             path with one warning if compiling fails), ``True`` (the same, compile errors raise),
             ``False`` (eager reference path).
@@ -480,6 +566,7 @@ class AlphaAdam(_MaskedAdamW):
         alpha_max: float = 10.0,
         floor: float = 0.0,
         masking: bool = True,
+        alpha_lag: int = 0,
         fast: bool | None = None,
         cpu_kernel: bool | None = None,
     ) -> None:
@@ -493,6 +580,7 @@ class AlphaAdam(_MaskedAdamW):
             alpha_max=alpha_max,
             floor=floor,
             masking=masking,
+            alpha_lag=alpha_lag,
         )
         super().__init__(params, defaults, fast, cpu_kernel)
 
@@ -529,7 +617,8 @@ class CautiousAdamW(_MaskedAdamW):
     ``M = 1[u * g > 0]`` with ``u`` the AdamW update direction (``sign(u) = sign(m_t)``); the update is
     ``p <- p * (1 - lr * weight_decay) - lr * (M * u) / max(mean(M), 1e-3)``.  Weight decay is PyTorch's
     coupled convention on every element; moments are updated densely; state is torch AdamW's.
-    ``fast`` and ``cpu_kernel`` as in :class:`AlphaAdam`; :meth:`diagnostics` reports the scale as ``alpha``.
+    ``alpha_lag``, ``fast`` and ``cpu_kernel`` as in :class:`AlphaAdam` (``alpha_lag=1``: the scale from the
+    previous step's mask density); :meth:`diagnostics` reports the scale as ``alpha``.
     """
 
     _NAME = "CautiousAdamW"
@@ -543,10 +632,11 @@ class CautiousAdamW(_MaskedAdamW):
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         *,
+        alpha_lag: int = 0,
         fast: bool | None = None,
         cpu_kernel: bool | None = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha_lag=alpha_lag)
         super().__init__(params, defaults, fast, cpu_kernel)
 
     def _rule(self, group: dict[str, Any]) -> tuple[str, str]:

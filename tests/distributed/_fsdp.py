@@ -1,0 +1,58 @@
+"""Helpers of the 2-rank FSDP tests: launching a worker under torchrun, sharding the nano model, and a few
+training steps on batches that are the same on every rank."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``torch.distributed.run --standalone --nproc_per_node=2 ARGS`` with one thread per rank; asserts success."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    # the environment is read now, not at import: conftest's session fixture has by then pointed
+    # LAYERWISE_CACHE at a temporary folder (an import-time copy wrote into the user's ~/.cache/layerwise)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def shard(model):
+    """FSDP2 over every block, then the whole model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same batch on every rank: FSDP's averaged gradient equals the one-process one."""
+    g = torch.Generator().manual_seed(step)
+    idx = torch.randint(0, 64, (4, 16), generator=g)
+    return idx, torch.roll(idx, -1, 1)
+
+
+def train(model, opt, steps) -> None:
+    for s in steps:
+        opt.zero_grad()
+        model(*batch(s))[1].backward()
+        opt.step()
+
+
+def dcp_round_trip(model, opt, fresh_model, fresh_opt, ckpt) -> None:
+    """Save ``model`` and ``opt`` with torch.distributed.checkpoint to ``ckpt``, then load them into
+    ``fresh_model`` and ``fresh_opt`` (the way the trainer resumes)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(ckpt))
+    msd2, osd2 = get_state_dict(fresh_model, fresh_opt)
+    state = {"model": msd2, "optimizer": osd2}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    set_state_dict(fresh_model, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
