@@ -630,7 +630,8 @@ def test_block_membership_decides_before_module_names():
 def test_from_path_safetensors_headers_keep_shapes_and_dtypes(tmp_path):
     from safetensors.torch import save_file
 
-    from layerwise.anatomy import SAFETENSORS_DTYPES, from_path
+    from layerwise._safetensors import DTYPES
+    from layerwise.anatomy import from_path
 
     sd = {
         "a": torch.zeros(3, 4, dtype=torch.bfloat16),
@@ -642,4 +643,11 @@ def test_from_path_safetensors_headers_keep_shapes_and_dtypes(tmp_path):
     assert {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in got.items()} == {
         k: (tuple(v.shape), v.dtype, "meta") for k, v in sd.items()
     }
-    assert SAFETENSORS_DTYPES["F8_E4M3"] is torch.float8_e4m3fn
+    assert DTYPES["F8_E4M3"] is torch.float8_e4m3fn
+    # an unknown dtype is an error naming the file and the tensor, never a silent float32
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    bad = raw[8 : 8 + n].replace(b'"I64"', b'"Q64"')
+    (tmp_path / "bad.safetensors").write_bytes(raw[:8] + bad + raw[8 + n :])
+    with pytest.raises(ValueError, match=r"anatomy: .*bad.safetensors.*'b'.*Q64"):
+        from_path(tmp_path / "bad.safetensors")

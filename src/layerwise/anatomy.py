@@ -857,39 +857,14 @@ def from_path(path: str | os.PathLike[str]) -> tuple[nn.Module | dict[str, torch
     raise ValueError(f"anatomy: {p} is not a model folder (config.json), .safetensors, or .pt/.pth/.bin file")
 
 
-#: safetensors header dtype name -> torch dtype (float8 types map to uint8 on a torch without them)
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
-    "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
-}
-
-
 def _safetensors_meta(path: str) -> dict[str, torch.Tensor]:
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) != 8:
-            raise ValueError(f"anatomy: {path} is not a safetensors file (too short)")
-        n = int.from_bytes(head, "little")
-        try:
-            header = json.loads(fh.read(n))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"anatomy: {path} has an unreadable safetensors header: {exc}") from None
-    out = {}
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        out[k] = torch.empty(v["shape"], dtype=SAFETENSORS_DTYPES.get(v.get("dtype"), torch.float32), device="meta")
-    return out
+    """Every tensor of a ``.safetensors`` file as a ``device="meta"`` tensor (shape and dtype from the header)."""
+    from layerwise._safetensors import read_header
+
+    try:
+        return read_header(path)[0]
+    except ValueError as exc:
+        raise ValueError(f"anatomy: {exc}") from None
 
 
 def _meta_model(folder: str, cfg_path: str) -> nn.Module:
