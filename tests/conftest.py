@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-import random
 
 import pytest
 import torch
+from tests._helpers import make_text
 
 torch.set_num_threads(1)
 # the C++ optimizer kernel is content-addressed (source, flags, torch, CPU): one build serves every test
 # session instead of one per session's private cache
 os.environ.setdefault("LAYERWISE_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "layerwise", "kernels"))
-
-_WORDS = (
-    "the king queen lord lady sword crown night day love death heart blood tongue eye hand fair foul "
-    "speak hear come go now never ever thou thee thy my mine our your shall will must doth hath art "
-    "and but or if when where why how what who a an of in on to from with by for not no yes"
-).split()
-
-
-def make_text(n_lines: int, seed: int) -> str:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_lines):
-        speaker = rng.choice(("KING", "QUEEN", "LORD", "FOOL"))
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 12))]
-        lines.append(f"{speaker}. {' '.join(words).capitalize()}{rng.choice('.!?,;')}")
-    return "\n".join(lines) + "\n"
-
-
-def read_jsonl(path) -> list[dict]:
-    """The records of a JSON-lines file (``metrics.jsonl``, ``spectral.jsonl``, ...), one dict per line."""
-    with open(path) as f:
-        return [json.loads(line) for line in f.read().splitlines()]
 
 
 @pytest.fixture(scope="session", autouse=True)

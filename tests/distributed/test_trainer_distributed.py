@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import torch
-
-from conftest import read_jsonl
+from tests._helpers import read_jsonl
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
+from tests._helpers import make_text
 
-from conftest import make_text
 from layerwise.lab.cli import main
 from layerwise.lab.downstream import (
     EVAL_FILE,

@@ -3,8 +3,8 @@ import math
 import statistics
 
 import pytest
+from tests._helpers import read_jsonl
 
-from conftest import read_jsonl
 from layerwise.lab.cli import _split_methods, main
 from layerwise.lab.config import ConfigError
 from layerwise.lab.experiments import mean_se, summarize

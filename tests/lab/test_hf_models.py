@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
+from tests._helpers import read_jsonl
 
-from conftest import read_jsonl
 from layerwise.lab import config as C
 from layerwise.lab.config import ConfigError
 from layerwise.lab.data import prepare_config

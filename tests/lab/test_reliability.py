@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 import torch
+from tests._helpers import read_jsonl
 
-from conftest import read_jsonl
 from layerwise.lab import config as C
 from layerwise.lab.checkpoint import CheckpointStore, trim_jsonl
 from layerwise.lab.cli import main

@@ -7,8 +7,8 @@ import re
 import signal
 
 import pytest
+from tests._helpers import read_jsonl
 
-from conftest import read_jsonl
 from layerwise.lab import runid
 from layerwise.lab import train as T
 from layerwise.lab.cli import main

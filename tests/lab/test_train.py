@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
+from tests._helpers import read_jsonl
 
-from conftest import read_jsonl
 from layerwise.lab import config as C
 from layerwise.lab.cli import main
 from layerwise.lab.train import NonFiniteLossError, atomic_torch_save, load_checkpoint, make_schedule, train

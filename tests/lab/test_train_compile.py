@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests._helpers import read_jsonl
 
-from conftest import read_jsonl
 from layerwise.lab import config as C
 from layerwise.lab.train import train
 
