@@ -14,54 +14,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from _fsdp import forked_ranks
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.timeout(300)
 
 
-def _rank_main(rank: int, port: int, cfg_dict: dict, run_dir: str) -> None:
-    code = 1
-    try:
-        os.environ.update(
-            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-        )
-        from layerwise.lab.config import from_dict
-        from layerwise.lab.train import train
+def _train_rank(rank: int, cfg_dict: dict, run_dir: str) -> None:
+    from layerwise.lab.config import from_dict
+    from layerwise.lab.train import train
 
-        train(from_dict(cfg_dict), run_dir, quiet=True)
-        code = 0
-    except BaseException:  # noqa: BLE001 - report and exit non-zero
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # no interpreter teardown in a forked child
+    train(from_dict(cfg_dict), run_dir, quiet=True)
 
 
 def _two_ranks(cfg_dict: dict, run_dir) -> None:
-    import multiprocessing as mp
-
     import torch.distributed as dist
-
-    from layerwise.lab.distributed import _free_port
 
     if dist.is_initialized():  # an earlier test left a process group here: forked ranks would inherit it
         _torchrun(cfg_dict, run_dir)
         return
-
-    ctx = mp.get_context("fork")
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, cfg_dict, str(run_dir))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    codes = forked_ranks(_train_rank, cfg_dict, str(run_dir))
     assert codes == [0, 0], f"rank exit codes {codes}"
 
 

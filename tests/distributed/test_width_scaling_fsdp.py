@@ -9,11 +9,10 @@ The ranks are forked from the test process (transformers already imported) and j
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 import torch
+from _fsdp import forked_ranks
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.timeout(300)
@@ -72,54 +71,26 @@ def _setup(shard: bool) -> dict:
     }
 
 
-def _rank_main(rank: int, port: int, out_path: str) -> None:
-    code = 1
-    try:
-        os.environ.update(
-            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-        )
-        import torch.distributed as dist
+def _sharded_rank(rank: int, out_path: str) -> None:
+    import torch.distributed as dist
 
-        dist.init_process_group("gloo")
-        res = _setup(shard=True)
-        if rank == 0:
-            with open(out_path, "w") as f:
-                json.dump(res, f)
-        dist.destroy_process_group()
-        code = 0
-    except BaseException:  # noqa: BLE001 - report and exit non-zero
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # no interpreter teardown in a forked child
+    dist.init_process_group("gloo")
+    res = _setup(shard=True)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(res, f)
+    dist.destroy_process_group()
 
 
 def test_from_models_param_groups_apply_under_fsdp2(tmp_path):
-    import multiprocessing as mp
-
     import torch.distributed as dist
-
-    from layerwise.lab.distributed import _free_port
 
     if dist.is_initialized():
         pytest.skip("a process group from an earlier test is up in this process; forked ranks would inherit it")
     torch.set_num_threads(1)
     ref = _setup(shard=False)
-    ctx = mp.get_context("fork")
-    port = _free_port()
     out = tmp_path / "rank0.json"
-    procs = [ctx.Process(target=_rank_main, args=(r, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    codes = forked_ranks(_sharded_rank, str(out))
     assert codes == [0, 0], f"rank exit codes {codes}"
     got = json.loads(out.read_text())
     # same canonical names, classes and (lr, λ) per tensor: nothing keyed by the FSDP-wrapped objects
