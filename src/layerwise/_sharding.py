@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+import torch
 
 
 def owner_ranks(shapes: Sequence[Sequence[int]], world_size: int) -> list[int]:
@@ -21,4 +24,32 @@ def owner_ranks(shapes: Sequence[Sequence[int]], world_size: int) -> list[int]:
         r = min(range(world_size), key=lambda r: (load[r], r))
         out[i] = r
         load[r] += cost[i]
+    return out
+
+
+def global_norms(tensors: Sequence[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    """The L2 norm of each whole tensor, as a float32 vector on ``device``.
+
+    Plain tensors are reduced locally.  DTensors (FSDP2 shards, or any placement) are reduced over their
+    mesh: their per-shard norms are stacked and turned into full values with one collective per
+    (mesh, placements) combination — not one per tensor — so every rank must call this with the same tensors
+    in the same order, as it does inside an optimizer step.  (``torch._foreach_norm`` on DTensors alone gives
+    partial values, and arithmetic that mixes them with plain tensors raises.)
+    """
+    out = torch.zeros(len(tensors), dtype=torch.float32, device=device)
+    plain: list[int] = []
+    sharded: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if hasattr(t, "placements") and hasattr(t, "full_tensor"):
+            d: Any = t
+            sharded.setdefault((id(d.device_mesh), tuple(d.placements)), []).append(i)
+        else:
+            plain.append(i)
+    if plain:
+        norms = torch._foreach_norm([tensors[i] for i in plain])
+        out[plain] = torch.stack([n.to(device, torch.float32) for n in norms])
+    for idx in sharded.values():
+        norms = torch._foreach_norm([tensors[i] for i in idx])  # partial (per-shard) norms
+        full: Any = torch.stack([n.float() for n in norms])  # still partial: one reduction below
+        out[idx] = full.full_tensor().to(device, torch.float32)
     return out

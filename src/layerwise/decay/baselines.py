@@ -27,6 +27,7 @@ from torch import nn
 
 from layerwise import anatomy as _anatomy
 from layerwise import names as _names
+from layerwise._sharding import global_norms
 from layerwise.decay._base import (
     DecayController,
     PerMatrixController,
@@ -212,8 +213,8 @@ class AWD(DecayController):
             return
         dev = ps[0].device
         grads = [p.grad for p in ps if p.grad is not None]
-        gn = torch.linalg.vector_norm(torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm(grads)]))
-        wn = torch.linalg.vector_norm(torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm(ps)]))
+        gn = torch.linalg.vector_norm(global_norms(grads, dev))  # whole-tensor norms under FSDP2 too
+        wn = torch.linalg.vector_norm(global_norms(ps, dev))
         tiny = torch.finfo(torch.float32).tiny
         ratio = max(float(gn / wn.clamp_min(tiny)), tiny)  # the one host synchronisation of the step
         if self.calib is None:
@@ -367,8 +368,10 @@ class AdaDecay(PerMatrixController):
             return
         dev = self._params[0].device
         # a matrix without gradient reads as zero gradient in the statistics (and is not decayed: torch skips it)
-        grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self._params]
-        gnorm = torch.stack([n.to(dev, torch.float32) for n in torch._foreach_norm(grads)])
+        have = [i for i, p in enumerate(self._params) if p.grad is not None]
+        grads = [g for g in (p.grad for p in self._params) if g is not None]
+        gnorm = torch.zeros(len(self._params), dtype=torch.float32, device=dev)
+        gnorm[have] = global_norms(grads, dev)  # whole-tensor norms under FSDP2 too
         self.lam = self.decays_from_grad_norms(gnorm).tolist()  # one host synchronisation per recomputation
         self._apply()
         self.version += 1
