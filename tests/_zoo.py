@@ -25,22 +25,46 @@ def _seeded(fn):
     return build
 
 
+def llama_config(
+    hidden: int, inter: int, *, heads: int = 4, kv: int | None = None, tie: bool = False, vocab: int = 64, **extra
+):
+    """A 2-layer ``LlamaConfig`` of any width (``extra``: more config fields, e.g. ``attention_bias``)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=heads,
+        num_key_value_heads=kv or heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        **extra,
+    )
+
+
+def build(cls, cfg, *, meta: bool = False, seed: int = 0):
+    """``cls(cfg)`` on the meta device (shapes only), or initialised under ``seed``."""
+    if meta:
+        with torch.device("meta"):
+            return cls(cfg)
+    torch.manual_seed(seed)
+    return cls(cfg)
+
+
+def hf_llama(hidden: int, inter: int, *, meta: bool = False, seed: int = 0, **kw):
+    """``LlamaForCausalLM`` of any width (the width-scaling tests build a model and its base with it)."""
+    from transformers import LlamaForCausalLM
+
+    return build(LlamaForCausalLM, llama_config(hidden, inter, **kw), meta=meta, seed=seed)
+
+
 @_seeded
 def llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=WIDTH,
-            intermediate_size=128,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-        )
-    )
+    return LlamaForCausalLM(llama_config(WIDTH, 128, kv=2, vocab=VOCAB))
 
 
 @_seeded

@@ -13,28 +13,16 @@ import json
 import pytest
 import torch
 from _fsdp import forked_ranks
+from tests._zoo import hf_llama
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 pytestmark = pytest.mark.timeout(300)
 
 LR, WD = 1e-2, 0.1
 
 
 def _llama(hidden: int, inter: int, *, meta: bool = False):
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    if meta:
-        with torch.device("meta"):
-            return transformers.LlamaForCausalLM(cfg)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg)
+    return hf_llama(hidden, inter, heads=2, meta=meta)
 
 
 def _ids() -> torch.Tensor:

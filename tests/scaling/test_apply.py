@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 import torch
-from tests._zoo import HandMLP
-from tests.scaling.test_from_models import build, hf_llama, llama_config, seq_net
+from tests._zoo import HandMLP, build, hf_llama, llama_config
+from tests.scaling.test_from_models import seq_net
 from torch import nn
 
 import layerwise as lw

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tests._zoo import HandMLP
+from tests._zoo import HandMLP, hf_llama
 from torch import nn
 
 import layerwise as lw
@@ -16,35 +16,6 @@ from layerwise.scaling import WidthScaling
 
 LR, WD = 1e-3, 0.1
 QKVO = ("q", "k", "v", "o")
-
-
-def llama_config(hidden, inter, heads=4, kv=None, tie=False, vocab=64):
-    transformers = pytest.importorskip("transformers")
-    return transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=kv or heads,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-
-
-def build(cls, cfg, *, meta=False, seed=0):
-    """``cls(cfg)`` on the meta device (shapes only), or initialised under ``seed``."""
-    if meta:
-        with torch.device("meta"):
-            return cls(cfg)
-    torch.manual_seed(seed)
-    return cls(cfg)
-
-
-def hf_llama(hidden, inter, *, meta=False, seed=0, **kw):
-    from transformers import LlamaForCausalLM
-
-    return build(LlamaForCausalLM, llama_config(hidden, inter, **kw), meta=meta, seed=seed)
 
 
 def seq_net(width, d_in=10, n_out=3):
@@ -155,11 +126,7 @@ def test_from_models_errors():
 
 
 def _with_bias(hidden):
-    from transformers import LlamaForCausalLM
-
-    cfg = llama_config(hidden, 2 * hidden)
-    cfg.attention_bias = True
-    return build(LlamaForCausalLM, cfg, meta=True)
+    return hf_llama(hidden, 2 * hidden, attention_bias=True, meta=True)
 
 
 def test_tied_head_with_lr_readout_is_an_error():

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tests._zoo import hf_llama
 from torch import nn
 
 import layerwise as lw
@@ -99,21 +100,7 @@ def test_classes_on_reference_model():
 
 
 def _hf_llama(hidden=32, bias=False):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-        attention_bias=bias,
-        mlp_bias=bias,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg)
+    return hf_llama(hidden, 2 * hidden, heads=2, kv=1, attention_bias=bias, mlp_bias=bias)
 
 
 def test_classes_on_hf_llama():
