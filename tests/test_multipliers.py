@@ -245,6 +245,37 @@ def test_merge_equals_unmerged_fp32(kind):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
 
 
+def test_forward_hooks_move_with_the_wrapped_module():
+    """A forward pre-hook on a module that add_multipliers wraps (μP's readout multiplier from
+    WidthScaling.apply_ is one) keeps acting on the wrapper and on the merged module, and its handle still
+    removes it; a module with a backward hook is refused, naming it."""
+    model = _nano().eval()
+    idx = _idx()
+    with torch.no_grad():
+        plain = model(idx)
+    q = model.layers[0].self_attn.q_proj
+    handle = q.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
+    with torch.no_grad():
+        hooked = model(idx)
+    assert not torch.allclose(hooked, plain)
+    add_multipliers(model)
+    wrapped = model.layers[0].self_attn.q_proj
+    assert isinstance(wrapped, MultipliedLinear) and wrapped is not q
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hooked, rtol=0, atol=0)  # multipliers at 1: the hook still acts
+        merge_multipliers(model)
+        assert type(model.layers[0].self_attn.q_proj) is nn.Linear
+        torch.testing.assert_close(model(idx), hooked, rtol=1e-6, atol=1e-6)
+        handle.remove()
+        torch.testing.assert_close(model(idx), plain, rtol=1e-6, atol=1e-6)
+
+    other = _nano()
+    other.layers[1].mlp.down_proj.register_full_backward_hook(lambda mod, gin, gout: None)
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj.*backward hooks"):
+        add_multipliers(other)
+    assert not any(isinstance(m, MultipliedLinear) for m in other.modules())  # refused before wrapping any
+
+
 def test_merge_state_dict_errors():
     with pytest.raises(ValueError, match="no weight entry 'a.b.weight'"):
         merge_multipliers_state_dict({"a.b.row_multiplier": torch.ones(3)})

@@ -67,7 +67,7 @@ Hugging Face ``Conv1D`` (GPT-2) is wrapped by :class:`MultipliedConv1D` with the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -420,8 +420,10 @@ def add_multipliers(
         :class:`~layerwise._coverage.UntrainedParameterWarning` says so).
 
     Raises:
-        ValueError: unknown ``kind``/``placement``/``impl``, the model already has multipliers, or a block matrix
-            the placement selects is not held by a wrappable module (``nn.Linear``, ``Conv1D``; named).
+        ValueError: unknown ``kind``/``placement``/``impl``, the model already has multipliers, a block matrix
+            the placement selects is not held by a wrappable module (``nn.Linear``, ``Conv1D``; named), or a
+            module to wrap has backward hooks (named; nothing is wrapped).  Forward hooks (e.g. μP's readout
+            multiplier from ``WidthScaling.apply_``) move to the wrapper, and back in :func:`merge_multipliers`.
     """
     _check_kind(kind)
     if not callable(placement) and (not isinstance(placement, str) or placement not in PLACEMENTS):
@@ -447,6 +449,7 @@ def add_multipliers(
             + (" ..." if len(notes) > 8 else "")
             + "; pass a placement callable to choose",
         )
+    _refuse_backward_hooks("add_multipliers", ((plan.name, plan.module) for plan in plans))
     new_params: list[nn.Parameter] = []
     named: list[tuple[str, nn.Parameter]] = []
     done: set[int] = set()
@@ -473,11 +476,38 @@ def add_multipliers(
     return new_params
 
 
+#: the forward-hook tables of an ``nn.Module`` (their handles hold references to these dicts)
+_FORWARD_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _refuse_backward_hooks(what: str, modules: Iterable[tuple[str, nn.Module]]) -> None:
+    """Before replacing any module: backward hooks are tied to the module's autograd use and cannot move to a
+    replacement, so a module that has them is refused, naming it (nothing is replaced)."""
+    for name, mod in modules:
+        if mod._backward_hooks or mod._backward_pre_hooks:
+            raise ValueError(
+                f"{what}: module {name!r} has backward hooks, which cannot move to the module that replaces it; "
+                "remove them, call it, then register them again"
+            )
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``name`` is.  The replaced module's forward hooks move with it (the same hook tables,
+    so their handles still remove them): the replacement computes the same function of the same input, and a
+    hook such as μP's readout multiplier (``WidthScaling.apply_``) must keep acting at that position."""
     if not name:
         raise ValueError("add_multipliers/merge_multipliers cannot replace the root module itself")
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    for attr in _FORWARD_HOOK_DICTS:
+        setattr(new, attr, getattr(old, attr))
     setattr(parent, child, new)
 
 
@@ -507,6 +537,7 @@ def merge_multipliers(model: nn.Module) -> nn.Module:
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, _WRAPPERS)]
+    _refuse_backward_hooks("merge_multipliers", wrapped)
     for name, mod in wrapped:
         w = mod.weight
         merged = (
