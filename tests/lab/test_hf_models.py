@@ -225,3 +225,105 @@ def test_base_hf_config(hidden, heads, kv, base, expect):
     got = (out.hidden_size, out.intermediate_size, out.num_attention_heads, out.num_key_value_heads, out.head_dim)
     assert got == expect
     assert config.hidden_size == hidden  # the run's config is not changed
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, base, expect",
+    [
+        # a stored head_dim that is not hidden/heads (Qwen3-style): kept when the heads scale in proportion
+        (
+            "LlamaConfig",
+            dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=32),
+            32,
+            dict(num_attention_heads=2, head_dim=32),
+        ),
+        # ... and shrunk by the width ratio (not to hidden/heads) when they cannot
+        (
+            "Qwen3Config",
+            dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+            -4,
+            dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        ),
+        # Falcon derives head_dim (a read-only property): it follows by itself
+        ("FalconConfig", dict(hidden_size=64, num_attention_heads=4), 32, dict(num_attention_heads=2, head_dim=16)),
+        # Mamba2: SSM heads in proportion, head size kept (it has no num_attention_heads)
+        ("Mamba2Config", dict(hidden_size=64, num_heads=8, head_dim=16, expand=2), 32, dict(num_heads=4, head_dim=16)),
+        # Falcon-H1: the SSM width and heads scale too, so no block matrix keeps a fixed dimension
+        (
+            "FalconH1Config",
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                mamba_d_ssm=64,
+                mamba_n_heads=4,
+                mamba_d_head=16,
+            ),
+            32,
+            dict(intermediate_size=64, mamba_d_ssm=32, mamba_n_heads=2, mamba_d_head=16, head_dim=16),
+        ),
+        (
+            "Qwen2MoeConfig",
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=128,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+            ),
+            32,
+            dict(intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=64),
+        ),
+    ],
+)
+def test_base_hf_config_other_families(name, kwargs, base, expect):
+    from layerwise.lab.hf_models import base_hf_config
+
+    cfg = C.resolve("smoke", None, [f"model.base_hidden_size={base}", "model.parametrization=mup"])
+    config = getattr(transformers, name)(vocab_size=64, num_hidden_layers=2, **kwargs)
+    out = base_hf_config(cfg, config)
+    assert {k: getattr(out, k) for k in expect} == expect
+
+
+def test_mup_on_models_it_cannot_handle_is_a_config_error(tmp_path):
+    from layerwise.lab.hf_models import apply_mup, resolve_hf_config
+
+    cfg = C.resolve("smoke", None, ["model.base_hidden_size=32", "model.parametrization=mup"])
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        shared_expert_intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(C.ConfigError, match=r"mup.*Qwen2MoeForCausalLM.*model\.layers\.0\.mlp\.gate\.weight"):
+        apply_mup(cfg, model, config)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # untouched
+
+    config.save_pretrained(tmp_path / "llama")
+    bad = C.resolve("smoke", None, [f"model.hf_config={tmp_path / 'llama'}", "model.attn_scale=mup"])
+    with pytest.raises(C.ConfigError, match="model.attn_scale"):
+        resolve_hf_config(bad, 64)
+
+
+def test_width_override_on_a_config_that_derives_head_dim(tmp_path):
+    """Falcon's head_dim is a read-only property: model.hidden_size resizes it through the config itself."""
+    from layerwise.lab.hf_models import resolve_hf_config
+
+    transformers.FalconConfig(
+        vocab_size=64, hidden_size=64, num_attention_heads=4, num_hidden_layers=2
+    ).save_pretrained(tmp_path)
+    cfg = C.resolve("smoke", None, [f"model.hf_config={tmp_path}", "model.hidden_size=128"])
+    out = resolve_hf_config(cfg, 64)
+    assert (out.hidden_size, out.head_dim) == (128, 32)

@@ -103,6 +103,11 @@ def resolve_hf_config(cfg: Config, vocab_size: int):
             "model.init_from (use parametrization='sp')"
         )
     field = "model.hf_config" if m.hf_config else "model.init_from"
+    if m.attn_scale != "sqrt":
+        raise ConfigError(
+            f"model.attn_scale={m.attn_scale!r} sets the reference model's attention scale; a {field} model keeps "
+            "its own, and model.parametrization='mup' sets μP's from the base head size (leave attn_scale='sqrt')"
+        )
     config = load_hf_config(m.hf_config or m.init_from, field)
     _check_causal_lm(config, field)
     _apply_size_overrides(cfg, config, field)
@@ -157,7 +162,11 @@ def _apply_size_overrides(cfg: Config, config, field: str) -> None:
         if not hasattr(config, attr):
             raise ConfigError(f"model.{k}: {type(config).__name__} ({field}) has no {attr!r} to set")
         setattr(config, attr, v)
-    if ("hidden_size" in given or "num_heads" in given) and isinstance(getattr(config, "head_dim", None), int):
+    if (
+        ("hidden_size" in given or "num_heads" in given)
+        and _stored_int(config, "head_dim") is not None  # not a derived property (Falcon)
+        and _stored_int(config, "num_attention_heads") is not None  # an attention head size (not Mamba2's SSM)
+    ):
         if config.hidden_size % config.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={config.hidden_size} is not divisible by the "
@@ -166,10 +175,35 @@ def _apply_size_overrides(cfg: Config, config, field: str) -> None:
         config.head_dim = config.hidden_size // config.num_attention_heads
 
 
+#: HF config fields of inner widths that the μP base scales in proportion to the hidden size (FFN, MoE
+#: experts, Falcon-H1's SSM width)
+INNER_WIDTH_FIELDS = (
+    "intermediate_size",
+    "n_inner",
+    "ffn_dim",
+    "ffn_hidden_size",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "mamba_d_ssm",
+)
+#: head counts (attention, key/value, SSM heads) and the head sizes stored beside them
+HEAD_COUNT_FIELDS = ("num_attention_heads", "num_key_value_heads", "num_heads", "mamba_n_heads")
+HEAD_SIZE_FIELDS = ("head_dim", "mamba_d_head")
+
+
+def _stored_int(config, attr: str) -> int | None:
+    """``config.attr`` when it is a stored integer field (not a derived property such as Falcon's head_dim)."""
+    stored = getattr(config, "attribute_map", {}).get(attr, attr)  # GPT-2: num_attention_heads is n_head
+    v = vars(config).get(stored)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
 def base_hf_config(cfg: Config, config):
     """The μP base of an HF config: ``model.base_hidden_size`` (a negative value divides the hidden size, as
-    for the reference model), the FFN size in proportion, the head size kept (query and key/value heads in
-    proportion where both divide evenly, else the same heads with a smaller head size)."""
+    for the reference model) and every inner width of :data:`INNER_WIDTH_FIELDS` in proportion; the head
+    size kept where every head count of :data:`HEAD_COUNT_FIELDS` scales evenly (heads in proportion), else
+    the same heads with smaller stored head sizes (:data:`HEAD_SIZE_FIELDS`; ``ConfigError`` when they do not
+    divide).  Fields a config derives (Falcon's ``head_dim``, GPT-2's head size) follow by themselves."""
     from layerwise.lab.methods import resolve_relative_widths
 
     hidden = int(config.hidden_size)
@@ -177,21 +211,26 @@ def base_hf_config(cfg: Config, config):
     base = cfg.model.base_hidden_size or hidden
     out = copy.deepcopy(config)
     out.hidden_size = base
-    for attr in ("intermediate_size", "n_inner"):
-        v = getattr(config, attr, None)
-        if isinstance(v, int) and not isinstance(v, bool):
+
+    def scaled(attr: str, v: int) -> int:
+        if (v * base) % hidden:
+            raise ConfigError(
+                f"model.base_hidden_size={base}: {type(config).__name__}.{attr}={v} does not scale to a whole "
+                f"number at hidden size {base} (from {hidden}); choose a base that divides it"
+            )
+        return v * base // hidden
+
+    for attr in INNER_WIDTH_FIELDS:
+        if (v := _stored_int(config, attr)) is not None:
             setattr(out, attr, max(1, round(v * base / hidden)))
-            break
-    heads = {
-        a: v
-        for a in ("num_attention_heads", "num_key_value_heads")
-        if isinstance(v := getattr(config, a, None), int) and not isinstance(v, bool)
-    }
-    if heads and all((v * base) % hidden == 0 and v * base >= hidden for v in heads.values()):
-        for a, v in heads.items():  # both in proportion (the head size kept), or neither
+    counts = {a: v for a in HEAD_COUNT_FIELDS if (v := _stored_int(config, a)) is not None}
+    if counts and all((v * base) % hidden == 0 and v * base >= hidden for v in counts.values()):
+        for a, v in counts.items():  # every head count in proportion: the head sizes are kept
             setattr(out, a, v * base // hidden)
-    if isinstance(getattr(config, "head_dim", None), int):
-        out.head_dim = base // out.num_attention_heads
+    else:  # the same heads, each smaller
+        for a in HEAD_SIZE_FIELDS:
+            if (v := _stored_int(config, a)) is not None:
+                setattr(out, a, scaled(a, v))
     return out
 
 
@@ -207,9 +246,13 @@ def apply_mup(cfg: Config, model: nn.Module, config, init: str = "constant") -> 
         rule = WidthScaling.from_models(
             model, base=base, lr_exponent=cfg.optim.lr_exponent, wd_exponent=cfg.optim.wd_exponent
         )
-    except ValueError as e:
-        raise ConfigError(f"model.parametrization='mup' with model.base_hidden_size: {e}") from None
-    rule.apply_(model, init=init)
+        rule.apply_(model, init=init)
+    except ValueError as e:  # named tensors; the lab's μP always uses the 1/m readout multiplier
+        raise ConfigError(
+            f"model.parametrization='mup' (model.base_hidden_size={cfg.model.base_hidden_size}) does not fit "
+            f"this {type(model).__name__}: {e} (the harness's μP attaches the readout multiplier; for "
+            "readout='lr' use the library's WidthScaling.from_models directly)"
+        ) from None
 
 
 def build_hf_model(cfg: Config, vocab_size: int) -> tuple[nn.Module, Any]:
