@@ -32,14 +32,24 @@ def test_per_matrix_groups_keep_each_tensors_hyperparameters(scaling):
     torch.optim.AdamW(split)  # a valid torch layout (every tensor once)
 
 
-def test_authors_layout_puts_each_bias_with_its_matrix_and_refuses_differing_rates():
+def test_authors_layout_puts_each_bias_with_its_matrix_or_beside_it():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     groups = lw.param_groups(model, lr=1e-3, weight_decay=0.1, per_matrix="authors")
     by = {tuple(g["param_names"]): g for g in groups}
     mid = by[("2.weight", "2.bias")]  # the first and the last nn.Linear are not in the authors' set
     assert (mid["weight_decay"], mid["group"], mid["param_class"]) == (0.1, "matrix", "matrix")  # the matrix's
     assert by[("0.bias", "4.bias")]["weight_decay"] == 0.0  # other biases: vectors, undecayed
-    with pytest.raises(ValueError, match=r"learning rates differ.*per_matrix=True"):
-        lw.param_groups(model, lr=1e-3, weight_decay=0.1, scaling=lw.WidthScaling(4, 8), per_matrix="authors")
+    # a width rule gives the bias another lr: it gets a group of its own, with the matrix's decay and labels
+    scaled = lw.param_groups(model, lr=1e-3, weight_decay=0.1, scaling=lw.WidthScaling(4, 8), per_matrix="authors")
+    by = {tuple(g["param_names"]): g for g in scaled}
+    w, b = by[("2.weight",)], by[("2.bias",)]
+    assert (w["lr"], b["lr"]) == (pytest.approx(1e-3 / 2), 1e-3)
+    keys = ("weight_decay", "group", "param_class", "wd_scale")
+    assert [b[k] for k in keys] == [w[k] for k in keys] and w["weight_decay"] > 0
+    opt = torch.optim.AdamW(scaled)
+    lw.AlphaDecay(opt, model, modules="authors", interval=1, min_eigs=4)  # the layout it accepts
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert b["weight_decay"] == w["weight_decay"]  # the controller writes the matrix's decay to both
     with pytest.raises(TypeError, match="needs the model"):
         lw.param_groups(list(model.named_parameters()), lr=1e-3, weight_decay=0.1, per_matrix=True)

@@ -158,18 +158,6 @@ def _per_matrix_units(model: Any, per_matrix: PerMatrix) -> dict[int, tuple[str,
     return {id(t): (u.name, t is u.weight) for u in units for t in u.tensors}
 
 
-def _check_unit(g: dict[str, Any] | None, name: str, unit: tuple[str, bool], lr: float, keys: dict[str, Any]) -> None:
-    """A matrix and its bias share one group: same lr required; the matrix's keys are recorded to win."""
-    if g is not None and g["lr"] != lr:
-        raise ValueError(
-            f"param_groups(per_matrix='authors') puts {name} in one group with {unit[0]}, but their learning "
-            f"rates differ ({lr} vs {g['lr']}: width scaling treats biases and matrices differently); "
-            "use per_matrix=True (biases keep their own groups)"
-        )
-    if unit[1] and g is not None:
-        g["_matrix"] = keys
-
-
 def param_groups(
     model_or_named_params: nn.Module | Iterable[tuple[str, torch.Tensor]],
     lr: float,
@@ -221,8 +209,9 @@ def param_groups(
             :class:`layerwise.AlphaDecay`, ``TypeDecay`` and ``AdaDecay`` need; controllers never regroup an
             optimizer): ``True`` (or ``"blocks"``) = every block matrix of :func:`layerwise.anatomy` (the
             controllers' default); ``"authors"`` = the AlphaDecay authors' module set (every ``nn.Linear`` but
-            the first and the last), each matrix with its module's bias, which takes the matrix's ``lr`` and
-            ``weight_decay``; a regex, a callable ``(name, tensor) -> bool`` or a list of names = the matrices
+            the first and the last), each matrix with its module's bias, which takes the matrix's
+            ``weight_decay`` (in the matrix's group, or in a group of its own where a width rule gives it another
+            ``lr``); a regex, a callable ``(name, tensor) -> bool`` or a list of names = the matrices
             a controller's ``select=`` picks; ``False`` (default): none.  Needs a model (not name pairs).
             :func:`layerwise.decay.per_matrix_for` gives the value a controller built with given options needs.
             A per-matrix group keeps the label, class and hyper-parameters its matrix would have had.
@@ -294,6 +283,7 @@ def param_groups(
             f"{listed}; pass rules=[(regex, class)] to choose",
         )
     groups: dict[tuple, dict[str, Any]] = {}
+    matrix_keys: dict[str, dict[str, Any]] = {}  # controlled matrix -> the keys its group(s) take
     for name, p, info, spec, cls in plan:
         if cls is None:
             cls = "vector" if p.ndim < 2 else "matrix"
@@ -319,10 +309,10 @@ def param_groups(
 
         key: tuple = (label, cls, g_lr, g_wd)
         unit = unit_of.get(id(p))
-        if unit is not None:  # a controlled matrix, alone or with its module's bias
-            key = ("per_matrix", unit[0])
-            own = dict(group=label, param_class=cls, weight_decay=g_wd, wd_scale=wd_factor)
-            _check_unit(groups.get(key), name, unit, g_lr, own)
+        if unit is not None:  # a controlled matrix, alone or with its module's bias (one group per lr)
+            key = ("per_matrix", unit[0], g_lr)
+            if unit[1]:
+                matrix_keys[unit[0]] = dict(group=label, param_class=cls, weight_decay=g_wd, wd_scale=wd_factor)
         g = groups.get(key)
         if g is None:
             g = groups[key] = {
@@ -339,9 +329,10 @@ def param_groups(
         g["params"].append(p)
         g["param_names"].append(name)
 
+    for key, g in groups.items():  # a matrix's bias takes its label, class and decay (in its group or its own)
+        if key[0] == "per_matrix":
+            g.update(matrix_keys[key[1]])
     out = list(groups.values())
-    for g in out:  # a per-matrix group takes its matrix's label, class and decay (whichever tensor came first)
-        g.update(g.pop("_matrix", {}))
     total = sum(len(g["params"]) for g in out)
     if total != len(named) or len({id(p) for g in out for p in g["params"]}) != total:
         raise ValueError("internal error: parameter groups do not cover every trainable parameter exactly once")
