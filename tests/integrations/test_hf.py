@@ -262,6 +262,26 @@ def test_resume_without_saved_state_recomputes_with_warning(tmp_path):
     assert cb.decay.step == 3 and cb.decay.version == 1
 
 
+def test_state_loaded_before_a_fresh_run_is_kept(tmp_path):
+    """DecayCallbackBase's contract: a state given by load_state_dict before the controller exists is loaded
+    into it, also when the Trainer starts at step 0 (it was dropped unless resuming)."""
+    _, cb_a, _ = run(tmp_path / "a", max_steps=3, interval=2)
+    saved = cb_a.decay.state_dict()
+    assert saved["step"] == 3
+    model = tiny_llama(0)
+    cb = AlphaDecayCallback(interval=2)
+    cb.load_state_dict(saved)
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path / "b", 1),
+        train_dataset=TokenDataset(),
+        optimizer_cls_and_kwargs=opt_kwargs(),
+        callbacks=[cb],
+    )
+    trainer.train()
+    assert (cb.decay.step, cb.decay.version) == (4, saved["version"] + 1)  # step 4 recomputes (interval 2)
+
+
 def test_callback_rejects_the_default_optimizers_groups_naming_the_call(tmp_path):
     cb = AlphaDecayCallback(interval=2, select=r"mlp")
     trainer = Trainer(

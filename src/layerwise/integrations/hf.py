@@ -202,7 +202,7 @@ class AlphaDecayCallback(DecayCallbackBase, TrainerCallback, ExportableState):
         if model is None or optimizer is None:
             raise ValueError("AlphaDecayCallback needs the Trainer's model and optimizer at on_train_begin")
         resuming = state.global_step > 0
-        saved = self._saved_state(state) if resuming else None
+        saved = self._saved_state(state) if resuming else self._pending  # a state given by load_state_dict
         self._pending = None
         self.load_state_dict(saved)
         self.attach(optimizer, model)
