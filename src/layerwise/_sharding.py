@@ -36,6 +36,10 @@ def global_norms(tensors: Sequence[torch.Tensor], device: torch.device | str) ->
     in the same order, as it does inside an optimizer step.  (``torch._foreach_norm`` on DTensors alone gives
     partial values, and arithmetic that mixes them with plain tensors raises.)
     """
+    if not any(hasattr(t, "placements") for t in tensors):  # the usual case: no index bookkeeping
+        if not tensors:
+            return torch.zeros(0, dtype=torch.float32, device=device)
+        return torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(list(tensors))])
     out = torch.zeros(len(tensors), dtype=torch.float32, device=device)
     plain: list[int] = []
     sharded: dict[tuple, list[int]] = {}

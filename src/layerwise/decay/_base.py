@@ -364,9 +364,9 @@ class DecayController:
 
     def write_decays(self, units: Sequence[Controlled], decays: Sequence[float]) -> None:
         """``weight_decay`` of the group(s) of each unit's tensors (the only thing a controller writes)."""
-        for u, wd in zip(units, decays):
-            for g in self.current_groups(u.tensors):
-                g["weight_decay"] = float(wd)
+        pairs = [(t, float(wd)) for u, wd in zip(units, decays) for t in u.tensors]
+        for g, (_, wd) in zip(self.current_groups([t for t, _ in pairs]), pairs):  # one lookup for all units
+            g["weight_decay"] = wd
 
     def write_untuned(self, units: Sequence[Controlled], wd: float) -> None:
         """``weight_decay = wd`` for every group holding no tensor of ``units`` (the authors' "untuned" group)."""
