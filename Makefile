@@ -11,7 +11,8 @@ EXTRAS_IMPORT := import transformers, accelerate, lightning.pytorch, datasets, l
 
 .PHONY: demo test setup lint clean
 
-$(STAMP): pyproject.toml
+# the Makefile too: a changed recipe (the torch pin, the mup line) must reach existing venvs
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: a CPU wheel; a loose requirement with no torch present would pull CUDA packages

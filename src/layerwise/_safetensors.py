@@ -29,6 +29,9 @@ DTYPES: dict[str, torch.dtype] = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
     "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
@@ -36,6 +39,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 #: the format's own limit on the JSON header (bytes)
 MAX_HEADER = 100_000_000
+
+
+def _count(x: object) -> bool:
+    """Whether a JSON value is a dimension or byte offset: an int >= 0 (``true`` is not one)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
@@ -65,8 +73,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
             continue
         try:
             dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            ok = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-            ok = ok and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size
+            ok = isinstance(dtype_name, str) and isinstance(shape, list) and all(_count(d) for d in shape)
+            ok = ok and _count(begin) and _count(end) and begin <= end <= data_size
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
@@ -74,7 +82,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
         dtype = DTYPES.get(dtype_name)
         if dtype is None:
             raise ValueError(f"{f}: tensor {k!r} has unsupported safetensors dtype {dtype_name}")
-        t = torch.empty(tuple(shape), dtype=dtype, device="meta")
+        try:
+            t = torch.empty(tuple(shape), dtype=dtype, device="meta")
+        except (TypeError, RuntimeError, ValueError):  # dimensions or sizes past int64
+            raise ValueError(f"{f}: tensor {k!r} has a malformed header entry {entry!r}") from None
         if end - begin != math.prod(shape) * t.element_size():
             raise ValueError(f"{f}: tensor {k!r}: {end - begin} bytes stored for shape {tuple(shape)} of {dtype_name}")
         meta[k], offsets[k] = t, data_start + begin

@@ -119,8 +119,9 @@ def masked_lagged_(
     lagged step), written to ``p, m, v``.  Returns ``(alpha, density, sums)``: the ``alpha`` applied, this
     step's mask density and its sums, to be kept for the next step.
 
-    Compiled with ``previous`` given, nothing written depends on a reduction: one loop over the tensor
-    that reads ``g, m, v, p`` once, writes ``p, m, v`` and accumulates the sums."""
+    Compiled with ``previous`` given, nothing written depends on a reduction, yet inductor still emits two
+    loops (the reduction loop reads ``m_{t-1}``, which the update loop overwrites, so it is scheduled first;
+    see the module docstring); the C kernel does this update in one pass."""
     m_new, v_new, wu, alpha, density, sums = _weighted_stats(rule, alpha_mode, g, m, v, h, previous)
     R.apply_(p, wu, h, alpha)
     m.copy_(m_new)

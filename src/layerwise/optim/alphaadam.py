@@ -57,10 +57,10 @@ no extra memory.  Kernels are compiled lazily at the first step (seconds per buc
 cached on disk by inductor); if compiling fails the optimizer warns once and uses the eager reference
 path.  ``fast=False`` selects the eager path (the reference the tests compare against; several
 temporaries per tensor and one fp32 scratch buffer per device, the size of the largest masked
-parameter, kept between steps and not part of the state dict); ``fast=True`` makes compile errors
-raise.  Under an enclosing ``torch.compile`` the eager ops are traced instead.  No step reads a
-device tensor on the host: the only host reads are the CPU ``step`` counters, as in torch's own
-non-fused AdamW.
+parameter under the exact rule, kept between steps and not part of the state dict; ``alpha_lag=1``
+needs none); ``fast=True`` makes compile errors raise.  Under an enclosing ``torch.compile`` the eager
+ops are traced instead.  No step reads a device tensor on the host: the only host reads are the CPU
+``step`` counters, as in torch's own non-fused AdamW.
 
 Diagnostics: each step keeps references to the per-tensor ``alpha`` and mask density it computed
 anyway (0-d tensors, no copy, no sync); :meth:`diagnostics` turns them into floats on request.
@@ -87,6 +87,12 @@ _FAST_DEVICES = ("cpu", "cuda", "xpu")
 
 def _is_dtensor(x: Any) -> bool:
     return hasattr(x, "to_local") and hasattr(x, "device_mesh")
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+    return f"{type(x).__name__} {x!r}"[:200]
 
 
 def _is_number(x: Any) -> bool:
@@ -176,12 +182,24 @@ class _MaskedAdamW(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """:meth:`torch.optim.Optimizer.load_state_dict`, keeping the ``alpha_lag=1`` statistics
         (``alpha_sums``) in fp32: torch casts every per-parameter state tensor but ``step`` to the parameter's
-        dtype, which for bf16 parameters would round them (and a resumed run would differ)."""
-        kept: dict[Any, Tensor] = {
-            pid: st["alpha_sums"]
-            for pid, st in state_dict.get("state", {}).items()
-            if isinstance(st, dict) and isinstance(st.get("alpha_sums"), Tensor)
-        }
+        dtype, which for bf16 parameters would round them (and a resumed run would differ).  A malformed
+        ``alpha_sums`` (not 4 floating-point numbers) raises ``ValueError`` naming its parameter, before
+        anything is loaded."""
+        saved_state = state_dict.get("state", {})
+        kept: dict[Any, Tensor] = {}
+        # groups of unequal count or size: super() raises its own error
+        for gi, (saved, _) in enumerate(zip(state_dict.get("param_groups", []), self.param_groups)):
+            for pi, pid in enumerate(saved.get("params", [])):
+                st = saved_state.get(pid)
+                if not isinstance(st, dict) or "alpha_sums" not in st:
+                    continue
+                sums = st["alpha_sums"]
+                if not (isinstance(sums, Tensor) and sums.is_floating_point() and sums.numel() == 4):
+                    raise ValueError(
+                        f"{self._NAME}: invalid state['alpha_sums'] of parameter {self._param_name(gi, pi)!r}: "
+                        f"must be a floating-point tensor of 4 numbers, got {_describe(sums)}"
+                    )
+                kept[pid] = sums
         super().load_state_dict(state_dict)
         if not kept:
             return
@@ -191,7 +209,8 @@ class _MaskedAdamW(Optimizer):
             if pid in kept and p in self.state:
                 sums = kept[pid]
                 where = (p.to_local() if _is_dtensor(p) else p).device
-                self.state[p]["alpha_sums"] = sums.detach().to(device=where, dtype=torch.float32).clone()
+                sums = sums.detach().reshape(4).to(device=where, dtype=torch.float32)
+                self.state[p]["alpha_sums"] = sums.clone(memory_format=torch.contiguous_format)
 
     # -- step -----------------------------------------------------------------------------------
     def _param_name(self, gi: int, pi: int) -> str:
@@ -199,6 +218,26 @@ class _MaskedAdamW(Optimizer):
         if names is not None and pi < len(names):
             return str(names[pi])
         return f"group{gi}.param{pi}"
+
+    def _check_sums(self, gi: int, pi: int, p: Any) -> None:
+        """``state["alpha_sums"]``, if any, as every path reads and writes it (the C kernel in place): 4
+        contiguous fp32 numbers on the parameter's (local) device, as :meth:`load_state_dict` stores them."""
+        state = self.state.get(p)
+        if not state or "alpha_sums" not in state:
+            return
+        sums = state["alpha_sums"]
+        where = (p.to_local() if _is_dtensor(p) else p).device
+        if not (
+            isinstance(sums, Tensor)
+            and sums.dtype == torch.float32
+            and sums.shape == (4,)
+            and sums.is_contiguous()
+            and sums.device == where
+        ):
+            raise ValueError(
+                f"{self._NAME}: invalid state['alpha_sums'] of parameter {self._param_name(gi, pi)!r}: must be "
+                f"4 contiguous fp32 numbers on {where}, got {_describe(sums)}"
+            )
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -319,11 +358,14 @@ class _MaskedAdamW(Optimizer):
         # validate everything before the first tensor moves (an error never leaves a half step)
         # and size the eager path's scratch buffer once (the C path grows it as it goes: first step only)
         need: dict[torch.device, int] = {}
+        exact = False  # any group with the exact masked rule (alpha_lag=0): the only one that keeps a scratch
         for gi, group in enumerate(self.param_groups):
             for flag in ("amsgrad", "maximize"):
                 if group.get(flag):
                     raise ValueError(f"{self._NAME}: {flag}=True (param group {gi}) is not supported")
             masked = self._rule(group)[0] != "none"
+            lagged = masked and bool(group.get("alpha_lag", 0))  # the eager lagged update takes no scratch
+            exact = exact or (masked and not lagged)
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -336,7 +378,9 @@ class _MaskedAdamW(Optimizer):
                     raise RuntimeError(
                         f"{self._NAME} does not support complex parameters (parameter {self._param_name(gi, pi)!r})"
                     )
-                if masked and not fast:
+                if lagged:
+                    self._check_sums(gi, pi, p)
+                elif masked and not fast:
                     need[p.device] = max(need.get(p.device, 0), p.numel())
                 cpu_f32 = cpu_f32 or (p.device.type == "cpu" and p.dtype == torch.float32)
         if any(_is_dtensor(p) for group in self.param_groups for p in group["params"] if p.grad is not None):
@@ -409,6 +453,8 @@ class _MaskedAdamW(Optimizer):
                     bucket = bucket[k:]
             group_stats.sort(key=lambda item: item[0])
             stats += [(gi, pi, out) for pi, out in group_stats]
+        if self._scratch and not exact:
+            self._scratch.clear()  # only a C batch's first lagged step needed it: no later step does
         self._last_stats = stats
         return loss
 
