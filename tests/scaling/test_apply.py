@@ -415,3 +415,40 @@ def test_bert_attention_scale_sits_in_a_sub_module():
     assert set(report["attention"]) == {f"bert.encoder.layer.{i}.attention" for i in range(2)}
     assert model.bert.encoder.layer[0].attention.self.scaling == pytest.approx(math.sqrt(8) / 32, rel=1e-15)
     assert report["readout"] == {"cls.predictions.decoder": 0.25}  # tied to the word embeddings
+
+
+class _HiddenAttention(nn.Module):
+    """Attention that layerwise.anatomy does not recognise (to_q/to_k/... names), with a head_dim attribute."""
+
+    def __init__(self, d: int, heads: int = 4) -> None:
+        super().__init__()
+        self.head_dim = d // heads
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        return self.to_out(self.to_v(x))
+
+
+class _HiddenAttentionNet(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, d)
+        self.layers = nn.ModuleList([_HiddenAttention(d) for _ in range(2)])
+        self.lm_head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.lm_head(h)
+
+
+def test_growing_heads_in_unrecognised_attention_are_named_in_a_warning():
+    with torch.device("meta"):
+        base = _HiddenAttentionNet(16)
+    with pytest.warns(UserWarning, match=r"does not recognise as attention.*layers\.0 \(4 -> 16\)"):
+        rule = WidthScaling.from_models(_HiddenAttentionNet(64), base=base)
+    assert rule.attention == ()
+    with warnings.catch_warnings():  # the same width without head growth: nothing to say
+        warnings.simplefilter("error")
+        WidthScaling.from_models(_HiddenAttentionNet(64), base=_HiddenAttentionNet(64).to("meta"))

@@ -35,6 +35,11 @@ def test_llama_widened_4x(readout):
     model, base = hf_llama(128, 256), hf_llama(32, 64, meta=True)
     rule = WidthScaling.from_models(model, base=base, wd_exponent=0.5, readout=readout)
     assert (rule.base_width, rule.width, rule.per_tensor) == (32, 128, True)
+    rows = {r["name"]: r for r in rule.tensor_table()}
+    q = rows["model.layers.0.self_attn.q_proj.weight"]
+    assert (q["shape"], q["base_shape"], q["param_class"], q["m_in"]) == ([128, 128], [32, 32], "matrix", 4.0)
+    assert (q["lr_mult"], q["wd_mult"], q["init_mult"]) == (0.25, 2.0, 0.5)
+    assert rule.table()["matrix"]["lr_mult"] == 0.25 and WidthScaling(32, 128).tensor_table() == []
     got = lr_wd(param_groups(model, LR, WD, rule))
     for i in range(2):
         for op in QKVO:

@@ -66,7 +66,6 @@ class _Applied:
     """What :func:`apply_` did to a model (kept on the model, read by :func:`fold_`)."""
 
     rule: Any
-    init: str
     hooks: dict[str, tuple[Any, float]]  # readout module -> (hook handle, factor)
     scaling: dict[str, float]  # attention module -> factor put on its ``scaling``
     config: dict[str, float]  # config attribute -> factor put on it (Falcon-H1)
@@ -254,7 +253,7 @@ def apply_(rule: WidthScaling, model: nn.Module, *, init: str = "constant") -> d
         setattr(holder, "scaling", float(getattr(holder, "scaling")) * f)  # noqa: B009, B010 - not a Module field
     for attr, f in config.items():
         _scale_attr(root, attr, f, [m for m in root.modules() if _config_number(m, attr)])
-    object.__setattr__(root, _MARK, _Applied(rule=rule, init=init, hooks=hooks, scaling=scaling, config=config))
+    object.__setattr__(root, _MARK, _Applied(rule=rule, hooks=hooks, scaling=scaling, config=config))
     if not_done:
         warnings.warn("WidthScaling.apply_ did not do everything: " + "; ".join(not_done), UserWarning, stacklevel=3)
     return {

@@ -85,8 +85,9 @@ Weight-decay conventions (``wd_convention``)
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -308,7 +309,12 @@ class WidthScaling:
         multipliers.  ``readout="lr"`` with an LM head tied to the embedding is an error (one tensor cannot
         take both LRs; use ``"multiplier"``).
         """
-        from layerwise.scaling.shapes import attention_head_dims, compare_shapes, most_common_width
+        from layerwise.scaling.shapes import (
+            attention_head_dims,
+            compare_shapes,
+            most_common_width,
+            unrecognised_head_growth,
+        )
 
         bad = {"base_width", "width", "tensors", "attention"} & set(options)
         if bad:
@@ -329,6 +335,15 @@ class WidthScaling:
             base_width, width = pair if pair is not None else (an.width or 1, an.width or 1)
         heads, base_heads = attention_head_dims(an), attention_head_dims(base_an)
         attention = tuple(AttentionScaling(mod, base_heads.get(mod), hd) for mod, hd in heads.items())
+        unseen = unrecognised_head_growth(an, base_an, heads)
+        if unseen:
+            warnings.warn(
+                "WidthScaling.from_models: the head size grows in modules layerwise.anatomy does not recognise "
+                f"as attention, so apply_ will not set μP's attention scale there: {', '.join(unseen[:8])}"
+                + (" ..." if len(unseen) > 8 else ""),
+                UserWarning,
+                stacklevel=2,
+            )
         return cls(base_width, width, **options, tensors=tuple(records), attention=attention)
 
     # -- per-tensor look-ups ------------------------------------------------------------------------
@@ -430,16 +445,7 @@ class WidthScaling:
     def table(self) -> dict[str, dict[str, float]]:
         """``{class: {"lr_mult", "wd_mult", "shrink_mult"}}`` at the global ``m`` (for a per-tensor rule: the
         factors a tensor whose width dimensions grow as the hidden size would get; see :meth:`tensor_table`)."""
-        glob = WidthScaling(
-            self.base_width,
-            self.width,
-            self.lr_exponent,
-            self.wd_exponent,
-            self.embedding_lr_exponent,
-            self.embedding_wd_exponent,
-            self.readout,
-            self.wd_convention,
-        )
+        glob = replace(self, tensors=None, attention=None)
         return {
             c: {"lr_mult": glob.lr_mult(c), "wd_mult": glob.wd_mult(c), "shrink_mult": glob.shrink_mult(c)}
             for c in PARAM_CLASSES

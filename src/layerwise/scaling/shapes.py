@@ -43,7 +43,14 @@ from torch import nn
 from layerwise import anatomy as _anatomy
 from layerwise.anatomy import ParamInfo
 
-__all__ = ["TensorScaling", "AttentionScaling", "compare_shapes", "attention_head_dims", "most_common_width"]
+__all__ = [
+    "TensorScaling",
+    "AttentionScaling",
+    "compare_shapes",
+    "attention_head_dims",
+    "most_common_width",
+    "unrecognised_head_growth",
+]
 
 
 @dataclass(frozen=True)
@@ -258,3 +265,38 @@ def most_common_width(records: Iterable[TensorScaling]) -> tuple[int, int] | Non
             if w:
                 pairs[(b, s)] += 1
     return pairs.most_common(1)[0][0] if pairs else None
+
+
+def unrecognised_head_growth(an: _anatomy.Anatomy, base_an: _anatomy.Anatomy, known: Iterable[str]) -> list[str]:
+    """Modules outside the recognised attention sub-layers ``known`` whose own ``head_dim`` / ``head_size`` /
+    ``attention_head_size`` grows from the base to the model (``"name (base -> model)"``): attention that
+    :func:`layerwise.anatomy` does not see, whose logit scale μP would change but nothing sets."""
+    if an.source != "module" or base_an.source != "module":
+        return []
+    from layerwise.names import canonical_name
+
+    def own_head_dims(root: nn.Module) -> dict[str, int]:
+        out = {}
+        for name, mod in root.named_modules():
+            for attr in ("head_dim", "head_size", "attention_head_size"):
+                v = vars(mod).get(attr)
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    out[canonical_name(name)] = v
+                    break
+        return out
+
+    def ssm(name: str) -> bool:  # a state-space mixer's heads (Mamba: A_log, D, conv) have no logit scale
+        return any(m == name or m.startswith(name + ".") for m in ssm_modules)
+
+    ssm_modules = {r.module for r in an if r.role in ("ssm_vector", "conv")}
+    prefixes = tuple(k + "." for k in known)
+    model_dims, base_dims = own_head_dims(an.module("")), own_head_dims(base_an.module(""))
+    return [
+        f"{name or '<root>'} ({base_dims[name]} -> {hd})"
+        for name, hd in model_dims.items()
+        if name not in known
+        and not name.startswith(prefixes)
+        and name in base_dims
+        and base_dims[name] != hd
+        and not ssm(name)
+    ]
